@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, FastAPI, Request, Response
+
+from controller import __version__, metrics
+from controller.api import health
+from controller.api.errors import install_error_handlers
+from controller.registry import endpoints as registry
+from controller.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="edgefleet",
+        version=__version__,
+        description="Roll ML models out to fleets of K3s edge nodes, wave by wave, behind gates.",
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    v1 = APIRouter(prefix="/v1")
+    v1.include_router(registry.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+
+    @app.middleware("http")
+    async def _observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        metrics.HTTP_REQUESTS.labels(
+            request.method, template, f"{response.status_code // 100}xx"
+        ).observe(time.perf_counter() - started)
+        return response
+
+    return app

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from controller.db.session import session_factory
+from controller.registry.service import artifact_store
+from controller.registry.store import ArtifactStore
+from controller.settings import Settings
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_session() -> Iterator[Session]:
+    """The request's unit of work: commit when the handler returns, roll back when it
+    raises. ``scope="function"`` below makes the commit happen before the response is
+    sent, so a client never sees a 2xx for a transaction that failed to commit."""
+    session = session_factory()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_store(settings: SettingsDep) -> ArtifactStore:
+    return artifact_store(settings)
+
+
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]

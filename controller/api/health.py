@@ -1,0 +1,81 @@
+"""Liveness of the dependencies (/healthz) and readiness to serve (/readyz)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from controller.db.session import get_engine
+from controller.settings import Settings
+
+router = APIRouter(tags=["health"])
+
+
+def _check_database(settings: Settings) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        with get_engine(settings).connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+def _check_redis(settings: Settings) -> dict[str, Any]:
+    if settings.redis_url is None:
+        return {"ok": True, "mode": "embedded (no broker, tasks run in-process)"}
+    import redis
+
+    started = time.perf_counter()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    finally:
+        client.close()
+    return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+def _schema_revision(settings: Settings) -> dict[str, Any]:
+    from controller.db.migrate import current_revision, head_revision
+
+    try:
+        current, head = current_revision(settings), head_revision()
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    return {"ok": current == head, "current": current, "head": head}
+
+
+@router.get("/healthz")
+def healthz(request: Request) -> JSONResponse:
+    settings: Settings = request.app.state.settings
+    checks = {"database": _check_database(settings), "redis": _check_redis(settings)}
+    ok = all(c["ok"] for c in checks.values())
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
+    )
+
+
+@router.get("/readyz")
+def readyz(request: Request) -> JSONResponse:
+    """Ready when the database answers and its schema is at the code's migration head:
+    a replica of a newer release waits for ``edgefleet db upgrade`` instead of failing."""
+    settings: Settings = request.app.state.settings
+    checks = {"database": _check_database(settings)}
+    if checks["database"]["ok"]:
+        checks["schema"] = _schema_revision(settings)
+    ok = all(c["ok"] for c in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ok else "not ready", "checks": checks}, 200 if ok else 503
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,321 @@
+"""``edgefleet``: the command line of the control plane.
+
+Client commands (``models ...``) talk to the REST API; process commands (``server``,
+``worker``, ``beat``, ``db``, ``demo``) run a part of the control plane."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from controller import __version__
+from controller.cli.client import ApiClient, ApiError
+from controller.cli.output import Output, console, emit, err_console, human_bytes, make_table
+
+app = typer.Typer(
+    name="edgefleet",
+    help="Roll ML models out to fleets of K3s edge nodes, wave by wave, behind health gates.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Model registry: push, list and describe model versions.")
+db_app = typer.Typer(help="Database schema migrations (Alembic).")
+app.add_typer(models_app, name="models")
+app.add_typer(db_app, name="db")
+
+ApiUrl = Annotated[
+    str | None,
+    typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Controller URL."),
+]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="Output format.")]
+
+
+def _client(api_url: str | None) -> ApiClient:
+    return ApiClient(api_url)
+
+
+def _fail(exc: ApiError) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {exc.render()}", highlight=False)
+    return typer.Exit(code=1)
+
+
+@app.command()
+def version() -> None:
+    """Print the edgefleet version."""
+    console.print(__version__)
+
+
+# ---------------------------------------------------------------- models
+
+
+def _versions_table(items: list[dict[str, Any]]) -> Any:
+    return make_table(
+        ["VERSION", "FORMAT", "STATUS", "SIZE", "P50 MS", "P95 MS", "SHA256", "CREATED"],
+        [
+            [
+                v["version"],
+                v["format"],
+                v["status"],
+                human_bytes(v["size_bytes"]),
+                (v.get("benchmark") or {}).get("p50_ms"),
+                (v.get("benchmark") or {}).get("p95_ms"),
+                v["sha256"][:12],
+                v["created_at"][:19],
+            ]
+            for v in items
+        ],
+    )
+
+
+def _shape(shape: list[Any] | None) -> str:
+    if shape is None:
+        return "?"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _version_text(v: dict[str, Any]) -> str:
+    sig = v.get("signature") or {}
+    lines = [
+        f"Model:       {v['model']}",
+        f"Version:     {v['version']}",
+        f"Format:      {v['format']}",
+        f"Status:      {v['status']}"
+        + (f"  ({v['status_message']})" if v["status_message"] else ""),
+        f"Size:        {human_bytes(v['size_bytes'])} ({v['size_bytes']} bytes)",
+        f"SHA256:      {v['sha256']}",
+        f"Artifact:    {v['artifact_url']}",
+        f"Created:     {v['created_at']}",
+    ]
+    if "opset" in sig:
+        lines.append("Opset:       " + ", ".join(f"{k} {n}" for k, n in sig["opset"].items()))
+    if "schema_version" in sig:
+        lines.append(f"Schema:      TFLite v{sig['schema_version']}")
+    if sig.get("parameter_count") is not None:
+        lines.append(f"Parameters:  {sig['parameter_count']:,}")
+    lines.append("Inputs:")
+    lines += [f"  {t['name']}: {t['dtype']} {_shape(t['shape'])}" for t in sig.get("inputs", [])]
+    lines.append("Outputs:")
+    lines += [f"  {t['name']}: {t['dtype']} {_shape(t['shape'])}" for t in sig.get("outputs", [])]
+    val = v.get("validation")
+    if val:
+        verdict = "passed" if val.get("passed") else f"FAILED: {val.get('error')}"
+        lines.append(f"Validation:  {verdict}")
+        if val.get("runtime"):
+            lines.append(f"  runtime:   {val['runtime']}")
+        if val.get("input_shapes"):
+            lines.append(f"  inputs:    {val['input_shapes']}")
+    bench = v.get("benchmark")
+    if bench:
+        lines.append(
+            f"Benchmark:   p50 {bench['p50_ms']} ms, p95 {bench['p95_ms']} ms, "
+            f"p99 {bench['p99_ms']} ms over {bench['runs']} runs, {bench['threads']} thread(s)"
+        )
+        lines.append(
+            f"  memory:    model peak {human_bytes(bench['model_peak_bytes'])}, "
+            f"process peak {human_bytes(bench['peak_rss_bytes'])}"
+        )
+        lines.append(f"  machine:   {bench.get('machine')} {bench.get('cpu')}")
+    return "\n".join(lines)
+
+
+def _read_metadata(metadata: str | None) -> str | None:
+    if metadata and metadata.startswith("@"):
+        return Path(metadata[1:]).read_text()
+    return metadata
+
+
+@models_app.command("push")
+def models_push(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    name: Annotated[str, typer.Option("--name", "-n", help="Model name (DNS label).")],
+    model_version: Annotated[str, typer.Option("--version", "-v", help="Immutable version.")],
+    metadata: Annotated[
+        str | None,
+        typer.Option(help="JSON object, or @FILE: labels, description, validation hints."),
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait until validation and benchmark finish.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 600.0,
+    output: OutputOpt = Output.table,
+    api_url: ApiUrl = None,
+) -> None:
+    """Push a model artifact (ONNX or TFLite) as a new immutable version."""
+    client = _client(api_url)
+    try:
+        result = client.push_version(
+            file, name=name, version=model_version, metadata=_read_metadata(metadata)
+        )
+        path = f"/v1/models/{name}/versions/{model_version}"
+        deadline = time.monotonic() + timeout
+        while wait and result["status"] in ("Pending", "Validating"):
+            if time.monotonic() > deadline:
+                err_console.print(f"still {result['status']} after {timeout:g} s")
+                raise typer.Exit(code=2)
+            time.sleep(0.5)
+            result = client.get(path)
+    except ApiError as exc:
+        raise _fail(exc) from exc
+    finally:
+        client.close()
+    emit(result, output, table=_version_text)
+    if result["status"] == "Invalid":
+        raise typer.Exit(code=1)
+
+
+@models_app.command("list")
+def models_list(output: OutputOpt = Output.table, api_url: ApiUrl = None) -> None:
+    """List registered models."""
+    client = _client(api_url)
+    try:
+        page = client.get("/v1/models", limit=1000)
+    except ApiError as exc:
+        raise _fail(exc) from exc
+    finally:
+        client.close()
+    emit(
+        page["items"],
+        output,
+        table=lambda items: make_table(
+            ["NAME", "VERSIONS", "LATEST", "CREATED"],
+            [
+                [m["name"], m["version_count"], m["latest_version"], m["created_at"][:19]]
+                for m in items
+            ],
+        ),
+    )
+
+
+@models_app.command("describe")
+def models_describe(
+    name: str,
+    model_version: Annotated[str | None, typer.Argument(metavar="[VERSION]")] = None,
+    output: OutputOpt = Output.table,
+    api_url: ApiUrl = None,
+) -> None:
+    """Describe a model (its versions) or one version (signature, validation, benchmark)."""
+    client = _client(api_url)
+    try:
+        if model_version is not None:
+            result = client.get(f"/v1/models/{name}/versions/{model_version}")
+            emit(result, output, table=_version_text)
+            return
+        model = client.get(f"/v1/models/{name}")
+        versions = client.get(f"/v1/models/{name}/versions", limit=1000)["items"]
+    except ApiError as exc:
+        raise _fail(exc) from exc
+    finally:
+        client.close()
+    emit({**model, "versions": versions}, output, table=lambda d: _versions_table(d["versions"]))
+
+
+# ---------------------------------------------------------------- processes
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Migrate the database schema up to REVISION (default: head)."""
+    from controller.db import migrate
+    from controller.settings import get_settings
+
+    settings = get_settings()
+    migrate.upgrade(settings, revision)
+    console.print(f"database at revision {migrate.current_revision(settings)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str) -> None:
+    """Migrate the database schema down to REVISION ('base' removes everything)."""
+    from controller.db import migrate
+    from controller.settings import get_settings
+
+    settings = get_settings()
+    migrate.downgrade(settings, revision)
+    console.print(f"database at revision {migrate.current_revision(settings)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database's schema revision and the code's head revision."""
+    from controller.db import migrate
+    from controller.settings import get_settings
+
+    console.print(
+        f"current {migrate.current_revision(get_settings())} head {migrate.head_revision()}"
+    )
+
+
+@app.command()
+def server(
+    host: Annotated[str | None, typer.Option(help="Bind address (EDGEFLEET_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (EDGEFLEET_API_PORT).")] = None,
+    workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1,
+) -> None:
+    """Run the REST API (uvicorn)."""
+    import uvicorn
+
+    from controller.settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run(
+        "controller.api.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        proxy_headers=True,
+        log_level="info",
+    )
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run a Celery worker (validation, benchmarks, rollout reconciles)."""
+    from controller.settings import get_settings
+    from controller.tasks.celery_app import celery_app
+
+    settings = get_settings()
+    celery_app.worker_main(
+        [
+            "worker",
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+            f"--queues={settings.celery_queue}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@app.command()
+def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Run Celery beat: the schedule of periodic reconciles and sweeps (run exactly one)."""
+    import tempfile
+
+    from controller.tasks.celery_app import celery_app
+
+    schedule = Path(tempfile.gettempdir()) / "edgefleet-beat-schedule"
+    celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="Port of the demo controller.")] = 8080,
+    serve: Annotated[bool, typer.Option(help="Serve the API after seeding.")] = True,
+) -> None:
+    """Embedded demo: SQLite, in-process tasks, generated models, the API on localhost."""
+    from controller.demo import run_demo
+
+    run_demo(port=port, serve=serve)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

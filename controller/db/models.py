@@ -1,0 +1,243 @@
+"""The whole vocabulary of DESIGN.md as tables. Postgres is the source of truth: every
+decision is a row here before it is an action anywhere else.
+
+States are stored as short strings (not native enums) so a new state is a code change,
+not a type migration; the Python enums below are the only place they are spelled.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from controller.db.base import Base, BigId, TimestampMixin, utcnow
+
+
+class ModelFormat(StrEnum):
+    ONNX = "onnx"
+    TFLITE = "tflite"
+
+
+class VersionStatus(StrEnum):
+    PENDING = "Pending"
+    VALIDATING = "Validating"
+    READY = "Ready"
+    INVALID = "Invalid"
+
+
+class NodeHealth(StrEnum):
+    UNKNOWN = "Unknown"
+    READY = "Ready"
+    NOT_READY = "NotReady"
+    STALE = "Stale"
+    OFFLINE = "Offline"
+
+
+class RolloutPhase(StrEnum):
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    PAUSED = "Paused"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    ROLLED_BACK = "RolledBack"
+    ABORTED = "Aborted"
+
+
+class WavePhase(StrEnum):
+    PENDING = "Pending"
+    APPLYING = "Applying"
+    BAKING = "Baking"
+    PASSED = "Passed"
+    FAILED = "Failed"
+
+
+class AssignmentState(StrEnum):
+    PENDING = "Pending"
+    APPLYING = "Applying"
+    RUNNING = "Running"
+    HEALTHY = "Healthy"
+    FAILED = "Failed"
+    DEFERRED = "Deferred"
+    ROLLED_BACK = "RolledBack"
+
+
+class Cluster(TimestampMixin, Base):
+    __tablename__ = "clusters"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    driver: Mapped[str] = mapped_column(String(32))
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    api_server: Mapped[str | None] = mapped_column(String(512))
+    # Encrypted at rest with a key derived from the controller secret; never returned.
+    credentials: Mapped[bytes | None] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(32), default="Unknown")
+    message: Mapped[str | None] = mapped_column(Text)
+    last_sync_at: Mapped[datetime | None]
+
+    nodes: Mapped[list[Node]] = relationship(back_populates="cluster", passive_deletes=True)
+
+
+class Node(TimestampMixin, Base):
+    __tablename__ = "nodes"
+    __table_args__ = (
+        UniqueConstraint("cluster_id", "name"),
+        Index("ix_nodes_health", "health"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(253))
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    architecture: Mapped[str | None] = mapped_column(String(32))
+    capacity: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    allocatable: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    runtimes: Mapped[list[Any]] = mapped_column(default=list)
+    health: Mapped[str] = mapped_column(String(16), default=NodeHealth.UNKNOWN)
+    last_heartbeat_at: Mapped[datetime | None]
+    # Highest heartbeat sequence number folded in: replays at or below it are duplicates.
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # sha256 of the node's own credential (the credential itself is never stored).
+    credential_hash: Mapped[str | None] = mapped_column(String(64))
+
+    cluster: Mapped[Cluster] = relationship(back_populates="nodes")
+
+
+class Model(TimestampMixin, Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+
+    versions: Mapped[list[ModelVersion]] = relationship(
+        back_populates="model", order_by="ModelVersion.id", passive_deletes=True
+    )
+
+
+class ModelVersion(TimestampMixin, Base):
+    """An immutable artifact plus what the controller learned about it."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("model_id", "version"),
+        Index("ix_model_versions_sha256", "sha256"),
+        Index("ix_model_versions_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    version: Mapped[str] = mapped_column(String(63))
+    format: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # Inputs/outputs with names, dtypes and shapes (dynamic dims kept as names or null),
+    # opset or schema version, parameter count.
+    signature: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # User metadata from the push (free-form labels, validation hints).
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=VersionStatus.PENDING)
+    status_message: Mapped[str | None] = mapped_column(Text)
+    validation: Mapped[dict[str, Any] | None]
+    benchmark: Mapped[dict[str, Any] | None]
+    # Lineage of optimized variants: parent version, method and its parameters.
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="SET NULL")
+    )
+    lineage: Mapped[dict[str, Any] | None]
+    status_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model: Mapped[Model] = relationship(back_populates="versions")
+
+
+class Rollout(TimestampMixin, Base):
+    __tablename__ = "rollouts"
+    __table_args__ = (Index("ix_rollouts_phase", "phase"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    spec: Mapped[dict[str, Any]]
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    phase: Mapped[str] = mapped_column(String(16), default=RolloutPhase.PENDING)
+    current_wave: Mapped[int] = mapped_column(Integer, default=0)
+    message: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    waves: Mapped[list[Wave]] = relationship(
+        back_populates="rollout", order_by="Wave.index", passive_deletes=True
+    )
+
+
+class Wave(Base):
+    __tablename__ = "waves"
+    __table_args__ = (UniqueConstraint("rollout_id", "index"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    node_count: Mapped[int] = mapped_column(Integer)
+    bake_s: Mapped[int] = mapped_column(Integer, default=0)
+    phase: Mapped[str] = mapped_column(String(16), default=WavePhase.PENDING)
+    started_at: Mapped[datetime | None]
+    baked_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    rollout: Mapped[Rollout] = relationship(back_populates="waves")
+
+
+class Assignment(Base):
+    """One node's desired and observed workload for one model."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        UniqueConstraint("node_id", "model_id"),
+        Index("ix_assignments_rollout_id_state", "rollout_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id", ondelete="SET NULL"))
+    wave_id: Mapped[int | None] = mapped_column(ForeignKey("waves.id", ondelete="SET NULL"))
+    desired_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    previous_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    observed_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    state: Mapped[str] = mapped_column(String(16), default=AssignmentState.PENDING)
+    message: Mapped[str | None] = mapped_column(Text)
+    # Rolling inference metrics reported by the node agent (window, p95, error rate...).
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Event(Base):
+    """The audit log: every transition, with its reason and the evidence behind it."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_object", "object_kind", "object_name", "id"),
+        Index("ix_events_rollout_id", "rollout_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    object_kind: Mapped[str] = mapped_column(String(32))
+    object_name: Mapped[str] = mapped_column(String(253))
+    rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    reason: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)

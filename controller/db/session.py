@@ -1,0 +1,112 @@
+"""Engine and sessions. Services only flush; whoever opened the session (the request
+dependency, a task's ``session_scope``) commits or rolls back.
+
+Work that must happen only once a transaction is durable (sending a Celery task) is
+registered with :func:`after_commit` and dropped if the transaction rolls back."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from controller.settings import Settings, get_settings
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+_AFTER_COMMIT = "edgefleet.after_commit"
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def get_engine(settings: Settings | None = None) -> Engine:
+    settings = settings or get_settings()
+    with _lock:
+        engine = _engines.get(settings.database_url)
+        if engine is None:
+            engine = make_engine(settings.database_url, pool_size=settings.database_pool_size)
+            _engines[settings.database_url] = engine
+        return engine
+
+
+def dispose_engines() -> None:
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+_factory_override: sessionmaker[Session] | None = None
+
+
+def session_factory(engine: Engine | None = None) -> sessionmaker[Session]:
+    if engine is None and _factory_override is not None:
+        return _factory_override
+    return sessionmaker(bind=engine or get_engine(), expire_on_commit=False)
+
+
+@contextmanager
+def override_session_factory(factory: sessionmaker[Session]) -> Iterator[None]:
+    """Route every session this process opens through ``factory`` (tests bind it to
+    one connection whose outer transaction is rolled back afterwards)."""
+    global _factory_override
+    previous, _factory_override = _factory_override, factory
+    try:
+        yield
+    finally:
+        _factory_override = previous
+
+
+@contextmanager
+def session_scope(engine: Engine | None = None) -> Iterator[Session]:
+    """A unit of work for tasks and commands: commit on success, roll back on error."""
+    session = session_factory(engine)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the session's current transaction commits (never if it rolls
+    back). Used to send Celery tasks only for state that is durably stored."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])
+    for callback in callbacks:
+        callback()
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)

@@ -1,0 +1,17 @@
+"""Prometheus metrics of the controller (one registry: the client's default)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+HTTP_REQUESTS = Histogram(
+    "edgefleet_http_request_duration_seconds",
+    "HTTP request latency by route template and status class.",
+    ["method", "route", "status"],
+)
+MODEL_PUSHES = Counter(
+    "edgefleet_model_pushes_total", "Model version pushes by result.", ["result"]
+)
+MODEL_VALIDATIONS = Counter(
+    "edgefleet_model_validations_total", "Model version validations by result.", ["result"]
+)

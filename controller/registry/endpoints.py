@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile, status
+from fastapi.responses import FileResponse
+
+from controller.api.deps import SessionDep, StoreDep
+from controller.api.pagination import Page, PageDep
+from controller.registry import repository as repo
+from controller.registry import service
+from controller.registry.schemas import ModelOut, ModelVersionOut
+from controller.registry.store import iter_file
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.get("", response_model=Page[ModelOut])
+def list_models(session: SessionDep, page: PageDep) -> Page[ModelOut]:
+    models, total = repo.list_models(session, limit=page.limit, offset=page.offset)
+    counts = repo.version_counts(session, [m.id for m in models])
+    items = [ModelOut.of(m, counts[m.id]) for m in models]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@router.get("/{name}", response_model=ModelOut)
+def get_model(name: str, session: SessionDep) -> ModelOut:
+    model = service.require_model(session, name)
+    return ModelOut.of(model, repo.version_counts(session, [model.id])[model.id])
+
+
+@router.post(
+    "/{name}/versions",
+    response_model=ModelVersionOut,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {"description": "identical bytes were already pushed as this version"},
+        409: {"description": "this version exists with different bytes"},
+        413: {"description": "artifact larger than EDGEFLEET_MAX_ARTIFACT_BYTES"},
+        422: {"description": "not a valid ONNX or TFLite model, or a bad field"},
+    },
+)
+def push_version(
+    name: str,
+    session: SessionDep,
+    store: StoreDep,
+    response: Response,
+    file: Annotated[UploadFile, File(description="the model artifact (ONNX or TFLite)")],
+    version: Annotated[str, Form(description="immutable version string, e.g. 2.1.0")],
+    metadata: Annotated[
+        str | None, Form(description="JSON object: labels, description, validation hints")
+    ] = None,
+) -> ModelVersionOut:
+    meta = service.parse_metadata(metadata)
+    result = service.push_version(
+        session, store, name=name, version=version, chunks=iter_file(file.file), metadata=meta
+    )
+    if not result.created:
+        response.status_code = status.HTTP_200_OK
+    response.headers["Location"] = f"/v1/models/{name}/versions/{version}"
+    return ModelVersionOut.of(result.version, name)
+
+
+@router.get("/{name}/versions", response_model=Page[ModelVersionOut])
+def list_versions(name: str, session: SessionDep, page: PageDep) -> Page[ModelVersionOut]:
+    model = service.require_model(session, name)
+    rows, total = repo.list_versions(session, model.id, limit=page.limit, offset=page.offset)
+    items = [ModelVersionOut.of(mv, name) for mv in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@router.get("/{name}/versions/{version}", response_model=ModelVersionOut)
+def get_version(name: str, version: str, session: SessionDep) -> ModelVersionOut:
+    return ModelVersionOut.of(service.require_version(session, name, version), name)
+
+
+@router.post(
+    "/{name}/versions/{version}/validate",
+    response_model=ModelVersionOut,
+    status_code=status.HTTP_202_ACCEPTED,
+)
+def revalidate(name: str, version: str, session: SessionDep) -> ModelVersionOut:
+    return ModelVersionOut.of(service.revalidate(session, name, version), name)
+
+
+@router.get(
+    "/{name}/versions/{version}/artifact",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "a byte range (Range: bytes=...)"},
+        304: {"description": "If-None-Match matched the sha256 ETag"},
+    },
+)
+def download_artifact(
+    name: str,
+    version: str,
+    request: Request,
+    session: SessionDep,
+    store: StoreDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The exact bytes. ``ETag`` is the sha256; ``Range`` requests let an edge node
+    resume an interrupted download; the same ETag in ``If-Range`` keeps a resume safe."""
+    mv = service.require_version(session, name, version)
+    etag = f'"{mv.sha256}"'
+    if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    path = store.require(mv.sha256)
+    ext = "tflite" if mv.format == "tflite" else "onnx"
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{name}-{version}.{ext}",
+        headers={
+            "ETag": etag,
+            "X-Edgefleet-Sha256": mv.sha256,
+            "Cache-Control": "public, max-age=31536000, immutable",
+        },
+    )

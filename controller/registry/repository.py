@@ -1,0 +1,117 @@
+"""All SQL of the model registry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from controller.db.models import Model, ModelVersion, VersionStatus
+
+
+def get_model(session: Session, name: str) -> Model | None:
+    return session.scalar(select(Model).where(Model.name == name))
+
+
+def get_or_create_model(session: Session, name: str, description: str | None) -> Model:
+    model = get_model(session, name)
+    if model is not None:
+        return model
+    try:
+        with session.begin_nested():
+            model = Model(name=name, description=description)
+            session.add(model)
+    except IntegrityError:  # created concurrently by another push
+        model = get_model(session, name)
+        assert model is not None
+    return model
+
+
+def list_models(session: Session, *, limit: int, offset: int) -> tuple[Sequence[Model], int]:
+    total = session.scalar(select(func.count()).select_from(Model)) or 0
+    rows = session.scalars(select(Model).order_by(Model.name).limit(limit).offset(offset)).all()
+    return rows, total
+
+
+def version_counts(session: Session, model_ids: Sequence[int]) -> dict[int, tuple[int, str | None]]:
+    """(number of versions, newest version string) per model id, in two queries."""
+    if not model_ids:
+        return {}
+    counts: dict[int, int] = {
+        row[0]: row[1]
+        for row in session.execute(
+            select(ModelVersion.model_id, func.count())
+            .where(ModelVersion.model_id.in_(model_ids))
+            .group_by(ModelVersion.model_id)
+        )
+    }
+    newest_ids = (
+        select(func.max(ModelVersion.id))
+        .where(ModelVersion.model_id.in_(model_ids))
+        .group_by(ModelVersion.model_id)
+    )
+    newest: dict[int, str] = {
+        row[0]: row[1]
+        for row in session.execute(
+            select(ModelVersion.model_id, ModelVersion.version).where(
+                ModelVersion.id.in_(newest_ids)
+            )
+        )
+    }
+    return {mid: (counts.get(mid, 0), newest.get(mid)) for mid in model_ids}
+
+
+def get_version(session: Session, name: str, version: str) -> ModelVersion | None:
+    return session.scalar(
+        select(ModelVersion).join(Model).where(Model.name == name, ModelVersion.version == version)
+    )
+
+
+def get_version_by_id(
+    session: Session, version_id: int, *, lock: bool = False
+) -> ModelVersion | None:
+    stmt = select(ModelVersion).where(ModelVersion.id == version_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return session.scalar(stmt)
+
+
+def list_versions(
+    session: Session, model_id: int, *, limit: int, offset: int
+) -> tuple[Sequence[ModelVersion], int]:
+    total = (
+        session.scalar(
+            select(func.count()).select_from(ModelVersion).where(ModelVersion.model_id == model_id)
+        )
+        or 0
+    )
+    rows = session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.model_id == model_id)
+        .order_by(ModelVersion.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return rows, total
+
+
+def add_version(session: Session, version: ModelVersion) -> bool:
+    """Insert ``version``; False if (model, version) was inserted concurrently."""
+    try:
+        with session.begin_nested():
+            session.add(version)
+    except IntegrityError:
+        return False
+    return True
+
+
+def stuck_version_ids(session: Session, *, before: datetime) -> Sequence[int]:
+    return session.scalars(
+        select(ModelVersion.id).where(
+            ModelVersion.status.in_([VersionStatus.PENDING, VersionStatus.VALIDATING]),
+            ModelVersion.status_changed_at < before,
+        )
+    ).all()

@@ -1,0 +1,246 @@
+"""Model registry: push (stage → inspect → record → promote), read, validate."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from controller import metrics
+from controller.audit import record_event
+from controller.db.base import utcnow
+from controller.db.models import Model, ModelVersion, VersionStatus
+from controller.db.session import session_scope
+from controller.errors import Conflict, InvalidInput, NotFound
+from controller.registry import repository as repo
+from controller.registry.inspect import inspect_artifact
+from controller.registry.schemas import PushMetadata, check_model_name, check_version
+from controller.registry.store import ArtifactStore
+from controller.settings import Settings
+from node_agent.probe import ProbeFailed, ProbeRequest, probe_model
+
+log = logging.getLogger(__name__)
+
+
+def artifact_store(settings: Settings) -> ArtifactStore:
+    return ArtifactStore(settings.artifact_dir, max_bytes=settings.max_artifact_bytes)
+
+
+def parse_metadata(raw: str | None) -> dict[str, Any]:
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            f"metadata is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            loc=("body", "metadata"),
+        ) from exc
+    if not isinstance(doc, dict):
+        raise InvalidInput("metadata must be a JSON object", loc=("body", "metadata"))
+    try:
+        PushMetadata.model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ("body", "metadata", *first["loc"])
+        raise InvalidInput(f"{first['msg']}", loc=loc) from exc
+    return doc
+
+
+@dataclass(frozen=True)
+class PushResult:
+    version: ModelVersion
+    created: bool
+
+
+def push_version(
+    session: Session,
+    store: ArtifactStore,
+    *,
+    name: str,
+    version: str,
+    chunks: Iterable[bytes],
+    metadata: dict[str, Any],
+) -> PushResult:
+    check_model_name(name)
+    check_version(version)
+    with store.stage(chunks) as staged:
+        existing = repo.get_version(session, name, version)
+        if existing is not None:
+            return _same_or_conflict(existing, name, staged.sha256)
+        fmt, signature = inspect_artifact(staged.path)
+        model = repo.get_or_create_model(session, name, metadata.get("description"))
+        mv = ModelVersion(
+            model_id=model.id,
+            version=version,
+            format=fmt.value,
+            sha256=staged.sha256,
+            size_bytes=staged.size,
+            signature=signature,
+            meta=metadata,
+            status=VersionStatus.PENDING,
+        )
+        if not repo.add_version(session, mv):  # a concurrent push of the same version won
+            raced = repo.get_version(session, name, version)
+            assert raced is not None
+            return _same_or_conflict(raced, name, staged.sha256)
+        store.promote(staged)
+    record_event(
+        session,
+        kind="ModelVersion",
+        name=f"{name}:{version}",
+        reason="Pushed",
+        message=f"{fmt.value} artifact sha256:{staged.sha256} ({staged.size} bytes)",
+        data={"sha256": staged.sha256, "size_bytes": staged.size, "format": fmt.value},
+    )
+    metrics.MODEL_PUSHES.labels(result="created").inc()
+    _queue_validation(session, mv)
+    return PushResult(mv, created=True)
+
+
+def _same_or_conflict(existing: ModelVersion, name: str, sha256: str) -> PushResult:
+    if existing.sha256 == sha256:
+        metrics.MODEL_PUSHES.labels(result="unchanged").inc()
+        return PushResult(existing, created=False)
+    metrics.MODEL_PUSHES.labels(result="conflict").inc()
+    raise Conflict(
+        f"model {name} version {existing.version} already exists with different content "
+        f"(sha256:{existing.sha256}, pushed sha256:{sha256}); versions are immutable, "
+        "push the new bytes as a new version"
+    )
+
+
+def _queue_validation(session: Session, mv: ModelVersion) -> None:
+    from controller.registry.tasks import validate_version  # tasks import this module
+    from controller.tasks.celery_app import enqueue
+
+    session.flush()
+    enqueue(session, validate_version, mv.id)
+
+
+def require_model(session: Session, name: str) -> Model:
+    model = repo.get_model(session, name)
+    if model is None:
+        raise NotFound(f"model {name!r} not found")
+    return model
+
+
+def require_version(session: Session, name: str, version: str) -> ModelVersion:
+    mv = repo.get_version(session, name, version)
+    if mv is None:
+        require_model(session, name)
+        raise NotFound(f"model {name!r} has no version {version!r}")
+    return mv
+
+
+def revalidate(session: Session, name: str, version: str) -> ModelVersion:
+    """Run validation and benchmark again (after a runtime upgrade, say). The bytes and
+    signature never change; only the verdict and the numbers are replaced."""
+    mv = require_version(session, name, version)
+    if mv.status == VersionStatus.VALIDATING:
+        raise Conflict(f"model {name} version {version} is being validated right now")
+    _set_status(mv, VersionStatus.PENDING, "queued for validation")
+    _queue_validation(session, mv)
+    return mv
+
+
+def _set_status(mv: ModelVersion, status: VersionStatus, message: str | None) -> None:
+    mv.status = status
+    mv.status_message = message
+    mv.status_changed_at = utcnow()
+
+
+@dataclass(frozen=True)
+class _ProbeJob:
+    path: Path
+    format: str
+    metadata: dict[str, Any]
+    label: str
+
+
+def _claim(version_id: int, store: ArtifactStore) -> _ProbeJob | None:
+    with session_scope() as session:
+        mv = repo.get_version_by_id(session, version_id, lock=True)
+        if mv is None or mv.status not in (VersionStatus.PENDING, VersionStatus.VALIDATING):
+            return None  # already decided: a duplicate delivery of the task
+        model_name = session.get(Model, mv.model_id).name  # type: ignore[union-attr]
+        _set_status(mv, VersionStatus.VALIDATING, "loading the model in its runtime")
+        return _ProbeJob(
+            store.require(mv.sha256), mv.format, dict(mv.meta), f"{model_name}:{mv.version}"
+        )
+
+
+def run_validation(version_id: int, settings: Settings) -> str | None:
+    """Validate then benchmark one version. Idempotent: a version already Ready or
+    Invalid is left alone, so a redelivered task does nothing."""
+    store = artifact_store(settings)
+    job = _claim(version_id, store)
+    if job is None:
+        return None
+    request = ProbeRequest(
+        path=str(job.path),
+        format=job.format,
+        metadata=job.metadata,
+        runs=settings.benchmark_runs,
+        warmup_runs=settings.benchmark_warmup_runs,
+        threads=settings.benchmark_threads,
+        default_dim=settings.probe_default_dim,
+    )
+    try:
+        result = probe_model(request, timeout_s=settings.probe_timeout_s)
+    except ProbeFailed as exc:
+        result = {"validation": {"passed": False, "error": str(exc)}, "benchmark": None}
+    validation = result["validation"]
+    passed = bool(validation.get("passed"))
+    with session_scope() as session:
+        mv = repo.get_version_by_id(session, version_id, lock=True)
+        if mv is None:
+            return None
+        mv.validation = validation
+        mv.benchmark = result.get("benchmark")
+        if passed:
+            bench = mv.benchmark or {}
+            _set_status(
+                mv,
+                VersionStatus.READY,
+                f"validated in {validation.get('runtime')}; "
+                f"p50 {bench.get('p50_ms')} ms, p95 {bench.get('p95_ms')} ms",
+            )
+        else:
+            _set_status(mv, VersionStatus.INVALID, str(validation.get("error")))
+        record_event(
+            session,
+            kind="ModelVersion",
+            name=job.label,
+            reason="Validated" if passed else "ValidationFailed",
+            message=mv.status_message or "",
+            data={"validation": validation, "benchmark": mv.benchmark},
+        )
+        metrics.MODEL_VALIDATIONS.labels(result="passed" if passed else "failed").inc()
+        return mv.status
+
+
+def requeue_stuck(settings: Settings) -> list[int]:
+    """Versions left Pending or Validating by a lost message or a dead worker."""
+    from controller.registry.tasks import validate_version
+    from controller.tasks.celery_app import enqueue
+
+    cutoff = utcnow() - timedelta(seconds=settings.stuck_validation_s)
+    with session_scope() as session:
+        ids = list(repo.stuck_version_ids(session, before=cutoff))
+        for version_id in ids:
+            mv = repo.get_version_by_id(session, version_id)
+            if mv is not None:
+                # Back to Pending so the claim works; the task is sent after commit.
+                _set_status(mv, VersionStatus.PENDING, "requeued: validation did not finish")
+                enqueue(session, validate_version, version_id)
+    if ids:
+        log.warning("requeued %d stuck model version validations: %s", len(ids), ids)
+    return ids

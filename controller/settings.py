@@ -1,0 +1,73 @@
+"""Controller settings: one class, read from ``EDGEFLEET_*`` environment variables or ``.env``.
+
+The defaults are the embedded setup (SQLite, in-process tasks, artifacts under
+``./.edgefleet``), so ``edgefleet demo`` needs no server. Production sets
+``EDGEFLEET_ENVIRONMENT=production`` with a Postgres URL, a Redis URL and a real secret;
+a default secret outside development refuses to start.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET = "edgefleet-development-secret-do-not-use"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEFLEET_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    environment: Literal["development", "test", "production"] = "development"
+    database_url: str = "sqlite:///.edgefleet/edgefleet.db"
+    database_pool_size: int = Field(10, ge=1)
+    # Redis is the Celery broker and the lock service. None means the embedded setup:
+    # no broker, Celery tasks run eagerly in the calling process.
+    redis_url: str | None = None
+    tasks_eager: bool | None = Field(
+        None, description="Run Celery tasks in-process; defaults to true when redis_url is unset."
+    )
+    celery_queue: str = "edgefleet"
+    secret_key: SecretStr = SecretStr(DEV_SECRET)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8080, ge=1, le=65535)
+
+    artifact_dir: Path = Path(".edgefleet/artifacts")
+    max_artifact_bytes: int = Field(512 * 1024 * 1024, ge=1)
+
+    # Validation and benchmark run the model in a child process, so a runtime that
+    # crashes or hangs on a hostile artifact cannot take the worker down with it.
+    probe_timeout_s: float = Field(300.0, gt=0)
+    probe_default_dim: int = Field(
+        64, ge=1, description="Size used for a dynamic non-batch dimension with no hint."
+    )
+    benchmark_runs: int = Field(50, ge=1)
+    benchmark_warmup_runs: int = Field(5, ge=0)
+    benchmark_threads: int = Field(1, ge=1, description="Runtime threads while benchmarking.")
+    # Versions stuck in Pending/Validating longer than this (a worker died, the broker
+    # lost the message) are queued again by the beat sweeper.
+    stuck_validation_s: float = Field(900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _refuse_default_secret(self) -> Settings:
+        if self.environment != "development" and self.secret_key.get_secret_value() == DEV_SECRET:
+            raise ValueError(
+                "EDGEFLEET_SECRET_KEY must be set to a real secret outside development "
+                f"(environment is {self.environment!r})"
+            )
+        return self
+
+    @property
+    def eager_tasks(self) -> bool:
+        return self.tasks_eager if self.tasks_eager is not None else self.redis_url is None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,209 @@
+"""Validate and benchmark a model in a child process.
+
+``probe_model`` spawns ``python -m node_agent.probe``, which loads the model in its
+runtime, runs it once on generated inputs (validation), then times ``runs`` inferences
+(benchmark). A child process because a runtime fed a hostile or broken artifact may
+crash or hang: the caller gets a clean failure with the runtime's own text and stays up.
+It also makes peak memory measurable: the child's high-water RSS is the model's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from node_agent.runtimes import (
+    InputHints,
+    Runner,
+    generate_inputs,
+    open_runner,
+    preload_runtime,
+)
+
+
+@dataclass
+class ProbeRequest:
+    path: str
+    format: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    runs: int = 50
+    warmup_runs: int = 5
+    threads: int = 1
+    default_dim: int = 64
+    benchmark: bool = True
+
+
+def _peak_rss_bytes() -> int:
+    """This process's high-water RSS. On Linux, VmHWM: ``ru_maxrss`` would not do, since
+    Linux carries it across execve and the child would start at its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples), q))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _try_inputs(runner: Runner, req: ProbeRequest) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Find inputs the model accepts: the user's hints with the default sizes first, then
+    every dynamic dim at 1. Returns the working feeds and the errors of failed attempts."""
+    hints = InputHints.from_metadata(req.metadata)
+    attempts: list[str] = []
+    for unknown in (None, 1):
+        feeds = generate_inputs(
+            runner.inputs, hints, default_dim=req.default_dim, unknown_dim=unknown
+        )
+        try:
+            outputs = runner.run(feeds)
+        except Exception as exc:
+            shapes = {k: list(v.shape) for k, v in feeds.items()}
+            attempts.append(f"inputs {shapes}: {type(exc).__name__}: {exc}")
+            continue
+        bad = [k for k, v in outputs.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        if bad:
+            attempts.append(f"outputs {bad} are not finite (NaN or Inf)")
+            continue
+        return feeds, attempts
+    raise RuntimeError("; ".join(attempts))
+
+
+def execute(req: ProbeRequest) -> dict[str, Any]:
+    """Runs in the child. Never raises: failures are reported in the result."""
+    result: dict[str, Any] = {"validation": {"passed": False}, "benchmark": None}
+    try:
+        preload_runtime(req.format)
+    except Exception as exc:
+        result["validation"]["error"] = f"runtime unavailable: {exc}"
+        return result
+    # Baseline after the runtime library is loaded, so the difference to the peak is
+    # what this model costs: weights, arenas, activations.
+    baseline = _peak_rss_bytes()
+    started = time.perf_counter()
+    try:
+        runner = open_runner(Path(req.path), req.format, threads=req.threads)
+    except Exception as exc:
+        result["validation"]["error"] = f"load failed: {type(exc).__name__}: {exc}"
+        return result
+    validation: dict[str, Any] = {
+        "runtime": runner.runtime,
+        "providers": getattr(runner, "providers", []),
+        "inputs": [s.as_dict() for s in runner.inputs],
+        "outputs": [s.as_dict() for s in runner.outputs],
+        "load_s": round(time.perf_counter() - started, 4),
+    }
+    result["validation"] = validation
+    try:
+        feeds, attempts = _try_inputs(runner, req)
+    except Exception as exc:
+        validation.update(passed=False, error=f"inference failed: {exc}")
+        return result
+    outputs = runner.run(feeds)
+    validation.update(
+        passed=True,
+        input_shapes={k: list(v.shape) for k, v in feeds.items()},
+        output_shapes={k: list(v.shape) for k, v in outputs.items()},
+        rejected_attempts=attempts,
+    )
+    if not req.benchmark:
+        return result
+    for _ in range(req.warmup_runs):
+        runner.run(feeds)
+    latencies_ms = []
+    for _ in range(req.runs):
+        t0 = time.perf_counter_ns()
+        runner.run(feeds)
+        latencies_ms.append((time.perf_counter_ns() - t0) / 1e6)
+    peak = _peak_rss_bytes()
+    result["benchmark"] = {
+        "runs": req.runs,
+        "warmup_runs": req.warmup_runs,
+        "threads": req.threads,
+        "input_shapes": validation["input_shapes"],
+        "p50_ms": round(_percentile(latencies_ms, 50), 4),
+        "p95_ms": round(_percentile(latencies_ms, 95), 4),
+        "p99_ms": round(_percentile(latencies_ms, 99), 4),
+        "mean_ms": round(float(np.mean(latencies_ms)), 4),
+        "min_ms": round(min(latencies_ms), 4),
+        "max_ms": round(max(latencies_ms), 4),
+        "peak_rss_bytes": peak,
+        "model_peak_bytes": max(0, peak - baseline),
+        "runtime": runner.runtime,
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+    }
+    return result
+
+
+class ProbeFailed(RuntimeError):
+    """The child died or timed out: not a verdict on the model's outputs, but on the
+    runtime's ability to load and run it at all."""
+
+
+def probe_model(req: ProbeRequest, *, timeout_s: float) -> dict[str, Any]:
+    payload = json.dumps(req.__dict__)
+    env = dict(os.environ)
+    # One BLAS/OpenMP thread pool per requested thread, not per host core.
+    env.setdefault("OMP_NUM_THREADS", str(req.threads))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "node_agent.probe"],
+            input=payload,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ProbeFailed(f"runtime did not finish within {timeout_s:g} s") from exc
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        raise ProbeFailed(f"runtime crashed ({name}): {proc.stderr.strip()[-2000:]}")
+    if proc.returncode != 0:
+        raise ProbeFailed(f"probe exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    try:
+        last = proc.stdout.strip().splitlines()[-1]
+        result: dict[str, Any] = json.loads(last)
+    except (IndexError, json.JSONDecodeError) as exc:
+        raise ProbeFailed(f"probe printed no result: {proc.stdout[-500:]!r}") from exc
+    return result
+
+
+def main() -> None:
+    try:
+        req = ProbeRequest(**json.loads(sys.stdin.read()))
+        result = execute(req)
+    except Exception:  # pragma: no cover - a bug in the probe itself
+        result = {"validation": {"passed": False, "error": traceback.format_exc()}}
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

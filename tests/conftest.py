@@ -1,0 +1,140 @@
+"""Test fixtures: real Postgres (one database per run, migrated once, a transaction
+rolled back per test) and real Redis. A missing service fails the run, never skips it.
+
+The environment is set before any controller module is imported, so every process the
+tests start (the Celery worker, the server) reads the same settings."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_RUN = uuid.uuid4().hex[:10]
+PG_ROOT = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
+REDIS_URL = os.environ.get("EDGEFLEET_TEST_REDIS", "redis://127.0.0.1:6379/0")
+TEST_DB = f"edgefleet_test_{_RUN}"
+ARTIFACTS = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgefleet-test-{_RUN}" / "artifacts"
+
+os.environ.update(
+    {
+        "EDGEFLEET_ENVIRONMENT": "test",
+        "EDGEFLEET_SECRET_KEY": f"test-secret-{_RUN}",
+        "EDGEFLEET_DATABASE_URL": f"{PG_ROOT}/{TEST_DB}",
+        "EDGEFLEET_REDIS_URL": REDIS_URL,
+        "EDGEFLEET_TASKS_EAGER": "true",
+        "EDGEFLEET_CELERY_QUEUE": f"edgefleet-test-{_RUN}",
+        "EDGEFLEET_ARTIFACT_DIR": str(ARTIFACTS),
+        "EDGEFLEET_BENCHMARK_RUNS": "20",
+        "EDGEFLEET_BENCHMARK_WARMUP_RUNS": "2",
+    }
+)
+
+from fastapi.testclient import TestClient  # noqa: E402
+from sqlalchemy import Connection, Engine, create_engine, text  # noqa: E402
+from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
+
+from controller.api.app import create_app  # noqa: E402
+from controller.db import migrate  # noqa: E402
+from controller.db.session import dispose_engines, get_engine, override_session_factory  # noqa: E402
+from controller.settings import Settings, get_settings  # noqa: E402
+from controller.tasks.celery_app import configure  # noqa: E402
+
+
+def _admin_engine() -> Engine:
+    return create_engine(f"{PG_ROOT}/postgres", isolation_level="AUTOCOMMIT")
+
+
+def create_database(name: str) -> None:
+    engine = _admin_engine()
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        pytest.fail(
+            f"PostgreSQL is required at {PG_ROOT} (set EDGEFLEET_TEST_POSTGRES): {exc}",
+            pytrace=False,
+        )
+    finally:
+        engine.dispose()
+
+
+def drop_database(name: str) -> None:
+    engine = _admin_engine()
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def settings() -> Iterator[Settings]:
+    get_settings.cache_clear()
+    settings = get_settings()
+    create_database(TEST_DB)
+    migrate.upgrade(settings)
+    configure(settings)
+    yield settings
+    dispose_engines()
+    drop_database(TEST_DB)
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Engine:
+    return get_engine(settings)
+
+
+@pytest.fixture(scope="session")
+def redis_available(settings: Settings) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:
+        pytest.fail(
+            f"Redis is required at {REDIS_URL} (EDGEFLEET_TEST_REDIS): {exc}", pytrace=False
+        )
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def connection(engine: Engine) -> Iterator[Connection]:
+    """One connection whose outer transaction is rolled back after the test. Every
+    session opened meanwhile (request, eager task) joins it through savepoints."""
+    with engine.connect() as conn:
+        outer = conn.begin()
+        factory = sessionmaker(
+            bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
+        with override_session_factory(factory):
+            yield conn
+        outer.rollback()
+
+
+@pytest.fixture
+def session(connection: Connection) -> Iterator[Session]:
+    from controller.db.session import session_factory
+
+    with session_factory()() as s:
+        yield s
+
+
+@pytest.fixture
+def client(
+    settings: Settings, connection: Connection, redis_available: None
+) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def artifact_files(settings: Settings) -> set[Path]:
+    """The artifact files present before the test (compare after it)."""
+    root = settings.artifact_dir
+    return set(root.rglob("*")) if root.exists() else set()
