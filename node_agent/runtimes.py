@@ -176,8 +176,10 @@ def preload_runtime(fmt: str) -> None:
             importlib.import_module("onnxruntime")
         except ImportError as exc:
             raise RuntimeUnavailable(f"onnxruntime is not installed: {exc}") from exc
-    else:
+    elif fmt == "tflite":
         load_tflite_interpreter()
+    else:
+        raise RuntimeUnavailable(f"no runtime for model format {fmt!r} (expected onnx or tflite)")
 
 
 def open_runner(model: Path | bytes, fmt: str, *, threads: int = 1) -> Runner:

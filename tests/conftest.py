@@ -138,3 +138,27 @@ def artifact_files(settings: Settings) -> set[Path]:
     """The artifact files present before the test (compare after it)."""
     root = settings.artifact_dir
     return set(root.rglob("*")) if root.exists() else set()
+
+
+@pytest.fixture
+def scratch_database(settings: Settings) -> Iterator[str]:
+    """An empty Postgres database of its own, dropped afterwards."""
+    name = f"edgefleet_scratch_{uuid.uuid4().hex[:10]}"
+    create_database(name)
+    try:
+        yield f"{PG_ROOT}/{name}"
+    finally:
+        dispose_engines()
+        drop_database(name)
+
+
+@pytest.fixture
+def committed(engine: Engine) -> Iterator[None]:
+    """For tests whose data must really commit (another process reads it): every table
+    is emptied afterwards."""
+    yield
+    from controller.db.base import Base
+
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))

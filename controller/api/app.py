@@ -3,7 +3,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 
 from controller import __version__, metrics
 from controller.api import health
@@ -22,9 +22,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
 
-    v1 = APIRouter(prefix="/v1")
-    v1.include_router(registry.router)
-    app.include_router(v1)
+    app.include_router(registry.router)
     app.include_router(health.router)
 
     @app.middleware("http")
@@ -33,8 +31,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> Response:
         started = time.perf_counter()
         response = await call_next(request)
+        # The route template, not the raw path, keeps label cardinality bounded. Domain
+        # routers carry their full /v1/... prefix: FastAPI mounts included routers, and
+        # an include-time prefix would not appear in the matched route's path.
         route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
+        template = getattr(route, "path", None) or "unmatched"
         metrics.HTTP_REQUESTS.labels(
             request.method, template, f"{response.status_code // 100}xx"
         ).observe(time.perf_counter() - started)

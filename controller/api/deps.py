@@ -11,6 +11,8 @@ from controller.registry.service import artifact_store
 from controller.registry.store import ArtifactStore
 from controller.settings import Settings
 
+API_V1 = "/v1"
+
 
 def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings

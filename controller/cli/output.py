@@ -30,7 +30,11 @@ def emit(
     elif output is Output.yaml:
         console.print(yaml.safe_dump(data, sort_keys=False), end="", markup=False, highlight=False)
     elif table is not None:
-        console.print(table(data))
+        rendered = table(data)
+        if isinstance(rendered, str):  # plain text: shapes like [batch, 3] are not markup
+            console.print(rendered, markup=False, highlight=False)
+        else:
+            console.print(rendered)
     else:
         console.print(yaml.safe_dump(data, sort_keys=False), end="", markup=False, highlight=False)
 

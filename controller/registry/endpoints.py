@@ -5,14 +5,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
-from controller.api.deps import SessionDep, StoreDep
+from controller.api.deps import API_V1, SessionDep, StoreDep
 from controller.api.pagination import Page, PageDep
 from controller.registry import repository as repo
 from controller.registry import service
 from controller.registry.schemas import ModelOut, ModelVersionOut
 from controller.registry.store import iter_file
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix=f"{API_V1}/models", tags=["models"])
 
 
 @router.get("", response_model=Page[ModelOut])

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import Connection
+from typer.testing import CliRunner
+
+from controller.api.app import create_app
+from controller.cli.main import app
+from controller.registry import samples
+from controller.registry.tflite_builder import build_tflite_mlp
+from controller.settings import Settings
+from tests.live import free_port, serve
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def api_url(settings: Settings, connection: Connection, redis_available: None) -> Iterator[str]:
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+def cli(api_url: str, *args: str) -> tuple[int, str]:
+    result = runner.invoke(app, [*args], env={"EDGEFLEET_API_URL": api_url, "COLUMNS": "200"})
+    return result.exit_code, result.output
+
+
+def test_push_list_describe(api_url: str, tmp_path: Path) -> None:
+    model = tmp_path / "cnn.onnx"
+    model.write_bytes(samples.build_cnn())
+    code, out = cli(api_url, "models", "push", str(model), "--name", "cam", "--version", "1.0.0")
+    assert code == 0, out
+    assert "Status:      Ready" in out
+    assert "image: float32 [batch, 3, 32, 32]" in out
+    assert "Benchmark:   p50" in out
+
+    tfl = tmp_path / "mlp.bin"
+    tfl.write_bytes(build_tflite_mlp())
+    code, out = cli(api_url, "models", "push", str(tfl), "-n", "sensor", "-v", "2", "-o", "json")
+    assert code == 0, out
+    assert json.loads(out)["format"] == "tflite"
+
+    code, out = cli(api_url, "models", "list", "-o", "yaml")
+    assert code == 0, out
+    assert [m["name"] for m in yaml.safe_load(out)] == ["cam", "sensor"]
+
+    code, out = cli(api_url, "models", "list")
+    assert "cam" in out
+    assert "sensor" in out
+    assert "LATEST" in out
+
+    code, out = cli(api_url, "models", "describe", "cam")
+    assert code == 0
+    assert "1.0.0" in out
+    assert "Ready" in out
+
+    code, out = cli(api_url, "models", "describe", "cam", "1.0.0", "-o", "json")
+    assert json.loads(out)["signature"]["inputs"][0]["name"] == "image"
+
+
+def test_errors_are_explained(api_url: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model at all" * 10)
+    code, out = cli(api_url, "models", "push", str(bad), "--name", "cam", "--version", "1")
+    assert code == 1
+    assert "validation_error (422)" in out
+    assert "body.file:" in out
+
+    code, out = cli(api_url, "models", "describe", "ghost")
+    assert code == 1
+    assert "not_found (404): model 'ghost' not found" in out
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(samples.build_failing_model())
+    code, out = cli(api_url, "models", "push", str(broken), "--name", "broken", "--version", "1")
+    assert code == 1  # pushed, but the runtime refused it
+    assert "Status:      Invalid" in out
+
+
+def test_unreachable_controller() -> None:
+    code, out = cli(f"http://127.0.0.1:{free_port()}", "models", "list")
+    assert code == 1
+    assert "cannot reach the controller" in out
