@@ -15,3 +15,9 @@ MODEL_PUSHES = Counter(
 MODEL_VALIDATIONS = Counter(
     "edgefleet_model_validations_total", "Model version validations by result.", ["result"]
 )
+ROLLOUT_TRANSITIONS = Counter(
+    "edgefleet_rollout_transitions_total", "Rollout phase transitions.", ["from_phase", "to_phase"]
+)
+GATE_EVALUATIONS = Counter(
+    "edgefleet_gate_evaluations_total", "Gate evaluations by decision.", ["decision"]
+)

@@ -54,6 +54,21 @@ class Settings(BaseSettings):
     # lost the message) are queued again by the beat sweeper.
     stuck_validation_s: float = Field(900.0, gt=0)
 
+    # Fleet.
+    public_url: str = Field(
+        "http://127.0.0.1:8080", description="How edge nodes reach this controller (artifact URLs)."
+    )
+    node_stale_s: float = Field(60.0, gt=0, description="No heartbeat for this long: Stale.")
+    node_offline_s: float = Field(300.0, gt=0, description="No heartbeat for this long: Offline.")
+    inference_architectures: list[str] = Field(
+        default_factory=lambda: ["amd64", "arm64"],
+        description="CPU architectures the inference image is built for.",
+    )
+    # Rollouts.
+    reconcile_interval_s: float = Field(
+        5.0, gt=0, description="Follow-up delay of an active rollout's next reconcile step."
+    )
+
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> Settings:
         if self.environment != "development" and self.secret_key.get_secret_value() == DEV_SECRET:

@@ -162,3 +162,22 @@ def committed(engine: Engine) -> Iterator[None]:
     tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def sim_fleet(settings: Settings, redis_available: None) -> Iterator[None]:
+    """Simulated clusters keep their workloads in Redis: start and end each test with
+    none (the database side is rolled back by the transaction fixtures)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+
+    def wipe() -> None:
+        keys = list(client.scan_iter("edgefleet:sim:*"))
+        if keys:
+            client.delete(*keys)
+
+    wipe()
+    yield
+    wipe()
+    client.close()

@@ -8,7 +8,10 @@ from fastapi import FastAPI, Request, Response
 from controller import __version__, metrics
 from controller.api import health
 from controller.api.errors import install_error_handlers
+from controller.fleet import endpoints as fleet
+from controller.manifests import endpoints as manifests
 from controller.registry import endpoints as registry
+from controller.rollouts import endpoints as rollouts
 from controller.settings import Settings, get_settings
 
 
@@ -22,7 +25,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
 
-    app.include_router(registry.router)
+    for router in (registry.router, manifests.router, rollouts.router, fleet.router):
+        app.include_router(router)
     app.include_router(health.router)
 
     @app.middleware("http")

@@ -80,6 +80,9 @@ class Cluster(TimestampMixin, Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
     driver: Mapped[str] = mapped_column(String(32))
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    # The applied spec without credentials (those are only in ``credentials``).
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
     api_server: Mapped[str | None] = mapped_column(String(512))
     # Encrypted at rest with a key derived from the controller secret; never returned.

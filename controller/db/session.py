@@ -100,6 +100,16 @@ def after_commit(session: Session, callback: Callable[[], None]) -> None:
     session.info.setdefault(_AFTER_COMMIT, []).append(callback)
 
 
+@contextmanager
+def suspend_after_commit(session: Session) -> Iterator[None]:
+    """Drop the after-commit work registered inside this block (a dry-run's tasks)."""
+    saved = list(session.info.get(_AFTER_COMMIT, []))
+    try:
+        yield
+    finally:
+        session.info[_AFTER_COMMIT] = saved
+
+
 @event.listens_for(Session, "after_commit")
 def _run_after_commit(session: Session) -> None:
     callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])

@@ -19,6 +19,8 @@ from controller.db.base import utcnow
 from controller.db.models import Model, ModelVersion, VersionStatus
 from controller.db.session import session_scope
 from controller.errors import Conflict, InvalidInput, NotFound
+from controller.manifests.outcome import ApplyOutcome
+from controller.manifests.schemas import ModelVersionManifest
 from controller.registry import repository as repo
 from controller.registry.inspect import inspect_artifact
 from controller.registry.schemas import PushMetadata, check_model_name, check_version
@@ -75,34 +77,88 @@ def push_version(
         existing = repo.get_version(session, name, version)
         if existing is not None:
             return _same_or_conflict(existing, name, staged.sha256)
-        fmt, signature = inspect_artifact(staged.path)
-        model = repo.get_or_create_model(session, name, metadata.get("description"))
-        mv = ModelVersion(
-            model_id=model.id,
-            version=version,
-            format=fmt.value,
-            sha256=staged.sha256,
-            size_bytes=staged.size,
-            signature=signature,
-            meta=metadata,
-            status=VersionStatus.PENDING,
+        result = _record_version(
+            session, name, version, staged.path, staged.sha256, staged.size, metadata, "Pushed"
         )
-        if not repo.add_version(session, mv):  # a concurrent push of the same version won
-            raced = repo.get_version(session, name, version)
-            assert raced is not None
-            return _same_or_conflict(raced, name, staged.sha256)
-        store.promote(staged)
+        if result.created:
+            store.promote(staged)
+    return result
+
+
+def _record_version(
+    session: Session,
+    name: str,
+    version: str,
+    path: Path,
+    sha256: str,
+    size: int,
+    metadata: dict[str, Any],
+    reason: str,
+) -> PushResult:
+    """Inspect the artifact at ``path`` and insert the version (status Pending), its event
+    and its validation task. Raises ArtifactRejected for a file that is not a model."""
+    fmt, signature = inspect_artifact(path)
+    model = repo.get_or_create_model(session, name, metadata.get("description"))
+    mv = ModelVersion(
+        model_id=model.id,
+        version=version,
+        format=fmt.value,
+        sha256=sha256,
+        size_bytes=size,
+        signature=signature,
+        meta=metadata,
+        status=VersionStatus.PENDING,
+    )
+    if not repo.add_version(session, mv):  # a concurrent push of the same version won
+        raced = repo.get_version(session, name, version)
+        assert raced is not None
+        return _same_or_conflict(raced, name, sha256)
     record_event(
         session,
         kind="ModelVersion",
         name=f"{name}:{version}",
-        reason="Pushed",
-        message=f"{fmt.value} artifact sha256:{staged.sha256} ({staged.size} bytes)",
-        data={"sha256": staged.sha256, "size_bytes": staged.size, "format": fmt.value},
+        reason=reason,
+        message=f"{fmt.value} artifact sha256:{sha256} ({size} bytes)",
+        data={"sha256": sha256, "size_bytes": size, "format": fmt.value},
     )
     metrics.MODEL_PUSHES.labels(result="created").inc()
     _queue_validation(session, mv)
     return PushResult(mv, created=True)
+
+
+def apply_model_version(
+    session: Session, store: ArtifactStore, manifest: ModelVersionManifest
+) -> ApplyOutcome:
+    """A ModelVersion manifest: register an artifact already in the store by sha256."""
+    spec = manifest.spec
+    label = f"{spec.model}:{spec.version}"
+    if spec.artifact.path is not None or spec.artifact.sha256 is None:
+        raise InvalidInput(
+            "artifact.path is for `edgefleet apply`, which uploads the file and sends its "
+            "sha256; the API takes artifact.sha256",
+            loc=("body", "spec", "artifact", "path"),
+        )
+    sha = spec.artifact.sha256
+    existing = repo.get_version(session, spec.model, spec.version)
+    if existing is not None:
+        _same_or_conflict(existing, spec.model, sha)
+        return ApplyOutcome("ModelVersion", label, "unchanged")
+    if not store.exists(sha):
+        raise InvalidInput(
+            f"no artifact sha256:{sha} in the artifact store: push the file first "
+            "(edgefleet models push) or give artifact.path to edgefleet apply",
+            loc=("body", "spec", "artifact", "sha256"),
+        )
+    path = store.path_for(sha)
+    metadata: dict[str, Any] = {"labels": dict(manifest.metadata.labels)}
+    if spec.description:
+        metadata["description"] = spec.description
+    if spec.validation is not None:
+        metadata["validation"] = spec.validation.model_dump()
+    _record_version(
+        session, spec.model, spec.version, path, sha, path.stat().st_size, metadata, "Applied"
+    )
+    return ApplyOutcome("ModelVersion", label, "created")
 
 
 def _same_or_conflict(existing: ModelVersion, name: str, sha256: str) -> PushResult:

@@ -15,7 +15,11 @@ from controller.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-TASK_MODULES = ["controller.registry.tasks"]
+TASK_MODULES = [
+    "controller.registry.tasks",
+    "controller.rollouts.tasks",
+    "controller.fleet.tasks",
+]
 
 celery_app = Celery("edgefleet", include=TASK_MODULES)
 
@@ -45,6 +49,9 @@ def configure(settings: Settings) -> Celery:
                 "task": "registry.requeue_stuck",
                 "schedule": timedelta(seconds=60),
             },
+            # Gate evaluation and the safety net for lost follow-up steps.
+            "rollouts-tick": {"task": "rollouts.tick", "schedule": timedelta(seconds=10)},
+            "fleet-mark-silent": {"task": "fleet.mark_silent", "schedule": timedelta(seconds=15)},
         },
     )
     return celery_app
@@ -53,11 +60,11 @@ def configure(settings: Settings) -> Celery:
 configure(get_settings())
 
 
-def enqueue(session: Session, task: Any, *args: Any) -> None:
+def enqueue(session: Session, task: Any, *args: Any, countdown: float | None = None) -> None:
     """Send ``task`` once the session's transaction commits; never if it rolls back."""
 
     def send() -> None:
-        result = task.apply_async(args=args)
+        result = task.apply_async(args=args, countdown=countdown)
         if celery_app.conf.task_always_eager and getattr(result, "failed", lambda: False)():
             log.error("eager task %s%r failed: %s", task.name, args, result.result)
 

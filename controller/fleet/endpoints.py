@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from controller.api.deps import API_V1, SessionDep
+from controller.api.pagination import Page, PageDep
+from controller.errors import NotFound
+from controller.fleet import repository as repo
+from controller.fleet.schemas import ClusterOut, NodeOut
+
+router = APIRouter(prefix=API_V1, tags=["fleet"])
+
+
+@router.get("/clusters", response_model=list[ClusterOut])
+def list_clusters(session: SessionDep) -> list[ClusterOut]:
+    counts = repo.node_counts(session)
+    return [ClusterOut.of(c, counts.get(c.id, {})) for c in repo.list_clusters(session)]
+
+
+@router.get("/clusters/{name}", response_model=ClusterOut)
+def get_cluster(name: str, session: SessionDep) -> ClusterOut:
+    cluster = repo.get_cluster(session, name)
+    if cluster is None:
+        raise NotFound(f"cluster {name!r} not found")
+    return ClusterOut.of(cluster, repo.node_counts(session).get(cluster.id, {}))
+
+
+@router.get("/nodes", response_model=Page[NodeOut])
+def list_nodes(
+    session: SessionDep, page: PageDep, cluster: Annotated[str | None, Query()] = None
+) -> Page[NodeOut]:
+    rows, total = repo.list_nodes(session, cluster=cluster, limit=page.limit, offset=page.offset)
+    return Page(
+        items=[NodeOut.of(n, c) for n, c in rows], total=total, limit=page.limit, offset=page.offset
+    )

@@ -1,0 +1,230 @@
+"""Fleet: clusters (applied from manifests), their nodes (synced from the driver) and
+what the nodes' agents report (heartbeats)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller.audit import record_event
+from controller.crypto import decrypt_json, encrypt_json, fingerprint
+from controller.db.base import utcnow
+from controller.db.models import Assignment, Cluster, Model, ModelVersion, Node, NodeHealth
+from controller.errors import NotFound
+from controller.fleet import repository as repo
+from controller.kube.driver import ClusterDriver, DriverError, NodeInventory
+from controller.kube.factory import driver_for
+from controller.manifests.diff import diff
+from controller.manifests.outcome import ApplyOutcome
+from controller.manifests.schemas import ClusterManifest
+from controller.settings import Settings
+from node_agent.contract import Heartbeat
+
+
+def _stored_spec(manifest: ClusterManifest, settings: Settings) -> dict[str, Any]:
+    spec = manifest.spec.model_dump(mode="json", exclude_none=True, exclude={"credentials"})
+    if manifest.spec.credentials is not None:
+        creds = manifest.spec.credentials.model_dump(mode="json", exclude_none=True)
+        # Re-applying the same credentials must be "unchanged" without decrypting them.
+        spec["credentialsFingerprint"] = fingerprint(creds, settings.secret_key.get_secret_value())
+    return spec
+
+
+def cluster_driver(cluster: Cluster, settings: Settings) -> ClusterDriver:
+    creds = (
+        decrypt_json(settings.secret_key.get_secret_value(), cluster.credentials)
+        if cluster.credentials
+        else None
+    )
+    return driver_for(cluster.name, cluster.driver, cluster.spec, settings, creds)
+
+
+def apply_cluster(session: Session, manifest: ClusterManifest, settings: Settings) -> ApplyOutcome:
+    name = manifest.metadata.name
+    spec = _stored_spec(manifest, settings)
+    labels = dict(manifest.metadata.labels)
+    # Builds the driver first: an unavailable driver is a 422 before anything is stored.
+    driver = driver_for(name, manifest.spec.driver, spec, settings)
+    cluster = repo.get_cluster(session, name)
+    if cluster is not None:
+        old = {"labels": cluster.labels, "spec": cluster.spec}
+        changes = diff(old, {"labels": labels, "spec": spec})
+        if not changes:
+            return ApplyOutcome("Cluster", name, "unchanged", cluster.generation)
+        cluster.generation += 1
+        action = "configured"
+    else:
+        cluster = Cluster(name=name, driver=manifest.spec.driver, generation=1)
+        session.add(cluster)
+        changes, action = [], "created"
+    cluster.driver = manifest.spec.driver
+    cluster.labels = labels
+    cluster.spec = spec
+    cluster.api_server = manifest.spec.server
+    if manifest.spec.credentials is not None:
+        creds = manifest.spec.credentials.model_dump(mode="json", exclude_none=True)
+        cluster.credentials = encrypt_json(settings.secret_key.get_secret_value(), creds)
+    else:
+        cluster.credentials = None
+    session.flush()
+    sync_nodes(session, cluster, driver)
+    record_event(
+        session,
+        kind="Cluster",
+        name=name,
+        reason="Applied",
+        message=f"{action} (generation {cluster.generation})",
+        data={"changes": changes},
+    )
+    return ApplyOutcome("Cluster", name, action, cluster.generation, changes)
+
+
+def sync_nodes(session: Session, cluster: Cluster, driver: ClusterDriver) -> dict[str, int]:
+    """Make the node inventory match the driver's: add, update, remove."""
+    try:
+        driver.check()
+        inventory = driver.list_nodes()
+    except DriverError as exc:
+        cluster.status, cluster.message = "Unreachable", str(exc)
+        record_event(
+            session, kind="Cluster", name=cluster.name, reason="SyncFailed", message=str(exc)
+        )
+        return {"added": 0, "updated": 0, "removed": 0}
+    existing = repo.nodes_of(session, cluster.id)
+    seen: set[str] = set()
+    added = updated = 0
+    for inv in inventory:
+        seen.add(inv.name)
+        node = existing.get(inv.name)
+        if node is None:
+            node = Node(cluster_id=cluster.id, name=inv.name, last_seq=0)
+            session.add(node)
+            added += 1
+        elif _node_fields(node) != _inventory_fields(inv):
+            updated += 1
+        _apply_inventory(node, inv)
+    removed = [node for name, node in existing.items() if name not in seen]
+    for node in removed:
+        session.delete(node)
+    cluster.status, cluster.message = "Ready", None
+    cluster.last_sync_at = utcnow()
+    session.flush()
+    counts = {"added": added, "updated": updated, "removed": len(removed)}
+    if any(counts.values()):
+        record_event(
+            session,
+            kind="Cluster",
+            name=cluster.name,
+            reason="NodesSynced",
+            message=", ".join(f"{v} {k}" for k, v in counts.items()),
+            data={"removed": sorted(n.name for n in removed)[:100]},
+        )
+    return counts
+
+
+def _inventory_fields(inv: NodeInventory) -> tuple[Any, ...]:
+    return (
+        dict(inv.labels),
+        inv.architecture,
+        dict(inv.capacity),
+        dict(inv.allocatable),
+        list(inv.runtimes),
+    )
+
+
+def _node_fields(node: Node) -> tuple[Any, ...]:
+    return (node.labels, node.architecture, node.capacity, node.allocatable, node.runtimes)
+
+
+def _apply_inventory(node: Node, inv: NodeInventory) -> None:
+    node.labels = dict(inv.labels)
+    node.architecture = inv.architecture
+    node.capacity = dict(inv.capacity)
+    node.allocatable = dict(inv.allocatable)
+    node.runtimes = list(inv.runtimes)
+    if node.last_heartbeat_at is None:  # no agent yet: the cluster's Ready condition
+        node.health = NodeHealth.READY if inv.ready else NodeHealth.NOT_READY
+
+
+def set_node_health(session: Session, cluster: str, node: str, health: NodeHealth) -> Node:
+    found = repo.nodes_by_key(session, [(cluster, node)]).get((cluster, node))
+    if found is None:
+        raise NotFound(f"node {cluster}/{node} not found")
+    found.health = health
+    return found
+
+
+@dataclass
+class IngestResult:
+    accepted: int = 0
+    duplicates: int = 0
+    unknown_nodes: list[str] = field(default_factory=list)
+
+
+def ingest_heartbeats(
+    session: Session, beats: Sequence[Heartbeat], *, now: datetime | None = None
+) -> IngestResult:
+    """Fold agents' heartbeats into node health and per-assignment metric windows, in
+    one transaction for the whole batch. Sequence numbers make replays harmless."""
+    now = now or utcnow()
+    result = IngestResult()
+    nodes = repo.nodes_by_key(session, [(b.cluster, b.node) for b in beats])
+    assignments = _assignments_for(session, [n.id for n in nodes.values()])
+    for beat in sorted(beats, key=lambda b: (b.cluster, b.node, b.seq)):
+        node = nodes.get((beat.cluster, beat.node))
+        if node is None:
+            result.unknown_nodes.append(f"{beat.cluster}/{beat.node}")
+            continue
+        if beat.seq <= node.last_seq:
+            result.duplicates += 1
+            continue
+        node.last_seq = beat.seq
+        node.last_heartbeat_at = now
+        node.health = NodeHealth.READY
+        result.accepted += 1
+        for report in beat.workloads:
+            found = assignments.get((node.id, report.model))
+            if found is None:
+                continue
+            assignment, desired_sha = found
+            metrics: dict[str, Any] = {
+                "sha256": report.sha256,
+                "version": report.version,
+                "state": report.state,
+                "reported_at": now.isoformat(),
+                "on_desired": report.sha256 == desired_sha,
+            }
+            if report.metrics is not None:
+                metrics.update(report.metrics.model_dump(exclude_none=True))
+                metrics["error_rate"] = report.metrics.error_rate
+            assignment.metrics = metrics
+    session.flush()
+    return result
+
+
+def _assignments_for(
+    session: Session, node_ids: Sequence[int]
+) -> dict[tuple[int, str], tuple[Assignment, str | None]]:
+    if not node_ids:
+        return {}
+    rows = session.execute(
+        select(Assignment, Model.name, ModelVersion.sha256)
+        .join(Model, Model.id == Assignment.model_id)
+        .outerjoin(ModelVersion, ModelVersion.id == Assignment.desired_version_id)
+        .where(Assignment.node_id.in_(node_ids))
+    )
+    return {(r[0].node_id, r[1]): (r[0], r[2]) for r in rows}
+
+
+def mark_silent_nodes(session: Session, settings: Settings) -> int:
+    now = utcnow()
+    return repo.mark_silent_nodes(
+        session,
+        stale_before=now - timedelta(seconds=settings.node_stale_s),
+        offline_before=now - timedelta(seconds=settings.node_offline_s),
+    )

@@ -1,0 +1,12 @@
+from __future__ import annotations
+
+from controller.db.session import session_scope
+from controller.fleet import service
+from controller.settings import get_settings
+from controller.tasks.celery_app import celery_app
+
+
+@celery_app.task(name="fleet.mark_silent")
+def mark_silent() -> int:
+    with session_scope() as session:
+        return service.mark_silent_nodes(session, get_settings())

@@ -1,0 +1,176 @@
+"""Apply: parse every document, validate every document, then apply them all in one
+transaction, in dependency order (Clusters, then ModelVersions, then Rollouts). Any error
+anywhere rolls the whole call back: a bad manifest changes nothing at all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from controller.db.session import suspend_after_commit
+from controller.errors import EdgefleetError, InvalidInput
+from controller.fleet.service import apply_cluster
+from controller.manifests.outcome import ApplyOutcome
+from controller.manifests.schemas import (
+    API_VERSION,
+    KINDS,
+    ClusterManifest,
+    ModelVersionManifest,
+    RolloutManifest,
+    Strict,
+)
+from controller.registry.service import apply_model_version
+from controller.registry.store import ArtifactStore
+from controller.rollouts.service import apply_rollout
+from controller.settings import Settings
+
+ORDER = {"Cluster": 0, "ModelVersion": 1, "Rollout": 2}
+
+
+class ManifestInvalid(InvalidInput):
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(errors[0]["msg"])
+        self.detail = errors
+
+
+def parse_yaml(text: str) -> list[Any]:
+    try:
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InvalidInput(
+            f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", loc=("body",)
+        ) from exc
+
+
+def _expected(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if err["type"] == "extra_forbidden":
+        return "unknown field (not in the schema)"
+    if err["type"] == "missing":
+        return "field required"
+    if "expected" in ctx:
+        return f"{err['msg']}"
+    return str(err["msg"])
+
+
+def validate_documents(docs: list[Any]) -> list[Strict]:
+    errors: list[dict[str, Any]] = []
+    parsed: list[Strict] = []
+    if not docs:
+        raise InvalidInput("no documents to apply", loc=("body",))
+    names: dict[tuple[str, str], int] = {}
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            errors.append(
+                {"loc": ["body", i], "msg": "a document must be a mapping", "type": "type_error"}
+            )
+            continue
+        kind = doc.get("kind")
+        if doc.get("apiVersion") != API_VERSION:
+            errors.append(
+                {
+                    "loc": ["body", i, "apiVersion"],
+                    "msg": f"expected apiVersion {API_VERSION!r}, got {doc.get('apiVersion')!r}",
+                    "type": "value_error",
+                }
+            )
+            continue
+        if kind not in KINDS:
+            errors.append(
+                {
+                    "loc": ["body", i, "kind"],
+                    "msg": f"unknown kind {kind!r}: expected one of {', '.join(KINDS)}",
+                    "type": "value_error",
+                }
+            )
+            continue
+        try:
+            manifest = KINDS[kind].model_validate(doc)
+        except ValidationError as exc:
+            meta = doc.get("metadata")
+            label = f"{kind} {meta.get('name', '?') if isinstance(meta, dict) else '?'}"
+            for err in exc.errors():
+                errors.append(
+                    {
+                        "loc": ["body", i, *err["loc"]],
+                        "msg": f"{label}: {_expected(dict(err))}",
+                        "type": err["type"],
+                    }
+                )
+            continue
+        key = (kind, manifest.metadata.name)  # type: ignore[attr-defined]
+        if key in names:
+            errors.append(
+                {
+                    "loc": ["body", i, "metadata", "name"],
+                    "msg": f"{kind} {key[1]} appears twice (documents {names[key]} and {i})",
+                    "type": "value_error",
+                }
+            )
+        names[key] = i
+        parsed.append(manifest)
+    if errors:
+        raise ManifestInvalid(errors)
+    return parsed
+
+
+def apply_documents(
+    session: Session, docs: list[Any], settings: Settings, store: ArtifactStore, *, dry_run: bool
+) -> list[ApplyOutcome]:
+    """A dry-run performs the real apply inside a SAVEPOINT and rolls it back, so its
+    answer (plans across documents of one file included) is exactly what apply does."""
+    manifests = validate_documents(docs)
+    if not dry_run:
+        return _apply_all(session, manifests, settings, store, dry_run=False)
+    with suspend_after_commit(session):
+        nested = session.begin_nested()
+        try:
+            return _apply_all(session, manifests, settings, store, dry_run=True)
+        finally:
+            nested.rollback()
+
+
+def _apply_all(
+    session: Session,
+    manifests: list[Strict],
+    settings: Settings,
+    store: ArtifactStore,
+    *,
+    dry_run: bool,
+) -> list[ApplyOutcome]:
+    ordered = sorted(
+        enumerate(manifests),
+        key=lambda im: (ORDER[type(im[1]).__name__.removesuffix("Manifest")], im[0]),
+    )
+    outcomes: list[tuple[int, ApplyOutcome]] = []
+    for index, manifest in ordered:
+        try:
+            if isinstance(manifest, ClusterManifest):
+                outcome = apply_cluster(session, manifest, settings)
+            elif isinstance(manifest, ModelVersionManifest):
+                outcome = apply_model_version(session, store, manifest)
+            else:
+                assert isinstance(manifest, RolloutManifest)
+                outcome = apply_rollout(session, manifest, settings, dry_run=dry_run)
+        except EdgefleetError as exc:
+            exc.message = f"document {index}: {exc.message}"
+            if isinstance(exc.detail, str):
+                exc.detail = f"document {index}: {exc.detail}"
+            elif isinstance(exc.detail, dict) and "message" in exc.detail:
+                exc.detail = {**exc.detail, "message": exc.message, "document": index}
+            raise
+        outcomes.append((index, outcome))
+        session.flush()
+    return [o for _, o in sorted(outcomes, key=lambda io: io[0])]
+
+
+def json_schema(kind: str) -> dict[str, Any]:
+    schema = KINDS[kind].model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://edgefleet.io/schemas/v1/{kind}.json"
+    return schema

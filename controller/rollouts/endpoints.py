@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, status
+
+from controller.api.deps import API_V1, SessionDep
+from controller.api.pagination import Page, PageDep
+from controller.rollouts import repository as repo
+from controller.rollouts import service
+from controller.rollouts.schemas import EventOut, RolloutOut, RolloutSummary, WaveOut, summary
+
+router = APIRouter(prefix=f"{API_V1}/rollouts", tags=["rollouts"])
+
+
+def _detail(session: SessionDep, name: str) -> RolloutOut:
+    r = service.require(session, name)
+    model, version = repo.model_version_label(session, r.model_version_id)
+    counts = repo.state_counts(session, r.id)
+    totals: dict[str, int] = {}
+    for per_wave in counts.values():
+        for state, n in per_wave.items():
+            totals[state] = totals.get(state, 0) + n
+    waves = [
+        WaveOut(
+            index=w.index,
+            phase=w.phase,
+            nodes=w.node_count,
+            bake_s=w.bake_s,
+            states=counts.get(w.id, {}),
+            started_at=w.started_at,
+            baked_at=w.baked_at,
+            finished_at=w.finished_at,
+        )
+        for w in r.waves
+    ]
+    base = summary(r, model, version)
+    return RolloutOut(
+        **base.model_dump(),
+        spec=r.spec,
+        states=totals,
+        wave_detail=waves,
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+        events=[EventOut.of(e) for e in repo.events(session, r.id, limit=10)],
+    )
+
+
+@router.get("", response_model=Page[RolloutSummary])
+def list_rollouts(session: SessionDep, page: PageDep) -> Page[RolloutSummary]:
+    rows, total = repo.list_rollouts(session, limit=page.limit, offset=page.offset)
+    items = [summary(r, *repo.model_version_label(session, r.model_version_id)) for r in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@router.get("/{name}", response_model=RolloutOut)
+def get_rollout(name: str, session: SessionDep) -> RolloutOut:
+    return _detail(session, name)
+
+
+@router.get("/{name}/events", response_model=list[EventOut])
+def rollout_events(
+    name: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[EventOut]:
+    r = service.require(session, name)
+    return [EventOut.of(e) for e in repo.events(session, r.id, limit=limit)]
+
+
+@router.post("/{name}/{action}", response_model=RolloutOut, status_code=status.HTTP_202_ACCEPTED)
+def rollout_command(
+    name: str, action: Literal["pause", "resume", "abort", "undo", "retry"], session: SessionDep
+) -> RolloutOut:
+    service.command(session, name, action)
+    session.flush()
+    return _detail(session, name)

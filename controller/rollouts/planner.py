@@ -1,0 +1,205 @@
+"""Plans: which nodes, in which wave. Pure functions of the rollout spec and the node
+inventory, so a dry-run shows exactly what apply will do.
+
+Order within the selection is a hash of (rollout, cluster, node): deterministic for the
+same inputs, yet spread across clusters and sites, so the first canary wave is not
+"the first cluster alphabetically"."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.kube.quantity import cpu_millis, memory_bytes
+from controller.manifests.schemas import PERCENT, RolloutSpec, Selector, Strategy
+from controller.rollouts.durations import parse_duration
+
+
+@dataclass(frozen=True)
+class NodeView:
+    id: int
+    cluster: str
+    name: str
+    labels: Mapping[str, str]
+    architecture: str | None
+    allocatable: Mapping[str, Any]
+    runtimes: Sequence[str]
+    health: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.cluster}/{self.name}"
+
+
+@dataclass(frozen=True)
+class PlannedWave:
+    index: int
+    nodes: list[NodeView]
+    bake_s: float
+
+
+@dataclass
+class Problem:
+    code: str
+    message: str
+    nodes: list[str] = field(default_factory=list)
+    severity: str = "error"  # errors refuse the apply; warnings are shown
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "code": self.code,
+            "severity": self.severity,
+            "message": self.message,
+        }
+        if self.nodes:
+            out["nodes"] = self.nodes[:50]
+            out["nodeCount"] = len(self.nodes)
+        return out
+
+
+def selector_matches(selector: Selector, cluster: str, labels: Mapping[str, str]) -> bool:
+    """Kubernetes label-selector semantics: every matchLabels pair and every expression
+    must hold (NotIn and DoesNotExist also hold when the key is absent)."""
+    if selector.clusters and cluster not in selector.clusters:
+        return False
+    for key, wanted in selector.matchLabels.items():
+        if labels.get(key) != wanted:
+            return False
+    for req in selector.matchExpressions:
+        value = labels.get(req.key)
+        if req.operator == "In" and (value is None or value not in req.values):
+            return False
+        if req.operator == "NotIn" and value is not None and value in req.values:
+            return False
+        if req.operator == "Exists" and value is None:
+            return False
+        if req.operator == "DoesNotExist" and value is not None:
+            return False
+    return True
+
+
+def count_of(value: int | str, total: int, *, round_up: bool) -> int:
+    """An int, or a percentage of ``total`` (rounded up for steps, down for budgets)."""
+    if isinstance(value, int):
+        return value
+    match = PERCENT.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is neither a count nor a percentage")
+    exact = total * int(match.group(1)) / 100
+    return math.ceil(exact) if round_up else math.floor(exact)
+
+
+def _order(rollout: str, node: NodeView) -> str:
+    return hashlib.sha256(f"{rollout}/{node.key}".encode()).hexdigest()
+
+
+def plan_waves(rollout: str, nodes: Sequence[NodeView], strategy: Strategy) -> list[PlannedWave]:
+    ordered = sorted(nodes, key=lambda n: _order(rollout, n))
+    total = len(ordered)
+    waves: list[PlannedWave] = []
+    done = 0
+    for step in strategy.steps:
+        size = (
+            step.nodes
+            if step.nodes is not None
+            else count_of(f"{step.percent}%", total, round_up=True)
+        )
+        target = min(total, max(size, done))
+        if target > done:
+            waves.append(PlannedWave(len(waves), ordered[done:target], parse_duration(step.bake)))
+            done = target
+    if done < total:  # like Argo Rollouts: after the last step, the rest
+        waves.append(PlannedWave(len(waves), ordered[done:], 0.0))
+    return waves
+
+
+def max_unavailable(strategy: Strategy, total: int) -> int:
+    return max(1, count_of(strategy.maxUnavailable, total, round_up=False))
+
+
+def max_deferred(strategy: Strategy, wave_size: int) -> int:
+    return count_of(strategy.maxDeferred, wave_size, round_up=False)
+
+
+def select_nodes(spec: RolloutSpec, nodes: Sequence[NodeView]) -> list[NodeView]:
+    return [n for n in nodes if selector_matches(spec.selector, n.cluster, n.labels)]
+
+
+def preflight(
+    spec: RolloutSpec,
+    selected: Sequence[NodeView],
+    *,
+    model_format: str | None,
+    version_status: str | None,
+    supported_architectures: Sequence[str],
+    owners: Mapping[str, list[str]],
+) -> list[Problem]:
+    """Everything that would make the rollout fail before it starts. ``owners`` maps
+    another active rollout's name to the nodes of this selection it holds."""
+    problems: list[Problem] = []
+    ref = f"{spec.model.name}:{spec.model.version}"
+    if version_status is None:
+        problems.append(Problem("ModelVersionNotFound", f"model version {ref} is not registered"))
+    elif version_status == "Invalid":
+        problems.append(
+            Problem(
+                "ModelVersionInvalid", f"model version {ref} failed validation; it cannot roll out"
+            )
+        )
+    elif version_status != "Ready":
+        problems.append(
+            Problem(
+                "ModelVersionNotReady",
+                f"model version {ref} is {version_status}: the rollout waits in Pending "
+                "until it is validated (and fails if it turns out Invalid)",
+                severity="warning",
+            )
+        )
+    if not selected:
+        problems.append(Problem("NoMatchingNodes", "the selector matches no known node"))
+    arch = [n.key for n in selected if n.architecture not in supported_architectures]
+    if arch:
+        problems.append(
+            Problem(
+                "UnsupportedArchitecture",
+                f"the inference image supports {', '.join(supported_architectures)} only",
+                arch,
+            )
+        )
+    if model_format is not None:
+        missing = [n.key for n in selected if model_format not in n.runtimes]
+        if missing:
+            problems.append(
+                Problem("RuntimeMissing", f"these nodes have no {model_format} runtime", missing)
+            )
+    needs = spec.resources.requests
+    for resource, parse in (("cpu", cpu_millis), ("memory", memory_bytes)):
+        wanted = getattr(needs, resource) or getattr(spec.resources.limits, resource)
+        if wanted is None:
+            continue
+        short = [
+            n.key
+            for n in selected
+            if resource in n.allocatable and parse(n.allocatable[resource]) < parse(wanted)
+        ]
+        if short:
+            problems.append(
+                Problem(
+                    "InsufficientResources",
+                    f"these nodes have less allocatable {resource} than the {wanted} requested",
+                    short,
+                )
+            )
+    for owner, held in sorted(owners.items()):
+        problems.append(
+            Problem(
+                "NodesOwnedByAnotherRollout",
+                f"rollout {owner} is active on {len(held)} of these nodes for model "
+                f"{spec.model.name}; one active rollout per (model, node)",
+                held,
+            )
+        )
+    return problems

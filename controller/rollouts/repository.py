@@ -1,0 +1,187 @@
+"""All SQL of rollouts, waves and assignments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from controller.db.models import (
+    Assignment,
+    AssignmentState,
+    Cluster,
+    Event,
+    Model,
+    ModelVersion,
+    Node,
+    Rollout,
+    RolloutPhase,
+    Wave,
+)
+from controller.rollouts.state import ACTIVE_PHASES
+
+
+@dataclass
+class Row:
+    """An assignment with what the reconciler needs of its node."""
+
+    assignment: Assignment
+    node: Node
+    cluster: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.cluster}/{self.node.name}"
+
+
+def get(session: Session, name: str) -> Rollout | None:
+    return session.scalar(select(Rollout).where(Rollout.name == name))
+
+
+def lock(session: Session, name: str) -> Rollout | None:
+    """Row lock, waiting: commands serialize with the reconciler."""
+    return session.scalar(select(Rollout).where(Rollout.name == name).with_for_update())
+
+
+def try_lock(session: Session, rollout_id: int) -> Rollout | None:
+    """Row lock or nothing: a second reconciler of the same rollout steps aside."""
+    stmt = select(Rollout).where(Rollout.id == rollout_id).with_for_update(skip_locked=True)
+    return session.scalar(stmt)
+
+
+def list_rollouts(session: Session, *, limit: int, offset: int) -> tuple[Sequence[Rollout], int]:
+    total = session.scalar(select(func.count()).select_from(Rollout)) or 0
+    rows = session.scalars(
+        select(Rollout)
+        .order_by(Rollout.created_at.desc(), Rollout.id.desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return rows, total
+
+
+def rows_of(session: Session, rollout_id: int) -> list[Row]:
+    stmt = (
+        select(Assignment, Node, Cluster.name)
+        .join(Node, Node.id == Assignment.node_id)
+        .join(Cluster, Cluster.id == Node.cluster_id)
+        .where(Assignment.rollout_id == rollout_id)
+        .order_by(Assignment.id)
+    )
+    return [Row(r[0], r[1], r[2]) for r in session.execute(stmt)]
+
+
+def assignments_for_nodes(
+    session: Session, model_id: int, node_ids: Sequence[int]
+) -> dict[int, Assignment]:
+    if not node_ids:
+        return {}
+    stmt = select(Assignment).where(
+        Assignment.model_id == model_id, Assignment.node_id.in_(node_ids)
+    )
+    return {a.node_id: a for a in session.scalars(stmt)}
+
+
+def owners(
+    session: Session, model_id: int, node_ids: Sequence[int], *, exclude: str
+) -> dict[str, list[str]]:
+    """Active rollouts (other than ``exclude``) holding any of these nodes for the model."""
+    if not node_ids:
+        return {}
+    stmt = (
+        select(Rollout.name, Cluster.name, Node.name)
+        .select_from(Assignment)
+        .join(Rollout, Rollout.id == Assignment.rollout_id)
+        .join(Node, Node.id == Assignment.node_id)
+        .join(Cluster, Cluster.id == Node.cluster_id)
+        .where(
+            Assignment.model_id == model_id,
+            Assignment.node_id.in_(node_ids),
+            Rollout.phase.in_(ACTIVE_PHASES),
+            Rollout.name != exclude,
+        )
+    )
+    out: dict[str, list[str]] = {}
+    for owner, cluster, node in session.execute(stmt):
+        out.setdefault(owner, []).append(f"{cluster}/{node}")
+    return out
+
+
+def version_of(session: Session, model: str, version: str) -> tuple[ModelVersion, Model] | None:
+    row = session.execute(
+        select(ModelVersion, Model)
+        .join(Model)
+        .where(Model.name == model, ModelVersion.version == version)
+    ).first()
+    return (row[0], row[1]) if row else None
+
+
+def versions_by_id(session: Session, ids: set[int]) -> dict[int, ModelVersion]:
+    if not ids:
+        return {}
+    return {v.id: v for v in session.scalars(select(ModelVersion).where(ModelVersion.id.in_(ids)))}
+
+
+def delete_waves(session: Session, rollout_id: int) -> None:
+    session.execute(delete(Wave).where(Wave.rollout_id == rollout_id))
+
+
+def release(session: Session, rollout_id: int, keep_node_ids: set[int]) -> None:
+    for a in session.scalars(select(Assignment).where(Assignment.rollout_id == rollout_id)):
+        if a.node_id not in keep_node_ids:
+            a.rollout_id = None
+            a.wave_id = None
+
+
+def events(session: Session, rollout_id: int, *, limit: int) -> Sequence[Event]:
+    return session.scalars(
+        select(Event).where(Event.rollout_id == rollout_id).order_by(Event.id.desc()).limit(limit)
+    ).all()
+
+
+def to_reconcile(session: Session) -> Sequence[int]:
+    """Rollouts with work left: progressing, or reverted phases with nodes not yet back."""
+    progressing = select(Rollout.id).where(
+        Rollout.phase.in_([RolloutPhase.PENDING, RolloutPhase.PROGRESSING])
+    )
+    reverting = (
+        select(Rollout.id)
+        .join(Assignment, Assignment.rollout_id == Rollout.id)
+        .where(
+            Rollout.phase.in_([RolloutPhase.ROLLED_BACK, RolloutPhase.ABORTED]),
+            Assignment.state != AssignmentState.ROLLED_BACK,
+        )
+        .distinct()
+    )
+    return session.scalars(progressing.union(reverting)).all()
+
+
+def state_counts(session: Session, rollout_id: int) -> dict[int | None, dict[str, int]]:
+    """Assignment counts per wave id and state."""
+    out: dict[int | None, dict[str, int]] = {}
+    rows = session.execute(
+        select(Assignment.wave_id, Assignment.state, func.count())
+        .where(Assignment.rollout_id == rollout_id)
+        .group_by(Assignment.wave_id, Assignment.state)
+    )
+    for wave_id, state, n in rows:
+        out.setdefault(wave_id, {})[state] = n
+    return out
+
+
+def phase_counts(session: Session) -> dict[str, int]:
+    return {
+        row[0]: row[1]
+        for row in session.execute(select(Rollout.phase, func.count()).group_by(Rollout.phase))
+    }
+
+
+def model_version_label(session: Session, version_id: int) -> tuple[str, str]:
+    row = session.execute(
+        select(Model.name, ModelVersion.version)
+        .join(ModelVersion)
+        .where(ModelVersion.id == version_id)
+    ).one()
+    return row[0], row[1]

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from controller.db.models import Event, Rollout
+
+
+class EventOut(BaseModel):
+    id: int
+    time: datetime
+    reason: str
+    message: str
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, e: Event) -> EventOut:
+        return cls(id=e.id, time=e.created_at, reason=e.reason, message=e.message, data=e.data)
+
+
+class WaveOut(BaseModel):
+    index: int
+    phase: str
+    nodes: int
+    bake_s: int
+    states: dict[str, int]
+    started_at: datetime | None
+    baked_at: datetime | None
+    finished_at: datetime | None
+
+
+class RolloutSummary(BaseModel):
+    name: str
+    generation: int
+    phase: str
+    model: str
+    version: str
+    current_wave: int
+    waves: int
+    message: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class RolloutOut(RolloutSummary):
+    spec: dict[str, Any]
+    states: dict[str, int]
+    wave_detail: list[WaveOut]
+    started_at: datetime | None
+    finished_at: datetime | None
+    events: list[EventOut]
+
+
+def summary(r: Rollout, model: str, version: str) -> RolloutSummary:
+    return RolloutSummary(
+        name=r.name,
+        generation=r.generation,
+        phase=r.phase,
+        model=model,
+        version=version,
+        current_wave=r.current_wave,
+        waves=len(r.waves),
+        message=r.message,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+    )

@@ -1,0 +1,714 @@
+"""Rollouts: apply (plan + claim nodes), the reconciler (one step at a time) and the
+commands (pause, resume, abort, undo, retry).
+
+The reconciler is level-triggered: every step reads the rows, pushes the desired state
+to the clusters again, observes, and moves states forward. A worker killed anywhere in
+a step loses nothing: its transaction rolls back, the driver calls it made are repeated
+(they are idempotent), and the next step picks up from the database."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from controller import metrics
+from controller.audit import record_event
+from controller.db.base import utcnow
+from controller.db.models import (
+    Assignment,
+    AssignmentState,
+    Cluster,
+    ModelVersion,
+    NodeHealth,
+    Rollout,
+    RolloutPhase,
+    VersionStatus,
+    Wave,
+    WavePhase,
+)
+from controller.errors import Conflict, InvalidInput, NotFound
+from controller.fleet import repository as fleet_repo
+from controller.fleet.service import cluster_driver
+from controller.kube.driver import ClusterDriver, DriverError, WorkloadSpec
+from controller.manifests.diff import diff
+from controller.manifests.outcome import ApplyOutcome
+from controller.manifests.schemas import RolloutManifest, RolloutSpec
+from controller.rollouts import gates as gate_eval
+from controller.rollouts import planner
+from controller.rollouts import repository as repo
+from controller.rollouts.durations import parse_duration
+from controller.rollouts.repository import Row
+from controller.rollouts.state import ACTIVE_PHASES, move, transition
+from controller.settings import Settings
+
+log = logging.getLogger(__name__)
+P, A = RolloutPhase, AssignmentState
+
+
+class PreflightFailed(InvalidInput):
+    def __init__(self, name: str, problems: list[planner.Problem]) -> None:
+        super().__init__(f"rollout {name} failed pre-flight checks")
+        self.detail = [
+            {
+                "loc": ["body", "Rollout", name, "spec"],
+                "msg": p.message,
+                "type": p.code,
+                **({"nodes": p.nodes[:50], "nodeCount": len(p.nodes)} if p.nodes else {}),
+            }
+            for p in problems
+        ]
+
+
+# ---------------------------------------------------------------- apply
+
+
+def _node_views(session: Session) -> list[planner.NodeView]:
+    return [
+        planner.NodeView(
+            id=n.id,
+            cluster=cluster,
+            name=n.name,
+            labels=n.labels,
+            architecture=n.architecture,
+            allocatable=n.allocatable,
+            runtimes=n.runtimes,
+            health=n.health,
+        )
+        for n, cluster in fleet_repo.all_nodes(session)
+    ]
+
+
+def plan_summary(waves: Sequence[planner.PlannedWave]) -> dict[str, Any]:
+    return {
+        "nodes": sum(len(w.nodes) for w in waves),
+        "waves": [
+            {
+                "index": w.index,
+                "bake_s": w.bake_s,
+                "nodes": len(w.nodes),
+                "clusters": dict(sorted(_count_by_cluster(w.nodes).items())),
+                "nodeNames": [n.key for n in w.nodes][:200],
+            }
+            for w in waves
+        ],
+    }
+
+
+def _count_by_cluster(nodes: Iterable[planner.NodeView]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for n in nodes:
+        out[n.cluster] += 1
+    return out
+
+
+def apply_rollout(
+    session: Session, manifest: RolloutManifest, settings: Settings, *, dry_run: bool
+) -> ApplyOutcome:
+    name, spec = manifest.metadata.name, manifest.spec
+    spec_doc = spec.model_dump(mode="json", exclude_none=True)
+    found = repo.version_of(session, spec.model.name, spec.model.version)
+    version, model = found if found else (None, None)
+    selected = planner.select_nodes(spec, _node_views(session))
+    owners = repo.owners(session, model.id, [n.id for n in selected], exclude=name) if model else {}
+    problems = planner.preflight(
+        spec,
+        selected,
+        model_format=version.format if version else None,
+        version_status=version.status if version else None,
+        supported_architectures=settings.inference_architectures,
+        owners=owners,
+    )
+    waves = planner.plan_waves(name, selected, spec.strategy)
+    existing = repo.get(session, name)
+    changes: list[dict[str, Any]] = []
+    if existing is not None:
+        changes = diff({"spec": existing.spec}, {"spec": spec_doc})
+        if not changes:
+            return ApplyOutcome(
+                "Rollout", name, "unchanged", existing.generation, plan=plan_summary(waves)
+            )
+        if existing.phase not in (P.PENDING, *TERMINAL):
+            raise Conflict(
+                f"rollout {name} is {existing.phase}: its spec cannot change mid-flight; "
+                "abort it first, or apply the change under a new rollout name"
+            )
+    action = "configured" if existing is not None else "created"
+    generation = existing.generation + 1 if existing is not None else 1
+    outcome = ApplyOutcome(
+        "Rollout",
+        name,
+        action,
+        generation,
+        changes,
+        plan_summary(waves),
+        [p.as_dict() for p in problems],
+    )
+    if dry_run:
+        return outcome
+    if owners:
+        holder = sorted(owners)[0]
+        message = (
+            f"rollout {holder} is active on {len(owners[holder])} of the selected nodes for "
+            f"model {spec.model.name} (e.g. {sorted(owners[holder])[0]}); one active rollout "
+            "per (model, node): wait for it, abort it, or narrow the selector"
+        )
+        raise Conflict(
+            message,
+            detail={
+                "message": message,
+                "rollout": holder,
+                "owners": {k: sorted(v)[:50] for k, v in owners.items()},
+            },
+        )
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise PreflightFailed(name, errors)
+    assert version is not None
+    assert model is not None
+    rollout = existing or Rollout(name=name)
+    if existing is None:
+        session.add(rollout)
+    else:
+        repo.delete_waves(session, rollout.id)
+        if rollout.phase != P.PENDING:
+            transition(
+                session, rollout, P.PENDING, reason="Reapplied", message=f"generation {generation}"
+            )
+    rollout.generation = generation
+    rollout.spec = spec_doc
+    rollout.model_version_id = version.id
+    rollout.phase = P.PENDING
+    rollout.current_wave = 0
+    rollout.started_at = rollout.finished_at = None
+    rollout.message = "waiting for the reconciler"
+    session.flush()
+    _claim_nodes(session, rollout, model.id, waves)
+    record_event(
+        session,
+        kind="Rollout",
+        name=name,
+        rollout_id=rollout.id,
+        reason="Applied",
+        message=(
+            f"{action} generation {generation}: {len(selected)} node(s) in {len(waves)} wave(s)"
+        ),
+        data={"changes": changes, "waves": [len(w.nodes) for w in waves]},
+    )
+    _queue(session, rollout.id)
+    return outcome
+
+
+TERMINAL = (P.SUCCEEDED, P.ROLLED_BACK, P.ABORTED)
+
+
+def _claim_nodes(
+    session: Session, rollout: Rollout, model_id: int, waves: Sequence[planner.PlannedWave]
+) -> None:
+    node_ids = [n.id for w in waves for n in w.nodes]
+    repo.release(session, rollout.id, set(node_ids))
+    existing = repo.assignments_for_nodes(session, model_id, node_ids)
+    for planned in waves:
+        wave = Wave(
+            rollout_id=rollout.id,
+            index=planned.index,
+            node_count=len(planned.nodes),
+            bake_s=int(planned.bake_s),
+            phase=WavePhase.PENDING,
+        )
+        session.add(wave)
+        session.flush()
+        for node in planned.nodes:
+            a = existing.get(node.id)
+            if a is None:
+                a = Assignment(node_id=node.id, model_id=model_id, desired_version_id=None)
+                session.add(a)
+            elif a.rollout_id != rollout.id or a.state == A.ROLLED_BACK:
+                # A new claim: what the node runs now is what it returns to on rollback.
+                a.previous_version_id = a.desired_version_id
+            a.rollout_id = rollout.id
+            a.wave_id = wave.id
+            a.state = A.PENDING
+            a.message = None
+            a.metrics = {}
+    session.flush()
+
+
+def _queue(session: Session, rollout_id: int, *, countdown: float | None = None) -> None:
+    from controller.rollouts.tasks import reconcile
+    from controller.tasks.celery_app import celery_app, enqueue
+
+    if countdown is not None and celery_app.conf.task_always_eager:
+        return  # in-process: the ticker drives follow-ups, never a recursion
+    enqueue(session, reconcile, rollout_id, countdown=countdown)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _locked(session: Session, name: str) -> Rollout:
+    rollout = repo.lock(session, name)
+    if rollout is None:
+        raise NotFound(f"rollout {name!r} not found")
+    return rollout
+
+
+def command(session: Session, name: str, action: str) -> Rollout:
+    rollout = _locked(session, name)
+    if action == "pause":
+        transition(session, rollout, P.PAUSED, reason="Paused", message="paused by a user")
+    elif action == "resume":
+        if rollout.phase != P.PAUSED:
+            raise Conflict(f"rollout {name} is {rollout.phase}, not Paused: nothing to resume")
+        transition(session, rollout, P.PROGRESSING, reason="Resumed", message="resumed by a user")
+    elif action == "abort":
+        if rollout.phase not in ACTIVE_PHASES:
+            raise Conflict(
+                f"rollout {name} is {rollout.phase}: only an active rollout can be aborted"
+            )
+        transition(
+            session,
+            rollout,
+            P.ABORTED,
+            reason="Aborted",
+            message="aborted by a user: touched nodes return to their previous version",
+        )
+    elif action == "undo":
+        if rollout.phase != P.SUCCEEDED:
+            raise Conflict(
+                f"rollout {name} is {rollout.phase}: only a Succeeded rollout can be undone"
+            )
+        transition(
+            session,
+            rollout,
+            P.ROLLED_BACK,
+            reason="Undone",
+            message="undone by a user: nodes return to their previous version",
+        )
+    elif action == "retry":
+        if rollout.phase not in (P.FAILED, P.ROLLED_BACK, P.ABORTED):
+            raise Conflict(
+                f"rollout {name} is {rollout.phase}: only Failed, RolledBack or Aborted "
+                "rollouts can be retried"
+            )
+        _reset_for_retry(session, rollout)
+    else:
+        raise NotFound(f"unknown rollout command {action!r} (pause, resume, abort, undo, retry)")
+    _queue(session, rollout.id)
+    return rollout
+
+
+def _reset_for_retry(session: Session, rollout: Rollout) -> None:
+    rows = repo.rows_of(session, rollout.id)
+    transition(session, rollout, P.PENDING, reason="Retried", message="retried by a user")
+    for wave in rollout.waves:
+        wave.phase, wave.started_at, wave.baked_at, wave.finished_at = (
+            WavePhase.PENDING,
+            None,
+            None,
+            None,
+        )
+    rollout.current_wave = 0
+    rollout.started_at = rollout.finished_at = None
+    retry = [(r.assignment, r.key) for r in rows if r.assignment.state != A.PENDING]
+    move(session, rollout, retry, A.PENDING, reason="Retried")
+    for r in rows:
+        r.assignment.metrics = {}
+
+
+# ---------------------------------------------------------------- reconcile
+
+
+class Step:
+    """One reconcile step of one rollout, inside its row lock."""
+
+    def __init__(
+        self, session: Session, rollout: Rollout, settings: Settings, now: datetime
+    ) -> None:
+        self.s = session
+        self.r = rollout
+        self.settings = settings
+        self.now = now
+        self.spec = RolloutSpec.model_validate(rollout.spec)
+        self.rows = repo.rows_of(session, rollout.id)
+        self.target: ModelVersion = session.get(ModelVersion, rollout.model_version_id)  # type: ignore[assignment]
+        self._drivers: dict[str, ClusterDriver] = {}
+        self._versions: dict[int, ModelVersion] = {self.target.id: self.target}
+
+    # -- plumbing
+
+    def driver(self, cluster: str) -> ClusterDriver:
+        if cluster not in self._drivers:
+            row = fleet_repo.get_cluster(self.s, cluster)
+            assert isinstance(row, Cluster)
+            self._drivers[cluster] = cluster_driver(row, self.settings)
+        return self._drivers[cluster]
+
+    def workload(self, version_id: int | None) -> WorkloadSpec | None:
+        if version_id is None:
+            return None
+        if version_id not in self._versions:
+            self._versions.update(repo.versions_by_id(self.s, {version_id}))
+        v = self._versions[version_id]
+        base = self.settings.public_url.rstrip("/")
+        return WorkloadSpec(
+            model=self.spec.model.name,
+            version=v.version,
+            sha256=v.sha256,
+            format=v.format,
+            artifact_url=f"{base}/v1/models/{self.spec.model.name}/versions/{v.version}/artifact",
+            rollout=self.r.name,
+            resources=self.spec.resources.model_dump(mode="json", exclude_none=True),
+        )
+
+    def by_cluster(self, rows: Iterable[Row]) -> dict[str, list[Row]]:
+        out: dict[str, list[Row]] = defaultdict(list)
+        for row in rows:
+            out[row.cluster].append(row)
+        return out
+
+    def push(self, rows: Sequence[Row], version_of: Any) -> list[Row]:
+        """Send each row's desired workload to its cluster. Returns the rows whose
+        cluster refused permanently; transient errors are retried next step."""
+        refused: list[Row] = []
+        for cluster, group in self.by_cluster(rows).items():
+            desired = {r.node.name: self.workload(version_of(r)) for r in group}
+            try:
+                self.driver(cluster).apply(self.spec.model.name, desired)
+            except DriverError as exc:
+                record_event(
+                    self.s,
+                    kind="Rollout",
+                    name=self.r.name,
+                    rollout_id=self.r.id,
+                    reason="DriverError",
+                    message=f"cluster {cluster}: {exc}",
+                    data={"transient": exc.transient, "nodes": len(group)},
+                )
+                if not exc.transient:
+                    refused.extend(group)
+        return refused
+
+    def wave_rows(self, index: int) -> list[Row]:
+        wave_id = self.r.waves[index].id
+        return [r for r in self.rows if r.assignment.wave_id == wave_id]
+
+    def in_state(self, rows: Iterable[Row], *states: str) -> list[Row]:
+        return [r for r in rows if r.assignment.state in states]
+
+    def moved(
+        self,
+        rows: Iterable[Row],
+        to: AssignmentState,
+        reason: str,
+        messages: dict[int, str] | None = None,
+    ) -> None:
+        move(
+            self.s,
+            self.r,
+            [(r.assignment, r.key) for r in rows],
+            to,
+            reason=reason,
+            messages=messages,
+        )
+
+    # -- progressing
+
+    def progress(self) -> None:
+        wave = self.r.waves[self.r.current_wave]
+        if wave.phase == WavePhase.PENDING:
+            wave.phase = WavePhase.APPLYING
+            wave.started_at = self.now
+            record_event(
+                self.s,
+                kind="Rollout",
+                name=self.r.name,
+                rollout_id=self.r.id,
+                reason="WaveStarted",
+                message=f"wave {wave.index}: {wave.node_count} node(s)",
+                data={"wave": wave.index},
+            )
+        opened = [r for r in self.rows if self._wave_index(r) <= self.r.current_wave]
+        self.defer_offline(opened)
+        if self.phase_changed():
+            return
+        self.admit(opened)
+        applying = self.in_state(self.rows, A.APPLYING)
+        refused = self.push(applying, lambda r: self.target.id)
+        if refused:
+            self.moved(refused, A.FAILED, "ClusterRefused")
+        self.observe()
+        self.judge(wave)
+
+    def _wave_index(self, row: Row) -> int:
+        for wave in self.r.waves:
+            if wave.id == row.assignment.wave_id:
+                return wave.index
+        return len(self.r.waves)
+
+    def defer_offline(self, opened: list[Row]) -> None:
+        offline = (NodeHealth.OFFLINE, NodeHealth.STALE, NodeHealth.NOT_READY)
+        self.moved(
+            [r for r in self.in_state(opened, A.PENDING) if r.node.health in offline],
+            A.DEFERRED,
+            "NodeOffline",
+        )
+        self.moved(
+            [r for r in self.in_state(opened, A.DEFERRED) if r.node.health == NodeHealth.READY],
+            A.PENDING,
+            "NodeBack",
+        )
+        wave = self.r.waves[self.r.current_wave]
+        deferred = self.in_state(self.wave_rows(wave.index), A.DEFERRED)
+        budget = planner.max_deferred(self.spec.strategy, wave.node_count)
+        if len(deferred) > budget:
+            self.fail(
+                wave,
+                gate_eval.GateResult(
+                    "fail",
+                    f"{len(deferred)} node(s) of wave {wave.index} are offline, over the "
+                    f"maxDeferred budget of {budget}",
+                    {"deferred_nodes": [r.key for r in deferred][:100]},
+                ),
+                reason="TooManyOfflineNodes",
+            )
+
+    def phase_changed(self) -> bool:
+        return self.r.phase != P.PROGRESSING
+
+    def admit(self, opened: list[Row]) -> None:
+        budget = planner.max_unavailable(self.spec.strategy, len(self.rows))
+        room = budget - len(self.in_state(self.rows, A.APPLYING))
+        if room <= 0:
+            return
+        pending = sorted(
+            self.in_state(opened, A.PENDING), key=lambda r: (self._wave_index(r), r.key)
+        )
+        admitted = pending[:room]
+        for r in admitted:
+            r.assignment.desired_version_id = self.target.id
+        self.moved(admitted, A.APPLYING, "Applying")
+
+    def observe(self) -> None:
+        watched = self.in_state(self.rows, A.APPLYING, A.RUNNING, A.HEALTHY)
+        ready, failed = [], []
+        reasons: dict[int, str] = {}
+        for cluster, group in self.by_cluster(watched).items():
+            try:
+                seen = self.driver(cluster).observe(
+                    self.spec.model.name, [r.node.name for r in group]
+                )
+            except DriverError as exc:
+                log.warning("observe %s failed: %s", cluster, exc)
+                continue
+            for r in group:
+                obs = seen.get(r.node.name)
+                if obs is None:
+                    continue
+                if obs.phase == "Failed":
+                    failed.append(r)
+                    reasons[r.assignment.id] = obs.reason or "failed"
+                elif obs.phase == "Ready" and obs.sha256 == self.target.sha256:
+                    r.assignment.observed_version_id = self.target.id
+                    if r.assignment.state == A.APPLYING:
+                        ready.append(r)
+        self.moved(ready, A.RUNNING, "WorkloadReady")
+        self.moved(failed, A.FAILED, "WorkloadFailed", reasons)
+
+    def samples(self, rows: Iterable[Row]) -> list[gate_eval.NodeSample]:
+        return [
+            gate_eval.NodeSample(r.key, r.assignment.state, r.assignment.metrics or {})
+            for r in rows
+            if r.assignment.state != A.DEFERRED
+        ]
+
+    def judge(self, wave: Wave) -> None:
+        rows = self.wave_rows(wave.index)
+        started = wave.started_at or self.now
+        deadline = parse_duration(self.spec.strategy.progressDeadline)
+        still_applying = self.in_state(rows, A.PENDING, A.APPLYING)
+        if not still_applying and wave.phase == WavePhase.APPLYING:
+            wave.phase = WavePhase.BAKING
+            wave.baked_at = self.now + timedelta(seconds=wave.bake_s)
+        bake_end = wave.baked_at
+        result = gate_eval.evaluate(
+            self.samples(rows),
+            self.spec.gates,
+            target_sha=self.target.sha256,
+            since=started,
+            bake_done=bake_end is not None and self.now >= bake_end,
+            deadline_passed=self.now > (bake_end or started) + timedelta(seconds=deadline),
+        )
+        self._node_health(rows)
+        if still_applying and result.decision == "pass":
+            result.decision = "hold"
+        metrics.GATE_EVALUATIONS.labels(result.decision).inc()
+        if result.decision == "fail":
+            self.fail(wave, result, reason="GateFailed")
+        elif result.decision == "pass":
+            self.promote(wave, result)
+        elif still_applying and self.now > started + timedelta(seconds=deadline):
+            result.reason = (
+                f"progress deadline ({self.spec.strategy.progressDeadline}) passed with "
+                f"{len(still_applying)} node(s) not running the new version"
+            )
+            result.snapshot["applying_nodes"] = [r.key for r in still_applying][:100]
+            self.fail(wave, result, reason="ProgressDeadlineExceeded")
+
+    def _node_health(self, rows: list[Row]) -> None:
+        healthy, unhealthy = [], []
+        for r in self.in_state(rows, A.RUNNING, A.HEALTHY):
+            verdict, _ = gate_eval._node_verdict(
+                gate_eval.NodeSample(r.key, r.assignment.state, r.assignment.metrics or {}),
+                self.spec.gates,
+                self.target.sha256,
+                self.r.waves[self._wave_index(r)].started_at or self.now,
+            )
+            if verdict == "healthy" and r.assignment.state == A.RUNNING:
+                healthy.append(r)
+            elif verdict == "unhealthy" and r.assignment.state == A.HEALTHY:
+                unhealthy.append(r)
+        self.moved(healthy, A.HEALTHY, "MetricsHealthy")
+        self.moved(unhealthy, A.RUNNING, "MetricsUnhealthy")
+
+    def promote(self, wave: Wave, result: gate_eval.GateResult) -> None:
+        wave.phase, wave.finished_at = WavePhase.PASSED, self.now
+        record_event(
+            self.s,
+            kind="Rollout",
+            name=self.r.name,
+            rollout_id=self.r.id,
+            reason="GatePassed",
+            message=f"wave {wave.index}: {result.reason}",
+            data={"wave": wave.index, "gate": result.snapshot},
+        )
+        self.r.current_wave += 1
+        if self.r.current_wave >= len(self.r.waves):
+            self.r.current_wave = len(self.r.waves) - 1
+            deferred = len(self.in_state(self.rows, A.DEFERRED))
+            note = f"; {deferred} offline node(s) deferred" if deferred else ""
+            transition(
+                self.s,
+                self.r,
+                P.SUCCEEDED,
+                reason="Succeeded",
+                message=f"all {len(self.r.waves)} wave(s) passed their gates{note}",
+            )
+
+    def fail(self, wave: Wave, result: gate_eval.GateResult, *, reason: str) -> None:
+        wave.phase, wave.finished_at = WavePhase.FAILED, self.now
+        transition(
+            self.s,
+            self.r,
+            P.FAILED,
+            reason=reason,
+            message=f"wave {wave.index}: {result.reason}",
+            data={"wave": wave.index, "gate": result.snapshot},
+        )
+        if self.spec.onFailure == "rollback":
+            transition(
+                self.s,
+                self.r,
+                P.ROLLED_BACK,
+                reason="RollingBack",
+                message="onFailure: rollback; every touched node returns to its previous version",
+            )
+            self.revert()
+        else:
+            transition(
+                self.s,
+                self.r,
+                P.PAUSED,
+                reason="WaitingForHuman",
+                message=f"onFailure: pause ({result.reason}); resume, retry or abort",
+            )
+
+    # -- reverting (rollback, abort, undo)
+
+    def revert(self) -> None:
+        rows = [r for r in self.rows if r.assignment.state != A.ROLLED_BACK]
+        untouched = self.in_state(rows, A.PENDING, A.DEFERRED)
+        touched = [r for r in rows if r not in untouched]
+        refused = self.push(touched, lambda r: r.assignment.previous_version_id)
+        done = [r for r in touched if r not in refused]
+        for r in done:
+            r.assignment.desired_version_id = r.assignment.previous_version_id
+            r.assignment.observed_version_id = r.assignment.previous_version_id
+        self.moved(untouched + done, A.ROLLED_BACK, "RolledBack")
+        if refused:
+            self.r.message = f"revert incomplete: {len(refused)} node(s) not reached yet, retrying"
+
+
+def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = None) -> str | None:
+    """One step of one rollout; returns its phase (None when another reconciler holds it)."""
+    from controller.db.session import session_scope
+
+    with session_scope() as session:
+        rollout = repo.try_lock(session, rollout_id)
+        if rollout is None:
+            return None
+        step = Step(session, rollout, settings, now or utcnow())
+        if rollout.phase == P.PENDING and step.target.status != VersionStatus.READY:
+            if step.target.status == VersionStatus.INVALID:
+                transition(
+                    session,
+                    rollout,
+                    P.FAILED,
+                    reason="ModelVersionInvalid",
+                    message=(
+                        f"model version {step.target.version} failed validation: "
+                        f"{step.target.status_message}"
+                    ),
+                )
+            else:
+                rollout.message = (
+                    f"waiting for model version {step.target.version} to be validated "
+                    f"({step.target.status})"
+                )
+                _queue(session, rollout.id, countdown=settings.reconcile_interval_s)
+            return rollout.phase
+        if rollout.phase == P.PENDING:
+            if not rollout.waves:
+                transition(
+                    session, rollout, P.SUCCEEDED, reason="Succeeded", message="no nodes to update"
+                )
+                return rollout.phase
+            transition(session, rollout, P.PROGRESSING, reason="Started", message="wave 0 starting")
+        if rollout.phase == P.PROGRESSING:
+            step.progress()
+        elif rollout.phase in (P.ROLLED_BACK, P.ABORTED):
+            step.revert()
+        if rollout.phase == P.PROGRESSING or (
+            rollout.phase in (P.ROLLED_BACK, P.ABORTED)
+            and any(r.assignment.state != A.ROLLED_BACK for r in step.rows)
+        ):
+            _queue(session, rollout.id, countdown=settings.reconcile_interval_s)
+        return rollout.phase
+
+
+def tick(settings: Settings) -> list[int]:
+    """Beat's safety net: queue a step for every rollout with work left."""
+    from controller.db.session import session_scope
+    from controller.rollouts.tasks import reconcile as reconcile_task
+    from controller.tasks.celery_app import enqueue
+
+    with session_scope() as session:
+        ids = list(repo.to_reconcile(session))
+        for rollout_id in ids:
+            enqueue(session, reconcile_task, rollout_id)
+    return ids
+
+
+def require(session: Session, name: str) -> Rollout:
+    rollout = repo.get(session, name)
+    if rollout is None:
+        raise NotFound(f"rollout {name!r} not found")
+    return rollout
+
+
+def version_ready(version: ModelVersion) -> bool:
+    return version.status == VersionStatus.READY

@@ -1,0 +1,190 @@
+"""Builders for manifests and a stand-in for the node agents: heartbeats with the
+inference numbers the gates read, sent through the same ingestion code the heartbeat
+endpoint uses."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import yaml
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from controller.db.models import Assignment, AssignmentState, Cluster, ModelVersion, Node, Rollout
+from controller.db.session import session_scope
+from controller.fleet.service import ingest_heartbeats
+from controller.registry import samples
+from controller.rollouts import service
+from controller.settings import Settings
+from node_agent.contract import Heartbeat, InferenceMetrics, WorkloadReport
+
+_seq = itertools.count(1)
+
+
+def cluster_doc(
+    name: str, nodes: int, *, labels: dict[str, str] | None = None, **extra: Any
+) -> dict[str, Any]:
+    sim: dict[str, Any] = {
+        "nodes": [
+            {"name": f"{name}-n{i}", "labels": {"tier": "retail", "site": name, **(labels or {})}}
+            for i in range(nodes)
+        ]
+    }
+    sim.update(extra)
+    return {
+        "apiVersion": "edgefleet.io/v1",
+        "kind": "Cluster",
+        "metadata": {"name": name, "labels": {"region": "eu"}},
+        "spec": {"driver": "simulated", "simulated": sim},
+    }
+
+
+def rollout_doc(name: str, version: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"name": "detector", "version": version},
+        "selector": {"matchLabels": {"tier": "retail"}},
+        "resources": {
+            "requests": {"cpu": "250m", "memory": "256Mi"},
+            "limits": {"cpu": "1", "memory": "512Mi"},
+        },
+        "strategy": {
+            "steps": [{"nodes": 1}, {"percent": 50}, {"percent": 100}],
+            "maxUnavailable": "50%",
+        },
+        "gates": {
+            "maxP95LatencyMs": 40,
+            "maxErrorRate": 0.01,
+            "minHealthyRatio": 1.0,
+            "minSamples": 20,
+        },
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "edgefleet.io/v1",
+        "kind": "Rollout",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def apply(client: TestClient, *docs: dict[str, Any], dry_run: bool = False) -> Any:
+    return client.post(
+        "/v1/apply",
+        params={"dryRun": "true"} if dry_run else None,
+        content=yaml.safe_dump_all(list(docs)),
+        headers={"content-type": "application/yaml"},
+    )
+
+
+def push_versions(client: TestClient, *versions: str) -> None:
+    for i, version in enumerate(versions):
+        resp = client.post(
+            "/v1/models/detector/versions",
+            data={"version": version},
+            files={"file": ("m.onnx", samples.build_cnn(seed=i), "application/octet-stream")},
+        )
+        assert resp.status_code == 201, resp.text
+        got = client.get(f"/v1/models/detector/versions/{version}").json()
+        assert got["status"] == "Ready", got
+
+
+def rollout_id(name: str) -> int:
+    with session_scope() as s:
+        rid = s.scalar(select(Rollout.id).where(Rollout.name == name))
+        assert rid is not None
+        return rid
+
+
+Metrics = Callable[[str], tuple[float, int]]  # node key -> (p95 ms, errors per 100)
+
+
+def good(_: str) -> tuple[float, int]:
+    return 12.0, 0
+
+
+def report(metrics: Metrics = good, *, samples_per_node: int = 100) -> int:
+    """Every node running a workload reports, as its agent would, the version it runs
+    and its numbers. Returns how many heartbeats were ingested."""
+    beats: list[Heartbeat] = []
+    with session_scope() as s:
+        rows = s.execute(
+            select(Assignment, Node.name, Cluster.name, ModelVersion)
+            .join(Node, Node.id == Assignment.node_id)
+            .join(Cluster, Cluster.id == Node.cluster_id)
+            .join(ModelVersion, ModelVersion.id == Assignment.observed_version_id)
+            .where(Assignment.state.in_([AssignmentState.RUNNING, AssignmentState.HEALTHY]))
+        ).all()
+        for _a, node, cluster, version in rows:
+            p95, errors = metrics(f"{cluster}/{node}")
+            beats.append(
+                Heartbeat(
+                    cluster=cluster,
+                    node=node,
+                    seq=next(_seq),
+                    sent_at=datetime.now(UTC),
+                    workloads=[
+                        WorkloadReport(
+                            model="detector",
+                            version=version.version,
+                            sha256=version.sha256,
+                            state="Ready",
+                            metrics=InferenceMetrics(
+                                window_s=60,
+                                samples=samples_per_node,
+                                errors=errors,
+                                p50_ms=p95 / 2,
+                                p95_ms=p95,
+                            ),
+                        )
+                    ],
+                )
+            )
+        ingest_heartbeats(s, beats)
+    return len(beats)
+
+
+def drive(
+    name: str, settings: Settings, *, metrics: Metrics = good, max_steps: int = 60
+) -> list[str]:
+    """Run reconcile steps (what the worker does), reporting metrics between them,
+    until the rollout leaves Pending/Progressing. Returns the phases seen."""
+    rid = rollout_id(name)
+    phases: list[str] = []
+    for _ in range(max_steps):
+        phase = service.reconcile(rid, settings)
+        assert phase is not None
+        phases.append(phase)
+        if phase not in ("Pending", "Progressing"):
+            return phases
+        report(metrics)
+    raise AssertionError(f"rollout {name} still {phases[-1]} after {max_steps} steps")
+
+
+def node_states(name: str) -> dict[str, str]:
+    with session_scope() as s:
+        rows = s.execute(
+            select(Node.name, Assignment.state)
+            .join(Assignment, Assignment.node_id == Node.id)
+            .join(Rollout, Rollout.id == Assignment.rollout_id)
+            .where(Rollout.name == name)
+        ).all()
+        return {r[0]: r[1] for r in rows}
+
+
+def running_versions(settings: Settings, clusters: Iterable[str]) -> dict[str, str | None]:
+    """What the simulated clusters really run, per node (None: no workload)."""
+    import json
+
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    out: dict[str, str | None] = {}
+    for cluster in clusters:
+        data = client.hgetall(f"edgefleet:sim:{cluster}:detector")
+        for node, raw in data.items():
+            out[node] = json.loads(raw)["version"]
+    client.close()
+    return out

@@ -1,0 +1,248 @@
+"""Rollouts end to end through the API, the reconciler and the simulated driver."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from controller.db.models import NodeHealth
+from controller.db.session import session_scope
+from controller.fleet.service import set_node_health
+from controller.rollouts import service
+from controller.settings import Settings
+from tests.rollouts.helpers import (
+    apply,
+    cluster_doc,
+    drive,
+    node_states,
+    push_versions,
+    report,
+    rollout_doc,
+    rollout_id,
+    running_versions,
+)
+
+CLUSTERS = ("berlin", "paris", "oslo")
+
+
+@pytest.fixture
+def fleet(client: TestClient, sim_fleet: None) -> TestClient:
+    """Three simulated sites of 4 nodes each, detector 1.0.0 and 2.0.0 registered."""
+    resp = apply(client, *(cluster_doc(c, 4) for c in CLUSTERS))
+    assert resp.status_code == 200, resp.text
+    push_versions(client, "1.0.0", "2.0.0")
+    return client
+
+
+def rollout_to(
+    client: TestClient, settings: Settings, name: str, version: str, **spec: Any
+) -> list[str]:
+    resp = apply(client, rollout_doc(name, version, **spec))
+    assert resp.status_code == 200, resp.text
+    return drive(name, settings)
+
+
+def test_rollout_across_clusters_succeeds(fleet: TestClient, settings: Settings) -> None:
+    phases = rollout_to(fleet, settings, "detector-1", "1.0.0")
+    assert phases[-1] == "Succeeded"
+    assert set(node_states("detector-1").values()) == {"Healthy"}
+    assert running_versions(settings, CLUSTERS) == {
+        f"{c}-n{i}": "1.0.0" for c in CLUSTERS for i in range(4)
+    }
+    body = fleet.get("/v1/rollouts/detector-1").json()
+    assert body["phase"] == "Succeeded"
+    assert [w["nodes"] for w in body["wave_detail"]] == [1, 5, 6]
+    assert all(w["phase"] == "Passed" for w in body["wave_detail"])
+    assert body["states"] == {"Healthy": 12}
+    reasons = [
+        e["reason"]
+        for e in fleet.get("/v1/rollouts/detector-1/events", params={"limit": 1000}).json()
+    ]
+    assert reasons.count("GatePassed") == 3
+    assert reasons[0] == "Succeeded"
+    gate = next(
+        e for e in fleet.get("/v1/rollouts/detector-1/events").json() if e["reason"] == "GatePassed"
+    )
+    assert gate["data"]["gate"]["healthy"] == gate["data"]["gate"]["nodes"]  # the evidence
+
+
+def test_waves_respect_max_unavailable(fleet: TestClient, settings: Settings) -> None:
+    spec = {"strategy": {"steps": [{"percent": 100}], "maxUnavailable": 3}}
+    apply(fleet, rollout_doc("d", "1.0.0", **spec))  # the eager task ran step 1 at commit
+    # Three nodes at a time move; the simulated cluster makes them Running at once, which
+    # frees their slots for the next step.
+    states = list(node_states("d").values())
+    assert (states.count("Running"), states.count("Pending")) == (3, 9)
+    service.reconcile(rollout_id("d"), settings)
+    states = list(node_states("d").values())
+    assert (states.count("Running"), states.count("Pending")) == (6, 6)
+
+
+def test_failing_gate_rolls_every_touched_node_back(fleet: TestClient, settings: Settings) -> None:
+    assert rollout_to(fleet, settings, "d1", "1.0.0")[-1] == "Succeeded"
+    apply(fleet, rollout_doc("d2", "2.0.0"))
+
+    def slow_after_canary(node: str) -> tuple[float, int]:
+        return (95.0, 0) if node != "canary" else (10.0, 0)
+
+    phases = drive("d2", settings, metrics=slow_after_canary)
+    assert phases[-1] == "RolledBack"
+    assert set(node_states("d2").values()) == {"RolledBack"}
+    # Every node runs 1.0.0 again: the canary that got 2.0.0 went back.
+    assert set(running_versions(settings, CLUSTERS).values()) == {"1.0.0"}
+    events = fleet.get("/v1/rollouts/d2/events").json()
+    failed = next(e for e in events if e["reason"] == "GateFailed")
+    assert failed["data"]["gate"]["unhealthy"] == 1
+    assert "p95 95.0 ms > 40.0 ms" in str(failed["data"]["gate"]["unhealthy_nodes"])
+    assert fleet.get("/v1/rollouts/d2").json()["wave_detail"][0]["phase"] == "Failed"
+
+
+def test_rollback_to_nothing_removes_the_workload(fleet: TestClient, settings: Settings) -> None:
+    apply(fleet, rollout_doc("first", "2.0.0"))
+    phases = drive("first", settings, metrics=lambda n: (10.0, 50))  # 50% errors
+    assert phases[-1] == "RolledBack"
+    assert running_versions(settings, CLUSTERS) == {}  # nothing left behind
+
+
+def test_failing_gate_with_pause_waits_for_a_human(fleet: TestClient, settings: Settings) -> None:
+    apply(fleet, rollout_doc("p", "2.0.0", onFailure="pause"))
+    phases = drive("p", settings, metrics=lambda n: (10.0, 20))
+    assert phases[-1] == "Paused"
+    assert "onFailure: pause" in fleet.get("/v1/rollouts/p").json()["message"]
+    # Still on the canary: nothing rolled back, nothing promoted.
+    assert list(running_versions(settings, CLUSTERS).values()) == ["2.0.0"]
+    resp = fleet.post("/v1/rollouts/p/abort")
+    assert resp.status_code == 202
+    assert resp.json()["phase"] == "Aborted"
+    assert service.reconcile(rollout_id("p"), settings) == "Aborted"
+    assert running_versions(settings, CLUSTERS) == {}
+
+
+def test_silent_nodes_never_pass(fleet: TestClient, settings: Settings) -> None:
+    apply(fleet, rollout_doc("quiet", "1.0.0"))
+    rid = rollout_id("quiet")
+    for _ in range(5):
+        service.reconcile(rid, settings)
+        report(samples_per_node=5)  # below minSamples (20)
+    body = fleet.get("/v1/rollouts/quiet").json()
+    assert body["phase"] == "Progressing"
+    assert body["current_wave"] == 0
+    assert body["wave_detail"][0]["phase"] == "Baking"
+
+
+def test_offline_nodes_are_deferred_and_do_not_stall(fleet: TestClient, settings: Settings) -> None:
+    with session_scope() as s:
+        set_node_health(s, "oslo", "oslo-n1", NodeHealth.OFFLINE)
+    spec = {"strategy": {"steps": [{"percent": 100}], "maxUnavailable": "100%", "maxDeferred": 2}}
+    phases = rollout_to(fleet, settings, "d", "1.0.0", **spec)
+    assert phases[-1] == "Succeeded"
+    states = node_states("d")
+    assert states.pop("oslo-n1") == "Deferred"
+    assert set(states.values()) == {"Healthy"}
+    assert "1 offline node(s) deferred" in fleet.get("/v1/rollouts/d").json()["message"]
+
+
+def test_too_many_offline_nodes_fail_the_wave(fleet: TestClient, settings: Settings) -> None:
+    with session_scope() as s:
+        for n in range(3):
+            set_node_health(s, "oslo", f"oslo-n{n}", NodeHealth.OFFLINE)
+    spec = {"strategy": {"steps": [{"percent": 100}], "maxDeferred": "10%"}}
+    phases = rollout_to(fleet, settings, "d", "1.0.0", **spec)
+    assert phases[-1] == "RolledBack"
+    failed = [
+        e for e in fleet.get("/v1/rollouts/d/events").json() if e["reason"] == "TooManyOfflineNodes"
+    ]
+    assert len(failed) == 1
+
+
+def test_injected_workload_failure_fails_the_gate(
+    client: TestClient, sim_fleet: None, settings: Settings
+) -> None:
+    apply(client, cluster_doc("lab", 3, failures={"lab-n2": "ImagePullBackOff"}))
+    push_versions(client, "1.0.0")
+    spec = {"strategy": {"steps": [{"percent": 100}], "maxUnavailable": "100%"}}
+    phases = rollout_to(client, settings, "d", "1.0.0", **spec)
+    assert phases[-1] == "RolledBack"
+    events = client.get("/v1/rollouts/d/events", params={"limit": 200}).json()
+    failed = next(e for e in events if e["reason"] == "WorkloadFailed")
+    assert failed["data"]["nodes"] == ["lab/lab-n2"]
+    assert "ImagePullBackOff" in str(failed["data"]["reasons"])
+
+
+def test_second_active_rollout_on_same_nodes_is_a_409(fleet: TestClient) -> None:
+    assert apply(fleet, rollout_doc("holder", "1.0.0")).status_code == 200
+    resp = apply(fleet, rollout_doc("intruder", "2.0.0"))
+    assert resp.status_code == 409
+    detail = resp.json()["detail"]
+    assert detail["rollout"] == "holder"
+    assert detail["message"].startswith(
+        "document 0: rollout holder is active on 12 of the selected nodes for model detector"
+    )
+    assert len(detail["owners"]["holder"]) == 12
+    assert fleet.get("/v1/rollouts/intruder").status_code == 404
+    # A disjoint selection is fine.
+    other = rollout_doc("paris-only", "2.0.0", selector={"matchLabels": {"site": "paris"}})
+    assert apply(fleet, other).status_code == 409  # paris nodes are held too
+    plan = apply(fleet, other, dry_run=True).json()["results"][0]
+    assert plan["problems"][0]["code"] == "NodesOwnedByAnotherRollout"
+
+
+def test_pause_resume(fleet: TestClient, settings: Settings) -> None:
+    apply(fleet, rollout_doc("d", "1.0.0"))
+    rid = rollout_id("d")
+    service.reconcile(rid, settings)
+    assert fleet.post("/v1/rollouts/d/pause").json()["phase"] == "Paused"
+    assert service.reconcile(rid, settings) == "Paused"  # the reconciler leaves it alone
+    again = fleet.post("/v1/rollouts/d/pause")
+    assert again.status_code == 409
+    assert "cannot become Paused" in again.json()["detail"]
+    assert fleet.post("/v1/rollouts/d/resume").json()["phase"] == "Progressing"
+    assert drive("d", settings)[-1] == "Succeeded"
+
+
+def test_undo_and_retry(fleet: TestClient, settings: Settings) -> None:
+    assert rollout_to(fleet, settings, "base", "1.0.0")[-1] == "Succeeded"
+    assert rollout_to(fleet, settings, "up", "2.0.0")[-1] == "Succeeded"
+    assert set(running_versions(settings, CLUSTERS).values()) == {"2.0.0"}
+
+    resp = fleet.post("/v1/rollouts/up/undo")
+    assert resp.status_code == 202
+    assert service.reconcile(rollout_id("up"), settings) == "RolledBack"
+    assert set(running_versions(settings, CLUSTERS).values()) == {"1.0.0"}
+    assert fleet.post("/v1/rollouts/up/undo").status_code == 409
+
+    assert fleet.post("/v1/rollouts/up/retry").json()["phase"] == "Pending"
+    assert drive("up", settings)[-1] == "Succeeded"
+    assert set(running_versions(settings, CLUSTERS).values()) == {"2.0.0"}
+
+
+def test_unknown_rollout_and_command(fleet: TestClient) -> None:
+    assert fleet.post("/v1/rollouts/ghost/pause").status_code == 404
+    apply(fleet, rollout_doc("d", "1.0.0"))
+    resp = fleet.post("/v1/rollouts/d/explode")
+    assert resp.status_code == 422
+    assert resp.json()["detail"][0]["loc"] == ["path", "action"]
+
+
+def test_rollout_waits_for_validation_then_runs(fleet: TestClient, settings: Settings) -> None:
+    """A ModelVersion that is not Ready yet: the rollout waits in Pending."""
+    from controller.db.models import ModelVersion, VersionStatus
+    from controller.registry import repository as registry_repo
+
+    with session_scope() as s:
+        mv = registry_repo.get_version(s, "detector", "2.0.0")
+        assert isinstance(mv, ModelVersion)
+        mv.status = VersionStatus.VALIDATING
+    resp = apply(fleet, rollout_doc("w", "2.0.0"))
+    assert resp.status_code == 200
+    assert resp.json()["results"][0]["problems"][0]["code"] == "ModelVersionNotReady"
+    rid = rollout_id("w")
+    assert service.reconcile(rid, settings) == "Pending"
+    assert "waiting for model version" in fleet.get("/v1/rollouts/w").json()["message"]
+    with session_scope() as s:
+        mv = registry_repo.get_version(s, "detector", "2.0.0")
+        assert isinstance(mv, ModelVersion)
+        mv.status = VersionStatus.INVALID
+    assert service.reconcile(rid, settings) == "Failed"
