@@ -1,25 +1,62 @@
 """``edgefleet demo``: the whole controller on embedded defaults (SQLite, in-process
-tasks, artifacts under ./.edgefleet), seeded with generated models."""
+tasks, simulated clusters), with a scenario that plays out on the dashboard:
+
+1. three simulated sites (16 nodes, two architectures) and three model versions, each
+   really validated and benchmarked in onnxruntime / LiteRT;
+2. rollout ``detector-1-1`` moves every node to 1.1.0 wave by wave and succeeds;
+3. rollout ``detector-1-2`` ships 1.2.0, a much heavier network: its measured latency
+   breaks the p95 gate on the canary wave and the controller rolls it back by itself.
+
+The simulated agents report each node's latency from the version's *measured* benchmark
+(scaled for the node's architecture, with noise), so the gate decision is real."""
 
 from __future__ import annotations
 
 import logging
 import os
+import random
+import threading
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+
+from sqlalchemy import select
 
 from controller.cli.output import console
 from controller.db import migrate
-from controller.db.session import session_scope
+from controller.db.models import (
+    Assignment,
+    AssignmentState,
+    Cluster,
+    Model,
+    ModelVersion,
+    Node,
+    Rollout,
+)
+from controller.db.session import dispose_engines, session_scope
+from controller.fleet.service import ingest_heartbeats
+from controller.manifests.service import apply_documents
 from controller.registry import repository as repo
 from controller.registry import samples, service
 from controller.registry.tflite_builder import build_tflite_mlp
+from controller.rollouts import service as rollouts
 from controller.settings import Settings, get_settings
 from controller.tasks.celery_app import configure
+from node_agent.contract import Heartbeat, InferenceMetrics, WorkloadReport
+
+log = logging.getLogger("edgefleet.demo")
 
 SEED: list[tuple[str, str, Callable[[], bytes], dict[str, Any]]] = [
     ("detector", "1.0.0", lambda: samples.build_cnn(seed=0), {"labels": {"task": "classify"}}),
     ("detector", "1.1.0", lambda: samples.build_cnn(seed=1), {"labels": {"task": "classify"}}),
+    (
+        "detector",
+        "1.2.0",
+        lambda: samples.build_cnn(seed=2, channels=48, size=96),
+        {"labels": {"task": "classify", "note": "heavier backbone"}},
+    ),
     (
         "keyword-scorer",
         "0.3.0",
@@ -29,35 +66,218 @@ SEED: list[tuple[str, str, Callable[[], bytes], dict[str, Any]]] = [
     ("sensor-mlp", "2.0.0", build_tflite_mlp, {"labels": {"runtime": "tflite"}}),
 ]
 
+ARCH_SLOWDOWN = {"amd64": 1.0, "arm64": 2.5}
 
-def seed(settings: Settings) -> None:
+
+def _cluster(name: str, nodes: int, arch: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgefleet.io/v1",
+        "kind": "Cluster",
+        "metadata": {"name": name, "labels": {"region": "eu"}},
+        "spec": {
+            "driver": "simulated",
+            "simulated": {
+                "count": nodes,
+                "prefix": f"{name}-node",
+                "template": {
+                    "architecture": arch,
+                    "cpu": "4",
+                    "memory": "4Gi",
+                    "labels": {"tier": "retail", "site": name},
+                },
+            },
+        },
+    }
+
+
+def _rollout(name: str, version: str, gate_ms: float, bake: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgefleet.io/v1",
+        "kind": "Rollout",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "detector", "version": version},
+            "selector": {"matchLabels": {"tier": "retail"}},
+            "resources": {
+                "requests": {"cpu": "250m", "memory": "256Mi"},
+                "limits": {"cpu": "1", "memory": "512Mi"},
+            },
+            "strategy": {
+                "steps": [
+                    {"nodes": 1, "bake": bake},
+                    {"percent": 25, "bake": bake},
+                    {"percent": 60, "bake": bake},
+                    {"percent": 100},
+                ],
+                "maxUnavailable": "25%",
+            },
+            "gates": {
+                "maxP95LatencyMs": round(gate_ms, 3),
+                "maxErrorRate": 0.01,
+                "minHealthyRatio": 0.9,
+                "minSamples": 20,
+            },
+            "onFailure": "rollback",
+        },
+    }
+
+
+def seed_models(settings: Settings) -> None:
     store = service.artifact_store(settings)
     for name, version, build, meta in SEED:
         with session_scope() as session:
-            if repo.get_version(session, name, version) is not None:
-                continue
-            service.push_version(
-                session, store, name=name, version=version, chunks=[build()], metadata=meta
+            if repo.get_version(session, name, version) is None:
+                service.push_version(
+                    session, store, name=name, version=version, chunks=[build()], metadata=meta
+                )
+
+
+def _p95(version: str) -> float:
+    with session_scope() as s:
+        mv = repo.get_version(s, "detector", version)
+        if mv is None or not mv.benchmark:
+            raise RuntimeError(f"detector {version} has no benchmark (validation failed?)")
+        return float(mv.benchmark["p95_ms"])
+
+
+class SimulatedAgents:
+    """What the node agents would send: for every node running a workload, the
+    version's measured latency scaled by the node's architecture, with noise."""
+
+    def __init__(self, seed: int = 7) -> None:
+        self._rng = random.Random(seed)
+        self._seq = int(time.time() * 1000)
+
+    def report_once(self) -> int:
+        beats = []
+        with session_scope() as s:
+            rows = s.execute(
+                select(Node.name, Node.architecture, Cluster.name, Model.name, ModelVersion)
+                .join(Cluster, Cluster.id == Node.cluster_id)
+                .join(Assignment, Assignment.node_id == Node.id)
+                .join(Model, Model.id == Assignment.model_id)
+                .join(ModelVersion, ModelVersion.id == Assignment.observed_version_id)
+                .where(Assignment.state.in_([AssignmentState.RUNNING, AssignmentState.HEALTHY]))
+            ).all()
+            for node, arch, cluster, model, version in rows:
+                bench = version.benchmark or {}
+                scale = ARCH_SLOWDOWN.get(arch or "amd64", 1.0) * self._rng.uniform(0.9, 1.2)
+                self._seq += 1
+                beats.append(
+                    Heartbeat(
+                        cluster=cluster,
+                        node=node,
+                        seq=self._seq,
+                        sent_at=datetime.now(UTC),
+                        workloads=[
+                            WorkloadReport(
+                                model=model,
+                                version=version.version,
+                                sha256=version.sha256,
+                                state="Ready",
+                                metrics=InferenceMetrics(
+                                    window_s=10,
+                                    samples=50,
+                                    errors=0,
+                                    p50_ms=float(bench.get("p50_ms", 1.0)) * scale,
+                                    p95_ms=float(bench.get("p95_ms", 1.0)) * scale,
+                                ),
+                            )
+                        ],
+                    )
+                )
+            ingest_heartbeats(s, beats)
+        return len(beats)
+
+
+class Scenario:
+    def __init__(self, settings: Settings, *, bake: str) -> None:
+        self.settings = settings
+        self.bake = bake
+        self.agents = SimulatedAgents()
+        self.stage = 0
+        # A gate the light network passes on every architecture and the heavy one
+        # misses by far: both numbers were measured when the versions were validated.
+        self.gate_ms = 4 * ARCH_SLOWDOWN["arm64"] * _p95("1.1.0")
+
+    def apply(self, *docs: dict[str, Any]) -> None:
+        with session_scope() as s:
+            for outcome in apply_documents(
+                s, list(docs), self.settings, service.artifact_store(self.settings), dry_run=False
+            ):
+                log.info("%s %s %s", outcome.kind, outcome.name, outcome.action)
+
+    def phase(self, name: str) -> str | None:
+        with session_scope() as s:
+            return s.scalar(select(Rollout.phase).where(Rollout.name == name))
+
+    def step(self) -> bool:
+        """One beat of the demo; False once the story is told."""
+        if self.stage == 0:
+            self.apply(
+                _cluster("berlin", 6, "amd64"),
+                _cluster("paris", 6, "amd64"),
+                _cluster("oslo", 4, "arm64"),
             )
+            self.apply(_rollout("detector-1-1", "1.1.0", self.gate_ms, self.bake))
+            self.stage = 1
+        rollouts.tick(self.settings)
+        self.agents.report_once()
+        if self.stage == 1 and self.phase("detector-1-1") == "Succeeded":
+            self.apply(_rollout("detector-1-2", "1.2.0", self.gate_ms, self.bake))
+            self.stage = 2
+        return not (self.stage == 2 and self.phase("detector-1-2") in ("RolledBack", "Succeeded"))
 
 
-def run_demo(*, port: int, serve: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _embedded_settings() -> Settings:
     os.environ.setdefault("EDGEFLEET_ENVIRONMENT", "development")
+    os.environ.setdefault("EDGEFLEET_DATABASE_URL", "sqlite:///.edgefleet/demo.db")
+    get_settings.cache_clear()
     settings = get_settings()
     if settings.redis_url is None:
         settings.tasks_eager = True
+    return settings
+
+
+def run_demo(
+    *, port: int, serve: bool, fresh: bool = True, bake: str = "3s"
+) -> dict[str, str | None]:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = _embedded_settings()
+    db = settings.database_url.removeprefix("sqlite:///")
+    if fresh and settings.database_url.startswith("sqlite:///") and Path(db).exists():
+        dispose_engines()
+        for suffix in ("", "-wal", "-shm"):
+            Path(db + suffix).unlink(missing_ok=True)
     configure(settings)
     migrate.upgrade(settings)
-    seed(settings)
+    seed_models(settings)
+    scenario = Scenario(settings, bake=bake)
     url = f"http://127.0.0.1:{port}"
-    console.print(f"[bold]edgefleet demo[/bold] database {settings.database_url}")
-    console.print(f"  API      {url}/docs")
-    console.print(f"  models   EDGEFLEET_API_URL={url} edgefleet models list")
     if not serve:
-        return
+        while scenario.step():
+            time.sleep(0.05)
+        result = {n: scenario.phase(n) for n in ("detector-1-1", "detector-1-2")}
+        console.print(f"edgefleet demo finished: {result}")
+        return result
+
+    def loop() -> None:
+        while True:
+            try:
+                if not scenario.step():
+                    scenario.agents.report_once()
+            except Exception:
+                log.exception("demo step failed")
+            time.sleep(1.0)
+
+    threading.Thread(target=loop, name="edgefleet-demo", daemon=True).start()
+    console.print(f"[bold]edgefleet demo[/bold] database {settings.database_url}")
+    console.print(f"  dashboard {url}/")
+    console.print(f"  API       {url}/docs")
+    console.print(f"  CLI       EDGEFLEET_API_URL={url} edgefleet get rollouts")
     import uvicorn
 
     from controller.api.app import create_app
 
-    uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="info")
+    uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    return {}

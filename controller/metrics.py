@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Histogram(
     "edgefleet_http_request_duration_seconds",
@@ -21,3 +21,8 @@ ROLLOUT_TRANSITIONS = Counter(
 GATE_EVALUATIONS = Counter(
     "edgefleet_gate_evaluations_total", "Gate evaluations by decision.", ["decision"]
 )
+# Fleet-wide state, read from the database at scrape time (every replica reports the
+# same numbers: aggregate with max() in PromQL).
+ROLLOUTS = Gauge("edgefleet_rollouts", "Rollouts by phase.", ["phase"])
+NODES = Gauge("edgefleet_nodes", "Nodes by health.", ["health"])
+MODEL_VERSIONS = Gauge("edgefleet_model_versions", "Model versions by status.", ["status"])

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request, Response
 from controller import __version__, metrics
 from controller.api import health
 from controller.api.errors import install_error_handlers
+from controller.dashboard import endpoints as dashboard
 from controller.fleet import endpoints as fleet
 from controller.manifests import endpoints as manifests
 from controller.registry import endpoints as registry
@@ -25,7 +26,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
 
-    for router in (registry.router, manifests.router, rollouts.router, fleet.router):
+    routers = (registry.router, manifests.router, rollouts.router, fleet.router, dashboard.router)
+    for router in routers:
         app.include_router(router)
     app.include_router(health.router)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from controller.db.session import get_engine
 from controller.settings import Settings
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger(__name__)
 
 
 def _check_database(settings: Settings) -> dict[str, Any]:
@@ -76,6 +78,34 @@ def readyz(request: Request) -> JSONResponse:
     )
 
 
+def _refresh_state_gauges(settings: Settings) -> None:
+    from sqlalchemy import func, select
+
+    from controller import metrics as m
+    from controller.db.models import (
+        ModelVersion,
+        Node,
+        NodeHealth,
+        Rollout,
+        RolloutPhase,
+        VersionStatus,
+    )
+
+    with get_engine(settings).connect() as conn:
+        for gauge, column, values in (
+            (m.ROLLOUTS, Rollout.phase, RolloutPhase),
+            (m.NODES, Node.health, NodeHealth),
+            (m.MODEL_VERSIONS, ModelVersion.status, VersionStatus),
+        ):
+            counts = dict(conn.execute(select(column, func.count()).group_by(column)).all())
+            for value in values:
+                gauge.labels(value.value).set(counts.get(value.value, 0))
+
+
 @router.get("/metrics", include_in_schema=False)
-def metrics() -> Response:
+def metrics(request: Request) -> Response:
+    try:
+        _refresh_state_gauges(request.app.state.settings)
+    except Exception:  # the scrape still serves the process metrics
+        log.warning("could not read fleet state for /metrics", exc_info=True)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

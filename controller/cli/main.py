@@ -305,12 +305,17 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
 @app.command()
 def demo(
     port: Annotated[int, typer.Option(help="Port of the demo controller.")] = 8080,
-    serve: Annotated[bool, typer.Option(help="Serve the API after seeding.")] = True,
+    serve: Annotated[
+        bool, typer.Option(help="Serve the dashboard; --no-serve plays the scenario and exits.")
+    ] = True,
+    bake: Annotated[str, typer.Option(help="Bake time of each rollout step.")] = "3s",
 ) -> None:
-    """Embedded demo: SQLite, in-process tasks, generated models, the API on localhost."""
+    """Embedded demo: SQLite, in-process tasks, a simulated fleet, the dashboard."""
     from controller.demo import run_demo
 
-    run_demo(port=port, serve=serve)
+    result = run_demo(port=port, serve=serve, bake=bake)
+    if not serve and result != {"detector-1-1": "Succeeded", "detector-1-2": "RolledBack"}:
+        raise typer.Exit(code=1)
 
 
 def main() -> None:

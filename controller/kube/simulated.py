@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from controller.kube.driver import NodeInventory, ObservedWorkload, WorkloadSpec
+from controller.rollouts.durations import parse_duration
 
 
 class SimState(Protocol):
@@ -98,6 +100,7 @@ class SimulatedDriver:
         self._spec = spec
         self._state = state
         self._failures: Mapping[str, str] = spec.get("failures") or {}
+        self._latency_s = parse_duration(str(spec.get("applyLatency") or "0s"))
 
     def _key(self, model: str) -> str:
         return f"edgefleet:sim:{self.cluster}:{model}"
@@ -109,6 +112,8 @@ class SimulatedDriver:
         return expand_nodes(self._spec)
 
     def apply(self, model: str, desired: Mapping[str, WorkloadSpec | None]) -> None:
+        if self._latency_s and desired:
+            time.sleep(self._latency_s)
         put = {n: json.dumps(w.as_dict()) for n, w in desired.items() if w is not None}
         self._state.put(self._key(model), put)
         self._state.delete(self._key(model), [n for n, w in desired.items() if w is None])

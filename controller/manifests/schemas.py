@@ -80,10 +80,10 @@ class Resources(Strict):
 
 
 Runtime = Literal["onnx", "tflite"]
+Duration = Annotated[str, Field(description="duration: 30s, 10m, 1h30m")]
 
 
-class SimulatedNode(Strict):
-    name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")]
+class NodeTemplate(Strict):
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
     cpu: Quantity = "4"
     memory: Quantity = "8Gi"
@@ -96,6 +96,10 @@ class SimulatedNode(Strict):
         return _check_quantity(v)
 
 
+class SimulatedNode(NodeTemplate):
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")]
+
+
 class SimulatedFleet(Strict):
     """Nodes of a simulated cluster: listed one by one, or ``count`` copies of a
     template named ``<prefix>-<i>``, or both."""
@@ -103,9 +107,16 @@ class SimulatedFleet(Strict):
     nodes: list[SimulatedNode] = Field(default_factory=list)
     count: int = Field(0, ge=0, le=200_000)
     prefix: Name = "node"
-    template: SimulatedNode | None = None
+    template: NodeTemplate | None = None
     # Pod failures to inject, by node name or "*": e.g. {"edge-3": "ImagePullBackOff"}.
     failures: dict[str, str] = Field(default_factory=dict)
+    applyLatency: Duration = Field("0s", description="how long each apply call takes")
+
+    @field_validator("applyLatency")
+    @classmethod
+    def _latency(cls, v: str) -> str:
+        parse_duration(v)
+        return v
 
     @model_validator(mode="after")
     def _unique(self) -> SimulatedFleet:
@@ -196,7 +207,6 @@ IntOrPercent = Annotated[
     int | Annotated[str, StringConstraints(pattern=r"^(100|[1-9]?[0-9])%$")],
     Field(description="a node count (int) or a percentage string like '10%'"),
 ]
-Duration = Annotated[str, Field(description="duration: 30s, 10m, 1h30m")]
 
 
 class ModelRef(Strict):

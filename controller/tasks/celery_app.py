@@ -26,7 +26,7 @@ celery_app = Celery("edgefleet", include=TASK_MODULES)
 
 def configure(settings: Settings) -> Celery:
     celery_app.conf.update(
-        broker_url=settings.redis_url or "memory://",
+        broker_url=settings.redis_url or "memory://localhost/",
         result_backend=None,
         task_ignore_result=True,
         task_always_eager=settings.eager_tasks,

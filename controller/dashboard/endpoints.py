@@ -1,0 +1,77 @@
+"""A small server-rendered dashboard: fleet, models and rollouts at a glance. No
+JavaScript build, no assets: one HTML page that refreshes itself."""
+
+from __future__ import annotations
+
+from html import escape
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
+from controller.api.deps import SessionDep
+from controller.fleet import repository as fleet_repo
+from controller.registry import repository as registry_repo
+from controller.rollouts import repository as rollout_repo
+
+router = APIRouter(include_in_schema=False)
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#1d2330;background:#f6f7f9}
+h1{margin:0 0 .2rem}h2{margin-top:2rem}table{border-collapse:collapse;width:100%;background:#fff}
+td,th{padding:.4rem .6rem;border-bottom:1px solid #e3e6ea;text-align:left;font-size:.9rem}
+th{background:#eef0f3}.bar{background:#e3e6ea;height:.8rem;width:12rem;border-radius:.4rem;overflow:hidden}
+.fill{background:#2f9e44;height:100%}.p-RolledBack .fill,.p-Failed .fill,.p-Aborted .fill{background:#e03131}
+.tag{padding:.1rem .45rem;border-radius:.6rem;font-size:.8rem;background:#e7f5ff}
+.p-Succeeded .tag{background:#d3f9d8}.p-RolledBack .tag,.p-Failed .tag{background:#ffe3e3}
+.muted{color:#6b7280;font-size:.85rem}
+"""
+
+
+def _tag(text: str) -> str:
+    return f'<span class="tag">{escape(text)}</span>'
+
+
+@router.get("/", response_class=HTMLResponse)
+def dashboard(session: SessionDep) -> HTMLResponse:
+    counts = fleet_repo.node_counts(session)
+    clusters = "".join(
+        f"<tr><td>{escape(c.name)}</td><td>{escape(c.driver)}</td><td>{_tag(c.status)}</td>"
+        f"<td>{sum(counts.get(c.id, {}).values())}</td>"
+        f"<td>{escape(', '.join(f'{k} {v}' for k, v in sorted(counts.get(c.id, {}).items())))}</td></tr>"
+        for c in fleet_repo.list_clusters(session)
+    )
+    models, _ = registry_repo.list_models(session, limit=100, offset=0)
+    versions = ""
+    for m in models:
+        rows, _ = registry_repo.list_versions(session, m.id, limit=100, offset=0)
+        for v in rows:
+            bench = v.benchmark or {}
+            versions += (
+                f"<tr><td>{escape(m.name)}</td><td>{escape(v.version)}</td><td>{escape(v.format)}</td>"
+                f"<td>{_tag(v.status)}</td><td>{bench.get('p50_ms', '')}</td>"
+                f"<td>{bench.get('p95_ms', '')}</td><td class=muted>{v.sha256[:12]}</td></tr>"
+            )
+    rollouts_html = ""
+    rows_r, _ = rollout_repo.list_rollouts(session, limit=50, offset=0)
+    for r in rows_r:
+        model, version = rollout_repo.model_version_label(session, r.model_version_id)
+        states = rollout_repo.state_counts(session, r.id)
+        total = sum(sum(s.values()) for s in states.values()) or 1
+        done = sum(s.get("Healthy", 0) + s.get("Running", 0) for s in states.values())
+        pct = 100 * done // total
+        rollouts_html += (
+            f'<tr class="p-{escape(r.phase)}"><td>{escape(r.name)}</td>'
+            f"<td>{escape(model)}:{escape(version)}</td><td>{_tag(r.phase)}</td>"
+            f"<td>{r.current_wave + 1}/{len(r.waves)}</td>"
+            f'<td><div class="bar"><div class="fill" style="width:{pct}%"></div></div>'
+            f"<span class=muted>{done}/{total} nodes</span></td>"
+            f"<td class=muted>{escape(r.message or '')}</td></tr>"
+        )
+    html = f"""<!doctype html><html><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="2"><title>edgefleet</title><style>{STYLE}</style></head><body>
+<h1>edgefleet</h1><div class=muted>refreshes every 2 s · <a href="/docs">API</a> · <a href="/metrics">metrics</a></div>
+<h2>Rollouts</h2><table><tr><th>Name</th><th>Model</th><th>Phase</th><th>Wave</th><th>Progress</th><th>Message</th></tr>{rollouts_html}</table>
+<h2>Clusters</h2><table><tr><th>Name</th><th>Driver</th><th>Status</th><th>Nodes</th><th>Health</th></tr>{clusters}</table>
+<h2>Model versions</h2><table><tr><th>Model</th><th>Version</th><th>Format</th><th>Status</th><th>p50 ms</th><th>p95 ms</th><th>sha256</th></tr>{versions}</table>
+</body></html>"""
+    return HTMLResponse(html)
