@@ -64,6 +64,16 @@ class Settings(BaseSettings):
         default_factory=lambda: ["amd64", "arm64"],
         description="CPU architectures the inference image is built for.",
     )
+    # Kubernetes driver.
+    inference_image: str = Field(
+        "ghcr.io/edgefleet/inference:0.1.0", description="Image of edgefleet-serve (multi-arch)."
+    )
+    inference_port: int = Field(8500, ge=1, le=65535)
+    kube_request_timeout_s: float = Field(15.0, gt=0)
+    kube_retry_backoff_s: list[float] = Field(
+        default_factory=lambda: [0.2, 0.5, 1.0, 2.0],
+        description="Waits between retries of transient Kubernetes errors (Retry-After wins).",
+    )
     # Rollouts.
     reconcile_interval_s: float = Field(
         5.0, gt=0, description="Follow-up delay of an active rollout's next reconcile step."

@@ -48,8 +48,13 @@ def apply_cluster(session: Session, manifest: ClusterManifest, settings: Setting
     name = manifest.metadata.name
     spec = _stored_spec(manifest, settings)
     labels = dict(manifest.metadata.labels)
+    creds = (
+        manifest.spec.credentials.model_dump(mode="json", exclude_none=True)
+        if manifest.spec.credentials is not None
+        else None
+    )
     # Builds the driver first: an unavailable driver is a 422 before anything is stored.
-    driver = driver_for(name, manifest.spec.driver, spec, settings)
+    driver = driver_for(name, manifest.spec.driver, spec, settings, creds)
     cluster = repo.get_cluster(session, name)
     if cluster is not None:
         old = {"labels": cluster.labels, "spec": cluster.spec}
@@ -66,8 +71,7 @@ def apply_cluster(session: Session, manifest: ClusterManifest, settings: Setting
     cluster.labels = labels
     cluster.spec = spec
     cluster.api_server = manifest.spec.server
-    if manifest.spec.credentials is not None:
-        creds = manifest.spec.credentials.model_dump(mode="json", exclude_none=True)
+    if creds is not None:
         cluster.credentials = encrypt_json(settings.secret_key.get_secret_value(), creds)
     else:
         cluster.credentials = None

@@ -27,7 +27,29 @@ def driver_for(
 ) -> ClusterDriver:
     if driver == "simulated":
         return SimulatedDriver(name, spec.get("simulated") or {}, _sim_state(settings))
+    if driver == "kubernetes":
+        if not credentials:
+            raise InvalidInput(
+                "driver 'kubernetes' needs credentials (token or kubeconfig)",
+                loc=("body", "spec", "credentials"),
+            )
+        from controller.kube.client import KubernetesDriver, cached_driver
+
+        key = (name, spec.get("credentialsFingerprint", "") + str(spec.get("server")))
+        return cached_driver(
+            key,
+            lambda: KubernetesDriver(
+                name,
+                server=spec.get("server"),
+                namespace=spec.get("namespace", "edgefleet-workloads"),
+                credentials=credentials,
+                image=settings.inference_image,
+                port=settings.inference_port,
+                timeout_s=settings.kube_request_timeout_s,
+                backoff=settings.kube_retry_backoff_s,
+            ),
+        )
     raise InvalidInput(
-        f"driver {driver!r} is not available in this release (available: simulated)",
+        f"unknown driver {driver!r} (available: kubernetes, simulated)",
         loc=("body", "spec", "driver"),
     )

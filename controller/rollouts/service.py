@@ -282,6 +282,11 @@ def command(session: Session, name: str, action: str) -> Rollout:
             raise Conflict(
                 f"rollout {name} is {rollout.phase}: only a Succeeded rollout can be undone"
             )
+        if not repo.rows_of(session, rollout.id):
+            raise Conflict(
+                f"rollout {name} no longer owns any node: later rollouts of the same model took "
+                "them over; undo or retry those instead"
+            )
         transition(
             session,
             rollout,

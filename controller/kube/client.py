@@ -1,0 +1,442 @@
+"""The Kubernetes driver. This is the only module that imports the ``kubernetes``
+client library: it translates the library's errors into our own hierarchy, retries the
+transient ones with a configurable backoff that honours Retry-After, and speaks plain
+dicts to the rest of the controller."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import kubernetes.client as k8s
+import urllib3
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from controller.kube import objects
+from controller.kube.driver import DriverError, NodeInventory, ObservedWorkload, WorkloadSpec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+FIELD_MANAGER = "edgefleet"
+
+
+class KubeError(DriverError):
+    status = 0
+    transient_kind = False
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message, transient=self.transient_kind)
+        self.retry_after_s = retry_after_s
+
+
+class NotFound(KubeError):
+    status = 404
+
+
+class Conflict(KubeError):
+    status = 409
+
+
+class Invalid(KubeError):
+    status = 422
+
+
+class Unauthorized(KubeError):
+    status = 401
+
+
+class Forbidden(KubeError):
+    status = 403
+
+
+class TooManyRequests(KubeError):
+    status = 429
+    transient_kind = True
+
+
+class ServerError(KubeError):
+    status = 500
+    transient_kind = True
+
+
+class Unreachable(KubeError):
+    transient_kind = True
+
+
+_BY_STATUS: dict[int, type[KubeError]] = {
+    400: Invalid,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    422: Invalid,
+    429: TooManyRequests,
+}
+
+
+def translate(exc: Exception) -> KubeError:
+    if isinstance(exc, KubeError):
+        return exc
+    if isinstance(exc, ApiException):
+        status = int(exc.status or 0)
+        message = str(exc.reason or "")
+        try:
+            body = json.loads(exc.body or "{}")
+            message = body.get("message") or message
+        except (TypeError, ValueError):
+            pass
+        retry_after = None
+        headers = exc.headers or {}
+        if headers.get("Retry-After"):
+            try:
+                retry_after = float(headers["Retry-After"])
+            except ValueError:
+                retry_after = None
+        cls = _BY_STATUS.get(status, ServerError if status >= 500 else KubeError)
+        return cls(f"{status} {message}", retry_after_s=retry_after)
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+        return Unreachable(f"API server unreachable: {exc}")
+    return KubeError(f"{type(exc).__name__}: {exc}")
+
+
+def with_retries(fn: Callable[[], T], *, backoff: Sequence[float], what: str) -> T:
+    """Call ``fn``; on a transient error wait (the backoff step, or Retry-After if the
+    server asks for longer) and try again, once per backoff step."""
+    for attempt in range(len(backoff) + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            err = translate(exc)
+            if not err.transient or attempt == len(backoff):
+                raise err from exc
+            wait = max(backoff[attempt], err.retry_after_s or 0.0)
+            log.warning("%s: %s; retrying in %.1f s", what, err, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _configuration(server: str | None, credentials: Mapping[str, Any], timeout_s: float) -> Any:
+    cfg = k8s.Configuration()
+    if credentials.get("kubeconfig"):
+        from kubernetes.config.kube_config import KubeConfigLoader
+
+        loader = KubeConfigLoader(config_dict=yaml.safe_load(credentials["kubeconfig"]))  # type: ignore[no-untyped-call]
+        loader.load_and_set(cfg)  # type: ignore[no-untyped-call]
+        if server:
+            cfg.host = server
+    else:
+        if server:
+            cfg.host = server
+        cfg.api_key = {"authorization": credentials["token"]}
+        cfg.api_key_prefix = {"authorization": "Bearer"}
+        if credentials.get("insecureSkipTLSVerify"):
+            cfg.verify_ssl = False
+        elif credentials.get("caData"):
+            ca = credentials["caData"]
+            pem = ca if "BEGIN CERTIFICATE" in ca else base64.b64decode(ca).decode()
+            handle = tempfile.NamedTemporaryFile("w", suffix=".crt", delete=False)  # noqa: SIM115
+            with handle:
+                handle.write(pem)
+            cfg.ssl_ca_cert = handle.name
+    cfg.retries = False  # we retry ourselves, with our backoff and Retry-After
+    return cfg
+
+
+class KubernetesDriver:
+    # Verbs the driver needs, checked at registration (the edge agent chart grants them).
+    REQUIRED = (
+        ("apps", "daemonsets", "create"),
+        ("apps", "daemonsets", "patch"),
+        ("apps", "daemonsets", "delete"),
+        ("apps", "daemonsets", "list"),
+        ("", "pods", "list"),
+        ("", "nodes", "list"),
+        ("", "nodes", "patch"),
+    )
+
+    def __init__(
+        self,
+        cluster: str,
+        *,
+        server: str | None,
+        namespace: str,
+        credentials: Mapping[str, Any],
+        image: str,
+        port: int,
+        timeout_s: float = 15.0,
+        backoff: Sequence[float] = (0.2, 0.5, 1.0, 2.0),
+    ) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        self.image = image
+        self.port = port
+        self.timeout_s = timeout_s
+        self.backoff = tuple(backoff)
+        self._api = k8s.ApiClient(_configuration(server, credentials, timeout_s))
+        self.core = k8s.CoreV1Api(self._api)
+        self.apps = k8s.AppsV1Api(self._api)
+        self.authz = k8s.AuthorizationV1Api(self._api)
+        self.version_api = k8s.VersionApi(self._api)
+
+    def close(self) -> None:
+        self._api.close()  # type: ignore[no-untyped-call]
+
+    # -- plumbing
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("_request_timeout", self.timeout_s)
+        return with_retries(
+            lambda: fn(*args, **kwargs), backoff=self.backoff, what=f"{self.cluster}: {what}"
+        )
+
+    def _get_json(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        resp = self._call(what, fn, *args, _preload_content=False, **kwargs)
+        return json.loads(resp.data)
+
+    # -- ClusterDriver
+
+    def check(self) -> None:
+        """Connectivity, then every permission the driver needs, named if missing."""
+        self._call("version", self.version_api.get_code)
+        missing = []
+        for group, resource, verb in self.REQUIRED:
+            namespaced = resource != "nodes"
+            review = {
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SelfSubjectAccessReview",
+                "spec": {
+                    "resourceAttributes": {
+                        "group": group,
+                        "resource": resource,
+                        "verb": verb,
+                        **({"namespace": self.namespace} if namespaced else {}),
+                    }
+                },
+            }
+            result = self._get_json(
+                "access review", self.authz.create_self_subject_access_review, review
+            )
+            if not result.get("status", {}).get("allowed"):
+                scope = f" in namespace {self.namespace}" if namespaced else ""
+                missing.append(f"{verb} {resource}{'.' + group if group else ''}{scope}")
+        if not missing:
+            self.ensure_namespace()
+            return
+        if missing:
+            raise Forbidden(
+                f"the controller's identity on cluster {self.cluster} lacks: {', '.join(missing)} "
+                "(install the edgefleet-agent chart with rbac.create=true)"
+            )
+
+    def list_nodes(self) -> list[NodeInventory]:
+        data = self._get_json("list nodes", self.core.list_node)
+        out = []
+        for item in data.get("items", []):
+            meta, status = item.get("metadata", {}), item.get("status", {})
+            labels = meta.get("labels") or {}
+            ready = any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or []
+            )
+            runtimes = labels.get("edgefleet.io/runtimes")
+            out.append(
+                NodeInventory(
+                    name=meta["name"],
+                    labels={
+                        k: v
+                        for k, v in labels.items()
+                        if not k.startswith(objects.NODE_LABEL_PREFIX)
+                    },
+                    architecture=(status.get("nodeInfo") or {}).get("architecture")
+                    or labels.get("kubernetes.io/arch"),
+                    capacity=_cpu_memory(status.get("capacity") or {}),
+                    allocatable=_cpu_memory(status.get("allocatable") or {}),
+                    ready=ready,
+                    runtimes=tuple(runtimes.split(".")) if runtimes else ("onnx", "tflite"),
+                )
+            )
+        return out
+
+    def ensure_namespace(self) -> None:
+        """Create the workload namespace if the identity may; with the edge chart's exact
+        RBAC it may not, and the chart has created it already."""
+        with contextlib.suppress(Conflict, Forbidden):
+            self._call(
+                "create namespace", self.core.create_namespace, objects.namespace(self.namespace)
+            )
+
+    def apply(self, model: str, desired: Mapping[str, WorkloadSpec | None]) -> None:
+        """Server-side apply each version's DaemonSet, then label the nodes. Nodes leave
+        a version by losing the label; a DaemonSet no node selects any more is deleted."""
+        specs = {s.version: s for s in desired.values() if s is not None}
+        for spec in specs.values():
+            self.apply_daemonset(spec)
+        key = objects.node_label(model)
+        for node, wanted in desired.items():
+            patch = {"metadata": {"labels": {key: wanted.version if wanted else None}}}
+            self._call(
+                f"label node {node}",
+                self.core.patch_node,
+                node,
+                patch,
+                _content_type="application/merge-patch+json",
+            )
+        self.collect_garbage(model)
+
+    def apply_daemonset(self, spec: WorkloadSpec) -> None:
+        body = objects.daemonset(spec, namespace=self.namespace, image=self.image, port=self.port)
+        name = body["metadata"]["name"]
+        try:
+            self._call(
+                f"apply daemonset {name}",
+                self.apps.patch_namespaced_daemon_set,
+                name,
+                self.namespace,
+                body,
+                field_manager=FIELD_MANAGER,
+                force=False,
+                _content_type="application/apply-patch+yaml",
+            )
+        except Conflict as exc:
+            raise Conflict(
+                f"daemonset {self.namespace}/{name} has fields owned by another manager "
+                f"(someone edited it with kubectl?): {exc}; edgefleet does not force them"
+            ) from exc
+
+    def collect_garbage(self, model: str) -> list[str]:
+        key = objects.node_label(model)
+        nodes = self._get_json("list labelled nodes", self.core.list_node, label_selector=key)
+        used = {(n["metadata"].get("labels") or {}).get(key) for n in nodes.get("items", [])}
+        sets = self._get_json(
+            "list daemonsets",
+            self.apps.list_namespaced_daemon_set,
+            self.namespace,
+            label_selector=f"app.kubernetes.io/name={objects.APP_NAME},edgefleet.io/model={model}",
+        )
+        deleted = []
+        for ds in sets.get("items", []):
+            version = ds["metadata"]["labels"].get("edgefleet.io/version")
+            if version not in used:
+                name = ds["metadata"]["name"]
+                with contextlib.suppress(NotFound):  # already gone
+                    self._call(
+                        f"delete daemonset {name}",
+                        self.apps.delete_namespaced_daemon_set,
+                        name,
+                        self.namespace,
+                        propagation_policy="Foreground",
+                    )
+                deleted.append(name)
+        return deleted
+
+    def observe(self, model: str, nodes: Sequence[str]) -> dict[str, ObservedWorkload]:
+        wanted = set(nodes)
+        pods = self._get_json(
+            "list pods",
+            self.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=f"app.kubernetes.io/name={objects.APP_NAME},edgefleet.io/model={model}",
+        )
+        out: dict[str, ObservedWorkload] = {n: ObservedWorkload("Absent") for n in wanted}
+        for pod in pods.get("items", []):
+            # A DaemonSet pod not scheduled yet names its node in its node affinity.
+            node = pod.get("spec", {}).get("nodeName") or _affinity_node(pod)
+            if node in wanted and pod["metadata"].get("deletionTimestamp") is None:
+                out[node] = _observe_pod(pod)
+        return out
+
+    def workloads(self, model: str) -> list[dict[str, Any]]:
+        data = self._get_json(
+            "list daemonsets",
+            self.apps.list_namespaced_daemon_set,
+            self.namespace,
+            label_selector=f"app.kubernetes.io/name={objects.APP_NAME},edgefleet.io/model={model}",
+        )
+        items: list[dict[str, Any]] = data.get("items", [])
+        return items
+
+
+def _cpu_memory(resources: Mapping[str, str]) -> dict[str, str]:
+    return {k: resources[k] for k in ("cpu", "memory") if k in resources}
+
+
+def _affinity_node(pod: Mapping[str, Any]) -> str | None:
+    """The node a not-yet-scheduled DaemonSet pod is meant for (its node affinity)."""
+    affinity = pod.get("spec", {}).get("affinity", {}).get("nodeAffinity", {})
+    terms = (
+        affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms")
+        or []
+    )
+    for term in terms:
+        for field in term.get("matchFields") or []:
+            if field.get("key") == "metadata.name" and field.get("values"):
+                return str(field["values"][0])
+    return None
+
+
+_FAILING_WAITS = {
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "InvalidImageName",
+    "CreateContainerError",
+}
+
+
+def _observe_pod(pod: Mapping[str, Any]) -> ObservedWorkload:
+    labels = pod["metadata"].get("labels") or {}
+    version = labels.get("edgefleet.io/version")
+    sha = (pod["metadata"].get("annotations") or {}).get("edgefleet.io/sha256")
+    status = pod.get("status") or {}
+    restarts = 0
+    for cs in status.get("containerStatuses") or []:
+        restarts += int(cs.get("restartCount", 0))
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _FAILING_WAITS:
+            return ObservedWorkload("Failed", version, sha, waiting["reason"], restarts)
+        terminated = (cs.get("lastState") or {}).get("terminated") or (cs.get("state") or {}).get(
+            "terminated"
+        )
+        if terminated and terminated.get("reason") == "OOMKilled":
+            return ObservedWorkload("Failed", version, sha, "OOMKilled", restarts)
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            reason = cond.get("reason") or "Unschedulable"
+            return ObservedWorkload(
+                "Failed", version, sha, f"{reason}: {cond.get('message', '')}", restarts
+            )
+    if status.get("phase") == "Failed":
+        return ObservedWorkload(
+            "Failed", version, sha, status.get("reason") or "PodFailed", restarts
+        )
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    if ready:
+        return ObservedWorkload("Ready", version, sha, None, restarts)
+    phase = "Running" if status.get("phase") == "Running" else "Pending"
+    return ObservedWorkload(phase, version, sha, None, restarts)
+
+
+_drivers: dict[tuple[str, str], KubernetesDriver] = {}
+_lock = threading.Lock()
+
+
+def cached_driver(key: tuple[str, str], make: Callable[[], KubernetesDriver]) -> KubernetesDriver:
+    """One client per (cluster, credentials fingerprint): connection pools are reused
+    across reconcile steps, and new credentials get a new client."""
+    with _lock:
+        driver = _drivers.get(key)
+        if driver is None:
+            driver = _drivers[key] = make()
+        return driver

@@ -1,0 +1,181 @@
+"""Done-when of the Kubernetes driver: the rollout engine, pointed at two real API
+servers, moves pods of a new version onto the selected nodes wave by wave, and a
+rollback removes them with nothing left over."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from kubernetes import client as k8s
+
+from controller.rollouts import service
+from controller.settings import Settings
+from tests.kube.controlplane import ControlPlane, make_node
+from tests.kube.kubelet import eventually, finalize_terminating_pods, settle
+from tests.rollouts.helpers import apply, push_versions, report, rollout_doc, rollout_id
+
+
+def cluster_manifest(name: str, cp: ControlPlane, namespace: str) -> dict[str, Any]:
+    ca = Path(cp.ca_cert_path).read_text() if cp.ca_cert_path else None
+    creds: dict[str, Any] = {"token": cp.token}
+    if ca:
+        creds["caData"] = ca
+    else:
+        creds["insecureSkipTLSVerify"] = True
+    return {
+        "apiVersion": "edgefleet.io/v1",
+        "kind": "Cluster",
+        "metadata": {"name": name},
+        "spec": {
+            "driver": "kubernetes",
+            "server": cp.server,
+            "namespace": namespace,
+            "credentials": creds,
+        },
+    }
+
+
+class Site:
+    def __init__(self, name: str, cp: ControlPlane, namespace: str) -> None:
+        self.name, self.cp, self.ns = name, cp, namespace
+        self.core: Any = k8s.CoreV1Api(cp.api_client())
+        self.apps: Any = k8s.AppsV1Api(cp.api_client())
+        self.nodes = [f"{name}-{uuid.uuid4().hex[:5]}-{i}" for i in range(3)]
+        for node in self.nodes:
+            make_node(self.core, node, labels={"tier": "retail", "site": name})
+
+    def beat(self) -> None:
+        settle(self.core, self.ns)
+
+    def pods(self) -> dict[str, str]:
+        return {
+            p.spec.node_name: p.metadata.labels["edgefleet.io/version"]
+            for p in self.core.list_namespaced_pod(self.ns).items
+            if p.spec.node_name and p.metadata.deletion_timestamp is None
+        }
+
+    def daemonsets(self) -> list[str]:
+        return [d.metadata.name for d in self.apps.list_namespaced_daemon_set(self.ns).items]
+
+    def only(self, version: str) -> Callable[[], bool]:
+        return lambda: self.pods() == dict.fromkeys(self.nodes, version)
+
+    def settled_on(self, version: str) -> Callable[[], bool]:
+        """Every node runs ``version`` and no other version's DaemonSet remains."""
+        return lambda: self.only(version)() and len(self.daemonsets()) == 1
+
+    def empty(self) -> bool:
+        return not self.daemonsets() and not self.core.list_namespaced_pod(self.ns).items
+
+    def finalize(self) -> None:
+        finalize_terminating_pods(self.core, self.ns)
+
+    def model_labels(self) -> list[str]:
+        labels = {n.metadata.name: n.metadata.labels or {} for n in self.core.list_node().items}
+        return [k for n in self.nodes for k in labels[n] if k.startswith("model.edgefleet.io/")]
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            self.core.delete_node(node)
+        self.core.delete_namespace(self.ns)
+
+
+@pytest.fixture
+def sites(control_plane: ControlPlane, second_control_plane: ControlPlane) -> Iterator[list[Site]]:
+    ns = f"ef-{uuid.uuid4().hex[:8]}"
+    made = [Site("alpha", control_plane, ns), Site("beta", second_control_plane, ns)]
+    yield made
+    for site in made:
+        site.cleanup()
+
+
+def run(
+    name: str, settings: Settings, sites: list[Site], *, metrics: Any = None, steps: int = 80
+) -> list[str]:
+    """The worker's loop, with kubelets and agents doing their part between steps."""
+    rid = rollout_id(name)
+    phases: list[str] = []
+    for _ in range(steps):
+        phase = service.reconcile(rid, settings)
+        assert phase is not None
+        phases.append(phase)
+        if phase not in ("Pending", "Progressing"):
+            return phases
+        for site in sites:
+            site.beat()
+        if metrics:
+            report(metrics)
+        else:
+            report()
+    raise AssertionError(f"{name} still {phases[-1]}")
+
+
+def test_rollout_and_rollback_on_two_real_clusters(
+    client: TestClient, settings: Settings, sites: list[Site]
+) -> None:
+    resp = apply(client, *(cluster_manifest(s.name, s.cp, s.ns) for s in sites))
+    assert resp.status_code == 200, resp.text
+    nodes = client.get("/v1/nodes", params={"limit": 1000}).json()["items"]
+    ours = {n["name"] for n in nodes}
+    assert all(set(s.nodes) <= ours for s in sites)
+    listed = str(client.get("/v1/clusters").json())
+    assert all(s.cp.token not in listed for s in sites)  # never returned
+    assert "'has_credentials': True" in listed
+    push_versions(client, "1.0.0", "2.0.0")
+
+    # Wave by wave onto six nodes of two clusters.
+    selector = {
+        "matchExpressions": [{"key": "site", "operator": "In", "values": ["alpha", "beta"]}]
+    }
+    assert apply(client, rollout_doc("v1", "1.0.0", selector=selector)).status_code == 200
+    seen_waves: list[int] = []
+    rid = rollout_id("v1")
+    for _ in range(80):
+        phase = service.reconcile(rid, settings)
+        running = sum(len(s.pods()) for s in sites)
+        if not seen_waves or running != seen_waves[-1]:
+            seen_waves.append(running)
+        if phase == "Succeeded":
+            break
+        for site in sites:
+            site.beat()
+        report()
+    assert phase == "Succeeded"
+    assert seen_waves[0] == 1  # the canary alone first
+    assert seen_waves[-1] == 6
+    for site in sites:
+        assert site.only("1.0.0")()
+
+    # Undo: the nodes had nothing before v1, so nothing is left, on either cluster.
+    assert client.post("/v1/rollouts/v1/undo").status_code == 202
+    assert service.reconcile(rid, settings) == "RolledBack"
+    for site in sites:
+        eventually(site.empty, what=f"{site.name}: no workloads at all", beat=site.finalize)
+        assert not site.model_labels()
+
+    # Retry brings 1.0.0 back everywhere.
+    assert client.post("/v1/rollouts/v1/retry").status_code == 202
+    assert run("v1", settings, sites)[-1] == "Succeeded"
+    for site in sites:
+        eventually(site.only("1.0.0"), what="v1 back", beat=site.beat)
+
+    # A failing version: the canary gets 2.0.0, the gate fails, it goes back to 1.0.0 and
+    # the 2.0.0 DaemonSets are gone from both clusters.
+    assert apply(client, rollout_doc("v2", "2.0.0", selector=selector)).status_code == 200
+    phases = run("v2", settings, sites, metrics=lambda node: (500.0, 0))
+    assert phases[-1] == "RolledBack"
+    for site in sites:
+        eventually(site.settled_on("1.0.0"), what=f"{site.name}: only 1.0.0 left", beat=site.beat)
+    events = client.get("/v1/rollouts/v2/events").json()
+    assert any(e["reason"] == "GateFailed" for e in events)
+    # v1 no longer owns the nodes: v2 claimed them. Undo says so instead of doing nothing.
+    assert client.get("/v1/rollouts/v1").json()["states"] == {}
+    assert client.get("/v1/rollouts/v2").json()["states"] == {"RolledBack": 6}
+    resp = client.post("/v1/rollouts/v1/undo")
+    assert resp.status_code == 409
+    assert "no longer owns any node" in resp.json()["detail"]
