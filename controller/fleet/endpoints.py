@@ -4,10 +4,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from controller.api.deps import API_V1, SessionDep
+from controller.api.deps import API_V1, SessionDep, SettingsDep
 from controller.api.pagination import Page, PageDep
 from controller.errors import NotFound
 from controller.fleet import repository as repo
+from controller.fleet import service
 from controller.fleet.schemas import ClusterOut, NodeOut
 
 router = APIRouter(prefix=API_V1, tags=["fleet"])
@@ -24,6 +25,15 @@ def get_cluster(name: str, session: SessionDep) -> ClusterOut:
     cluster = repo.get_cluster(session, name)
     if cluster is None:
         raise NotFound(f"cluster {name!r} not found")
+    return ClusterOut.of(cluster, repo.node_counts(session).get(cluster.id, {}))
+
+
+@router.post("/clusters/{name}/sync", response_model=ClusterOut)
+def sync_cluster(name: str, session: SessionDep, settings: SettingsDep) -> ClusterOut:
+    """Re-read the cluster's nodes now (beat also does it every 5 minutes)."""
+    service.resync_cluster(session, name, settings)
+    cluster = repo.get_cluster(session, name)
+    assert cluster is not None
     return ClusterOut.of(cluster, repo.node_counts(session).get(cluster.id, {}))
 
 

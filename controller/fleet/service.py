@@ -14,10 +14,18 @@ from sqlalchemy.orm import Session
 from controller.audit import record_event
 from controller.crypto import decrypt_json, encrypt_json, fingerprint
 from controller.db.base import utcnow
-from controller.db.models import Assignment, Cluster, Model, ModelVersion, Node, NodeHealth
+from controller.db.models import (
+    Assignment,
+    AssignmentState,
+    Cluster,
+    Model,
+    ModelVersion,
+    Node,
+    NodeHealth,
+)
 from controller.errors import NotFound
 from controller.fleet import repository as repo
-from controller.kube.driver import ClusterDriver, DriverError, NodeInventory
+from controller.kube.driver import ClusterDriver, DriverError, NodeInventory, WorkloadSpec
 from controller.kube.factory import driver_for
 from controller.manifests.diff import diff
 from controller.manifests.outcome import ApplyOutcome
@@ -231,4 +239,131 @@ def mark_silent_nodes(session: Session, settings: Settings) -> int:
         session,
         stale_before=now - timedelta(seconds=settings.node_stale_s),
         offline_before=now - timedelta(seconds=settings.node_offline_s),
+    )
+
+
+def resync_cluster(session: Session, name: str, settings: Settings) -> dict[str, int]:
+    cluster = repo.get_cluster(session, name)
+    if cluster is None:
+        raise NotFound(f"cluster {name!r} not found")
+    return sync_nodes(session, cluster, cluster_driver(cluster, settings))
+
+
+def resync_all(session: Session, settings: Settings) -> dict[str, dict[str, int]]:
+    out = {}
+    for cluster in repo.list_clusters(session):
+        try:
+            out[cluster.name] = sync_nodes(session, cluster, cluster_driver(cluster, settings))
+        except Exception as exc:  # one broken cluster must not stop the others
+            cluster.status, cluster.message = "Error", str(exc)[:500]
+    return out
+
+
+# States in which an assignment's desired version is settled and must hold on the node;
+# Pending/Applying/Failed belong to an active rollout step, Deferred nodes are offline.
+_SETTLED = (AssignmentState.RUNNING, AssignmentState.HEALTHY, AssignmentState.ROLLED_BACK)
+
+
+def repair_drift(session: Session, settings: Settings) -> dict[str, list[str]]:
+    """Make every cluster run what the assignments say, whatever happened behind our
+    back (a DaemonSet deleted or edited, a node label changed). Each repair is an event."""
+    rows = session.execute(
+        select(Assignment, Node.name, Cluster, Model.name, ModelVersion)
+        .join(Node, Node.id == Assignment.node_id)
+        .join(Cluster, Cluster.id == Node.cluster_id)
+        .join(Model, Model.id == Assignment.model_id)
+        .outerjoin(ModelVersion, ModelVersion.id == Assignment.desired_version_id)
+        .where(Assignment.state.in_(_SETTLED), Node.health == NodeHealth.READY)
+    ).all()
+    groups: dict[tuple[str, str], list[Any]] = {}
+    clusters: dict[str, Cluster] = {}
+    for row in rows:
+        clusters[row[2].name] = row[2]
+        groups.setdefault((row[2].name, row[3]), []).append(row)
+    repaired: dict[str, list[str]] = {}
+    for (cluster_name, model), members in groups.items():
+        driver = cluster_driver(clusters[cluster_name], settings)
+        try:
+            seen = driver.observe(model, [m[1] for m in members])
+        except DriverError as exc:
+            record_event(
+                session,
+                kind="Cluster",
+                name=cluster_name,
+                reason="DriftCheckFailed",
+                message=str(exc),
+            )
+            continue
+        desired: dict[str, WorkloadSpec | None] = {}
+        drifted = []
+        for assignment, node, _cluster, _model, version in members:
+            obs = seen.get(node)
+            want_sha = version.sha256 if version is not None else None
+            have_sha = obs.sha256 if obs is not None and obs.phase != "Absent" else None
+            if want_sha != have_sha:
+                drifted.append(node)
+                desired[node] = (
+                    _workload_for(session, model, version, settings, assignment)
+                    if version
+                    else None
+                )
+        if not drifted:
+            continue
+        try:
+            driver.apply(model, desired)
+        except DriverError as exc:
+            record_event(
+                session,
+                kind="Cluster",
+                name=cluster_name,
+                reason="DriftRepairFailed",
+                message=f"{model}: {exc}",
+                data={"nodes": sorted(drifted)[:100]},
+            )
+            continue
+        repaired[f"{cluster_name}/{model}"] = sorted(drifted)
+        record_event(
+            session,
+            kind="Cluster",
+            name=cluster_name,
+            reason="DriftRepaired",
+            message=f"{model}: {len(drifted)} node(s) did not run their assigned version; restored",
+            data={"model": model, "nodes": sorted(drifted)[:100]},
+        )
+    return repaired
+
+
+def build_workload(
+    model: str,
+    version: ModelVersion,
+    settings: Settings,
+    *,
+    rollout: str,
+    resources: dict[str, Any],
+) -> WorkloadSpec:
+    """The workload of one model version, as every driver receives it."""
+    base = settings.public_url.rstrip("/")
+    return WorkloadSpec(
+        model=model,
+        version=version.version,
+        sha256=version.sha256,
+        format=version.format,
+        artifact_url=f"{base}/v1/models/{model}/versions/{version.version}/artifact",
+        rollout=rollout,
+        resources=resources,
+    )
+
+
+def _workload_for(
+    session: Session, model: str, version: ModelVersion, settings: Settings, assignment: Assignment
+) -> WorkloadSpec:
+    from controller.db.models import Rollout
+
+    rollout = session.get(Rollout, assignment.rollout_id) if assignment.rollout_id else None
+    return build_workload(
+        model,
+        version,
+        settings,
+        rollout=rollout.name if rollout is not None else "",
+        resources=(rollout.spec if rollout is not None else {}).get("resources", {}),
     )

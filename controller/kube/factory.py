@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from controller.errors import InvalidInput
@@ -35,7 +37,8 @@ def driver_for(
             )
         from controller.kube.client import KubernetesDriver, cached_driver
 
-        key = (name, spec.get("credentialsFingerprint", "") + str(spec.get("server")))
+        # Any change of the applied spec (server, namespace, credentials) is a new client.
+        key = (name, hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest())
         return cached_driver(
             key,
             lambda: KubernetesDriver(

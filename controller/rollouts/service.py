@@ -33,7 +33,7 @@ from controller.db.models import (
 )
 from controller.errors import Conflict, InvalidInput, NotFound
 from controller.fleet import repository as fleet_repo
-from controller.fleet.service import cluster_driver
+from controller.fleet.service import build_workload, cluster_driver
 from controller.kube.driver import ClusterDriver, DriverError, WorkloadSpec
 from controller.manifests.diff import diff
 from controller.manifests.outcome import ApplyOutcome
@@ -358,14 +358,10 @@ class Step:
             return None
         if version_id not in self._versions:
             self._versions.update(repo.versions_by_id(self.s, {version_id}))
-        v = self._versions[version_id]
-        base = self.settings.public_url.rstrip("/")
-        return WorkloadSpec(
-            model=self.spec.model.name,
-            version=v.version,
-            sha256=v.sha256,
-            format=v.format,
-            artifact_url=f"{base}/v1/models/{self.spec.model.name}/versions/{v.version}/artifact",
+        return build_workload(
+            self.spec.model.name,
+            self._versions[version_id],
+            self.settings,
             rollout=self.r.name,
             resources=self.spec.resources.model_dump(mode="json", exclude_none=True),
         )

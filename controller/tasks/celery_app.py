@@ -52,6 +52,8 @@ def configure(settings: Settings) -> Celery:
             # Gate evaluation and the safety net for lost follow-up steps.
             "rollouts-tick": {"task": "rollouts.tick", "schedule": timedelta(seconds=10)},
             "fleet-mark-silent": {"task": "fleet.mark_silent", "schedule": timedelta(seconds=15)},
+            "fleet-repair-drift": {"task": "fleet.repair_drift", "schedule": timedelta(seconds=60)},
+            "fleet-resync": {"task": "fleet.resync", "schedule": timedelta(seconds=300)},
         },
     )
     return celery_app
