@@ -1,0 +1,199 @@
+"""helm/edgefleet-agent: the node agent DaemonSet and the RBAC the edge cluster grants the
+controller's driver, rendered by Helm's engine."""
+
+from __future__ import annotations
+
+import helm_python as helm
+import pytest
+
+from tests.deploy import kube
+from tests.deploy.cli import check_command
+from tests.deploy.kube import Obj
+
+CHART = "edgefleet-agent"
+WORKLOADS = "edgefleet-workloads"
+CACHE = "/var/lib/edgefleet"
+ALL_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+READ = {"get", "list", "watch"}
+# (apiGroup, resource) -> verbs the controller's driver is granted in the workload namespace.
+EXPECTED_ROLE = {
+    ("apps", "deployments"): ALL_VERBS,
+    ("apps", "daemonsets"): ALL_VERBS,
+    ("", "pods"): READ,
+    ("", "events"): READ,
+    ("events.k8s.io", "events"): READ,
+}
+EXPECTED_CLUSTER_ROLE = {("", "nodes"): READ | {"patch"}}
+
+
+def render(scenario: str) -> list[Obj]:
+    return kube.objects(kube.render_scenario(CHART, scenario))
+
+
+@pytest.fixture(params=kube.scenarios(CHART))
+def scenario(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+def daemonset(objs: list[Obj]) -> Obj:
+    return kube.one(objs, "DaemonSet")
+
+
+def agent_container(objs: list[Obj]) -> Obj:
+    containers = kube.containers(daemonset(objs)["spec"]["template"]["spec"], init=False)
+    assert len(containers) == 1
+    return containers[0]
+
+
+def grants(role: Obj) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "resourceNames" not in rule
+        assert "nonResourceURLs" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def test_default_resources() -> None:
+    assert kube.kinds_and_names(render("default")) == {
+        ("DaemonSet", "edgefleet-agent"),
+        ("ServiceAccount", "edgefleet-agent"),
+        ("Namespace", WORKLOADS),
+        ("ServiceAccount", "edgefleet-agent-controller"),
+        ("Secret", "edgefleet-agent-controller-token"),
+        ("Role", "edgefleet-agent-controller"),
+        ("RoleBinding", "edgefleet-agent-controller"),
+        ("ClusterRole", "edgefleet-agent-controller"),
+        ("ClusterRoleBinding", "edgefleet-agent-controller"),
+    }
+
+
+def test_daemonset_rollout_and_placement(scenario: str) -> None:
+    ds = daemonset(render(scenario))
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1},
+    }
+    pod = ds["spec"]["template"]["spec"]
+    # Tolerate everything: an edge node runs the agent whatever its taints.
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["nodeSelector"]["kubernetes.io/os"] == "linux"
+
+
+def test_agent_environment(scenario: str) -> None:
+    objs = render(scenario)
+    agent = agent_container(objs)
+    check_command(agent["command"])
+    assert agent["command"] == ["edgefleet-agent"]
+    env = kube.env_of(agent)
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["EDGEFLEET_CONTROLLER_URL"]["value"].startswith(("http://", "https://"))
+    token = env["EDGEFLEET_JOIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    values = kube.merged_values(CHART, kube.scenario_values(CHART, scenario))
+    if values["joinToken"]["value"]:
+        secret = kube.one(objs, "Secret", token["name"])
+        assert token["key"] in secret["data"]
+    else:
+        assert token == {
+            "name": values["joinToken"]["existingSecret"],
+            "key": values["joinToken"]["key"],
+        }
+        assert [
+            s for s in kube.by_kind(objs, "Secret") if s["metadata"]["name"] == token["name"]
+        ] == []
+
+
+def test_model_cache(scenario: str) -> None:
+    objs = render(scenario)
+    pod = daemonset(objs)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (mount,) = [m for m in agent_container(objs)["volumeMounts"] if m["mountPath"] == CACHE]
+    cache = volumes[mount["name"]]
+    values = kube.merged_values(CHART, kube.scenario_values(CHART, scenario))
+    if values["modelCache"]["type"] == "hostPath":
+        assert cache["hostPath"] == {"path": CACHE, "type": "DirectoryOrCreate"}
+        # The kubelet creates it root-owned; the init container hands it to uid 10001.
+        (init,) = pod["initContainers"]
+        assert init["name"] == "model-cache-owner"
+        assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+        assert "chown 10001:10001 /var/lib/edgefleet" in " ".join(init["command"])
+    else:
+        assert "emptyDir" in cache
+        assert "initContainers" not in pod
+
+
+def test_rbac_grants_exactly_what_the_driver_needs() -> None:
+    objs = render("default")
+    role = kube.one(objs, "Role")
+    assert role["metadata"]["namespace"] == WORKLOADS
+    assert grants(role) == EXPECTED_ROLE
+    cluster_role = kube.one(objs, "ClusterRole")
+    assert grants(cluster_role) == EXPECTED_CLUSTER_ROLE
+    controller = {
+        "kind": "ServiceAccount",
+        "name": "edgefleet-agent-controller",
+        "namespace": kube.NAMESPACE,
+    }
+    binding = kube.one(objs, "RoleBinding")
+    assert binding["metadata"]["namespace"] == WORKLOADS
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [controller]
+    cluster_binding = kube.one(objs, "ClusterRoleBinding")
+    assert cluster_binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": cluster_role["metadata"]["name"],
+    }
+    assert cluster_binding["subjects"] == [controller]
+    # Its token, for the controller's kubeconfig of this cluster.
+    token = kube.one(objs, "Secret", "edgefleet-agent-controller-token")
+    assert token["type"] == "kubernetes.io/service-account-token"
+    assert (
+        token["metadata"]["annotations"]["kubernetes.io/service-account.name"] == controller["name"]
+    )
+    # The agent itself gets no Kubernetes API access at all.
+    pod = daemonset(objs)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] not in {s["name"] for s in binding["subjects"]}
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_rbac_with_a_user_identity() -> None:
+    objs = render("production")
+    user = {"kind": "User", "name": "edgefleet-controller", "apiGroup": "rbac.authorization.k8s.io"}
+    assert kube.one(objs, "RoleBinding")["subjects"] == [user]
+    assert kube.one(objs, "ClusterRoleBinding")["subjects"] == [user]
+    assert grants(kube.one(objs, "Role")) == EXPECTED_ROLE
+    assert kube.by_kind(objs, "Namespace") == []  # createWorkloadNamespace: false
+    assert [
+        s for s in kube.by_kind(objs, "ServiceAccount") if "controller" in s["metadata"]["name"]
+    ] == []
+
+
+def test_rbac_is_optional() -> None:
+    objs = render("minimal")
+    kinds = {kind for kind, _ in kube.kinds_and_names(objs)}
+    assert not kinds & {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Namespace"}
+    assert kinds == {"DaemonSet", "ServiceAccount", "Secret"}
+
+
+def test_workload_namespace_is_kept_on_uninstall() -> None:
+    namespace = kube.one(render("default"), "Namespace", WORKLOADS)
+    assert namespace["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_schema_rejects_bad_settings() -> None:
+    for bad in (
+        {"modelCache": {"type": "nfs"}},
+        {"controller": {"url": "edgefleet.example.com"}},
+        {"rbac": {"extraSubjects": [{"kind": "Robot", "name": "x"}]}},
+        {"tolerations": "all"},
+    ):
+        with pytest.raises(helm.HelmValuesError):
+            kube.render(CHART, bad)
