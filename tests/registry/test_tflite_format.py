@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+# LiteRT is a required dependency of the controller: a missing one fails, never skips.
+import ai_edge_litert.schema_py_generated as schema
 import flatbuffers
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter
 
 from controller.registry import tflite_reader
 from controller.registry.tflite_builder import (
@@ -23,9 +26,6 @@ from controller.registry.tflite_reader import (
     is_tflite,
     read_tflite,
 )
-
-schema = pytest.importorskip("ai_edge_litert.schema_py_generated")
-Interpreter = pytest.importorskip("ai_edge_litert.interpreter").Interpreter
 
 MLP: dict[str, Any] = {"in_features": 8, "hidden": 16, "out_features": 4, "seed": 0}
 MLP_PARAMETERS = 8 * 16 + 16 + 16 * 4 + 4  # two kernels and two biases: 212
