@@ -78,6 +78,17 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(
         5.0, gt=0, description="Follow-up delay of an active rollout's next reconcile step."
     )
+    # Node agents. The join token is the one secret an agent needs to enrol; each node
+    # then gets its own credential. None turns enrolment off (503).
+    agent_join_token: SecretStr | None = Field(
+        None, description="Shared secret node agents enrol with; unset disables enrolment."
+    )
+    agent_heartbeat_interval_s: float = Field(
+        10.0, gt=0, description="Heartbeat interval suggested to agents at enrolment."
+    )
+    agent_max_batch: int = Field(
+        1000, ge=1, description="Most heartbeats one request may carry (an agent's replay)."
+    )
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> Settings:

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from controller.db.session import session_factory
+from controller.db.session import session_scope
 from controller.registry.service import artifact_store
 from controller.registry.store import ArtifactStore
 from controller.settings import Settings
@@ -26,15 +26,8 @@ def get_session() -> Iterator[Session]:
     """The request's unit of work: commit when the handler returns, roll back when it
     raises. ``scope="function"`` below makes the commit happen before the response is
     sent, so a client never sees a 2xx for a transaction that failed to commit."""
-    session = session_factory()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

@@ -346,6 +346,17 @@ class Step:
 
     # -- plumbing
 
+    def event(self, *, reason: str, message: str, data: dict[str, Any] | None = None) -> None:
+        record_event(
+            self.s,
+            kind="Rollout",
+            name=self.r.name,
+            rollout_id=self.r.id,
+            reason=reason,
+            message=message,
+            data=data,
+        )
+
     def driver(self, cluster: str) -> ClusterDriver:
         if cluster not in self._drivers:
             row = fleet_repo.get_cluster(self.s, cluster)
@@ -381,11 +392,7 @@ class Step:
             try:
                 self.driver(cluster).apply(self.spec.model.name, desired)
             except DriverError as exc:
-                record_event(
-                    self.s,
-                    kind="Rollout",
-                    name=self.r.name,
-                    rollout_id=self.r.id,
+                self.event(
                     reason="DriverError",
                     message=f"cluster {cluster}: {exc}",
                     data={"transient": exc.transient, "nodes": len(group)},
@@ -424,11 +431,7 @@ class Step:
         if wave.phase == WavePhase.PENDING:
             wave.phase = WavePhase.APPLYING
             wave.started_at = self.now
-            record_event(
-                self.s,
-                kind="Rollout",
-                name=self.r.name,
-                rollout_id=self.r.id,
+            self.event(
                 reason="WaveStarted",
                 message=f"wave {wave.index}: {wave.node_count} node(s)",
                 data={"wave": wave.index},
@@ -578,11 +581,7 @@ class Step:
 
     def promote(self, wave: Wave, result: gate_eval.GateResult) -> None:
         wave.phase, wave.finished_at = WavePhase.PASSED, self.now
-        record_event(
-            self.s,
-            kind="Rollout",
-            name=self.r.name,
-            rollout_id=self.r.id,
+        self.event(
             reason="GatePassed",
             message=f"wave {wave.index}: {result.reason}",
             data={"wave": wave.index, "gate": result.snapshot},
