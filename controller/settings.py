@@ -74,6 +74,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [0.2, 0.5, 1.0, 2.0],
         description="Waits between retries of transient Kubernetes errors (Retry-After wins).",
     )
+    sim_state_prefix: str = Field(
+        "edgefleet:sim", description="Redis key prefix of the simulated clusters' state."
+    )
     # Rollouts.
     reconcile_interval_s: float = Field(
         5.0, gt=0, description="Follow-up delay of an active rollout's next reconcile step."

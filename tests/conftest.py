@@ -27,6 +27,8 @@ os.environ.update(
         "EDGEFLEET_REDIS_URL": REDIS_URL,
         "EDGEFLEET_TASKS_EAGER": "true",
         "EDGEFLEET_CELERY_QUEUE": f"edgefleet-test-{_RUN}",
+        # Simulated clusters of this run only: parallel runs on one Redis stay apart.
+        "EDGEFLEET_SIM_STATE_PREFIX": f"edgefleet-test-{_RUN}:sim",
         "EDGEFLEET_ARTIFACT_DIR": str(ARTIFACTS),
         "EDGEFLEET_BENCHMARK_RUNS": "20",
         "EDGEFLEET_BENCHMARK_WARMUP_RUNS": "2",
@@ -173,7 +175,7 @@ def sim_fleet(settings: Settings, redis_available: None) -> Iterator[None]:
     client = redis.Redis.from_url(REDIS_URL)
 
     def wipe() -> None:
-        keys = list(client.scan_iter("edgefleet:sim:*"))
+        keys = list(client.scan_iter(f"{settings.sim_state_prefix}:*"))
         if keys:
             client.delete(*keys)
 

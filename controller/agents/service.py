@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 from sqlalchemy.orm import Session
 
+from controller.agents import repository as repo
 from controller.audit import record_event
 from controller.db.models import Node
 from controller.db.session import after_commit
@@ -25,7 +26,6 @@ from controller.errors import EdgefleetError, NotFound, PayloadTooLarge, Service
 from controller.fleet.service import ingest_heartbeats
 from controller.settings import Settings
 from node_agent.contract import Heartbeat
-from controller.agents import repository as repo
 
 HEARTBEATS = Counter(
     "edgefleet_heartbeats_total",

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request, Response
 
 from controller import __version__, metrics
+from controller.agents import endpoints as agents
 from controller.api import health
 from controller.api.errors import install_error_handlers
 from controller.dashboard import endpoints as dashboard
@@ -26,7 +27,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
 
-    routers = (registry.router, manifests.router, rollouts.router, fleet.router, dashboard.router)
+    routers = (
+        registry.router,
+        manifests.router,
+        rollouts.router,
+        fleet.router,
+        dashboard.router,
+        agents.router,
+    )
     for router in routers:
         app.include_router(router)
     app.include_router(health.router)

@@ -71,3 +71,25 @@ class ApiClient:
                 data=data,
                 files={"file": (path.name, fh, "application/octet-stream")},
             )
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def get_or_none(self, path: str, **params: Any) -> Any:
+        """GET, with None instead of an error when the resource does not exist (404)."""
+        try:
+            return self.get(path, **params)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def apply(self, manifests: str, *, dry_run: bool = False) -> Any:
+        """POST a YAML stream to ``/v1/apply`` (all or nothing on the server side)."""
+        return self.request(
+            "POST",
+            "/v1/apply",
+            params={"dryRun": "true"} if dry_run else None,
+            content=manifests.encode("utf-8"),
+            headers={"content-type": "application/yaml"},
+        )

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from controller import __version__
+from controller.cli import rollouts
 from controller.cli.client import ApiClient, ApiError
 from controller.cli.output import Output, console, emit, err_console, human_bytes, make_table
 
@@ -25,6 +26,7 @@ models_app = typer.Typer(help="Model registry: push, list and describe model ver
 db_app = typer.Typer(help="Database schema migrations (Alembic).")
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
+rollouts.register(app)  # apply, get, describe, rollout
 
 ApiUrl = Annotated[
     str | None,
@@ -208,6 +210,69 @@ def models_describe(
     finally:
         client.close()
     emit({**model, "versions": versions}, output, table=lambda d: _versions_table(d["versions"]))
+
+
+@models_app.command("optimize")
+def models_optimize(
+    name: str,
+    model_version: Annotated[str, typer.Argument(metavar="VERSION", help="The parent version.")],
+    method: Annotated[str, typer.Option(help="dynamic-int8, static-int8, fp16 or prune.")],
+    new_version: Annotated[str, typer.Option("--as", help="Version of the variant.")],
+    params: Annotated[str | None, typer.Option(help="JSON, e.g. '{\"sparsity\": 0.5}'.")] = None,
+    samples: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help=".npz of sample inputs (calibration)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 900.0,
+    output: OutputOpt = Output.table,
+    api_url: ApiUrl = None,
+) -> None:
+    """Derive an optimized variant and print its comparison report."""
+    client = _client(api_url)
+    try:
+        data = {"method": method, "version": new_version}
+        if params:
+            data["params"] = params
+        files = {"calibration": (samples.name, samples.read_bytes())} if samples else None
+        job = client.request(
+            "POST", f"/v1/models/{name}/versions/{model_version}/variants", data=data, files=files
+        )
+        deadline = time.monotonic() + timeout
+        while job["status"] in ("Pending", "Running"):
+            if time.monotonic() > deadline:
+                err_console.print(f"optimization still {job['status']} after {timeout:g} s")
+                raise typer.Exit(code=2)
+            time.sleep(0.5)
+            job = client.get(f"/v1/models/{name}/optimizations/{job['id']}")
+    except ApiError as exc:
+        raise _fail(exc) from exc
+    finally:
+        client.close()
+    emit(job, output, table=_optimization_text)
+    if job["status"] != "Succeeded":
+        raise typer.Exit(code=1)
+
+
+def _optimization_text(job: dict[str, Any]) -> str:
+    head = f"{job['model']} {job['parent']} -> {job['version']} ({job['method']}): {job['status']}"
+    if job["status"] != "Succeeded":
+        return f"{head}\n  {job.get('message') or ''}"
+    r = job["report"]
+    lines = [
+        head,
+        f"  size        x{r['size_ratio']} ({r['size_bytes']['original']} -> "
+        f"{r['size_bytes']['variant']} bytes), compressed x{r['compressed_size_ratio']}",
+        f"  latency     p50 x{r['latency_ratio']['p50']}, p95 x{r['latency_ratio']['p95']}",
+        f"  agreement   top-1 {r['top1_agreement']}, max abs error {r['max_abs_error']}, "
+        f"allclose {r['allclose']} "
+        f"(rtol {r['tolerances']['rtol']}, atol {r['tolerances']['atol']})",
+    ]
+    lines += [
+        f"  {o}: max {v['max_abs_error']}, mean {v['mean_abs_error']}"
+        for o, v in r["outputs"].items()
+    ]
+    lines += [f"  note: {w}" for w in r.get("warnings", [])]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- processes

@@ -99,6 +99,8 @@ class Node(TimestampMixin, Base):
     __table_args__ = (
         UniqueConstraint("cluster_id", "name"),
         Index("ix_nodes_health", "health"),
+        # Heartbeats authenticate by looking the node credential's hash up (0003).
+        Index("ix_nodes_credential_hash", "credential_hash", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -244,3 +246,35 @@ class Event(Base):
     reason: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class OptimizationStatus(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Optimization(TimestampMixin, Base):
+    """A request to derive a variant of a model version. The variant itself becomes a
+    ModelVersion only when the whole job succeeded: a failure leaves no half-made version."""
+
+    __tablename__ = "optimizations"
+    __table_args__ = (Index("ix_optimizations_status", "status"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    parent_version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE")
+    )
+    target_version: Mapped[str] = mapped_column(String(63))
+    method: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    calibration_sha256: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default=OptimizationStatus.PENDING)
+    stage: Mapped[str | None] = mapped_column(String(64))
+    message: Mapped[str | None] = mapped_column(Text)
+    result_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="SET NULL")
+    )
+    report: Mapped[dict[str, Any] | None]

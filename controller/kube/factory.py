@@ -28,7 +28,9 @@ def driver_for(
     credentials: dict[str, Any] | None = None,
 ) -> ClusterDriver:
     if driver == "simulated":
-        return SimulatedDriver(name, spec.get("simulated") or {}, _sim_state(settings))
+        return SimulatedDriver(
+            name, spec.get("simulated") or {}, _sim_state(settings), settings.sim_state_prefix
+        )
     if driver == "kubernetes":
         if not credentials:
             raise InvalidInput(

@@ -95,15 +95,18 @@ def expand_nodes(spec: Mapping[str, Any]) -> list[NodeInventory]:
 
 
 class SimulatedDriver:
-    def __init__(self, cluster: str, spec: Mapping[str, Any], state: SimState) -> None:
+    def __init__(
+        self, cluster: str, spec: Mapping[str, Any], state: SimState, prefix: str = "edgefleet:sim"
+    ) -> None:
         self.cluster = cluster
+        self.prefix = prefix
         self._spec = spec
         self._state = state
         self._failures: Mapping[str, str] = spec.get("failures") or {}
         self._latency_s = parse_duration(str(spec.get("applyLatency") or "0s"))
 
     def _key(self, model: str) -> str:
-        return f"edgefleet:sim:{self.cluster}:{model}"
+        return f"{self.prefix}:{self.cluster}:{model}"
 
     def check(self) -> None:
         return None

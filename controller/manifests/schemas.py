@@ -284,6 +284,13 @@ class Gates(Strict):
     minSamples: int = Field(20, ge=1, description="inferences a node must report to count")
 
 
+class ComparisonRequirement(Strict):
+    """Limits on a derived variant's comparison report (how close it stays to its parent)."""
+
+    minAgreement: float | None = Field(None, ge=0, le=1, description="top-1 agreement")
+    maxAbsError: float | None = Field(None, ge=0, description="max absolute output error")
+
+
 class RolloutSpec(Strict):
     model: ModelRef
     selector: Selector
@@ -291,6 +298,7 @@ class RolloutSpec(Strict):
     strategy: Strategy
     gates: Gates = Field(default_factory=Gates)
     onFailure: Literal["rollback", "pause"] = "rollback"
+    comparison: ComparisonRequirement | None = None
 
 
 class RolloutManifest(Strict):

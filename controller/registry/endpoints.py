@@ -1,15 +1,16 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
 from controller.api.deps import API_V1, SessionDep, StoreDep
 from controller.api.pagination import Page, PageDep
+from controller.db.models import ModelVersion
 from controller.registry import repository as repo
-from controller.registry import service
-from controller.registry.schemas import ModelOut, ModelVersionOut
+from controller.registry import service, variants
+from controller.registry.schemas import ModelOut, ModelVersionOut, OptimizationOut
 from controller.registry.store import iter_file
 
 router = APIRouter(prefix=f"{API_V1}/models", tags=["models"])
@@ -81,6 +82,60 @@ def get_version(name: str, version: str, session: SessionDep) -> ModelVersionOut
 )
 def revalidate(name: str, version: str, session: SessionDep) -> ModelVersionOut:
     return ModelVersionOut.of(service.revalidate(session, name, version), name)
+
+
+def _job_out(session: SessionDep, name: str, job: Any) -> OptimizationOut:
+    parent = session.get(ModelVersion, job.parent_version_id)
+    return OptimizationOut(
+        id=job.id,
+        model=name,
+        parent=parent.version if parent is not None else "",
+        version=job.target_version,
+        method=job.method,
+        params=job.params,
+        status=job.status,
+        stage=job.stage,
+        message=job.message,
+        report=job.report,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+    )
+
+
+@router.post(
+    "/{name}/versions/{version}/variants",
+    response_model=OptimizationOut,
+    status_code=status.HTTP_202_ACCEPTED,
+)
+def derive_variant(
+    name: str,
+    version: str,
+    session: SessionDep,
+    store: StoreDep,
+    method: Annotated[str, Form(description="dynamic-int8, static-int8, fp16 or prune")],
+    variant_version: Annotated[str, Form(alias="version", description="the new version")],
+    params: Annotated[str | None, Form(description="JSON object of method parameters")] = None,
+    calibration: Annotated[
+        UploadFile | None, File(description=".npz of sample inputs (leading axis = samples)")
+    ] = None,
+) -> OptimizationOut:
+    """Derive an optimized variant (a new immutable version) and its comparison report."""
+    job = variants.request_variant(
+        session,
+        store,
+        name=name,
+        parent=version,
+        version=variant_version,
+        method=method,
+        params_json=params,
+        calibration=calibration.file.read() if calibration is not None else None,
+    )
+    return _job_out(session, name, job)
+
+
+@router.get("/{name}/optimizations/{job_id}", response_model=OptimizationOut)
+def get_optimization(name: str, job_id: int, session: SessionDep) -> OptimizationOut:
+    return _job_out(session, name, variants.get_job(session, name, job_id))
 
 
 @router.get(

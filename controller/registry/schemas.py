@@ -69,6 +69,7 @@ class ModelVersionOut(BaseModel):
             metadata=mv.meta,
             validation=mv.validation,
             benchmark=mv.benchmark,
+            parent=(mv.lineage or {}).get("parent"),
             lineage=mv.lineage,
             artifact_url=f"/v1/models/{model_name}/versions/{mv.version}/artifact",
             created_at=mv.created_at,
@@ -114,3 +115,18 @@ class ValidationHints(BaseModel):
 
 
 PushMetadata.model_rebuild()
+
+
+class OptimizationOut(BaseModel):
+    id: int
+    model: str
+    parent: str
+    version: str
+    method: str
+    params: dict[str, Any]
+    status: str
+    stage: str | None
+    message: str | None
+    report: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime

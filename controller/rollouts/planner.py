@@ -136,6 +136,7 @@ def preflight(
     version_status: str | None,
     supported_architectures: Sequence[str],
     owners: Mapping[str, list[str]],
+    lineage: Mapping[str, Any] | None = None,
 ) -> list[Problem]:
     """Everything that would make the rollout fail before it starts. ``owners`` maps
     another active rollout's name to the nodes of this selection it holds."""
@@ -193,6 +194,7 @@ def preflight(
                     short,
                 )
             )
+    problems.extend(_comparison_problems(spec, ref, lineage))
     for owner, held in sorted(owners.items()):
         problems.append(
             Problem(
@@ -203,3 +205,40 @@ def preflight(
             )
         )
     return problems
+
+
+def _comparison_problems(
+    spec: RolloutSpec, ref: str, lineage: Mapping[str, Any] | None
+) -> list[Problem]:
+    need = spec.comparison
+    if need is None or (need.minAgreement is None and need.maxAbsError is None):
+        return []
+    report = (lineage or {}).get("report")
+    if not report:
+        return [
+            Problem(
+                "NoComparisonReport",
+                f"spec.comparison is set but {ref} is not a derived variant with a comparison "
+                "report (edgefleet models optimize creates one)",
+            )
+        ]
+    out = []
+    agreement = report.get("top1_agreement")
+    if need.minAgreement is not None and (agreement is None or agreement < need.minAgreement):
+        out.append(
+            Problem(
+                "AgreementTooLow",
+                f"{ref} agrees with its parent {lineage.get('parent') if lineage else '?'} on "
+                f"{agreement} of top-1 predictions; the rollout requires {need.minAgreement}",
+            )
+        )
+    error = report.get("max_abs_error")
+    if need.maxAbsError is not None and (error is None or error > need.maxAbsError):
+        out.append(
+            Problem(
+                "AbsErrorTooHigh",
+                f"{ref} differs from its parent by up to {error} (max abs error); the rollout "
+                f"allows {need.maxAbsError}",
+            )
+        )
+    return out

@@ -122,6 +122,7 @@ def apply_rollout(
         version_status=version.status if version else None,
         supported_architectures=settings.inference_architectures,
         owners=owners,
+        lineage=version.lineage if version else None,
     )
     waves = planner.plan_waves(name, selected, spec.strategy)
     existing = repo.get(session, name)
@@ -139,6 +140,14 @@ def apply_rollout(
             )
     action = "configured" if existing is not None else "created"
     generation = existing.generation + 1 if existing is not None else 1
+    if version is not None and version.lineage and version.lineage.get("report"):
+        report = version.lineage["report"]
+        comparison = {
+            k: report.get(k)
+            for k in ("top1_agreement", "max_abs_error", "size_ratio", "latency_ratio")
+        }
+    else:
+        comparison = None
     outcome = ApplyOutcome(
         "Rollout",
         name,
@@ -148,6 +157,8 @@ def apply_rollout(
         plan_summary(waves),
         [p.as_dict() for p in problems],
     )
+    if comparison is not None and outcome.plan is not None:
+        outcome.plan["comparison"] = comparison  # the dry-run shows the variant's numbers
     if dry_run:
         return outcome
     if owners:

@@ -86,3 +86,30 @@ def test_unreachable_controller() -> None:
     code, out = cli(f"http://127.0.0.1:{free_port()}", "models", "list")
     assert code == 1
     assert "cannot reach the controller" in out
+
+
+def test_optimize_prints_the_comparison(api_url: str, tmp_path: Path) -> None:
+    model = tmp_path / "cnn.onnx"
+    model.write_bytes(samples.build_cnn(channels=32))
+    code, out = cli(api_url, "models", "push", str(model), "--name", "cam", "--version", "1")
+    assert code == 0, out
+    code, out = cli(
+        api_url,
+        "models",
+        "optimize",
+        "cam",
+        "1",
+        "--method",
+        "prune",
+        "--as",
+        "1-sparse",
+        "--params",
+        '{"sparsity": 0.5}',
+    )
+    assert code == 0, out
+    assert "cam 1 -> 1-sparse (prune): Succeeded" in out
+    assert "agreement   top-1" in out
+    assert "note: no sample inputs uploaded" in out
+    code, out = cli(api_url, "models", "optimize", "cam", "1", "--method", "int4", "--as", "x")
+    assert code == 1
+    assert "body.method" in out

@@ -183,7 +183,7 @@ def running_versions(settings: Settings, clusters: Iterable[str]) -> dict[str, s
     client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
     out: dict[str, str | None] = {}
     for cluster in clusters:
-        data = client.hgetall(f"edgefleet:sim:{cluster}:detector")
+        data = client.hgetall(f"{settings.sim_state_prefix}:{cluster}:detector")
         for node, raw in data.items():
             out[node] = json.loads(raw)["version"]
     client.close()

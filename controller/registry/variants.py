@@ -1,0 +1,232 @@
+"""Variants: optimization jobs that derive a new immutable version from an ONNX parent
+(quantized, fp16 or pruned), with its lineage and a side-by-side comparison report.
+
+A job is a row first (Pending), then a Celery task. The variant version, its artifact
+and its lineage appear together when the job succeeds; a failed job leaves only its own
+row with the reason."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller.audit import record_event
+from controller.db.models import Model, ModelVersion, Optimization, OptimizationStatus
+from controller.db.session import session_scope
+from controller.errors import Conflict, InvalidInput, NotFound
+from controller.registry import optimize
+from controller.registry import repository as repo
+from controller.registry.schemas import check_version
+from controller.registry.service import (
+    _record_version,
+    artifact_store,
+    require_version,
+)
+from controller.registry.store import ArtifactStore
+from controller.settings import Settings
+from node_agent.runtimes import OnnxRunner
+
+log = logging.getLogger(__name__)
+PARAMS = {
+    "dynamic-int8": {"per_channel"},
+    "static-int8": {"per_channel", "samples"},
+    "fp16": set(),
+    "prune": {"sparsity", "scope"},
+}
+COMMON = {"rtol", "atol"}
+
+
+def request_variant(
+    session: Session,
+    store: ArtifactStore,
+    *,
+    name: str,
+    parent: str,
+    version: str,
+    method: str,
+    params_json: str | None,
+    calibration: bytes | None,
+) -> Optimization:
+    parent_version = require_version(session, name, parent)
+    check_version(version)
+    if method not in optimize.METHODS:
+        raise InvalidInput(
+            f"unknown method {method!r}: expected one of {', '.join(optimize.METHODS)}",
+            loc=("body", "method"),
+        )
+    if parent_version.format != "onnx":
+        raise InvalidInput(
+            "TFLite models are optimized when they are converted (post-training quantization "
+            "in the TFLite converter); register the converted file as its own version",
+            loc=("path", "version"),
+        )
+    try:
+        params = json.loads(params_json) if params_json else {}
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"params is not valid JSON: {exc.msg}", loc=("body", "params")) from exc
+    if not isinstance(params, dict):
+        raise InvalidInput("params must be a JSON object", loc=("body", "params"))
+    unknown = set(params) - PARAMS[method] - COMMON
+    if unknown:
+        allowed = ", ".join(sorted(PARAMS[method] | COMMON))
+        raise InvalidInput(
+            f"unknown parameter(s) {sorted(unknown)} for {method} (allowed: {allowed})",
+            loc=("body", "params", sorted(unknown)[0]),
+        )
+    if method == "prune":
+        sparsity = params.get("sparsity", 0.5)
+        if not isinstance(sparsity, int | float) or not 0 < sparsity < 1:
+            raise InvalidInput(
+                "sparsity must be a number between 0 and 1", loc=("body", "params", "sparsity")
+            )
+    if repo.get_version(session, name, version) is not None:
+        raise Conflict(f"model {name} already has a version {version!r}; name the variant anew")
+    calibration_sha = None
+    if calibration:
+        with store.stage([calibration]) as staged:
+            calibration_sha = staged.sha256
+            store.promote(staged)
+    job = Optimization(
+        model_id=parent_version.model_id,
+        parent_version_id=parent_version.id,
+        target_version=version,
+        method=method,
+        params=params,
+        calibration_sha256=calibration_sha,
+        status=OptimizationStatus.PENDING,
+        stage="queued",
+    )
+    session.add(job)
+    session.flush()
+    from controller.registry.tasks import derive_variant
+    from controller.tasks.celery_app import enqueue
+
+    enqueue(session, derive_variant, job.id)
+    return job
+
+
+def get_job(session: Session, name: str, job_id: int) -> Optimization:
+    job = session.scalar(
+        select(Optimization).join(Model).where(Optimization.id == job_id, Model.name == name)
+    )
+    if job is None:
+        raise NotFound(f"model {name!r} has no optimization {job_id}")
+    return job
+
+
+def _set(job_id: int, **fields: Any) -> None:
+    with session_scope() as session:
+        job = session.get(Optimization, job_id)
+        assert job is not None
+        for key, value in fields.items():
+            setattr(job, key, value)
+
+
+def run_job(job_id: int, settings: Settings) -> str | None:
+    store = artifact_store(settings)
+    with session_scope() as session:
+        job = session.get(Optimization, job_id, with_for_update=True)
+        if job is None or job.status != OptimizationStatus.PENDING:
+            return None  # a duplicate delivery
+        job.status, job.stage = OptimizationStatus.RUNNING, "loading"
+        parent = session.get(ModelVersion, job.parent_version_id)
+        model = session.get(Model, job.model_id)
+        assert parent is not None
+        assert model is not None
+        method, params, target = job.method, dict(job.params), job.target_version
+        parent_path = store.require(parent.sha256)
+        calibration = (
+            store.require(job.calibration_sha256).read_bytes() if job.calibration_sha256 else None
+        )
+        lineage_base = {
+            "parent": parent.version,
+            "parent_sha256": parent.sha256,
+            "method": method,
+            "params": params,
+        }
+        parent_id, model_name = parent.id, model.name
+    try:
+        original = parent_path.read_bytes()
+        specs = OnnxRunner(original, threads=1).inputs
+        notes: list[str] = []
+        if calibration is not None:
+            samples = optimize.load_samples(calibration, specs)
+        else:
+            samples = optimize.generated_samples(
+                specs, int(params.get("samples", 32)), settings.probe_default_dim
+            )
+            notes.append(
+                "no sample inputs uploaded: calibration and comparison used generated random "
+                "inputs, a poor stand-in for real data (upload an .npz of real samples)"
+            )
+        # Calibrate on the first part, compare on a held-out rest when there is enough.
+        held_out = samples[len(samples) * 3 // 4 :] if len(samples) >= 8 else samples
+        calibrate = samples[: len(samples) * 3 // 4] if len(samples) >= 8 else samples
+        _set(job_id, stage=f"deriving ({method})")
+        variant = optimize.derive(original, method, params, samples=calibrate)
+        _set(job_id, stage="comparing")
+        report = optimize.compare(
+            original,
+            variant.data,
+            held_out,
+            rtol=float(params.get("rtol", 1e-2)),
+            atol=float(params.get("atol", 1e-3)),
+        )
+        report["details"] = variant.details
+        report["warnings"] = notes + variant.warnings
+    except Exception as exc:  # any failure: the job says why, and no version exists
+        log.warning("optimization %s failed: %s", job_id, exc)
+        _set(
+            job_id,
+            status=OptimizationStatus.FAILED,
+            stage=None,
+            message=f"{type(exc).__name__}: {exc}",
+        )
+        return OptimizationStatus.FAILED
+    with session_scope() as session, store.stage([variant.data]) as staged:
+        job = session.get(Optimization, job_id)
+        assert job is not None
+        metadata = {"labels": {"variant-of": lineage_base["parent"], "method": method}}
+        try:
+            result = _record_version(
+                session,
+                model_name,
+                target,
+                staged.path,
+                staged.sha256,
+                staged.size,
+                metadata,
+                "Derived",
+            )
+        except Exception as exc:
+            session.rollback()
+            _set(
+                job_id,
+                status=OptimizationStatus.FAILED,
+                stage=None,
+                message=f"{type(exc).__name__}: {exc}",
+            )
+            return OptimizationStatus.FAILED
+        mv = result.version
+        mv.parent_id = parent_id
+        mv.lineage = {**lineage_base, "report": report}
+        store.promote(staged)
+        job.status, job.stage = OptimizationStatus.SUCCEEDED, None
+        job.result_version_id, job.report = mv.id, report
+        record_event(
+            session,
+            kind="ModelVersion",
+            name=f"{model_name}:{target}",
+            reason="VariantDerived",
+            message=(
+                f"{method} of {lineage_base['parent']}: size x{report['size_ratio']}, "
+                f"top-1 agreement {report['top1_agreement']}, "
+                f"max abs error {report['max_abs_error']}"
+            ),
+            data={"lineage": lineage_base},
+        )
+    return OptimizationStatus.SUCCEEDED
