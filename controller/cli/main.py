@@ -101,6 +101,16 @@ def _version_text(v: dict[str, Any]) -> str:
     lines += [f"  {t['name']}: {t['dtype']} {_shape(t['shape'])}" for t in sig.get("inputs", [])]
     lines.append("Outputs:")
     lines += [f"  {t['name']}: {t['dtype']} {_shape(t['shape'])}" for t in sig.get("outputs", [])]
+    lineage = v.get("lineage")
+    if lineage:
+        lines.append(f"Variant of:  {lineage['parent']} ({lineage['method']} {lineage['params']})")
+        report = lineage.get("report") or {}
+        if report:
+            lines.append(
+                f"  compared:  size x{report['size_ratio']}, p50 x{report['latency_ratio']['p50']}, "
+                f"top-1 agreement {report['top1_agreement']}, "
+                f"max abs error {report['max_abs_error']} on {report['samples']} sample(s)"
+            )
     val = v.get("validation")
     if val:
         verdict = "passed" if val.get("passed") else f"FAILED: {val.get('error')}"

@@ -400,14 +400,14 @@ def _observe_pod(pod: Mapping[str, Any]) -> ObservedWorkload:
     restarts = 0
     for cs in status.get("containerStatuses") or []:
         restarts += int(cs.get("restartCount", 0))
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in _FAILING_WAITS:
-            return ObservedWorkload("Failed", version, sha, waiting["reason"], restarts)
-        terminated = (cs.get("lastState") or {}).get("terminated") or (cs.get("state") or {}).get(
-            "terminated"
-        )
+        state = cs.get("state") or {}
+        terminated = (cs.get("lastState") or {}).get("terminated") or state.get("terminated")
+        # An OOM-killed container crash-loops; the kill is the cause worth reporting.
         if terminated and terminated.get("reason") == "OOMKilled":
             return ObservedWorkload("Failed", version, sha, "OOMKilled", restarts)
+        waiting = state.get("waiting") or {}
+        if waiting.get("reason") in _FAILING_WAITS:
+            return ObservedWorkload("Failed", version, sha, waiting["reason"], restarts)
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
             reason = cond.get("reason") or "Unschedulable"

@@ -110,6 +110,10 @@ def test_optimize_prints_the_comparison(api_url: str, tmp_path: Path) -> None:
     assert "cam 1 -> 1-sparse (prune): Succeeded" in out
     assert "agreement   top-1" in out
     assert "note: no sample inputs uploaded" in out
+    code, out = cli(api_url, "models", "describe", "cam", "1-sparse")
+    assert code == 0, out
+    assert "Variant of:  1 (prune {'sparsity': 0.5})" in out
+    assert "top-1 agreement" in out
     code, out = cli(api_url, "models", "optimize", "cam", "1", "--method", "int4", "--as", "x")
     assert code == 1
     assert "body.method" in out

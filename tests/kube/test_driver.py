@@ -122,9 +122,10 @@ def test_apply_pins_pods_and_reapply_changes_nothing(
     (ds,) = driver.workloads("detector")
     assert ds["metadata"]["managedFields"][0]["manager"] == "edgefleet"
     assert ds["metadata"]["managedFields"][0]["operation"] == "Apply"
-    before = ds["metadata"]["resourceVersion"]
+    # generation counts spec changes (status updates by the DaemonSet controller do not).
+    before = ds["metadata"]["generation"]
     driver.apply("detector", {nodes[0]: spec("1.0.0"), nodes[1]: spec("1.0.0")})
-    assert driver.workloads("detector")[0]["metadata"]["resourceVersion"] == before
+    assert driver.workloads("detector")[0]["metadata"]["generation"] == before
 
 
 def test_moving_a_node_to_a_new_version(
@@ -306,3 +307,50 @@ def test_objects_validate_against_kubernetes_schemas() -> None:
     for version in ("1.30.0", "1.31.0", "1.32.0"):
         for obj in (ds, objects.namespace("edgefleet-workloads")):
             kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("container_state", "reason"),
+    [
+        (
+            {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "pull failed"}}},
+            "ImagePullBackOff",
+        ),
+        (
+            {
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}},
+            },
+            "OOMKilled",
+        ),
+    ],
+)
+def test_pod_failure_reasons_are_observed(
+    driver: KubernetesDriver,
+    nodes: list[str],
+    core: Any,
+    ns: str,
+    container_state: dict[str, Any],
+    reason: str,
+) -> None:
+    """What a kubelet reports for a bad image or an OOM kill reaches the observation."""
+    driver.apply("detector", {nodes[0]: spec("1.0.0")})
+    pod = eventually(lambda: next(iter(core.list_namespaced_pod(ns).items), None), what="the pod")
+    status = {
+        "phase": "Running" if reason == "OOMKilled" else "Pending",
+        "conditions": [{"type": "Ready", "status": "False"}],
+        "containerStatuses": [
+            {
+                "name": "inference",
+                "image": "ghcr.io/edgefleet/inference:test",
+                "imageID": "",
+                "ready": False,
+                "restartCount": 3 if reason == "OOMKilled" else 0,
+                **container_state,
+            }
+        ],
+    }
+    core.patch_namespaced_pod_status(pod.metadata.name, ns, {"status": status})
+    obs = driver.observe("detector", [nodes[0]])[nodes[0]]
+    assert (obs.phase, obs.reason) == ("Failed", reason)
+    assert obs.restarts == (3 if reason == "OOMKilled" else 0)
