@@ -107,7 +107,8 @@ def _version_text(v: dict[str, Any]) -> str:
         report = lineage.get("report") or {}
         if report:
             lines.append(
-                f"  compared:  size x{report['size_ratio']}, p50 x{report['latency_ratio']['p50']}, "
+                f"  compared:  size x{report['size_ratio']}, "
+                f"p50 x{report['latency_ratio']['p50']}, "
                 f"top-1 agreement {report['top1_agreement']}, "
                 f"max abs error {report['max_abs_error']} on {report['samples']} sample(s)"
             )
