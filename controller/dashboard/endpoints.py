@@ -23,7 +23,7 @@ th{background:#eef0f3}.bar{background:#e3e6ea;height:.8rem;width:12rem;border-ra
 .fill{background:#2f9e44;height:100%}.p-RolledBack .fill,.p-Failed .fill,.p-Aborted .fill{background:#e03131}
 .tag{padding:.1rem .45rem;border-radius:.6rem;font-size:.8rem;background:#e7f5ff}
 .p-Succeeded .tag{background:#d3f9d8}.p-RolledBack .tag,.p-Failed .tag{background:#ffe3e3}
-.muted{color:#6b7280;font-size:.85rem}
+.muted{color:#6b7280;font-size:.85rem}td:first-child,td:nth-child(2){white-space:nowrap}
 """
 
 
@@ -55,16 +55,26 @@ def dashboard(session: SessionDep) -> HTMLResponse:
     rows_r, _ = rollout_repo.list_rollouts(session, limit=50, offset=0)
     for r in rows_r:
         model, version = rollout_repo.model_version_label(session, r.model_version_id)
+        # Progress from the waves, the rollout's own history: its nodes may since belong
+        # to a later rollout of the same model, which then holds their live state.
+        planned = sum(w.node_count for w in r.waves) or 0
+        promoted = sum(w.node_count for w in r.waves if w.phase == "Passed")
+        pct = 100 * promoted // planned if planned else 100
         states = rollout_repo.state_counts(session, r.id)
-        total = sum(sum(s.values()) for s in states.values()) or 1
-        done = sum(s.get("Healthy", 0) + s.get("Running", 0) for s in states.values())
-        pct = 100 * done // total
+        totals: dict[str, int] = {}
+        for per_wave in states.values():
+            for state, n in per_wave.items():
+                totals[state] = totals.get(state, 0) + n
+        live = (
+            ", ".join(f"{k} {v}" for k, v in sorted(totals.items()))
+            or "nodes now held by a later rollout"
+        )
         rollouts_html += (
             f'<tr class="p-{escape(r.phase)}"><td>{escape(r.name)}</td>'
             f"<td>{escape(model)}:{escape(version)}</td><td>{_tag(r.phase)}</td>"
             f"<td>{r.current_wave + 1}/{len(r.waves)}</td>"
             f'<td><div class="bar"><div class="fill" style="width:{pct}%"></div></div>'
-            f"<span class=muted>{done}/{total} nodes</span></td>"
+            f"<span class=muted>{promoted}/{planned} nodes promoted · {escape(live)}</span></td>"
             f"<td class=muted>{escape(r.message or '')}</td></tr>"
         )
     html = f"""<!doctype html><html><head><meta charset="utf-8">

@@ -626,7 +626,10 @@ class Step:
                 self.r,
                 P.ROLLED_BACK,
                 reason="RollingBack",
-                message="onFailure: rollback; every touched node returns to its previous version",
+                message=(
+                    f"wave {wave.index} failed ({result.reason}); onFailure: rollback, every "
+                    "touched node returns to its previous version"
+                ),
             )
             self.revert()
         else:
