@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from controller.db.models import (
     Assignment,
@@ -63,8 +63,11 @@ def list_rollouts(session: Session, *, limit: int, offset: int) -> tuple[Sequenc
 
 
 def rows_of(session: Session, rollout_id: int) -> list[Row]:
+    # Only the node columns a step reads: labels, capacity and the like are JSON documents
+    # that would otherwise be parsed for every node of the rollout on every step.
     stmt = (
         select(Assignment, Node, Cluster.name)
+        .options(load_only(Node.id, Node.name, Node.health, Node.cluster_id))
         .join(Node, Node.id == Assignment.node_id)
         .join(Cluster, Cluster.id == Node.cluster_id)
         .where(Assignment.rollout_id == rollout_id)
