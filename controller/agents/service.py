@@ -29,8 +29,8 @@ from node_agent.contract import Heartbeat
 
 HEARTBEATS = Counter(
     "edgefleet_heartbeats_total",
-    "Heartbeats received from node agents, by result "
-    "(accepted, duplicate, unauthorized, forbidden).",
+    "Heartbeats received from node agents, by result: accepted, duplicate (a replay), "
+    "forbidden (for another node), unauthorized (requests with a bad credential).",
     ["result"],
 )
 
@@ -69,7 +69,6 @@ def enroll(
     # The token is checked before the node is looked up, so nobody without it can probe
     # which node names exist.
     if not hmac.compare_digest(join_token.encode(), expected.get_secret_value().encode()):
-        HEARTBEATS.labels("unauthorized").inc()
         raise Unauthorized("invalid join token")
     found = repo.node_by_key(session, cluster, node)
     if found is None:

@@ -40,7 +40,7 @@ def parse_quantity(value: str | int | float) -> Decimal:
         base = Decimal(number)
     except InvalidOperation as exc:
         raise ValueError(f"{value!r} is not a Kubernetes quantity") from exc
-    if suffix[:1] in ("e", "E") and len(suffix) > 1:
+    if re.fullmatch(r"[eE][+-]?[0-9]+", suffix):  # an exponent, not the binary "Ei"
         return base * (Decimal(10) ** int(suffix[1:]))
     return base * _SUFFIX[suffix]
 

@@ -1,6 +1,6 @@
 """The manifest kinds: ``Cluster``, ``ModelVersion``, ``Rollout`` (apiVersion
 ``edgefleet.io/v1``). Unknown fields are errors everywhere; each error names its field
-path and the expected form. ``edgefleet schemas`` writes their JSON Schemas to
+path and the expected form. ``scripts/gen_schemas.py`` writes their JSON Schemas to
 ``schemas/`` and the API serves them at ``/v1/schemas/{kind}``."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -46,7 +47,8 @@ class ObjectMeta(Strict):
 
 
 def _check_quantity(value: str | int | float) -> str:
-    parse_quantity(value)
+    if parse_quantity(value) < 0:
+        raise ValueError(f"{value!r} is negative: resource quantities must be >= 0")
     return str(value)
 
 
@@ -203,9 +205,38 @@ class ModelVersionManifest(Strict):
 
 # ---------------------------------------------------------------- Rollout
 
+_PERCENT = re.compile(r"^(100|[1-9]?[0-9])%$")
+
+
+def _int_or_percent(value: object) -> int | str:
+    """One error at the field itself (not one per branch of an int | str union)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and _PERCENT.match(value):
+        return value
+    raise ValueError(
+        f"expected a node count (an integer >= 0) or a percentage from '0%' to '100%', "
+        f"got {value!r}"
+    )
+
+
+def _at_least_one(value: object) -> int | str:
+    if value in (0, "0%") or (isinstance(value, int) and not isinstance(value, bool) and value < 0):
+        raise ValueError(
+            f"must allow at least one node: an integer >= 1 or a percentage above 0%, got {value!r}"
+        )
+    return _int_or_percent(value)
+
+
 IntOrPercent = Annotated[
-    int | Annotated[str, StringConstraints(pattern=r"^(100|[1-9]?[0-9])%$")],
-    Field(description="a node count (int) or a percentage string like '10%'"),
+    int | str,
+    BeforeValidator(_int_or_percent),
+    Field(description="a node count (int >= 0) or a percentage string like '10%'"),
+]
+PositiveIntOrPercent = Annotated[
+    int | str,
+    BeforeValidator(_at_least_one),
+    Field(description="a node count (int >= 1) or a percentage string like '10%'"),
 ]
 
 
@@ -256,7 +287,7 @@ class Step(Strict):
 
 class Strategy(Strict):
     steps: list[Step] = Field(min_length=1, max_length=100)
-    maxUnavailable: IntOrPercent = "25%"
+    maxUnavailable: PositiveIntOrPercent = "25%"
     maxDeferred: IntOrPercent = Field(
         "10%", description="offline nodes a wave may defer before the rollout fails"
     )
@@ -267,13 +298,6 @@ class Strategy(Strict):
     def _deadline(cls, v: str) -> str:
         if parse_duration(v) <= 0:
             raise ValueError("must be longer than 0s")
-        return v
-
-    @field_validator("maxUnavailable")
-    @classmethod
-    def _positive(cls, v: int | str) -> int | str:
-        if v in (0, "0%"):
-            raise ValueError("must allow at least one node (an int >= 1 or a percentage > 0%)")
         return v
 
 

@@ -163,10 +163,22 @@ def _apply_all(
                 exc.detail = f"document {index}: {exc.detail}"
             elif isinstance(exc.detail, dict) and "message" in exc.detail:
                 exc.detail = {**exc.detail, "message": exc.message, "document": index}
+            elif isinstance(exc.detail, list):
+                exc.detail = [_in_document(item, index) for item in exc.detail]
             raise
         outcomes.append((index, outcome))
         session.flush()
     return [o for _, o in sorted(outcomes, key=lambda io: io[0])]
+
+
+def _in_document(item: Any, index: int) -> Any:
+    """A field path inside document ``index``: ["body", "spec", ...] -> ["body", index, ...]."""
+    if not isinstance(item, dict):
+        return item
+    loc = list(item.get("loc") or [])
+    if loc[:1] == ["body"] and not (len(loc) > 1 and isinstance(loc[1], int)):
+        loc = ["body", index, *loc[1:]]
+    return {**item, "loc": loc}
 
 
 def json_schema(kind: str) -> dict[str, Any]:

@@ -30,6 +30,16 @@ class GateResult:
     snapshot: dict[str, Any] = field(default_factory=dict)
 
 
+def _current(metrics: dict[str, Any], target_sha: str, since: datetime) -> bool:
+    """Numbers reported for the new version since the wave started."""
+    reported = metrics.get("reported_at")
+    return (
+        metrics.get("sha256") == target_sha
+        and reported is not None
+        and datetime.fromisoformat(reported) >= since
+    )
+
+
 def _node_verdict(
     sample: NodeSample, gates: Gates, target_sha: str, since: datetime
 ) -> tuple[str, str | None]:
@@ -37,13 +47,7 @@ def _node_verdict(
     if sample.state == AssignmentState.FAILED:
         return "unhealthy", "workload failed"
     m = sample.metrics
-    reported = m.get("reported_at")
-    if (
-        m.get("sha256") != target_sha
-        or reported is None
-        or datetime.fromisoformat(reported) < since
-        or int(m.get("samples", 0)) < gates.minSamples
-    ):
+    if not _current(m, target_sha, since) or int(m.get("samples", 0)) < gates.minSamples:
         return "silent", None
     if gates.maxP95LatencyMs is not None:
         p95 = m.get("p95_ms")
@@ -76,7 +80,9 @@ def evaluate(
     latencies = [
         s.metrics["p95_ms"]
         for s in samples
-        if verdicts[s.node][0] != "silent" and s.metrics.get("p95_ms") is not None
+        if verdicts[s.node][0] != "silent"
+        and s.metrics.get("p95_ms") is not None
+        and _current(s.metrics, target_sha, since)
     ]
     snapshot: dict[str, Any] = {
         "nodes": total,

@@ -55,7 +55,7 @@ class PreflightFailed(InvalidInput):
         super().__init__(f"rollout {name} failed pre-flight checks")
         self.detail = [
             {
-                "loc": ["body", "Rollout", name, "spec"],
+                "loc": ["body", "spec"],  # the apply adds the document index
                 "msg": p.message,
                 "type": p.code,
                 **({"nodes": p.nodes[:50], "nodeCount": len(p.nodes)} if p.nodes else {}),

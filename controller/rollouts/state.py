@@ -92,13 +92,13 @@ def move(
     nodes, so a 10,000-node wave writes one row per transition, not 10,000."""
     moved: dict[str, list[str]] = defaultdict(list)
     now = utcnow()
-    for assignment, node_key in assignments:
-        if assignment.state == to:
-            continue
+    batch = [(a, key) for a, key in assignments if a.state != to]
+    for assignment, node_key in batch:  # all or nothing: check every node first
         if to not in ASSIGNMENT_TRANSITIONS.get(assignment.state, set()):
             raise IllegalTransition(
                 f"assignment of node {node_key} is {assignment.state}: it cannot become {to}"
             )
+    for assignment, node_key in batch:
         moved[assignment.state].append(node_key)
         assignment.state = to
         assignment.updated_at = now
