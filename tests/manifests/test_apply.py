@@ -296,7 +296,7 @@ BAD: list[Any] = [
         ),
         id="maxUnavailable-0",
     ),
-    # Regression test (a fixed bug): a bad int-or-percent is reported twice, at the pydantic union members
+    # Fixed bug: a bad int-or-percent is reported twice, at the pydantic union members
     # (".../maxUnavailable/int" and ".../maxUnavailable/constrained-str"), not at the field.
     pytest.param(
         bad_rollout(
@@ -333,7 +333,7 @@ BAD: list[Any] = [
         ),
         id="quantity-1.5.2Gi",
     ),
-    # Regression test (a fixed bug): a negative request passes validation (Kubernetes refuses it at apply time).
+    # Fixed bug: a negative request passes validation (Kubernetes refuses it at apply time).
     pytest.param(
         bad_rollout((*REQUESTS, "cpu"), "-1", [*REQUESTS, "cpu"], "negative"),
         id="quantity-negative",
@@ -471,7 +471,7 @@ BAD: list[Any] = [
         ),
         id="modelversion-sha256-bad",
     ),
-    # Regression test (a fixed bug): the service's own 422s drop the document index: ["body", "spec", "artifact", ...].
+    # Fixed bug: the service's own 422s drop the document index: ["body", "spec", "artifact", ...].
     pytest.param(
         bad_doc(
             model_version(path="./detector.onnx"),

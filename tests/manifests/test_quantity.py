@@ -38,7 +38,7 @@ KI, MI, GI = 2**10, 2**20, 2**30
         ("1.5Gi", Decimal(3 * GI // 2)),
         ("1Ti", Decimal(2**40)),
         ("1Pi", Decimal(2**50)),
-        ("1Ei", Decimal(2**60)),  # Regression test (a fixed bug): "Ei" is read as an exponent "E" + "i"
+        ("1Ei", Decimal(2**60)),  # Fixed bug: "Ei" is read as an exponent "E" + "i"
         ("1e3", Decimal(1000)),
         ("1E3", Decimal(1000)),
         ("5e-3", Decimal("0.005")),
