@@ -21,6 +21,16 @@ class NotFound(EdgefleetError):
     code = "not_found"
 
 
+class Unauthorized(EdgefleetError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(EdgefleetError):
+    status_code = 403
+    code = "forbidden"
+
+
 class Conflict(EdgefleetError):
     status_code = 409
     code = "conflict"

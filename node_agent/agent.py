@@ -1,13 +1,515 @@
-"""``edgefleet-agent``: the node agent daemon (issue 5 builds it)."""
+"""``edgefleet-agent``: the node agent daemon, one per edge node (a DaemonSet pod).
+
+Every interval it builds one heartbeat (node status, and per local inference server
+the model it serves with that window's inference numbers), appends it to the durable
+outbox (:mod:`node_agent.queue`) and sends the outbox, oldest first, in batches. The
+controller acknowledges a sequence number and everything up to it leaves the outbox,
+so an agent cut off for hours replays its backlog in order when the link comes back,
+and a batch sent twice (a lost response) is counted once.
+
+Identity: the agent enrols once with the fleet's join token and keeps the credential
+of its own node (``<state_dir>/credential``, mode 0600). A credential the controller no
+longer accepts (rotated, node re-created) makes it enrol again when it still has the
+join token.
+
+Light on purpose: no numpy, no runtime, no server; a few file reads and two HTTP
+requests per interval (bench/bench_agent.py measures it)."""
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from node_agent.contract import Heartbeat
+from node_agent.metrics_reader import MetricsReader
+from node_agent.queue import HeartbeatQueue
+from node_agent.sysinfo import SystemProbe
+
+log = logging.getLogger("edgefleet.agent")
+
+
+class AgentSettings(BaseSettings):
+    """``EDGEFLEET_*`` environment variables (the agent reads no ``.env`` file)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEFLEET_", extra="ignore", validate_by_name=True, validate_by_alias=True
+    )
+
+    controller_url: str = Field(description="The controller as reachable from this node.")
+    join_token: SecretStr | None = Field(
+        None, description="Fleet join token; needed to enrol (and to re-enrol on a 401)."
+    )
+    # The chart sets NODE_NAME from the downward API (spec.nodeName).
+    node_name: str = Field(
+        min_length=1, validation_alias=AliasChoices("EDGEFLEET_NODE_NAME", "NODE_NAME")
+    )
+    cluster: str = Field(min_length=1, description="The cluster's name in the controller.")
+    state_dir: Path = Path("/var/lib/edgefleet/agent")
+    heartbeat_interval_s: float = Field(
+        10.0, gt=0, description="Unless set, the controller's suggestion at enrolment wins."
+    )
+    queue_max: int = Field(
+        10_000, ge=1, description="Heartbeats kept while offline (10,000 x 10 s = 27 h)."
+    )
+    batch_size: int = Field(500, ge=1, description="Heartbeats per request when replaying.")
+    inference_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="The /metrics URLs of the local inference servers (comma-separated).",
+    )
+    request_timeout_s: float = Field(10.0, gt=0)
+    scrape_timeout_s: float = Field(2.0, gt=0)
+    retry_max_s: float = Field(
+        60.0, gt=0, description="Longest wait between attempts to reach the controller."
+    )
+    controller_ca_file: Path | None = Field(
+        None, description="CA bundle for a controller certificate of a private CA."
+    )
+    log_level: str = "INFO"
+
+    @field_validator("inference_urls", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [u.strip() for u in value.split(",") if u.strip()]
+        return value
+
+
+# --- the controller's API -------------------------------------------------------------
+
+
+class ControllerError(Exception):
+    pass
+
+
+class Unreachable(ControllerError):
+    """Temporary: network, timeout, 5xx, 429. Try again later."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Refused(ControllerError):
+    """The controller answered 4xx: retrying the same request will not help."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class Enrollment(BaseModel):
+    credential: str
+    heartbeat_interval_s: float
+    last_seq: int = 0
+
+
+class Ack(BaseModel):
+    accepted: int
+    duplicates: int
+    last_seq: int
+
+
+class ControllerClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 10.0,
+        verify: str | bool = True,
+        user_agent: str = "edgefleet-agent",
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            verify=verify,
+            headers={"User-Agent": user_agent},
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, *, content: str, headers: dict[str, str]) -> Any:
+        try:
+            resp = self._http.post(
+                path, content=content, headers={"Content-Type": "application/json", **headers}
+            )
+        except httpx.TransportError as exc:
+            raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
+        if resp.status_code < 300:
+            return resp.json()
+        try:
+            detail = str(resp.json().get("detail", resp.text))
+        except ValueError:
+            detail = resp.text[:300]
+        if resp.status_code >= 500 or resp.status_code in (408, 429):
+            retry_after = resp.headers.get("Retry-After", "")
+            raise Unreachable(
+                f"{resp.status_code}: {detail}",
+                retry_after_s=float(retry_after) if retry_after.isdigit() else None,
+            )
+        raise Refused(resp.status_code, detail)
+
+    def enroll(self, *, cluster: str, node: str, join_token: str) -> Enrollment:
+        body = json.dumps({"cluster": cluster, "node": node, "join_token": join_token})
+        return Enrollment.model_validate(self._post("/v1/agents/enroll", content=body, headers={}))
+
+    def heartbeats(self, credential: str, body: str) -> Ack:
+        """``body``: a JSON list of heartbeats, oldest first."""
+        got = self._post(
+            "/v1/agents/heartbeat",
+            content=body,
+            headers={"Authorization": f"Bearer {credential}"},
+        )
+        return Ack.model_validate(got)
+
+
+# --- the agent ------------------------------------------------------------------------
+
+
+class Backoff:
+    """When to try the controller next. Temporary failures wait longer each time (from
+    the interval up to ``max_s``); a refusal that needs an operator waits ``max_s`` at
+    once. Jitter spreads a fleet's reconnection after a controller outage."""
+
+    def __init__(
+        self,
+        base_s: float,
+        max_s: float,
+        clock: Callable[[], float],
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.base_s, self.max_s, self.clock, self.rng = base_s, max_s, clock, rng
+        self.failures = 0
+        self.retry_at = 0.0
+
+    def ready(self) -> bool:
+        return self.clock() >= self.retry_at
+
+    def success(self) -> None:
+        self.failures, self.retry_at = 0, 0.0
+
+    def failure(self, *, permanent: bool = False, at_least_s: float | None = None) -> float:
+        self.failures += 1
+        delay = self.max_s if permanent else min(self.max_s, self.base_s * 2 ** (self.failures - 1))
+        delay *= 0.5 + self.rng() / 2
+        if at_least_s is not None:
+            delay = max(delay, at_least_s)
+        self.retry_at = self.clock() + delay
+        return delay
+
+
+@dataclass
+class Stats:
+    accepted: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    failures: int = 0
+    enrollments: int = 0
+
+
+def write_secret(path: Path, value: str) -> None:
+    """Write ``value`` to ``path`` readable by the owner only, atomically: the file is
+    created with mode 0600 (never world-readable, not even for an instant) and renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(value)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def agent_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        client: ControllerClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        proc_root: Path = Path("/proc"),
+        sys_root: Path = Path("/sys"),
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.version = agent_version()
+        settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.credential_path = settings.state_dir / "credential"
+        self.queue = HeartbeatQueue(settings.state_dir / "queue.db", max_entries=settings.queue_max)
+        ca = settings.controller_ca_file
+        self.client = client or ControllerClient(
+            settings.controller_url,
+            timeout_s=settings.request_timeout_s,
+            verify=str(ca) if ca is not None else True,
+            user_agent=f"edgefleet-agent/{self.version}",
+        )
+        # Local servers only: no proxy from the environment.
+        self._scrape_http = httpx.Client(timeout=settings.scrape_timeout_s, trust_env=False)
+        self.metrics = MetricsReader(settings.inference_urls, client=self._scrape_http, clock=clock)
+        self.system = SystemProbe(
+            settings.state_dir, agent_version=self.version, proc_root=proc_root, sys_root=sys_root
+        )
+        self.interval_s = self._interval()
+        self.backoff = Backoff(self.interval_s, settings.retry_max_s, clock)
+        self.stats = Stats()
+        self._credential: str | None = None
+        self._dropped_logged = self.queue.dropped
+
+    def close(self) -> None:
+        self.queue.close()
+        self.client.close()
+        self._scrape_http.close()
+
+    def _interval(self) -> float:
+        """The configured interval; unless it was set, the controller's suggestion
+        (remembered from enrolment across restarts)."""
+        if "heartbeat_interval_s" in self.settings.model_fields_set:
+            return self.settings.heartbeat_interval_s
+        suggested_ms = self.queue.get_setting("interval_ms")
+        return suggested_ms / 1000 if suggested_ms else self.settings.heartbeat_interval_s
+
+    # -- identity -----------------------------------------------------------------------
+
+    @property
+    def credential(self) -> str | None:
+        if self._credential is None:
+            try:
+                self._credential = self.credential_path.read_text(encoding="utf-8").strip() or None
+            except FileNotFoundError:
+                return None
+        return self._credential
+
+    def _forget_credential(self) -> None:
+        self._credential = None
+        with contextlib.suppress(FileNotFoundError):
+            self.credential_path.unlink()
+
+    def enroll(self) -> bool:
+        """Exchange the join token for this node's credential. False (and a backoff)
+        when that is not possible now."""
+        token = self.settings.join_token
+        if token is None:
+            log.error(
+                "no node credential in %s and no join token (EDGEFLEET_JOIN_TOKEN) to enrol with",
+                self.credential_path,
+            )
+            self.backoff.failure(permanent=True)
+            return False
+        s = self.settings
+        try:
+            got = self.client.enroll(
+                cluster=s.cluster, node=s.node_name, join_token=token.get_secret_value()
+            )
+        except Unreachable as exc:
+            log.warning("cannot enrol, controller unreachable: %s", exc)
+            self.backoff.failure(at_least_s=exc.retry_after_s)
+            return False
+        except Refused as exc:
+            log.error("enrolment of %s/%s refused: %s", s.cluster, s.node_name, exc)
+            # A wrong join token needs an operator; an unknown node may be synced soon.
+            self.backoff.failure(permanent=exc.status in (401, 403))
+            return False
+        write_secret(self.credential_path, got.credential)
+        self._credential = got.credential
+        self.queue.put_setting("interval_ms", round(got.heartbeat_interval_s * 1000))
+        self.interval_s = self._interval()
+        # The controller may know a higher sequence number than this state directory
+        # (the pod's volume was replaced): continue above it, or every heartbeat would
+        # be ignored as a replay.
+        self.queue.ack(got.last_seq)
+        self.backoff.base_s = self.interval_s
+        self.stats.enrollments += 1
+        log.info("enrolled %s/%s (heartbeat every %.3g s)", s.cluster, s.node_name, self.interval_s)
+        return True
+
+    # -- heartbeats ---------------------------------------------------------------------
+
+    def collect(self) -> int:
+        """Build this interval's heartbeat and put it in the outbox. Returns its seq."""
+        status = self.system.status()
+        workloads = self.metrics.read()
+        sent_at = self.wall_clock()
+        s = self.settings
+
+        def build(seq: int) -> str:
+            return Heartbeat(
+                cluster=s.cluster,
+                node=s.node_name,
+                seq=seq,
+                sent_at=sent_at,
+                status=status,
+                workloads=workloads,
+            ).model_dump_json(exclude_none=True)
+
+        seq = self.queue.append(build)
+        dropped = self.queue.dropped
+        if dropped > self._dropped_logged:
+            log.warning(
+                "outbox full (%d heartbeats): %d oldest dropped unsent so far",
+                self.queue.max_entries,
+                dropped,
+            )
+            self._dropped_logged = dropped
+        return seq
+
+    def flush(self) -> bool:
+        """Send the outbox, oldest first, until it is empty (True) or the controller
+        cannot take more now (False, with a backoff)."""
+        batch_size = self.settings.batch_size
+        reenrolled = False
+        while True:
+            entries = self.queue.peek(batch_size)
+            if not entries:
+                return True
+            if self.credential is None and not self.enroll():
+                return False
+            credential = self.credential
+            assert credential is not None
+            body = "[" + ",".join(e.body for e in entries) + "]"
+            try:
+                ack = self.client.heartbeats(credential, body)
+            except Unreachable as exc:
+                self.stats.failures += 1
+                delay = self.backoff.failure(at_least_s=exc.retry_after_s)
+                log.warning(
+                    "controller unreachable (%s); %d heartbeat(s) queued, next try in %.0f s",
+                    exc,
+                    len(self.queue),
+                    delay,
+                )
+                return False
+            except Refused as exc:
+                self.stats.failures += 1
+                if exc.status == 401 and self.settings.join_token is not None and not reenrolled:
+                    log.warning("node credential rejected (%s): enrolling again", exc.detail)
+                    self._forget_credential()
+                    reenrolled = True
+                    continue
+                if exc.status == 413 and batch_size > 1:
+                    batch_size = max(1, batch_size // 2)
+                    continue
+                if exc.status == 422:
+                    # Isolate the heartbeat the controller cannot read, then drop only it:
+                    # one bad entry must not wedge the outbox forever.
+                    if batch_size > 1:
+                        batch_size = 1
+                        continue
+                    self.queue.discard(entries[0].seq)
+                    log.error("heartbeat %d refused as invalid, dropped: %s", entries[0].seq, exc)
+                    continue
+                log.error("controller refused heartbeats: %s", exc)
+                self.backoff.failure(permanent=True)
+                return False
+            self.queue.ack(ack.last_seq)
+            self.backoff.success()
+            self.stats.batches += 1
+            self.stats.accepted += ack.accepted
+            self.stats.duplicates += ack.duplicates
+            if ack.last_seq < entries[-1].seq:  # never expected: do not spin on it
+                log.error(
+                    "controller acknowledged %d of a batch up to %d", ack.last_seq, entries[-1].seq
+                )
+                return False
+
+    def cycle(self) -> None:
+        """One interval: enrol if needed (before the heartbeat takes a sequence number,
+        which enrolment may move), collect, and send if the backoff allows."""
+        if self.credential is None and self.backoff.ready():
+            self.enroll()
+        self.collect()
+        if self.backoff.ready():
+            self.flush()
+
+    def run(self, stop: threading.Event) -> None:
+        log.info(
+            "edgefleet-agent %s for %s/%s, controller %s, %d inference server(s)",
+            self.version,
+            self.settings.cluster,
+            self.settings.node_name,
+            self.settings.controller_url,
+            len(self.settings.inference_urls),
+        )
+        next_at = self.clock()
+        while not stop.is_set():
+            try:
+                self.cycle()
+            except Exception:  # a bug in one cycle must not end the agent
+                log.exception("heartbeat cycle failed")
+            next_at += self.interval_s
+            delay = next_at - self.clock()
+            if delay < 0:  # fell behind (suspended, slow disk): no burst to catch up
+                next_at, delay = self.clock(), 0.0
+            stop.wait(delay)
+        # Shutting down (SIGTERM): one last attempt to empty the outbox.
+        if len(self.queue) and self.credential is not None:
+            self.flush()
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        env = "NODE_NAME" if name == "node_name" else f"EDGEFLEET_{name.upper()}"
+        lines.append(f"  {env}: {err['msg']}")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    sys.stderr.write(
-        "edgefleet-agent is not implemented yet: enrollment, heartbeats and the offline "
-        "queue arrive with the node agent issue (#5).\n"
+    try:
+        settings = AgentSettings()
+    except ValidationError as exc:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        log.error("invalid agent configuration:\n%s", _explain(exc))
+        raise SystemExit(2) from None
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    raise SystemExit(2)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        agent = Agent(settings)
+    except OSError as exc:  # an unwritable state directory, typically
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
+    try:
+        agent.run(stop)
+    finally:
+        agent.close()
+
+
+if __name__ == "__main__":
+    main()

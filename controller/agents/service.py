@@ -22,7 +22,13 @@ from controller.agents import repository as repo
 from controller.audit import record_event
 from controller.db.models import Node
 from controller.db.session import after_commit
-from controller.errors import EdgefleetError, NotFound, PayloadTooLarge, ServiceUnavailable
+from controller.errors import (
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+)
 from controller.fleet.service import ingest_heartbeats
 from controller.settings import Settings
 from node_agent.contract import Heartbeat
@@ -33,18 +39,6 @@ HEARTBEATS = Counter(
     "forbidden (for another node), unauthorized (requests with a bad credential).",
     ["result"],
 )
-
-
-# The generic hierarchy in controller/errors.py has no 401/403 yet; these two are the
-# only users so far.
-class Unauthorized(EdgefleetError):
-    status_code = 401
-    code = "unauthorized"
-
-
-class Forbidden(EdgefleetError):
-    status_code = 403
-    code = "forbidden"
 
 
 def hash_credential(credential: str) -> str:

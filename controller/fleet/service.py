@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -208,7 +208,10 @@ def ingest_heartbeats(
                 "sha256": report.sha256,
                 "version": report.version,
                 "state": report.state,
-                "reported_at": now.isoformat(),
+                # When the agent measured, not when it arrived: a window replayed from the
+                # offline queue must not pass for fresh evidence (capped at now against
+                # clocks running ahead).
+                "reported_at": min(beat.sent_at.astimezone(UTC), now).isoformat(),
                 "on_desired": report.sha256 == desired_sha,
             }
             if report.metrics is not None:

@@ -1,0 +1,158 @@
+"""Stand-ins for the agent's neighbours: a local inference server's /metrics (exported
+by prometheus_client with the server's exact names and layout) and a controller that
+can be stopped and started again on the same address."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from node_agent.contract import ERRORS_TOTAL, INFERENCE_LATENCY, REQUESTS_TOTAL
+from tests.live import free_port
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class FakeInferenceServer:
+    """What ``edgefleet-serve`` exports: unlabelled series, one model per server, the
+    model named by ``edgefleet_model_info``. ``restart()`` starts the counters over, as a
+    new server process would."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.scrapes = 0
+        self.fail = False
+        self.restart()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with fake._lock:
+                    fake.scrapes += 1
+                    body = generate_latest(fake.registry)
+                    status = 500 if fake.fail else 200
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/metrics"
+
+    def restart(self) -> None:
+        with self._lock:
+            r = self.registry = CollectorRegistry()
+            self.latency = Histogram(INFERENCE_LATENCY, "x", buckets=BUCKETS, registry=r)
+            self.requests = Counter(REQUESTS_TOTAL.removesuffix("_total"), "x", registry=r)
+            self.errors = Counter(ERRORS_TOTAL.removesuffix("_total"), "x", registry=r)
+            self.ready = Gauge("edgefleet_model_ready", "x", registry=r)
+            self.info = Info("edgefleet_model", "x", registry=r)
+            self.has_model = False
+
+    def set_model(self, model: str, version: str, sha256: str, *, ready: bool = True) -> None:
+        with self._lock:
+            self.info.info(
+                {
+                    "model": model,
+                    "version": version,
+                    "sha256": sha256,
+                    "runtime": "onnxruntime",
+                    "provider": "CPUExecutionProvider",
+                }
+            )
+            self.ready.set(1 if ready else 0)
+            self.has_model = True
+
+    def serve(self, n: int, latency_s: float, *, errors: int = 0) -> None:
+        """``n`` inferences of ``latency_s`` each, ``errors`` more that failed."""
+        with self._lock:
+            for _ in range(n):
+                self.latency.observe(latency_s)
+            self.requests.inc(n + errors)
+            if errors:
+                self.errors.inc(errors)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@contextmanager
+def inference_server() -> Iterator[FakeInferenceServer]:
+    server = FakeInferenceServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+class LiveController:
+    """The real controller app under uvicorn, in a thread, on a port that stays the same
+    across ``stop()`` and ``start()`` (an agent keeps its controller URL)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        self._server, self._thread = server, thread
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+        self._server = self._thread = None
+
+
+@contextmanager
+def live_controller(app: FastAPI) -> Iterator[LiveController]:
+    controller = LiveController(app)
+    controller.start()
+    try:
+        yield controller
+    finally:
+        controller.stop()
+
+
+class FakeClock:
+    """A monotonic clock the test moves: an hour of 10 s intervals in no time."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -1,0 +1,308 @@
+"""Enrolment and the heartbeat endpoint, through the API on real Postgres."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from sqlalchemy import select
+
+from controller.db.models import Assignment, AssignmentState, Cluster, Event, ModelVersion, Node
+from controller.db.session import session_scope
+from controller.settings import Settings
+from node_agent.contract import Heartbeat, InferenceMetrics, NodeStatus, WorkloadReport
+from tests.rollouts import helpers
+from tests.rollouts.helpers import apply, cluster_doc, drive, push_versions, rollout_doc
+
+
+def enroll(client: TestClient, node: str, token: str, cluster: str = "site") -> Any:
+    return client.post(
+        "/v1/agents/enroll", json={"cluster": cluster, "node": node, "join_token": token}
+    )
+
+
+def credential_of(client: TestClient, node: str, token: str, cluster: str = "site") -> str:
+    resp = enroll(client, node, token, cluster)
+    assert resp.status_code == 200, resp.text
+    credential: str = resp.json()["credential"]
+    return credential
+
+
+def beat(node: str, seq: int, *, cluster: str = "site", **extra: Any) -> dict[str, Any]:
+    return Heartbeat(
+        cluster=cluster, node=node, seq=seq, sent_at=datetime.now(UTC), **extra
+    ).model_dump(mode="json")
+
+
+def send(client: TestClient, credential: str, body: Any) -> Any:
+    return client.post(
+        "/v1/agents/heartbeat", json=body, headers={"Authorization": f"Bearer {credential}"}
+    )
+
+
+def node_row(name: str) -> Node:
+    with session_scope() as s:
+        node = s.scalar(select(Node).where(Node.name == name))
+        assert node is not None
+        s.expunge(node)
+        return node
+
+
+def counted(result: str) -> float:
+    return REGISTRY.get_sample_value("edgefleet_heartbeats_total", {"result": result}) or 0.0
+
+
+# --- enrolment --------------------------------------------------------------------------
+
+
+def test_enroll_issues_a_credential_stored_only_as_its_hash(
+    site: TestClient, join_token: str, settings: Settings
+) -> None:
+    resp = enroll(site, "site-n0", join_token)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["node"] == "site-n0"
+    assert body["cluster"] == "site"
+    assert body["heartbeat_interval_s"] == settings.agent_heartbeat_interval_s
+    assert body["last_seq"] == 0
+    credential = body["credential"]
+    assert len(credential) >= 43  # 32 random bytes, url-safe base64
+    node = node_row("site-n0")
+    assert node.credential_hash == hashlib.sha256(credential.encode()).hexdigest()
+    with session_scope() as s:
+        reasons = s.scalars(
+            select(Event.reason).where(
+                Event.object_kind == "Node", Event.object_name == "site/site-n0"
+            )
+        ).all()
+    assert reasons == ["AgentEnrolled"]
+
+
+def test_enroll_with_a_bad_token_is_401(site: TestClient, join_token: str) -> None:
+    resp = enroll(site, "site-n0", join_token + "x")
+    assert resp.status_code == 401
+    assert resp.json() == {"error": "unauthorized", "detail": "invalid join token"}
+    assert node_row("site-n0").credential_hash is None
+
+
+def test_enroll_of_an_unknown_node_is_404_naming_it(site: TestClient, join_token: str) -> None:
+    resp = enroll(site, "ghost", join_token)
+    assert resp.status_code == 404
+    assert "site/ghost" in resp.json()["detail"]
+    assert enroll(site, "site-n0", join_token, cluster="elsewhere").status_code == 404
+
+
+def test_enroll_is_disabled_without_a_join_token(site: TestClient, settings: Settings) -> None:
+    assert settings.agent_join_token is None
+    resp = enroll(site, "site-n0", "anything")
+    assert resp.status_code == 503
+    assert "EDGEFLEET_AGENT_JOIN_TOKEN" in resp.json()["detail"]
+
+
+def test_reenrolling_rotates_the_credential(site: TestClient, join_token: str) -> None:
+    old = credential_of(site, "site-n0", join_token)
+    assert send(site, old, beat("site-n0", 1)).status_code == 200
+    new = credential_of(site, "site-n0", join_token)
+    assert new != old
+    resp = send(site, old, beat("site-n0", 2))
+    assert resp.status_code == 401
+    assert resp.headers["www-authenticate"] == "Bearer"
+    got = send(site, new, beat("site-n0", 2))
+    assert got.json() == {"accepted": 1, "duplicates": 0, "last_seq": 2}
+    # Re-enrolling tells the agent where the node's sequence stands.
+    assert enroll(site, "site-n0", join_token).json()["last_seq"] == 2
+
+
+# --- heartbeats -------------------------------------------------------------------------
+
+
+def test_heartbeat_updates_the_node(site: TestClient, join_token: str) -> None:
+    credential = credential_of(site, "site-n1", join_token)
+    before = counted("accepted")
+    status = NodeStatus(cpu_percent=12.5, memory_used_bytes=1, memory_total_bytes=2)
+    resp = send(site, credential, beat("site-n1", 7, status=status))
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"accepted": 1, "duplicates": 0, "last_seq": 7}
+    node = node_row("site-n1")
+    assert (node.last_seq, node.health) == (7, "Ready")
+    assert node.last_heartbeat_at is not None
+    assert counted("accepted") == before + 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer nope"},
+    ],
+)
+def test_heartbeat_without_a_valid_credential_is_401(
+    site: TestClient, headers: dict[str, str]
+) -> None:
+    before = counted("unauthorized")
+    resp = site.post("/v1/agents/heartbeat", json=beat("site-n0", 1), headers=headers)
+    assert resp.status_code == 401
+    assert resp.json()["error"] == "unauthorized"
+    assert node_row("site-n0").last_seq == 0
+    if "nope" in headers.get("Authorization", ""):
+        assert counted("unauthorized") == before + 1
+
+
+def test_replays_are_counted_as_duplicates_and_not_applied(
+    site: TestClient, join_token: str
+) -> None:
+    credential = credential_of(site, "site-n0", join_token)
+    resp = send(site, credential, [beat("site-n0", s) for s in (1, 2, 3)])
+    assert resp.json() == {"accepted": 3, "duplicates": 0, "last_seq": 3}
+    seen_at = node_row("site-n0").last_heartbeat_at
+    duplicates = counted("duplicate")
+
+    resp = send(site, credential, [beat("site-n0", s) for s in (1, 2, 3)])
+    assert resp.json() == {"accepted": 0, "duplicates": 3, "last_seq": 3}
+    assert node_row("site-n0").last_heartbeat_at == seen_at  # nothing re-applied
+    assert counted("duplicate") == duplicates + 3
+
+    resp = send(site, credential, [beat("site-n0", s) for s in (2, 3, 4)])
+    assert resp.json() == {"accepted": 1, "duplicates": 2, "last_seq": 4}
+    # A late, older heartbeat never moves the node back.
+    assert send(site, credential, beat("site-n0", 1)).json()["last_seq"] == 4
+    assert node_row("site-n0").last_seq == 4
+
+
+def test_impersonation_is_refused_and_nothing_is_stored(site: TestClient, join_token: str) -> None:
+    credential = credential_of(site, "site-n0", join_token)
+    forbidden = counted("forbidden")
+    body = [beat("site-n0", 1), beat("site-n1", 1)]
+    resp = send(site, credential, body)
+    assert resp.status_code == 403
+    assert resp.json()["error"] == "forbidden"
+    assert "site/site-n1" in resp.json()["detail"]
+    assert "site/site-n0" in resp.json()["detail"]  # whose credential it was
+    assert node_row("site-n0").last_seq == 0  # not even the node's own heartbeat
+    assert node_row("site-n1").last_seq == 0
+    assert node_row("site-n1").last_heartbeat_at is None
+    assert counted("forbidden") == forbidden + 2
+    # Another cluster's node of the same name is another node.
+    resp = send(site, credential, beat("site-n0", 1, cluster="other"))
+    assert resp.status_code == 403
+
+
+def test_a_batch_of_500_in_one_call(site: TestClient, join_token: str, settings: Settings) -> None:
+    credential = credential_of(site, "site-n2", join_token)
+    body = [beat("site-n2", s) for s in range(1, 501)]
+    resp = send(site, credential, body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"accepted": 500, "duplicates": 0, "last_seq": 500}
+    too_many = [beat("site-n2", s) for s in range(501, 502 + settings.agent_max_batch)]
+    resp = send(site, credential, too_many)
+    assert resp.status_code == 413
+    assert "EDGEFLEET_AGENT_MAX_BATCH" in resp.json()["detail"]
+    assert node_row("site-n2").last_seq == 500
+
+
+def test_an_invalid_heartbeat_is_422_with_its_path(site: TestClient, join_token: str) -> None:
+    credential = credential_of(site, "site-n0", join_token)
+    resp = send(site, credential, [beat("site-n0", 1), {**beat("site-n0", 2), "seq": 0}])
+    assert resp.status_code == 422
+    assert any(e["loc"][-1] == "seq" for e in resp.json()["detail"])
+    assert node_row("site-n0").last_seq == 0
+
+
+# --- heartbeats feed the gates ------------------------------------------------------------
+
+
+class HttpAgents:
+    """Every node's agent, reporting through POST /v1/agents/heartbeat with its own
+    credential, in place of tests.rollouts.helpers.report (which ingests directly)."""
+
+    def __init__(self, client: TestClient, token: str, nodes: Sequence[str]) -> None:
+        self.client = client
+        self.credentials = {n: credential_of(client, n, token) for n in nodes}
+        self.seq = itertools.count(1)
+        self.accepted = 0
+
+    def report(self, p95_ms: float, errors: int, samples: int) -> int:
+        with session_scope() as s:
+            rows = s.execute(
+                select(Node.name, Cluster.name, ModelVersion)
+                .join(Cluster, Cluster.id == Node.cluster_id)
+                .join(Assignment, Assignment.node_id == Node.id)
+                .join(ModelVersion, ModelVersion.id == Assignment.observed_version_id)
+                .where(Assignment.state.in_([AssignmentState.RUNNING, AssignmentState.HEALTHY]))
+            ).all()
+            running = [(node, cluster, v.version, v.sha256) for node, cluster, v in rows]
+        for node, cluster, version, sha in running:
+            metrics = InferenceMetrics(
+                window_s=10, samples=samples, errors=errors, p50_ms=p95_ms / 3, p95_ms=p95_ms
+            )
+            workload = WorkloadReport(
+                model="detector", version=version, sha256=sha, state="Ready", metrics=metrics
+            )
+            resp = send(
+                self.client,
+                self.credentials[node],
+                beat(node, next(self.seq), cluster=cluster, workloads=[workload]),
+            )
+            assert resp.status_code == 200, resp.text
+            self.accepted += resp.json()["accepted"]
+        return len(running)
+
+
+@pytest.fixture
+def http_agents(site: TestClient, join_token: str) -> HttpAgents:
+    return HttpAgents(site, join_token, ["site-n0", "site-n1", "site-n2"])
+
+
+def _gate_snapshots(client: TestClient, rollout: str) -> list[dict[str, Any]]:
+    events = client.get(f"/v1/rollouts/{rollout}/events", params={"limit": 1000}).json()
+    return [e["data"]["gate"] for e in events if e["reason"] == "GatePassed"]
+
+
+def test_gates_pass_on_numbers_sent_over_http(
+    site: TestClient, http_agents: HttpAgents, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    push_versions(site, "1.0.0")
+    monkeypatch.setattr(
+        helpers, "report", lambda *_a, **_k: http_agents.report(p95_ms=17.25, errors=0, samples=40)
+    )
+    assert apply(site, rollout_doc("r1", "1.0.0")).status_code == 200
+    phases = drive("r1", settings)
+    assert phases[-1] == "Succeeded"
+    assert http_agents.accepted > 0
+    snapshots = _gate_snapshots(site, "r1")
+    assert len(snapshots) == 3
+    assert {s["max_p95_ms"] for s in snapshots} == {17.25}  # the numbers we sent
+    with session_scope() as s:
+        metrics = s.scalars(select(Assignment.metrics)).all()
+    assert {(m["samples"], m["p95_ms"], m["on_desired"]) for m in metrics} == {(40, 17.25, True)}
+
+
+def test_gates_fail_on_bad_numbers_sent_over_http(
+    site: TestClient, http_agents: HttpAgents, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    push_versions(site, "1.0.0")
+    monkeypatch.setattr(
+        helpers, "report", lambda *_a, **_k: http_agents.report(p95_ms=95.0, errors=0, samples=40)
+    )
+    assert apply(site, rollout_doc("r2", "1.0.0")).status_code == 200
+    phases = drive("r2", settings)
+    assert phases[-1] in ("Failed", "RolledBack")
+    events = site.get("/v1/rollouts/r2/events", params={"limit": 1000}).json()
+    failed = next(e for e in events if e["reason"] == "GateFailed")
+    assert "p95 95.0 ms > 40" in str(failed["data"])
+
+
+def test_credentials_do_not_cross_clusters(site: TestClient, join_token: str) -> None:
+    assert apply(site, cluster_doc("annex", 1)).status_code == 200
+    site_cred = credential_of(site, "site-n0", join_token)
+    annex_cred = credential_of(site, "annex-n0", join_token, cluster="annex")
+    assert send(site, annex_cred, beat("annex-n0", 1, cluster="annex")).status_code == 200
+    assert send(site, site_cred, beat("annex-n0", 2, cluster="annex")).status_code == 403

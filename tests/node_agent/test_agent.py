@@ -1,0 +1,379 @@
+"""The agent's behaviour against an in-process fake controller (httpx MockTransport):
+enrolment, credential handling, the outbox, retries. tests/node_agent/test_agent_live.py
+runs it against the real controller."""
+
+from __future__ import annotations
+
+import json
+import logging
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from node_agent import agent as agent_module
+from node_agent.agent import Agent, AgentSettings, Backoff, ControllerClient, write_secret
+from tests.agents.fakes import FakeClock
+
+TOKEN = "join-token"
+
+
+class FakeController:
+    """Just enough of /v1/agents: per-node credentials and last_seq, duplicates by seq."""
+
+    def __init__(self, *, interval_s: float = 10.0, max_batch: int = 1000) -> None:
+        self.interval_s = interval_s
+        self.max_batch = max_batch
+        self.credentials: dict[str, str] = {}  # credential -> node
+        self.last_seq: dict[str, int] = {}
+        self.received: list[int] = []  # accepted seqs, in arrival order
+        self.batches: list[int] = []  # sizes of the heartbeat requests
+        self.enrollments = 0
+        self.down = False
+        self.lose_next_response = False
+        self.invalid_seqs: set[int] = set()
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        body = json.loads(request.content)
+        if request.url.path == "/v1/agents/enroll":
+            if body["join_token"] != TOKEN:
+                return httpx.Response(401, json={"error": "unauthorized", "detail": "bad"})
+            node = body["node"]
+            self.credentials = {c: n for c, n in self.credentials.items() if n != node}
+            credential = f"cred-{node}-{self.enrollments}"
+            self.enrollments += 1
+            self.credentials[credential] = node
+            return httpx.Response(
+                200,
+                json={
+                    "node": node,
+                    "cluster": body["cluster"],
+                    "credential": credential,
+                    "heartbeat_interval_s": self.interval_s,
+                    "last_seq": self.last_seq.get(node, 0),
+                },
+            )
+        node = self.credentials.get(request.headers["Authorization"].removeprefix("Bearer "))
+        if node is None:
+            return httpx.Response(401, json={"error": "unauthorized", "detail": "unknown"})
+        self.batches.append(len(body))
+        if len(body) > self.max_batch:
+            return httpx.Response(413, json={"error": "payload_too_large", "detail": "big"})
+        if any(b["seq"] in self.invalid_seqs for b in body):
+            return httpx.Response(422, json={"error": "validation_error", "detail": []})
+        if any(b["node"] != node for b in body):
+            return httpx.Response(403, json={"error": "forbidden", "detail": "not yours"})
+        accepted = duplicates = 0
+        for beat in body:
+            if beat["seq"] <= self.last_seq.get(node, 0):
+                duplicates += 1
+            else:
+                self.last_seq[node] = beat["seq"]
+                self.received.append(beat["seq"])
+                accepted += 1
+        if self.lose_next_response:
+            self.lose_next_response = False
+            raise httpx.ReadTimeout("response lost", request=request)
+        return httpx.Response(
+            200,
+            json={"accepted": accepted, "duplicates": duplicates, "last_seq": self.last_seq[node]},
+        )
+
+
+@pytest.fixture
+def controller() -> FakeController:
+    return FakeController()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+AgentFactory = Callable[..., Agent]
+
+
+@pytest.fixture
+def make_agent(
+    tmp_path: Path, controller: FakeController, clock: FakeClock
+) -> Iterator[AgentFactory]:
+    made: list[Agent] = []
+
+    def make(**overrides: Any) -> Agent:
+        values: dict[str, Any] = {
+            "controller_url": "http://controller.test",
+            "join_token": TOKEN,
+            "node_name": "n0",
+            "cluster": "site",
+            "state_dir": tmp_path / "state",
+            "heartbeat_interval_s": 10.0,
+            "retry_max_s": 60.0,
+        }
+        values.update(overrides)
+        if values["heartbeat_interval_s"] is None:  # left to the default / the controller
+            del values["heartbeat_interval_s"]
+        client = ControllerClient(
+            values["controller_url"], transport=httpx.MockTransport(controller.handle)
+        )
+        agent = Agent(AgentSettings(**values), client=client, clock=clock)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.close()
+
+
+def run_cycles(agent: Agent, clock: FakeClock, n: int) -> None:
+    for _ in range(n):
+        agent.cycle()
+        clock.advance(agent.interval_s)
+
+
+def test_settings_from_the_daemonset_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NODE_NAME", "edge-7")
+    monkeypatch.setenv("EDGEFLEET_CONTROLLER_URL", "https://fleet.example.com")
+    monkeypatch.setenv("EDGEFLEET_JOIN_TOKEN", "s3cret")
+    monkeypatch.setenv("EDGEFLEET_CLUSTER", "store-12")
+    monkeypatch.setenv("EDGEFLEET_MODEL_CACHE_DIR", "/var/lib/edgefleet/models")
+    monkeypatch.setenv("EDGEFLEET_INFERENCE_URLS", "http://127.0.0.1:8500/metrics, http://x/m")
+    s = AgentSettings()
+    assert (s.node_name, s.cluster, s.controller_url) == (
+        "edge-7",
+        "store-12",
+        "https://fleet.example.com",
+    )
+    assert s.join_token is not None
+    assert s.join_token.get_secret_value() == "s3cret"
+    assert s.inference_urls == ["http://127.0.0.1:8500/metrics", "http://x/m"]
+    assert (s.state_dir, s.heartbeat_interval_s, s.queue_max) == (
+        Path("/var/lib/edgefleet/agent"),
+        10.0,
+        10_000,
+    )
+    monkeypatch.setenv("EDGEFLEET_INFERENCE_URLS", '["http://a/metrics"]')
+    assert AgentSettings().inference_urls == ["http://a/metrics"]
+
+
+def test_main_explains_a_missing_setting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("NODE_NAME", "EDGEFLEET_NODE_NAME", "EDGEFLEET_CONTROLLER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EDGEFLEET_CLUSTER", "c")
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:
+        agent_module.main()
+    assert exc.value.code == 2
+    assert "EDGEFLEET_CONTROLLER_URL: Field required" in caplog.text
+    assert "NODE_NAME: Field required" in caplog.text
+
+
+def test_enrolls_once_and_keeps_the_credential_private(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock, tmp_path: Path
+) -> None:
+    agent = make_agent()
+    run_cycles(agent, clock, 3)
+    assert controller.enrollments == 1
+    assert controller.received == [1, 2, 3]
+    path = tmp_path / "state" / "credential"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() in controller.credentials
+    agent.close()
+    # A restart: same credential, sequence continues.
+    again = make_agent()
+    run_cycles(again, clock, 2)
+    assert controller.enrollments == 1
+    assert controller.received == [1, 2, 3, 4, 5]
+
+
+def test_write_secret_is_never_readable_by_others(tmp_path: Path) -> None:
+    path = tmp_path / "credential"
+    path.write_text("old")
+    path.chmod(0o644)
+    write_secret(path, "new")
+    assert path.read_text() == "new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_rejected_credential_enrolls_again(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    agent = make_agent()
+    run_cycles(agent, clock, 1)
+    controller.credentials.clear()  # rotated elsewhere, node re-created...
+    run_cycles(agent, clock, 1)
+    assert controller.enrollments == 2
+    assert controller.received == [1, 2]
+    assert len(agent.queue) == 0
+
+
+def test_without_a_join_token_a_rejected_credential_keeps_the_outbox(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock, tmp_path: Path
+) -> None:
+    first = make_agent()
+    run_cycles(first, clock, 1)  # enrolled by a first start...
+    first.close()
+    agent = make_agent(join_token=None)  # ...then the token was removed from the pod
+    run_cycles(agent, clock, 1)
+    assert controller.received == [1, 2]
+    controller.credentials.clear()
+    run_cycles(agent, clock, 3)
+    assert controller.enrollments == 1
+    assert len(agent.queue) == 3
+    assert agent.backoff.retry_at > clock()
+
+
+def test_enrolment_continues_above_the_controllers_sequence(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    controller.last_seq["n0"] = 1000  # this node's state directory was lost
+    agent = make_agent()
+    run_cycles(agent, clock, 2)
+    assert controller.received == [1001, 1002]
+
+
+def test_the_controller_suggests_the_interval_unless_it_is_set(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock, tmp_path: Path
+) -> None:
+    controller.interval_s = 30.0
+    explicit = make_agent(heartbeat_interval_s=5.0)
+    run_cycles(explicit, clock, 1)
+    assert explicit.interval_s == 5.0
+    explicit.close()
+    agent = make_agent(heartbeat_interval_s=None, state_dir=tmp_path / "other")
+    assert agent.interval_s == 10.0  # the default until the controller says otherwise
+    run_cycles(agent, clock, 1)
+    assert agent.interval_s == 30.0
+    agent.close()
+    assert make_agent(heartbeat_interval_s=None, state_dir=tmp_path / "other").interval_s == 30.0
+
+
+def test_an_hour_offline_loses_nothing_and_replays_in_order(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    agent = make_agent()
+    run_cycles(agent, clock, 5)
+    controller.down = True
+    run_cycles(agent, clock, 360)
+    assert len(agent.queue) == 360
+    controller.down = False
+    # Back within the longest retry wait (60 s here): replayed in one batch, in order.
+    cycles = 0
+    while len(agent.queue) and cycles < 7:
+        run_cycles(agent, clock, 1)
+        cycles += 1
+    last = 365 + cycles
+    assert controller.received == list(range(1, last + 1))
+    assert len(agent.queue) == 0
+    assert (agent.stats.accepted, agent.stats.duplicates) == (last, 0)
+    assert controller.batches[-1] == 360 + cycles  # one request
+    # The backoff kept it from trying the dead controller every interval.
+    assert agent.stats.failures < 100
+
+
+def test_a_full_outbox_drops_the_oldest(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    agent = make_agent(queue_max=50)
+    run_cycles(agent, clock, 1)
+    controller.down = True
+    run_cycles(agent, clock, 80)
+    assert (len(agent.queue), agent.queue.dropped) == (50, 30)
+    controller.down = False
+    clock.advance(120)
+    run_cycles(agent, clock, 1)
+    assert controller.received == [1, *range(33, 83)]  # 82 made, 31 dropped
+    assert agent.queue.dropped == 31
+
+
+def test_a_lost_response_is_replayed_and_counted_once(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    agent = make_agent()
+    run_cycles(agent, clock, 2)
+    controller.lose_next_response = True
+    run_cycles(agent, clock, 1)  # stored by the controller, but the agent never heard
+    assert len(agent.queue) == 1
+    clock.advance(120)
+    run_cycles(agent, clock, 1)
+    assert controller.received == [1, 2, 3, 4]
+    assert (agent.stats.accepted, agent.stats.duplicates) == (3, 1)
+    assert len(agent.queue) == 0
+
+
+def test_replay_in_batches_no_larger_than_the_controller_takes(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    controller.max_batch = 40
+    agent = make_agent(batch_size=100)
+    run_cycles(agent, clock, 1)
+    controller.down = True
+    run_cycles(agent, clock, 150)
+    controller.down = False
+    clock.advance(120)
+    run_cycles(agent, clock, 1)
+    assert controller.received == list(range(1, 153))
+    assert max(b for b in controller.batches if b <= 40) <= 40
+
+
+def test_an_invalid_heartbeat_is_isolated_and_dropped_alone(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    controller.invalid_seqs = {4}
+    agent = make_agent()
+    controller.down = True
+    run_cycles(agent, clock, 6)
+    controller.down = False
+    clock.advance(120)
+    run_cycles(agent, clock, 1)
+    assert controller.received == [1, 2, 3, 5, 6, 7]
+    assert agent.queue.dropped == 1
+
+
+def test_a_refusal_backs_off_to_the_maximum(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    agent = make_agent(node_name="n1")
+    run_cycles(agent, clock, 1)
+    agent.settings.node_name = "n2"  # misconfigured: speaks for a node not its own
+    agent.cycle()
+    assert agent.backoff.retry_at - clock() >= 30  # max_s 60 with jitter
+    assert len(agent.queue) == 1
+
+
+def test_backoff_grows_and_resets() -> None:
+    clock = FakeClock(0)
+    b = Backoff(10, 60, clock, rng=lambda: 1.0)
+    assert [b.failure() for _ in range(5)] == [10, 20, 40, 60, 60]
+    assert not b.ready()
+    b.success()
+    assert b.ready()
+    assert b.failure(permanent=True) == 60
+    assert b.failure(at_least_s=90) == 90
+
+
+def test_run_stops_on_request_and_flushes(
+    make_agent: AgentFactory, controller: FakeController
+) -> None:
+    import time
+
+    agent = make_agent(heartbeat_interval_s=0.01)
+    agent.clock = time.monotonic
+    agent.backoff.clock = time.monotonic
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while len(controller.received) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert len(controller.received) >= 5
+    assert controller.received == sorted(controller.received)
