@@ -197,3 +197,13 @@ def test_schema_rejects_bad_settings() -> None:
     ):
         with pytest.raises(helm.HelmValuesError):
             kube.render(CHART, bad)
+
+
+def test_agent_knows_its_cluster() -> None:
+    """The agent enrolls as a node of this cluster: EDGEFLEET_CLUSTER comes from values."""
+    objs = kube.objects(kube.render("edgefleet-agent", {"controller": {"clusterName": "berlin-7"}}))
+    (ds,) = [o for o in objs if o["kind"] == "DaemonSet"]
+    env = {
+        e["name"]: e.get("value") for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["EDGEFLEET_CLUSTER"] == "berlin-7"
