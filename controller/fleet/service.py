@@ -178,6 +178,11 @@ class IngestResult:
     unknown_nodes: list[str] = field(default_factory=list)
 
 
+# Keys of Assignment.metrics that the reconciler observes in the cluster (not reported
+# by agents): a heartbeat replaces the agent's window but keeps these.
+OBSERVED_KEYS = ("restarts",)
+
+
 def ingest_heartbeats(
     session: Session, beats: Sequence[Heartbeat], *, now: datetime | None = None
 ) -> IngestResult:
@@ -217,6 +222,9 @@ def ingest_heartbeats(
             if report.metrics is not None:
                 metrics.update(report.metrics.model_dump(exclude_none=True))
                 metrics["error_rate"] = report.metrics.error_rate
+            for key in OBSERVED_KEYS:  # what the controller observed itself stays
+                if key in (assignment.metrics or {}):
+                    metrics[key] = assignment.metrics[key]
             assignment.metrics = metrics
     session.flush()
     return result

@@ -103,6 +103,7 @@ class SimulatedDriver:
         self._spec = spec
         self._state = state
         self._failures: Mapping[str, str] = spec.get("failures") or {}
+        self._restarts: Mapping[str, int] = spec.get("restarts") or {}
         self._latency_s = parse_duration(str(spec.get("applyLatency") or "0s"))
 
     def _key(self, model: str) -> str:
@@ -132,5 +133,6 @@ class SimulatedDriver:
             spec = json.loads(raw)
             reason = self._failures.get(node) or self._failures.get("*")
             phase = "Failed" if reason else "Ready"
-            out[node] = ObservedWorkload(phase, spec["version"], spec["sha256"], reason)
+            restarts = int(self._restarts.get(node, 0))
+            out[node] = ObservedWorkload(phase, spec["version"], spec["sha256"], reason, restarts)
         return out

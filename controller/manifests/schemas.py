@@ -112,6 +112,8 @@ class SimulatedFleet(Strict):
     template: NodeTemplate | None = None
     # Pod failures to inject, by node name or "*": e.g. {"edge-3": "ImagePullBackOff"}.
     failures: dict[str, str] = Field(default_factory=dict)
+    # Container restarts to report, by node name: {"edge-3": 2}.
+    restarts: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     applyLatency: Duration = Field("0s", description="how long each apply call takes")
 
     @field_validator("applyLatency")

@@ -512,6 +512,7 @@ class Step:
         watched = self.in_state(self.rows, A.APPLYING, A.RUNNING, A.HEALTHY)
         ready, failed = [], []
         reasons: dict[int, str] = {}
+        restarted: dict[str, int] = {}
         for cluster, group in self.by_cluster(watched).items():
             try:
                 seen = self.driver(cluster).observe(
@@ -524,15 +525,30 @@ class Step:
                 obs = seen.get(r.node.name)
                 if obs is None:
                     continue
+                before = int((r.assignment.metrics or {}).get("restarts", 0))
+                if obs.restarts > before:
+                    restarted[r.key] = obs.restarts
+                    r.assignment.metrics = {
+                        **(r.assignment.metrics or {}),
+                        "restarts": obs.restarts,
+                    }
+                    r.assignment.message = f"{obs.restarts} container restart(s)"
                 if obs.phase == "Failed":
                     failed.append(r)
-                    reasons[r.assignment.id] = obs.reason or "failed"
+                    note = f" after {obs.restarts} restart(s)" if obs.restarts else ""
+                    reasons[r.assignment.id] = f"{obs.reason or 'failed'}{note}"
                 elif obs.phase == "Ready" and obs.sha256 == self.target.sha256:
                     r.assignment.observed_version_id = self.target.id
                     if r.assignment.state == A.APPLYING:
                         ready.append(r)
         self.moved(ready, A.RUNNING, "WorkloadReady")
         self.moved(failed, A.FAILED, "WorkloadFailed", reasons)
+        if restarted:
+            self.event(
+                reason="WorkloadRestarted",
+                message=f"{len(restarted)} node(s) restarted their inference container",
+                data={"restarts": dict(sorted(restarted.items())[:100])},
+            )
 
     def samples(self, rows: Iterable[Row]) -> list[gate_eval.NodeSample]:
         return [

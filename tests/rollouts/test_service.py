@@ -246,3 +246,16 @@ def test_rollout_waits_for_validation_then_runs(fleet: TestClient, settings: Set
         assert isinstance(mv, ModelVersion)
         mv.status = VersionStatus.INVALID
     assert service.reconcile(rid, settings) == "Failed"
+
+
+def test_container_restarts_are_folded_into_state_and_events(
+    client: TestClient, sim_fleet: None, settings: Settings
+) -> None:
+    apply(client, cluster_doc("lab", 3, restarts={"lab-n1": 2}))
+    push_versions(client, "1.0.0")
+    spec = {"strategy": {"steps": [{"percent": 100}], "maxUnavailable": "100%"}}
+    assert rollout_to(client, settings, "d", "1.0.0", **spec)[-1] == "Succeeded"
+    events = client.get("/v1/rollouts/d/events", params={"limit": 500}).json()
+    restarted = [e for e in events if e["reason"] == "WorkloadRestarted"]
+    assert len(restarted) == 1  # once, not on every step or heartbeat
+    assert restarted[0]["data"]["restarts"] == {"lab/lab-n1": 2}
