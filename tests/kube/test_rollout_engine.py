@@ -150,7 +150,7 @@ def test_rollout_and_rollback_on_two_real_clusters(
         report()
     assert phase == "Succeeded"
     # The canary alone first (counts of 0 are the DaemonSet controller not done yet).
-    assert [n for n in seen_waves if n][0] == 1
+    assert next(n for n in seen_waves if n) == 1
     assert seen_waves[-1] == 6
     for site in sites:
         assert site.only("1.0.0")()
