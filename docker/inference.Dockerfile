@@ -39,6 +39,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /var/lib/edgefleet
 USER ${EDGEFLEET_UID}:${EDGEFLEET_UID}
-# The listening port and a HEALTHCHECK arrive with the server itself (issue #5), so that
-# they name a setting of its own rather than a number invented here.
+# edgefleet-serve's default port (ServeSettings.port, EDGEFLEET_SERVE_PORT; the DaemonSet
+# passes --port from the controller's EDGEFLEET_INFERENCE_PORT, 8500 by default).
+EXPOSE 8500
+# Liveness only: /healthz answers while the artifact downloads; /readyz (model loaded and
+# warmed up) is the Kubernetes readiness probe's business. No curl in the slim image.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8500/healthz', timeout=4)"]
 ENTRYPOINT ["edgefleet-serve"]

@@ -12,6 +12,10 @@ INFERENCE_LATENCY = "edgefleet_inference_latency_seconds"
 REQUEST_LATENCY = "edgefleet_request_latency_seconds"
 REQUESTS_TOTAL = "edgefleet_inference_requests_total"
 ERRORS_TOTAL = "edgefleet_inference_errors_total"
+# Info metric with labels model, version, sha256, runtime, provider (value 1).
+MODEL_INFO = "edgefleet_model_info"
+# 1 once the model is loaded and warmed up, 0 before (and while draining).
+MODEL_READY = "edgefleet_model_ready"
 
 
 class InferenceMetrics(BaseModel):

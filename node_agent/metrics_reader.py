@@ -22,6 +22,7 @@ from typing import TypeVar
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from node_agent import contract
 from node_agent.contract import (
     ERRORS_TOTAL,
     INFERENCE_LATENCY,
@@ -34,8 +35,8 @@ log = logging.getLogger(__name__)
 
 # Exported by the inference server (node_agent.server.metrics) beside the contract's
 # names: the model it serves, and 1 once that model is loaded and warmed up.
-MODEL_INFO = "edgefleet_model_info"
-MODEL_READY = "edgefleet_model_ready"
+MODEL_INFO = contract.MODEL_INFO
+MODEL_READY = contract.MODEL_READY
 _BUCKET = f"{INFERENCE_LATENCY}_bucket"
 _COUNT = f"{INFERENCE_LATENCY}_count"
 _SHA256 = re.compile(r"[0-9a-f]{64}")

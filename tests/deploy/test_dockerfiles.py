@@ -156,16 +156,26 @@ def test_edge_images_leave_the_controller_out(edge_image: str) -> None:
 
 
 def test_ports_match_the_settings(image: str) -> None:
-    """EXPOSE, HEALTHCHECK and the server's --port all name Settings' default API port;
-    the edge images listen on nothing yet, so they declare no port at all."""
+    """EXPOSE and HEALTHCHECK name the default port of what the image runs: the API port
+    for the controller, the inference server's port for the inference image; the agent
+    listens on nothing, so it declares no port at all."""
     df = parse(image)
     exposed = {
         int(p.split("/")[0]) for _, text in df.resolved(df.final, "EXPOSE") for p in text.split()
     }
     healthchecks = df.final.all("HEALTHCHECK")
-    if image != "controller":
+    if image == "agent":
         assert exposed == set()
         assert healthchecks == []
+        return
+    if image == "inference":
+        from node_agent.server.settings import DEFAULT_PORT
+
+        assert exposed == {DEFAULT_PORT}
+        assert len(healthchecks) == 1
+        command = " ".join(healthchecks[0].exec_form or [healthchecks[0].args])
+        found = re.findall(r"http://127\.0\.0\.1:(\d+)(/\w+)", command)
+        assert found == [(str(DEFAULT_PORT), "/healthz")]
         return
     assert exposed == {API_PORT}
     argv = df.command(df.final)

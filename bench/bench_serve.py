@@ -1,0 +1,341 @@
+"""Inference server overhead: one CNN at concurrency 1.
+
+  (a) bare ``session.run`` in this process: the baseline, what the runtime costs;
+  (b) ``POST /v1/infer`` with an npz body and npz answer, ``http.client`` keep-alive;
+  (c) ``POST /v1/infer`` with JSON in and out, ``http.client`` keep-alive;
+  (b2) the same npz request from a minimal raw-socket HTTP/1.1 client (one ``sendall``
+       per request, Content-Length framing): separates the server from http.client;
+  (d) a bare TCP round trip of the same size to a socket echo in another process: the
+      floor any out-of-process server pays (loopback + waking the other process).
+
+The server is the real ``edgefleet-serve`` console script in a child process (its own
+GIL, as on a node); both it and (a) use 1 intra-op thread. Modes run interleaved in
+rounds, so load from elsewhere on a shared host hits them alike. Printed: p50/p95 per
+mode and as a ratio to (a), where the time goes (the server's own /metrics split its
+handler time into runtime and the rest), and the server's RSS after the load.
+
+Run: python bench/bench_serve.py [--seconds 1.5] [--small-only | --large-only]"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from prometheus_client.parser import text_string_to_metric_families
+
+from controller.registry import samples
+from node_agent import contract
+
+SCRIPT = Path(sys.executable).with_name("edgefleet-serve")
+NPZ = "application/x-npz"
+ROUNDS = 6
+
+
+@dataclass
+class Result:
+    name: str
+    ms: list[float] = field(default_factory=list)
+
+    def q(self, quantile: float) -> float:
+        return float(np.percentile(np.asarray(self.ms), quantile))
+
+    def mean(self) -> float:
+        return float(np.mean(self.ms))
+
+
+def timed(
+    fn: Callable[[], object], seconds: float, warmup: int = 3, cap: int = 20000
+) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end and len(out) < cap:
+        t0 = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - t0) / 1e6)
+    return out
+
+
+def npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------- the server
+def start_server(model: Path) -> tuple[subprocess.Popen[str], int]:
+    argv = [str(SCRIPT), "--model-path", str(model), "--host", "127.0.0.1", "--port", "0"]
+    # The port is read from the "listening on" log line.
+    argv += ["--threads", "1", "--log-level", "INFO"]
+    proc = subprocess.Popen(
+        argv,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    port = None
+    while time.monotonic() < deadline and port is None:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        if match := re.search(r"listening on http://127\.0\.0\.1:(\d+)", line):
+            port = int(match.group(1))
+    if port is None:
+        proc.kill()
+        raise SystemExit(f"edgefleet-serve did not start: {proc.stderr.read()}")
+    # Keep draining its log so that a full pipe never blocks the server.
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/readyz")
+        if conn.getresponse().status == 200:
+            conn.close()
+            return proc, port
+        conn.close()
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("edgefleet-serve never turned ready")
+
+
+def server_totals(conn: http.client.HTTPConnection) -> tuple[float, float, float]:
+    """(inference requests, handler seconds, runtime seconds) so far, from /metrics."""
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = sample.value
+    return (
+        values[contract.REQUEST_LATENCY + "_count"],
+        values[contract.REQUEST_LATENCY + "_sum"],
+        values[contract.INFERENCE_LATENCY + "_sum"],
+    )
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(rest.split()[0])
+    return out
+
+
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client: one sendall per request, Content-Length
+    framing of the answer. What a C/Go/Rust client on the device costs, roughly."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def post(self, body: bytes, content_type: str) -> bytes:
+        head = (
+            f"POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.sock.sendall(head + body)
+        buf = b""
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            buf += self.sock.recv(65536)
+        status = buf[9:12]
+        found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", buf[:end])
+        assert found is not None, buf[:300]
+        length = int(found.group(1))
+        while len(buf) < end + 4 + length:
+            buf += self.sock.recv(65536)
+        assert status == b"200", buf[:300]
+        return buf[end + 4 : end + 4 + length]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------- the floor
+_ECHO = """
+import socket, struct
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+reply = b"r" * 300
+while True:
+    head = conn.recv(4, socket.MSG_WAITALL)
+    if len(head) < 4:
+        break
+    (n,) = struct.unpack("<I", head)
+    while n:
+        n -= len(conn.recv(min(n, 1 << 20)))
+    conn.sendall(reply)
+"""
+
+
+class Echo:
+    """Round trips of ``size`` bytes out and 300 back over loopback TCP to a bare socket
+    echo in another process."""
+
+    def __init__(self, size: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _ECHO], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        port = int(self.proc.stdout.readline())
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.message = struct.pack("<I", size) + b"q" * size
+
+    def ping(self) -> None:
+        self.sock.sendall(self.message)
+        got = 0
+        while got < 300:
+            got += len(self.sock.recv(65536))
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.wait(10)
+
+
+# ---------------------------------------------------------------------- one model
+def bench(label: str, model_bytes: bytes, size: int, seconds: float, tmp: Path) -> None:
+    path = tmp / f"{label.split()[0]}.onnx"
+    path.write_bytes(model_bytes)
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    want = session.run(["probabilities"], {"image": x})[0]
+
+    body_npz = npz(image=x)
+    body_json = json.dumps({"inputs": {"image": x.tolist()}}).encode()
+    proc, port = start_server(path)
+    echo = Echo(len(body_npz))
+    raw_client = RawClient(port)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+
+        def post(body: bytes, ctype: str) -> bytes:
+            conn.request("POST", "/v1/infer", body=body, headers={"Content-Type": ctype})
+            resp = conn.getresponse()
+            data = resp.read()
+            assert resp.status == 200, data[:200]
+            return data
+
+        with np.load(io.BytesIO(post(body_npz, NPZ))) as got:
+            np.testing.assert_allclose(got["probabilities"], want, rtol=1e-6)
+        with np.load(io.BytesIO(raw_client.post(body_npz, NPZ))) as got:
+            np.testing.assert_allclose(got["probabilities"], want, rtol=1e-6)
+        got_json = json.loads(post(body_json, "application/json"))["outputs"]["probabilities"]
+        np.testing.assert_allclose(got_json, want, rtol=1e-6)
+
+        modes: dict[str, Callable[[], object]] = {
+            "(a) session.run, in-process": lambda: session.run(None, {"image": x}),
+            "(b) HTTP npz, http.client": lambda: post(body_npz, NPZ),
+            "(c) HTTP JSON, http.client": lambda: post(body_json, "application/json"),
+            "(b2) HTTP npz, raw client": lambda: raw_client.post(body_npz, NPZ),
+            "(d) bare TCP round trip": echo.ping,
+        }
+        results = {name: Result(name) for name in modes}
+        split = {name: [0.0, 0.0, 0.0] for name in modes if "HTTP" in name}
+        for fn in modes.values():  # warm every path before measuring any
+            for _ in range(30):
+                fn()
+        for _ in range(ROUNDS):
+            for name, fn in modes.items():
+                before = server_totals(conn) if name in split else None
+                results[name].ms += timed(fn, seconds / ROUNDS)
+                if before is not None:
+                    after = server_totals(conn)
+                    split[name] = [
+                        s + a - b for s, a, b in zip(split[name], after, before, strict=True)
+                    ]
+        memory = rss_kib(proc.pid)
+    finally:
+        conn.close()
+        raw_client.close()
+        echo.close()
+        proc.terminate()
+        proc.wait(30)
+
+    raw, floor = results["(a) session.run, in-process"], results["(d) bare TCP round trip"]
+    base = raw.q(50)
+    print(
+        f"\n{label}: input float32 {list(x.shape)} (npz {len(body_npz)} B, JSON {len(body_json)} B)"
+    )
+    print(
+        f"  {'mode':<30} {'n':>6} {'p50 ms':>8} {'p95 ms':>8} {'p50/p50(a)':>11} {'p95/p95(a)':>11}"
+    )
+    for r in results.values():
+        print(
+            f"  {r.name:<30} {len(r.ms):>6} {r.q(50):>8.3f} {r.q(95):>8.3f} "
+            f"{r.q(50) / base:>10.2f}x {r.q(95) / raw.q(95):>10.2f}x"
+        )
+    print(
+        f"  floor of any out-of-process server, p50(a) + p50(d): {base + floor.q(50):.3f} ms "
+        f"= {(base + floor.q(50)) / base:.2f}x p50(a)"
+    )
+    print("  where a request's time goes, means (the server's side from its /metrics):")
+    for name, (n, handler_s, runtime_s) in split.items():
+        r = results[name]
+        handler, runtime = handler_s / n * 1000, runtime_s / n * 1000
+        print(
+            f"    {name:<28} {r.mean():7.3f} ms "
+            f"= runtime {runtime:6.3f} + read/decode/validate/encode {handler - runtime:6.3f} "
+            f"+ HTTP parse, client, transport {r.mean() - handler:6.3f}"
+        )
+    print(
+        f"  server RSS after the load: {memory['VmRSS'] / 1024:.1f} MiB "
+        f"(peak {memory['VmHWM'] / 1024:.1f} MiB)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=1.5, help=f"per mode, in {ROUNDS} rounds")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--small-only", action="store_true")
+    group.add_argument("--large-only", action="store_true")
+    args = parser.parse_args()
+    print(
+        f"edgefleet-serve overhead: concurrency 1, 1 intra-op thread, onnxruntime {ort.__version__}"
+    )
+    print(
+        f"host: {os.cpu_count()} CPUs; each mode runs {args.seconds:g} s "
+        f"in {ROUNDS} interleaved rounds"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.large_only:
+            bench("small CNN (8 ch, 32x32)", samples.build_cnn(), 32, args.seconds, Path(tmp))
+        if not args.small_only:
+            bench(
+                "larger CNN (48 ch, 96x96)",
+                samples.build_cnn(channels=48, size=96),
+                96,
+                args.seconds,
+                Path(tmp),
+            )
+
+
+if __name__ == "__main__":
+    main()

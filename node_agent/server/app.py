@@ -1,0 +1,644 @@
+"""The HTTP side of ``edgefleet-serve``: a stdlib ``ThreadingHTTPServer`` (one thread per
+connection, HTTP/1.1 keep-alive, ``TCP_NODELAY``, each response written with a single
+``send``), nothing else to install on an edge node.
+
+Endpoints::
+
+    GET  /healthz          200 while the process runs
+    GET  /readyz           200 once a model is loaded and warmed up, 503 before and while draining
+    GET  /metrics          Prometheus text
+    GET  /v1/model         the served version and its signature
+    POST /v1/infer         JSON {"inputs": {...}} or application/x-npz; answers in kind
+    POST /v1/admin/swap    stage-then-activate a new version (loopback or bearer token)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import re
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from node_agent.cache import ArtifactCache, ArtifactUnavailable, ChecksumMismatch, RetryPolicy
+from node_agent.server.metrics import ServerMetrics
+from node_agent.server.model import (
+    ActiveModel,
+    ModelLoadError,
+    ModelSource,
+    RunnerFactory,
+    default_runner_factory,
+    load_model,
+)
+from node_agent.server.settings import ServeSettings
+from node_agent.server.tensors import (
+    JSON_TYPE,
+    NPZ_TYPE,
+    RequestError,
+    decode_json,
+    decode_npz,
+    encode_json,
+    encode_npz,
+    media_type,
+    validate,
+    wants_npz,
+)
+
+log = logging.getLogger("node_agent.serve")
+
+State = Literal["starting", "loading", "ready", "failed", "draining", "stopped"]
+LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+_CTL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class SwapInProgress(RuntimeError):
+    pass
+
+
+class SwapRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_url: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    format: Literal["onnx", "tflite"] | None = None
+    model_version: str = Field(min_length=1)
+    model_name: str | None = None
+
+
+class InferenceServer:
+    """The model slot plus the HTTP listener. ``start()`` listens at once (liveness
+    answers while the artifact downloads), ``load()`` makes it ready, ``swap()`` replaces
+    the version, ``shutdown()`` drains."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        *,
+        cache: ArtifactCache | None = None,
+        runner_factory: RunnerFactory = default_runner_factory,
+    ) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.cache = cache or ArtifactCache(
+            settings.cache_dir,
+            retry=RetryPolicy(
+                attempts=settings.download_attempts, backoff_s=settings.download_backoff_s
+            ),
+            timeout_s=settings.download_timeout_s,
+            max_bytes=settings.max_artifact_bytes,
+        )
+        self.runner_factory = runner_factory
+        self.threads = settings.resolved_threads()
+        self.state: State = "starting"
+        self._model: ActiveModel | None = None
+        self._load_lock = threading.Lock()
+        self._inflight = 0
+        self._idle = threading.Condition()
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ listener
+    def start(self) -> None:
+        server_class = _HTTPServer6 if ":" in self.settings.host else _HTTPServer
+        httpd = server_class((self.settings.host, self.settings.port), _Handler)
+        httpd.app = self
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.25}, name="http", daemon=True
+        )
+        self._thread.start()
+        log.info("listening on %s", self.url)
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "start() first"
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    # ------------------------------------------------------------------ model slot
+    @property
+    def current(self) -> ActiveModel | None:
+        return self._model
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self._model is not None
+
+    def source_from_settings(self) -> ModelSource:
+        s = self.settings
+        return ModelSource(
+            name=s.model_name,
+            version=s.model_version,
+            format=s.format,
+            url=s.model_url,
+            sha256=s.sha256,
+            path=s.model_path,
+        )
+
+    def _load(self, source: ModelSource) -> ActiveModel:
+        return load_model(
+            source,
+            self.cache,
+            threads=self.threads,
+            warmup_runs=self.settings.warmup_runs,
+            warmup_dim=self.settings.warmup_dim,
+            runner_factory=self.runner_factory,
+        )
+
+    def load(self, source: ModelSource | None = None) -> ActiveModel:
+        """Fetch, load and warm up the initial model; ready afterwards. Raises
+        ``ChecksumMismatch``, ``ArtifactUnavailable`` or ``ModelLoadError``."""
+        with self._load_lock:
+            self.state = "loading"
+            try:
+                model = self._load(source or self.source_from_settings())
+            except BaseException:
+                self.state = "failed"
+                raise
+            self._activate(model)
+            if self.state == "loading":
+                self.state = "ready"
+                self.metrics.ready.set(1)
+            return model
+
+    def swap(self, source: ModelSource) -> ActiveModel:
+        """Stage-then-activate: the new version is downloaded, loaded and warmed up beside
+        the serving one, then one reference assignment makes it current. Requests already
+        running finish on the old runner, which is freed with its last request."""
+        if not self._load_lock.acquire(blocking=False):
+            raise SwapInProgress("a model load or swap is already in progress")
+        try:
+            old = self._model
+            if old is not None and old.sha256 == source.sha256:
+                # Same bytes: only the labels change, no second copy in memory.
+                model = dataclasses.replace(old, name=source.name, version=source.version)
+            else:
+                model = self._load(source)
+            self._activate(model)
+            self.metrics.swaps.inc()
+            if self.state in ("loading", "failed", "starting"):
+                self.state = "ready"
+                self.metrics.ready.set(1)
+            log.info(
+                "swapped %s %s -> %s %s",
+                old.name if old else "-",
+                old.version if old else "-",
+                model.name,
+                model.version,
+            )
+            return model
+        finally:
+            self._load_lock.release()
+
+    def _activate(self, model: ActiveModel) -> None:
+        self._model = model
+        self.metrics.set_model(
+            model=model.name,
+            version=model.version,
+            sha256=model.sha256,
+            runtime=model.runtime,
+            provider=model.providers[0] if model.providers else "",
+        )
+
+    # ------------------------------------------------------------------ admin guard
+    def admin_allowed(self, client: str, authorization: str | None) -> bool:
+        if self.settings.admin_allow_loopback and client in LOOPBACK:
+            return True
+        token = self.settings.admin_token
+        if token is None or not token.get_secret_value() or not authorization:
+            return False
+        scheme, _, value = authorization.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), token.get_secret_value().encode()
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        with self._idle:
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self.state in ("draining", "stopped")
+
+    def shutdown(self, grace_s: float | None = None) -> None:
+        """Readiness off, stop accepting, let requests in flight finish (up to
+        ``grace_s``), close. Idle keep-alive connections are not waited for."""
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        self.state = "draining"
+        self.metrics.ready.set(0)
+        httpd = self._httpd
+        if httpd is not None:
+            httpd.shutdown()
+        deadline = time.monotonic() + grace
+        with self._idle:
+            while self._inflight and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            if self._inflight:
+                log.warning("%d request(s) still running after %.1fs", self._inflight, grace)
+        if httpd is not None:
+            httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.state = "stopped"
+        log.info("stopped")
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+    app: InferenceServer
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind also resolves socket.getfqdn(host): a reverse DNS lookup
+        # that can stall start-up for seconds on a node with broken DNS. Not needed.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client dropping its keep-alive connection is routine, not a traceback on stderr.
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            log.debug("connection from %s ended: %s", client_address, error)
+        else:
+            log.error("error on a connection from %s", client_address, exc_info=error)
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "edgefleet-serve"
+    sys_version = ""
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self._fields = {}
+        # Keep-alive idle limit (StreamRequestHandler reads the class attribute only).
+        self.connection.settimeout(self.server.app.settings.idle_timeout_s)
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    # ------------------------------------------------------------------ request head
+    raw_requestline: bytes  # set by handle_one_request
+    _fields: dict[str, str]
+
+    def header(self, name: str) -> str | None:
+        """A request header by its lower-case name (repeated headers joined by ", ")."""
+        return self._fields.get(name)
+
+    def parse_request(self) -> bool:
+        """The request line and headers, without the stdlib's ``email`` parser (which
+        costs more than a small model's inference). Strict: a malformed line is a 400,
+        obsolete line folding is refused, at most 100 header lines of 64 KiB."""
+        self.command = ""
+        self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        self.requestline = line
+        parts = line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            self.send_error(HTTPStatus.BAD_REQUEST, f"bad request line {line[:100]!r}")
+            return False
+        self.command, self.path, self.request_version = parts
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
+            return False
+        fields: dict[str, str] = {}
+        for _ in range(100):
+            raw = self.rfile.readline(65537)
+            if len(raw) > 65536:
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+                return False
+            if raw in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = raw.decode("iso-8859-1").partition(":")
+            if not colon or not name or name != name.strip() or name[0] in " \t":
+                self.send_error(HTTPStatus.BAD_REQUEST, "malformed header line")
+                return False
+            key, value = name.lower(), value.strip()
+            fields[key] = f"{fields[key]}, {value}" if key in fields else value
+        else:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
+            return False
+        self._fields = fields
+        connection = fields.get("connection", "").lower()
+        if "close" in connection:
+            self.close_connection = True
+        elif "keep-alive" in connection or self.request_version == "HTTP/1.1":
+            self.close_connection = False
+        if (
+            fields.get("expect", "").lower() == "100-continue"
+            and self.request_version == "HTTP/1.1"
+        ):
+            return self.handle_expect_100()
+        return True
+
+    # ------------------------------------------------------------------ routing
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        app = self.server.app
+        path = urlsplit(self.path).path
+        routes = _ROUTES.get(path)
+        with app.track():
+            if routes is None:
+                self._error(RequestError(404, "not_found", f"no route {path}"))
+                return
+            handler = routes.get("GET" if method == "HEAD" else method)
+            if handler is None:
+                allowed = ", ".join(sorted(routes))
+                self._error(
+                    RequestError(405, "method_not_allowed", f"{path} takes {allowed}"),
+                    headers={"Allow": allowed},
+                )
+                return
+            try:
+                handler(self)
+            except (ConnectionError, TimeoutError):
+                self.close_connection = True
+            except Exception:
+                log.exception("unhandled error on %s %s", method, path)
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self._error(RequestError(500, "internal_error", "internal server error"))
+
+    # ------------------------------------------------------------------ responses
+    def _respond(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = JSON_TYPE,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        if self.server.app.draining:
+            self.close_connection = True
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        lines = [
+            f"HTTP/1.1 {status} {phrase}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}",
+        ]
+        # Values such as a model version come from configuration: never let one break
+        # the header block (CR/LF) or the encoding.
+        lines.extend(f"{k}: {_CTL.sub(' ', str(v))}" for k, v in (headers or {}).items())
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        # One write: headers and body leave in the same segment(s), no Nagle stall.
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+
+    def _json(self, status: int, document: Any, headers: dict[str, str] | None = None) -> None:
+        self._respond(status, json.dumps(document).encode(), JSON_TYPE, headers)
+
+    def _error(self, error: RequestError, headers: dict[str, str] | None = None) -> None:
+        self._json(error.status, error.as_dict(), headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's errors (bad request line, 414, 501) in the API's JSON shape."""
+        self.close_connection = True
+        try:
+            status = HTTPStatus(code)
+            name, phrase = status.name.lower(), status.phrase
+        except ValueError:
+            name, phrase = "error", ""
+        self._json(code, {"error": name, "detail": message or phrase})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized body before the client sends it."""
+        try:
+            length = int(self.header("content-length") or 0)
+        except ValueError:
+            length = 0
+        if length > self.server.app.settings.max_body_bytes:
+            self.close_connection = True
+            self._error(self._too_large(length))
+            return False
+        return super().handle_expect_100()
+
+    # ------------------------------------------------------------------ body
+    def _too_large(self, length: int) -> RequestError:
+        limit = self.server.app.settings.max_body_bytes
+        return RequestError(
+            413, "payload_too_large", f"body of {length} bytes is over the {limit}-byte limit"
+        )
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.header("transfer-encoding") or "").lower():
+            self.close_connection = True
+            raise RequestError(411, "length_required", "send a Content-Length, not chunks")
+        raw = self.header("content-length")
+        if raw is None:
+            raise RequestError(411, "length_required", "a Content-Length header is required")
+        try:
+            length = int(raw)
+            if length < 0:
+                raise ValueError(raw)
+        except ValueError as exc:
+            self.close_connection = True
+            raise RequestError(400, "bad_request", f"bad Content-Length {raw!r}") from exc
+        if length > self.server.app.settings.max_body_bytes:
+            self.close_connection = True
+            self._discard(length)
+            raise self._too_large(length)
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            raise RequestError(400, "bad_request", "the body ended before Content-Length")
+        return body
+
+    def _discard(self, length: int, budget_s: float = 2.0) -> None:
+        """Read (and drop) an oversized body for a bounded time, so the client reads
+        our 413 instead of a connection reset from unread data."""
+        deadline = time.monotonic() + budget_s
+        left = length
+        with contextlib.suppress(OSError):
+            self.connection.settimeout(0.5)
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
+    # ------------------------------------------------------------------ endpoints
+    def healthz(self) -> None:
+        self._json(200, {"status": "alive", "state": self.server.app.state})
+
+    def readyz(self) -> None:
+        app = self.server.app
+        model = app.current
+        if app.ready and model is not None:
+            self._json(200, {"status": "ready", "model": model.name, "version": model.version})
+        else:
+            self._json(503, {"status": "not ready", "state": app.state})
+
+    def metrics(self) -> None:
+        self._respond(200, self.server.app.metrics.render(), CONTENT_TYPE_LATEST)
+
+    def model(self) -> None:
+        model = self.server.app.current
+        if model is None:
+            self._error(RequestError(503, "not_ready", "no model is loaded yet"))
+            return
+        self._json(200, {**model.describe(), "ready": self.server.app.ready})
+
+    def infer(self) -> None:
+        started = time.perf_counter()
+        app = self.server.app
+        metrics = app.metrics
+        model = app.current  # this request runs on this version, whatever swaps meanwhile
+        try:
+            if model is None or not app.ready:
+                # Read the body anyway, so the connection stays usable.
+                self._read_body()
+                raise RequestError(503, "not_ready", "the model is not loaded and warmed up yet")
+            body = self._read_body()
+            request_type = media_type(self.header("content-type")) or JSON_TYPE
+            specs = model.runner.inputs
+            if request_type == NPZ_TYPE:
+                settings = app.settings
+                arrays = decode_npz(
+                    body,
+                    specs,
+                    max_members=settings.max_npz_members,
+                    max_bytes=settings.max_body_bytes * 4,
+                )
+            elif request_type == JSON_TYPE:
+                arrays = decode_json(body, specs)
+            else:
+                raise RequestError(415, "unsupported_media_type", f"send {JSON_TYPE} or {NPZ_TYPE}")
+            feeds = validate(arrays, specs)
+            as_npz = wants_npz(self.header("accept"), request_type)
+        except RequestError as exc:
+            metrics.rejected.labels(str(exc.status)).inc()
+            self._error(exc)
+            return
+        metrics.requests.inc()
+        headers = {
+            "X-Model-Name": model.name,
+            "X-Model-Version": model.version,
+            "X-Model-Sha256": model.sha256,
+        }
+        t0 = time.perf_counter()
+        try:
+            outputs = model.run(feeds)
+            t1 = time.perf_counter()
+            if as_npz:
+                payload, content_type = encode_npz(outputs), NPZ_TYPE
+            else:
+                payload = encode_json(outputs, model=model.name, version=model.version)
+                content_type = JSON_TYPE
+        except Exception as exc:
+            metrics.errors.inc()
+            log.warning("inference failed on %s %s: %s", model.name, model.version, exc)
+            failure = RequestError(500, "inference_failed", f"{type(exc).__name__}: {exc}")
+            metrics.request_latency.observe(time.perf_counter() - started)
+            self._error(failure, headers)
+            return
+        metrics.inference_latency.observe(t1 - t0)
+        # Observed before the write: a scrape after the response sees this request.
+        metrics.request_latency.observe(time.perf_counter() - started)
+        self._respond(200, payload, content_type, headers)
+
+    def admin_swap(self) -> None:
+        app = self.server.app
+        if not app.admin_allowed(self.client_address[0], self.header("authorization")):
+            self.close_connection = True
+            self._error(
+                RequestError(
+                    403, "forbidden", "admin endpoints take loopback callers or the admin token"
+                )
+            )
+            return
+        try:
+            body = self._read_body()
+            request = SwapRequest.model_validate_json(body)
+        except RequestError as exc:
+            self._error(exc)
+            return
+        except ValidationError as exc:
+            errors = json.loads(exc.json(include_url=False, include_input=False))
+            self._json(422, {"error": "validation_error", "detail": errors})
+            return
+        current = app.current
+        source = ModelSource(
+            name=request.model_name or (current.name if current else app.settings.model_name),
+            version=request.model_version,
+            format=request.format,
+            url=request.model_url,
+            sha256=request.sha256.lower(),
+        )
+        try:
+            model = app.swap(source)
+        except SwapInProgress as exc:
+            self._error(RequestError(409, "swap_in_progress", str(exc)))
+        except ChecksumMismatch as exc:
+            self._error(RequestError(422, "sha256_mismatch", str(exc)))
+        except ArtifactUnavailable as exc:
+            self._error(RequestError(502, "artifact_unavailable", str(exc)))
+        except ModelLoadError as exc:
+            self._error(RequestError(422, "model_load_failed", str(exc)))
+        else:
+            self._json(200, {"status": "active", **model.describe()})
+
+
+_ROUTES: dict[str, dict[str, Callable[[_Handler], None]]] = {
+    "/healthz": {"GET": _Handler.healthz},
+    "/readyz": {"GET": _Handler.readyz},
+    "/metrics": {"GET": _Handler.metrics},
+    "/v1/model": {"GET": _Handler.model},
+    "/v1/infer": {"POST": _Handler.infer},
+    "/v1/admin/swap": {"POST": _Handler.admin_swap},
+}

@@ -1,0 +1,186 @@
+"""One loaded, warmed-up model version, and how to get one from a URL or a file.
+
+An :class:`ActiveModel` is immutable once built: the server swaps a reference to it, so a
+request that picked up the old version finishes on the old version."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from node_agent.cache import ArtifactCache
+from node_agent.runtimes import InputHints, Runner, generate_inputs, open_runner
+
+log = logging.getLogger(__name__)
+
+RunnerFactory = Callable[[Path, str, int], Runner]
+"""(model file, format, intra-op threads) -> Runner."""
+
+_NO_HINTS = InputHints(dims={}, shapes={}, values={})
+
+
+class ModelLoadError(RuntimeError):
+    """The runtime could not load the model, or it failed its warm-up."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    version: str
+    format: str | None = None  # None: detected from the bytes
+    url: str | None = None
+    sha256: str | None = None
+    path: Path | None = None  # a local file instead of a download
+
+
+def default_runner_factory(path: Path, fmt: str, threads: int) -> Runner:
+    return open_runner(path, fmt, threads=threads)
+
+
+def detect_format(path: Path) -> str:
+    """TFLite flatbuffers carry ``TFL3`` at byte 4; anything else is tried as ONNX."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    return "tflite" if head[4:8] == b"TFL3" else "onnx"
+
+
+@dataclass
+class ActiveModel:
+    name: str
+    version: str
+    sha256: str
+    format: str
+    path: Path
+    runner: Runner
+    threads: int
+    load_s: float
+    warmup_s: float
+    warmup_runs: int
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    thread_safe: bool = True
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def runtime(self) -> str:
+        return self.runner.runtime
+
+    @property
+    def providers(self) -> list[str]:
+        return [str(p) for p in getattr(self.runner, "providers", [])]
+
+    def guard(self) -> AbstractContextManager[Any]:
+        # onnxruntime sessions run concurrently; a TFLite interpreter holds its tensors
+        # in the object, so its runs are serialized.
+        return nullcontext() if self.thread_safe else self._lock
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.guard():
+            return self.runner.run(feeds)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "format": self.format,
+            "runtime": self.runtime,
+            "providers": self.providers,
+            "threads": self.threads,
+            "inputs": [s.as_dict() for s in self.runner.inputs],
+            "outputs": [s.as_dict() for s in self.runner.outputs],
+            "loaded_at": self.loaded_at.isoformat(),
+            "load_s": round(self.load_s, 4),
+            "warmup_s": round(self.warmup_s, 4),
+            "warmup_runs": self.warmup_runs,
+        }
+
+
+def resolve_artifact(source: ModelSource, cache: ArtifactCache) -> tuple[Path, str]:
+    """The verified model file and its sha256 (``ChecksumMismatch`` /
+    ``ArtifactUnavailable`` from the cache)."""
+    if source.path is not None:
+        return source.path, cache.verify_local(source.path, source.sha256)
+    if not source.url or not source.sha256:
+        raise ValueError("a model source needs a path, or a url and a sha256")
+    return cache.fetch(source.url, source.sha256), source.sha256
+
+
+def warm_up(runner: Runner, runs: int, *, default_dim: int) -> None:
+    """``runs`` inferences on generated inputs (every dynamic non-batch dim at
+    ``default_dim``, then, if the model refuses that, at 1), so the first real request
+    does not pay for lazy allocations."""
+    if runs <= 0:
+        return
+    failures = []
+    for unknown in (None, 1):
+        feeds = generate_inputs(
+            runner.inputs, _NO_HINTS, default_dim=default_dim, unknown_dim=unknown
+        )
+        try:
+            runner.run(feeds)
+        except Exception as exc:
+            shapes = {k: list(v.shape) for k, v in feeds.items()}
+            failures.append(f"inputs {shapes}: {type(exc).__name__}: {exc}")
+            continue
+        for _ in range(runs - 1):
+            runner.run(feeds)
+        return
+    raise ModelLoadError("warm-up failed: " + "; ".join(failures))
+
+
+def load_model(
+    source: ModelSource,
+    cache: ArtifactCache,
+    *,
+    threads: int,
+    warmup_runs: int,
+    warmup_dim: int = 64,
+    runner_factory: RunnerFactory = default_runner_factory,
+) -> ActiveModel:
+    path, sha256 = resolve_artifact(source, cache)
+    fmt = source.format or detect_format(path)
+    started = time.perf_counter()
+    try:
+        runner = runner_factory(path, fmt, threads)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{fmt} runtime could not load {source.name} {source.version}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    loaded = time.perf_counter()
+    warm_up(runner, warmup_runs, default_dim=warmup_dim)
+    warmed = time.perf_counter()
+    log.info(
+        "loaded %s %s (%s, sha256 %s) with %s, %d thread(s): load %.3fs, %d warm-up runs %.3fs",
+        source.name,
+        source.version,
+        fmt,
+        sha256[:12],
+        runner.runtime,
+        threads,
+        loaded - started,
+        warmup_runs,
+        warmed - loaded,
+    )
+    return ActiveModel(
+        name=source.name,
+        version=source.version,
+        sha256=sha256,
+        format=fmt,
+        path=path,
+        runner=runner,
+        threads=threads,
+        load_s=loaded - started,
+        warmup_s=warmed - loaded,
+        warmup_runs=warmup_runs,
+        thread_safe=bool(getattr(runner, "thread_safe", fmt == "onnx")),
+    )

@@ -1,0 +1,93 @@
+"""Settings of ``edgefleet-serve``: command-line flags first, then ``EDGEFLEET_SERVE_*``
+environment variables, then the defaults below."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8500
+DEFAULT_CACHE_DIR = Path("/var/lib/edgefleet/models")
+CPU_LIMIT_ENV = "EDGEFLEET_CPU_LIMIT"
+
+ModelFormat = Literal["onnx", "tflite"]
+
+
+def threads_from_cpu_limit(value: str | None) -> int:
+    """Intra-op threads from the pod's CPU limit in millicores (the DaemonSet passes
+    ``limits.cpu`` with divisor 1m): ceil(m / 1000), at least 1. Unset or unreadable: 1,
+    never the host's core count, which oversubscribes a CPU quota on a shared node."""
+    if not value:
+        return 1
+    try:
+        millicores = float(value.strip().removesuffix("m"))
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number of millicores", CPU_LIMIT_ENV, value)
+        return 1
+    if not math.isfinite(millicores) or millicores <= 0:
+        return 1
+    return max(1, math.ceil(millicores / 1000))
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_SERVE_", extra="ignore")
+
+    # What to serve: a URL + sha256 (downloaded into the cache) or a local file.
+    model_url: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    format: ModelFormat | None = None  # None: detected from the bytes
+    model_path: Path | None = None
+    model_name: str = "model"
+    model_version: str = "unversioned"
+    cache_dir: Path = DEFAULT_CACHE_DIR
+
+    # Where to listen.
+    host: str = "0.0.0.0"
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+
+    # Runtime.
+    threads: int | None = Field(None, ge=1, le=256)
+    warmup_runs: int = Field(3, ge=0)
+    warmup_dim: int = Field(64, ge=1, description="size of a dynamic non-batch dim in warm-up")
+
+    # Requests.
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_npz_members: int = Field(64, ge=1)
+    idle_timeout_s: float = Field(75.0, gt=0, description="keep-alive idle timeout")
+
+    # Admin endpoint: loopback callers always, others with this bearer token.
+    admin_token: SecretStr | None = None
+    admin_allow_loopback: bool = True
+
+    # Download.
+    download_attempts: int = Field(5, ge=1)
+    download_backoff_s: float = Field(0.5, ge=0)
+    download_timeout_s: float = Field(30.0, gt=0)
+    max_artifact_bytes: int = Field(2 * 1024**3, ge=1)
+
+    shutdown_grace_s: float = Field(20.0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower(cls, value: str | None) -> str | None:
+        return value.lower() if value else value
+
+    @model_validator(mode="after")
+    def _source(self) -> ServeSettings:
+        if self.model_path is None and not (self.model_url and self.sha256):
+            raise ValueError("give --model-url with --sha256, or --model-path")
+        return self
+
+    def resolved_threads(self) -> int:
+        if self.threads is not None:
+            return self.threads
+        return threads_from_cpu_limit(os.environ.get(CPU_LIMIT_ENV))
