@@ -27,6 +27,10 @@ def driver_for(
     settings: Settings,
     credentials: dict[str, Any] | None = None,
 ) -> ClusterDriver:
+    if driver == "local":
+        from controller.kube.local import LocalDriver
+
+        return LocalDriver(name, spec.get("local") or {})
     if driver == "simulated":
         return SimulatedDriver(
             name, spec.get("simulated") or {}, _sim_state(settings), settings.sim_state_prefix

@@ -131,6 +131,14 @@ class SimulatedFleet(Strict):
         return self
 
 
+class LocalFleet(SimulatedFleet):
+    """Nodes of a ``local`` cluster: each runs its workloads as edgefleet-serve processes
+    on this machine, node i listening on 127.0.0.1:(basePort + i)."""
+
+    basePort: int = Field(18500, ge=1024, le=65000)
+    cacheDir: str = "/tmp/edgefleet-local"
+
+
 class ClusterCredentials(Strict):
     token: str | None = Field(None, description="bearer token of the controller's identity")
     caData: str | None = Field(None, description="PEM CA bundle of the API server")
@@ -145,16 +153,19 @@ class ClusterCredentials(Strict):
 
 
 class ClusterSpec(Strict):
-    driver: Literal["kubernetes", "simulated"]
+    driver: Literal["kubernetes", "simulated", "local"]
     server: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] | None = None
     namespace: Name = "edgefleet-workloads"
     credentials: ClusterCredentials | None = None
     simulated: SimulatedFleet | None = None
+    local: LocalFleet | None = None
 
     @model_validator(mode="after")
     def _driver_fields(self) -> ClusterSpec:
         if self.driver == "simulated" and self.simulated is None:
             raise ValueError("driver 'simulated' needs a 'simulated' section (nodes or count)")
+        if self.driver == "local" and self.local is None:
+            raise ValueError("driver 'local' needs a 'local' section (nodes or count)")
         if self.driver == "kubernetes":
             if self.credentials is None:
                 raise ValueError("driver 'kubernetes' needs credentials (token or kubeconfig)")

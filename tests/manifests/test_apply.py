@@ -411,7 +411,7 @@ BAD: list[Any] = [
         bad_doc(
             cluster(driver="docker", simulated=SIM_NODE),
             ["spec", "driver"],
-            "'kubernetes' or 'simulated'",
+            "'kubernetes', 'simulated' or 'local'",
         ),
         id="cluster-driver-docker",
     ),

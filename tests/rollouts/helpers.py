@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -70,7 +71,8 @@ def rollout_doc(name: str, version: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def apply(client: TestClient, *docs: dict[str, Any], dry_run: bool = False) -> Any:
+def apply(client: httpx.Client, *docs: dict[str, Any], dry_run: bool = False) -> Any:
+    """POST documents to /v1/apply (a TestClient or a client of a live server)."""
     return client.post(
         "/v1/apply",
         params={"dryRun": "true"} if dry_run else None,

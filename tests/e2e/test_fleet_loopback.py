@@ -1,0 +1,247 @@
+"""Issue #5's done-when, end to end on loopback: a controller on Postgres, three nodes
+whose workloads run as real edgefleet-serve processes (the local driver), three real
+edgefleet-agent processes reading those servers' /metrics, and real inference traffic.
+The agents' measurements drive the gates: a light version rolls out, a heavy one breaks
+the p95 gate on its canary and is rolled back."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from pydantic import SecretStr
+
+from controller.api.app import create_app
+from controller.kube.local import stop_all
+from controller.registry import samples
+from controller.rollouts import service
+from controller.settings import Settings
+from tests.live import free_port
+from tests.rollouts.helpers import apply, rollout_id
+
+NODES = 3
+GATE_MS = 8.0
+
+
+class Controller:
+    def __init__(self, settings: Settings) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.settings = settings.model_copy(
+            update={"public_url": self.url, "agent_join_token": SecretStr("join-me")}
+        )
+        config = uvicorn.Config(
+            create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            assert time.monotonic() < deadline, "controller did not start"
+            time.sleep(0.05)
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def stop(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+class Traffic:
+    """Clients sending inferences to every node's server, shaped by its /v1/model."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.loop, args=(p,), daemon=True) for p in ports]
+        for t in self.threads:
+            t.start()
+
+    def loop(self, port: int) -> None:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+        body, sha = b"", None
+        while not self.stop.is_set():
+            try:
+                model = client.get("/v1/model").json()
+                if model.get("sha256") != sha:
+                    sha = model["sha256"]
+                    (spec,) = model["inputs"]
+                    shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
+                    buf = io.BytesIO()
+                    arrays: dict[str, Any] = {spec["name"]: np.zeros(shape, dtype=np.float32)}
+                    np.savez(buf, **arrays)
+                    body = buf.getvalue()
+                client.post(
+                    "/v1/infer", content=body, headers={"content-type": "application/x-npz"}
+                )
+            except (httpx.HTTPError, KeyError, ValueError):
+                time.sleep(0.1)
+        client.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+
+@pytest.fixture
+def fleet(
+    settings: Settings, committed: None, redis_available: None, tmp_path: Path
+) -> Iterator[dict[str, Any]]:
+    controller = Controller(settings)
+    base = random.randint(21000, 29000)
+    ports = [base + i for i in range(NODES)]
+    agents: list[subprocess.Popen[bytes]] = []
+    traffic = Traffic(ports)
+    try:
+        cluster = {
+            "apiVersion": "edgefleet.io/v1",
+            "kind": "Cluster",
+            "metadata": {"name": "loop"},
+            "spec": {
+                "driver": "local",
+                "local": {
+                    "count": NODES,
+                    "prefix": "edge",
+                    "template": {"labels": {"tier": "retail"}},
+                    "basePort": base,
+                    "cacheDir": str(tmp_path / "nodes"),
+                },
+            },
+        }
+        resp = apply(controller.http, cluster)
+        assert resp.status_code == 200, resp.text
+        for i in range(NODES):
+            env = {
+                **os.environ,
+                "EDGEFLEET_CONTROLLER_URL": controller.url,
+                "EDGEFLEET_JOIN_TOKEN": "join-me",
+                "EDGEFLEET_CLUSTER": "loop",
+                "NODE_NAME": f"edge-{i}",
+                "EDGEFLEET_STATE_DIR": str(tmp_path / f"agent-{i}"),
+                "EDGEFLEET_INFERENCE_URLS": f"http://127.0.0.1:{ports[i]}/metrics",
+                "EDGEFLEET_HEARTBEAT_INTERVAL_S": "0.5",
+            }
+            log = (tmp_path / f"agent-{i}.log").open("wb")
+            agents.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "node_agent.agent"],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        yield {"controller": controller, "ports": ports, "tmp": tmp_path}
+    finally:
+        traffic.close()
+        for proc in agents:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        stop_all()
+        controller.stop()
+
+
+def push(http: httpx.Client, version: str, data: bytes) -> None:
+    resp = http.post(
+        "/v1/models/detector/versions",
+        data={"version": version},
+        files={"file": ("m.onnx", data, "application/octet-stream")},
+    )
+    assert resp.status_code == 201, resp.text
+    assert http.get(f"/v1/models/detector/versions/{version}").json()["status"] == "Ready"
+
+
+def rollout(name: str, version: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgefleet.io/v1",
+        "kind": "Rollout",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "detector", "version": version},
+            "selector": {"matchLabels": {"tier": "retail"}},
+            "strategy": {
+                "steps": [{"nodes": 1, "bake": "2s"}, {"percent": 100, "bake": "2s"}],
+                "maxUnavailable": "100%",
+                "progressDeadline": "90s",
+            },
+            "gates": {"maxP95LatencyMs": GATE_MS, "maxErrorRate": 0.05, "minSamples": 5},
+        },
+    }
+
+
+def drive(controller: Controller, name: str, timeout_s: float = 150) -> str:
+    rid = rollout_id(name)
+    deadline = time.monotonic() + timeout_s
+    phase = "Pending"
+    while time.monotonic() < deadline:
+        phase = service.reconcile(rid, controller.settings) or phase
+        if phase not in ("Pending", "Progressing"):
+            return phase
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{name} still {phase}: {controller.http.get(f'/v1/rollouts/{name}').json()}"
+    )
+
+
+def serving(ports: list[int]) -> list[str | None]:
+    out = []
+    for port in ports:
+        try:
+            out.append(
+                httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=2).json().get("version")
+            )
+        except httpx.HTTPError:
+            out.append(None)
+    return out
+
+
+def test_agents_measurements_drive_the_gates(fleet: dict[str, Any]) -> None:
+    controller: Controller = fleet["controller"]
+    http = controller.http
+    push(http, "1.0.0", samples.build_cnn(seed=0))  # about 0.1 ms per inference
+    push(http, "2.0.0", samples.build_cnn(seed=1, channels=96, size=160))  # tens of ms
+
+    assert apply(http, rollout("light", "1.0.0")).status_code == 200
+    phase = drive(controller, "light")
+    events = http.get("/v1/rollouts/light/events", params={"limit": 200}).json()
+    assert phase == "Succeeded", [
+        (e["reason"], e["message"], e["data"].get("gate")) for e in events
+    ]
+    assert serving(fleet["ports"]) == ["1.0.0"] * NODES
+    events = http.get("/v1/rollouts/light/events", params={"limit": 200}).json()
+    passed = [e for e in events if e["reason"] == "GatePassed"]
+    assert len(passed) == 2
+    for e in passed:  # the evidence: real latencies, measured on the nodes
+        assert e["data"]["gate"]["healthy"] == e["data"]["gate"]["nodes"]
+        assert 0 < e["data"]["gate"]["max_p95_ms"] < GATE_MS
+    nodes = http.get("/v1/nodes", params={"cluster": "loop"}).json()["items"]
+    assert all(n["last_heartbeat_at"] for n in nodes)  # every agent enrolled and reports
+
+    assert apply(http, rollout("heavy", "2.0.0")).status_code == 200
+    assert drive(controller, "heavy") == "RolledBack"
+    failed = next(
+        e
+        for e in http.get("/v1/rollouts/heavy/events", params={"limit": 200}).json()
+        if e["reason"] == "GateFailed"
+    )
+    assert failed["data"]["wave"] == 0  # caught on the canary
+    assert failed["data"]["gate"]["max_p95_ms"] > GATE_MS
+    deadline = time.monotonic() + 60
+    while serving(fleet["ports"]) != ["1.0.0"] * NODES and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert serving(fleet["ports"]) == ["1.0.0"] * NODES  # the canary is back on 1.0.0
