@@ -105,6 +105,15 @@ class OnnxRunner:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise RuntimeUnavailable(f"onnxruntime is not installed: {exc}") from exc
+        # onnxruntime only warns about an unknown provider and runs on the CPU instead: a
+        # GPU node configured for CUDA would quietly serve from the CPU. Refuse instead.
+        available = ort.get_available_providers()
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise RuntimeUnavailable(
+                f"execution provider(s) {missing} not available in this onnxruntime build "
+                f"(available: {available})"
+            )
         options = ort.SessionOptions()
         # Threads come from the caller (the pod's CPU limit), never the host's core
         # count: on a shared edge node the host count oversubscribes the CPU quota.
@@ -182,9 +191,15 @@ def preload_runtime(fmt: str) -> None:
         raise RuntimeUnavailable(f"no runtime for model format {fmt!r} (expected onnx or tflite)")
 
 
-def open_runner(model: Path | bytes, fmt: str, *, threads: int = 1) -> Runner:
+def open_runner(
+    model: Path | bytes,
+    fmt: str,
+    *,
+    threads: int = 1,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> Runner:
     if fmt == "onnx":
-        return OnnxRunner(model, threads=threads)
+        return OnnxRunner(model, threads=threads, providers=providers)
     if fmt == "tflite":
         return TfliteRunner(model, threads=threads)
     raise ValueError(f"unknown model format {fmt!r} (expected onnx or tflite)")

@@ -89,7 +89,7 @@ class InferenceServer:
         settings: ServeSettings,
         *,
         cache: ArtifactCache | None = None,
-        runner_factory: RunnerFactory = default_runner_factory,
+        runner_factory: RunnerFactory | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
@@ -101,7 +101,10 @@ class InferenceServer:
             timeout_s=settings.download_timeout_s,
             max_bytes=settings.max_artifact_bytes,
         )
-        self.runner_factory = runner_factory
+        providers = tuple(settings.providers)
+        self.runner_factory: RunnerFactory = runner_factory or (
+            lambda path, fmt, threads: default_runner_factory(path, fmt, threads, providers)
+        )
         self.threads = settings.resolved_threads()
         self.state: State = "starting"
         self._model: ActiveModel | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,8 +42,10 @@ class ModelSource:
     path: Path | None = None  # a local file instead of a download
 
 
-def default_runner_factory(path: Path, fmt: str, threads: int) -> Runner:
-    return open_runner(path, fmt, threads=threads)
+def default_runner_factory(
+    path: Path, fmt: str, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)
+) -> Runner:
+    return open_runner(path, fmt, threads=threads, providers=providers)
 
 
 def detect_format(path: Path) -> str:

@@ -55,6 +55,9 @@ class ServeSettings(BaseSettings):
 
     # Runtime.
     threads: int | None = Field(None, ge=1, le=256)
+    # onnxruntime execution providers in order of preference (JSON list in the env),
+    # e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"] on a GPU node.
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
     warmup_runs: int = Field(3, ge=0)
     warmup_dim: int = Field(64, ge=1, description="size of a dynamic non-batch dim in warm-up")
 

@@ -109,3 +109,14 @@ def test_generated_inputs_respect_dtypes_and_values() -> None:
     assert int(feeds["sr"]) == 16000
     again = generate_inputs(specs, hints, default_dim=64)
     np.testing.assert_array_equal(feeds["f"], again["f"])  # deterministic
+
+
+def test_unknown_execution_provider_is_refused() -> None:
+    """Providers come from settings (EDGEFLEET_SERVE_PROVIDERS); a provider this
+    onnxruntime build lacks is an error, not a silent fallback."""
+    from node_agent.runtimes import open_runner
+
+    runner = open_runner(samples.build_cnn(), "onnx", providers=["CPUExecutionProvider"])
+    assert getattr(runner, "providers", None) == ["CPUExecutionProvider"]
+    with pytest.raises(RuntimeUnavailable, match="NoSuchExecutionProvider"):
+        open_runner(samples.build_cnn(), "onnx", providers=["NoSuchExecutionProvider"])
