@@ -35,18 +35,24 @@ def artifact_store(settings: Settings) -> ArtifactStore:
     return ArtifactStore(settings.artifact_dir, max_bytes=settings.max_artifact_bytes)
 
 
-def parse_metadata(raw: str | None) -> dict[str, Any]:
+def json_object_field(raw: str | None, field: str) -> dict[str, Any]:
+    """A multipart form field that holds a JSON object (empty: {})."""
     if raw is None or not raw.strip():
         return {}
     try:
         doc = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidInput(
-            f"metadata is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-            loc=("body", "metadata"),
+            f"{field} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            loc=("body", field),
         ) from exc
     if not isinstance(doc, dict):
-        raise InvalidInput("metadata must be a JSON object", loc=("body", "metadata"))
+        raise InvalidInput(f"{field} must be a JSON object", loc=("body", field))
+    return doc
+
+
+def parse_metadata(raw: str | None) -> dict[str, Any]:
+    doc = json_object_field(raw, "metadata")
     try:
         PushMetadata.model_validate(doc)
     except ValidationError as exc:

@@ -7,7 +7,6 @@ row with the reason."""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -24,6 +23,7 @@ from controller.registry.schemas import check_version
 from controller.registry.service import (
     _record_version,
     artifact_store,
+    json_object_field,
     require_version,
 )
 from controller.registry.store import ArtifactStore
@@ -64,12 +64,7 @@ def request_variant(
             "in the TFLite converter); register the converted file as its own version",
             loc=("path", "version"),
         )
-    try:
-        params = json.loads(params_json) if params_json else {}
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"params is not valid JSON: {exc.msg}", loc=("body", "params")) from exc
-    if not isinstance(params, dict):
-        raise InvalidInput("params must be a JSON object", loc=("body", "params"))
+    params = json_object_field(params_json, "params")
     unknown = set(params) - PARAMS[method] - COMMON
     if unknown:
         allowed = ", ".join(sorted(PARAMS[method] | COMMON))
@@ -126,6 +121,13 @@ def _set(job_id: int, **fields: Any) -> None:
             setattr(job, key, value)
 
 
+def _failed(job_id: int, exc: Exception) -> str:
+    log.warning("optimization %s failed: %s", job_id, exc)
+    message = f"{type(exc).__name__}: {exc}"
+    _set(job_id, status=OptimizationStatus.FAILED, stage=None, message=message)
+    return OptimizationStatus.FAILED
+
+
 def run_job(job_id: int, settings: Settings) -> str | None:
     store = artifact_store(settings)
     with session_scope() as session:
@@ -179,14 +181,7 @@ def run_job(job_id: int, settings: Settings) -> str | None:
         report["details"] = variant.details
         report["warnings"] = notes + variant.warnings
     except Exception as exc:  # any failure: the job says why, and no version exists
-        log.warning("optimization %s failed: %s", job_id, exc)
-        _set(
-            job_id,
-            status=OptimizationStatus.FAILED,
-            stage=None,
-            message=f"{type(exc).__name__}: {exc}",
-        )
-        return OptimizationStatus.FAILED
+        return _failed(job_id, exc)
     with session_scope() as session, store.stage([variant.data]) as staged:
         job = session.get(Optimization, job_id)
         assert job is not None
@@ -204,13 +199,7 @@ def run_job(job_id: int, settings: Settings) -> str | None:
             )
         except Exception as exc:
             session.rollback()
-            _set(
-                job_id,
-                status=OptimizationStatus.FAILED,
-                stage=None,
-                message=f"{type(exc).__name__}: {exc}",
-            )
-            return OptimizationStatus.FAILED
+            return _failed(job_id, exc)
         mv = result.version
         mv.parent_id = parent_id
         mv.lineage = {**lineage_base, "report": report}
