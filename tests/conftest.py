@@ -143,6 +143,21 @@ def artifact_files(settings: Settings) -> set[Path]:
 
 
 @pytest.fixture
+def join_token(settings: Settings) -> Iterator[str]:
+    """Agent enrollment on, for this test only (the settings object is shared)."""
+    from pydantic import SecretStr
+
+    from tests.agents.fakes import JOIN_TOKEN
+
+    saved = settings.agent_join_token
+    settings.agent_join_token = SecretStr(JOIN_TOKEN)
+    try:
+        yield JOIN_TOKEN
+    finally:
+        settings.agent_join_token = saved
+
+
+@pytest.fixture
 def scratch_database(settings: Settings) -> Iterator[str]:
     """An empty Postgres database of its own, dropped afterwards."""
     name = f"edgefleet_scratch_{uuid.uuid4().hex[:10]}"

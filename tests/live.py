@@ -1,4 +1,4 @@
-"""A real uvicorn server on a free loopback port, in a thread of the test process."""
+"""A real uvicorn server on a loopback port, in a thread of the test process."""
 
 from __future__ import annotations
 
@@ -19,19 +19,48 @@ def free_port() -> int:
         return port
 
 
+class LiveController:
+    """The app under uvicorn, on a port that stays the same across ``stop()`` and
+    ``start()`` (an agent keeps its controller URL). Give ``port`` when the app must
+    know its own URL before it starts (``EDGEFLEET_PUBLIC_URL``)."""
+
+    def __init__(self, app: FastAPI, *, port: int | None = None) -> None:
+        self.app = app
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        self._server, self._thread = server, thread
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+        self._server = self._thread = None
+
+
+@contextmanager
+def live_controller(app: FastAPI, *, port: int | None = None) -> Iterator[LiveController]:
+    controller = LiveController(app, port=port)
+    controller.start()
+    try:
+        yield controller
+    finally:
+        controller.stop()
+
+
 @contextmanager
 def serve(app: FastAPI) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with live_controller(app) as controller:
+        yield controller.url

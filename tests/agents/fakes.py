@@ -5,18 +5,20 @@ can be stopped and started again on the same address."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import uvicorn
-from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from node_agent.contract import ERRORS_TOTAL, INFERENCE_LATENCY, REQUESTS_TOTAL
-from tests.live import free_port
+from tests.live import LiveController, live_controller
+
+__all__ = ["JOIN_TOKEN", "LiveController", "live_controller"]
+
+# The join token the agent tests enroll with (tests/conftest.py's join_token fixture).
+JOIN_TOKEN = "join-0123456789abcdef"
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -103,46 +105,6 @@ def inference_server() -> Iterator[FakeInferenceServer]:
         yield server
     finally:
         server.close()
-
-
-class LiveController:
-    """The real controller app under uvicorn, in a thread, on a port that stays the same
-    across ``stop()`` and ``start()`` (an agent keeps its controller URL)."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        self._server, self._thread = server, thread
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10)
-        self._server = self._thread = None
-
-
-@contextmanager
-def live_controller(app: FastAPI) -> Iterator[LiveController]:
-    controller = LiveController(app)
-    controller.start()
-    try:
-        yield controller
-    finally:
-        controller.stop()
 
 
 class FakeClock:

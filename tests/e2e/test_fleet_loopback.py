@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from pydantic import SecretStr
 
 from controller.api.app import create_app
@@ -29,36 +28,31 @@ from controller.kube.local import stop_all
 from controller.registry import samples
 from controller.rollouts import service
 from controller.settings import Settings
-from tests.live import free_port
+from tests.live import LiveController, free_port
 from tests.rollouts.helpers import apply, rollout_id
 
 NODES = 3
 GATE_MS = 8.0
 
 
-class Controller:
+class Controller(LiveController):
+    """The controller, knowing its own URL (artifact downloads) and a join token."""
+
     def __init__(self, settings: Settings) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         self.settings = settings.model_copy(
-            update={"public_url": self.url, "agent_join_token": SecretStr("join-me")}
+            update={
+                "public_url": f"http://127.0.0.1:{port}",
+                "agent_join_token": SecretStr("join-me"),
+            }
         )
-        config = uvicorn.Config(
-            create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:
-            assert time.monotonic() < deadline, "controller did not start"
-            time.sleep(0.05)
+        super().__init__(create_app(self.settings), port=port)
+        self.start()
         self.http = httpx.Client(base_url=self.url, timeout=30)
 
     def stop(self) -> None:
         self.http.close()
-        self.server.should_exit = True
-        self.thread.join(10)
+        super().stop()
 
 
 class Traffic:

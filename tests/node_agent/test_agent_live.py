@@ -14,7 +14,6 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
-from pydantic import SecretStr
 from sqlalchemy import Connection, select
 
 from controller.api.app import create_app
@@ -23,6 +22,7 @@ from controller.db.session import session_scope
 from controller.settings import Settings
 from node_agent.agent import Agent, AgentSettings, ControllerClient
 from tests.agents.fakes import (
+    JOIN_TOKEN,
     FakeClock,
     FakeInferenceServer,
     LiveController,
@@ -31,18 +31,6 @@ from tests.agents.fakes import (
 )
 from tests.rollouts import helpers
 from tests.rollouts.helpers import apply, cluster_doc, drive, push_versions, rollout_doc
-
-TOKEN = "live-join-token-0123456789"
-
-
-@pytest.fixture
-def join_token(settings: Settings) -> Iterator[str]:
-    saved = settings.agent_join_token
-    settings.agent_join_token = SecretStr(TOKEN)
-    try:
-        yield TOKEN
-    finally:
-        settings.agent_join_token = saved
 
 
 @pytest.fixture
@@ -81,7 +69,7 @@ def make_agent(
     transport = RecordingTransport()
     values: dict[str, Any] = {
         "controller_url": url,
-        "join_token": TOKEN,
+        "join_token": JOIN_TOKEN,
         "node_name": node,
         "cluster": "edge",
         "state_dir": state_dir,
