@@ -10,12 +10,12 @@ Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (as the tests do)
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import resource
 import statistics
 import time
 import uuid
-from datetime import UTC, datetime
 
 PG = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
 DB = f"edgefleet_bench_{uuid.uuid4().hex[:8]}"
@@ -31,19 +31,19 @@ os.environ.update(
     }
 )
 
-from sqlalchemy import create_engine, select, text  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
 
 from controller.db import migrate  # noqa: E402
-from controller.db.models import Assignment, AssignmentState, Cluster, ModelVersion, Node  # noqa: E402
+from controller.db.models import AssignmentState  # noqa: E402
 from controller.db.session import dispose_engines, session_scope  # noqa: E402
-from controller.fleet.service import ingest_heartbeats  # noqa: E402
+from controller.demo import RunningWorkload, report_running  # noqa: E402
 from controller.manifests.service import apply_documents  # noqa: E402
 from controller.registry import samples, service  # noqa: E402
 from controller.rollouts import repository as rollout_repo  # noqa: E402
 from controller.rollouts import service as rollouts  # noqa: E402
 from controller.settings import get_settings  # noqa: E402
 from controller.tasks.celery_app import configure  # noqa: E402
-from node_agent.contract import Heartbeat, InferenceMetrics, WorkloadReport  # noqa: E402
+from node_agent.contract import InferenceMetrics  # noqa: E402
 
 
 def admin(sql: str) -> None:
@@ -84,37 +84,16 @@ ROLLOUT = {
     },
 }
 
-_seq = 0
+_seq = itertools.count(1)
 
 
 def report() -> int:
-    global _seq
-    with session_scope() as s:
-        rows = s.execute(
-            select(Node.name, Cluster.name, ModelVersion.version, ModelVersion.sha256)
-            .join(Cluster, Cluster.id == Node.cluster_id)
-            .join(Assignment, Assignment.node_id == Node.id)
-            .join(ModelVersion, ModelVersion.id == Assignment.observed_version_id)
-            .where(Assignment.state == AssignmentState.RUNNING)
-        ).all()
-        beats = []
-        for node, clus, version, sha in rows:
-            _seq += 1
-            metrics = InferenceMetrics(window_s=10, samples=50, p95_ms=5.0)
-            workload = WorkloadReport(
-                model="detector", version=version, sha256=sha, state="Ready", metrics=metrics
-            )
-            beats.append(
-                Heartbeat(
-                    cluster=clus,
-                    node=node,
-                    seq=_seq,
-                    sent_at=datetime.now(UTC),
-                    workloads=[workload],
-                )
-            )
-        ingest_heartbeats(s, beats)
-    return len(rows)
+    """The agents of every Running node (Healthy ones have proven themselves already)."""
+
+    def numbers(_: RunningWorkload) -> InferenceMetrics:
+        return InferenceMetrics(window_s=10, samples=50, p95_ms=5.0)
+
+    return report_running(numbers, _seq, states=(AssignmentState.RUNNING,))
 
 
 def main() -> None:

@@ -12,12 +12,14 @@ The simulated agents report each node's latency from the version's *measured* be
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -140,54 +142,81 @@ def _p95(version: str) -> float:
         return float(mv.benchmark["p95_ms"])
 
 
+@dataclass(frozen=True)
+class RunningWorkload:
+    cluster: str
+    node: str
+    architecture: str | None
+    model: str
+    version: ModelVersion
+
+    @property
+    def key(self) -> str:
+        return f"{self.cluster}/{self.node}"
+
+
+LIVE_STATES = (AssignmentState.RUNNING, AssignmentState.HEALTHY)
+
+
+def report_running(
+    metrics_for: Callable[[RunningWorkload], InferenceMetrics],
+    seq: Iterator[int],
+    *,
+    states: Sequence[str] = LIVE_STATES,
+) -> int:
+    """Stand in for the node agents: one heartbeat per node running a workload (with the
+    numbers ``metrics_for`` gives it), ingested exactly as the agents' are. The demo, the
+    tests and the fleet bench report through here."""
+    with session_scope() as s:
+        rows = s.execute(
+            select(Node.name, Node.architecture, Cluster.name, Model.name, ModelVersion)
+            .join(Cluster, Cluster.id == Node.cluster_id)
+            .join(Assignment, Assignment.node_id == Node.id)
+            .join(Model, Model.id == Assignment.model_id)
+            .join(ModelVersion, ModelVersion.id == Assignment.observed_version_id)
+            .where(Assignment.state.in_(states))
+        ).all()
+        now = datetime.now(UTC)
+        beats = []
+        for node, arch, cluster, model, version in rows:
+            workload = RunningWorkload(cluster, node, arch, model, version)
+            report = WorkloadReport(
+                model=model,
+                version=version.version,
+                sha256=version.sha256,
+                state="Ready",
+                metrics=metrics_for(workload),
+            )
+            beats.append(
+                Heartbeat(
+                    cluster=cluster, node=node, seq=next(seq), sent_at=now, workloads=[report]
+                )
+            )
+        ingest_heartbeats(s, beats)
+    return len(beats)
+
+
 class SimulatedAgents:
     """What the node agents would send: for every node running a workload, the
     version's measured latency scaled by the node's architecture, with noise."""
 
     def __init__(self, seed: int = 7) -> None:
         self._rng = random.Random(seed)
-        self._seq = int(time.time() * 1000)
+        self._seq = itertools.count(int(time.time() * 1000))
+
+    def _metrics(self, w: RunningWorkload) -> InferenceMetrics:
+        bench = w.version.benchmark or {}
+        scale = ARCH_SLOWDOWN.get(w.architecture or "amd64", 1.0) * self._rng.uniform(0.9, 1.2)
+        return InferenceMetrics(
+            window_s=10,
+            samples=50,
+            errors=0,
+            p50_ms=float(bench.get("p50_ms", 1.0)) * scale,
+            p95_ms=float(bench.get("p95_ms", 1.0)) * scale,
+        )
 
     def report_once(self) -> int:
-        beats = []
-        with session_scope() as s:
-            rows = s.execute(
-                select(Node.name, Node.architecture, Cluster.name, Model.name, ModelVersion)
-                .join(Cluster, Cluster.id == Node.cluster_id)
-                .join(Assignment, Assignment.node_id == Node.id)
-                .join(Model, Model.id == Assignment.model_id)
-                .join(ModelVersion, ModelVersion.id == Assignment.observed_version_id)
-                .where(Assignment.state.in_([AssignmentState.RUNNING, AssignmentState.HEALTHY]))
-            ).all()
-            for node, arch, cluster, model, version in rows:
-                bench = version.benchmark or {}
-                scale = ARCH_SLOWDOWN.get(arch or "amd64", 1.0) * self._rng.uniform(0.9, 1.2)
-                self._seq += 1
-                beats.append(
-                    Heartbeat(
-                        cluster=cluster,
-                        node=node,
-                        seq=self._seq,
-                        sent_at=datetime.now(UTC),
-                        workloads=[
-                            WorkloadReport(
-                                model=model,
-                                version=version.version,
-                                sha256=version.sha256,
-                                state="Ready",
-                                metrics=InferenceMetrics(
-                                    window_s=10,
-                                    samples=50,
-                                    errors=0,
-                                    p50_ms=float(bench.get("p50_ms", 1.0)) * scale,
-                                    p95_ms=float(bench.get("p95_ms", 1.0)) * scale,
-                                ),
-                            )
-                        ],
-                    )
-                )
-            ingest_heartbeats(s, beats)
-        return len(beats)
+        return report_running(self._metrics, self._seq)
 
 
 class Scenario:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -14,13 +13,13 @@ import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from controller.db.models import Assignment, AssignmentState, Cluster, ModelVersion, Node, Rollout
+from controller.db.models import Assignment, Node, Rollout
 from controller.db.session import session_scope
-from controller.fleet.service import ingest_heartbeats
+from controller.demo import RunningWorkload, report_running
 from controller.registry import samples
 from controller.rollouts import service
 from controller.settings import Settings
-from node_agent.contract import Heartbeat, InferenceMetrics, WorkloadReport
+from node_agent.contract import InferenceMetrics
 
 _seq = itertools.count(1)
 
@@ -110,42 +109,14 @@ def good(_: str) -> tuple[float, int]:
 def report(metrics: Metrics = good, *, samples_per_node: int = 100) -> int:
     """Every node running a workload reports, as its agent would, the version it runs
     and its numbers. Returns how many heartbeats were ingested."""
-    beats: list[Heartbeat] = []
-    with session_scope() as s:
-        rows = s.execute(
-            select(Assignment, Node.name, Cluster.name, ModelVersion)
-            .join(Node, Node.id == Assignment.node_id)
-            .join(Cluster, Cluster.id == Node.cluster_id)
-            .join(ModelVersion, ModelVersion.id == Assignment.observed_version_id)
-            .where(Assignment.state.in_([AssignmentState.RUNNING, AssignmentState.HEALTHY]))
-        ).all()
-        for _a, node, cluster, version in rows:
-            p95, errors = metrics(f"{cluster}/{node}")
-            beats.append(
-                Heartbeat(
-                    cluster=cluster,
-                    node=node,
-                    seq=next(_seq),
-                    sent_at=datetime.now(UTC),
-                    workloads=[
-                        WorkloadReport(
-                            model="detector",
-                            version=version.version,
-                            sha256=version.sha256,
-                            state="Ready",
-                            metrics=InferenceMetrics(
-                                window_s=60,
-                                samples=samples_per_node,
-                                errors=errors,
-                                p50_ms=p95 / 2,
-                                p95_ms=p95,
-                            ),
-                        )
-                    ],
-                )
-            )
-        ingest_heartbeats(s, beats)
-    return len(beats)
+
+    def numbers(w: RunningWorkload) -> InferenceMetrics:
+        p95, errors = metrics(w.key)
+        return InferenceMetrics(
+            window_s=60, samples=samples_per_node, errors=errors, p50_ms=p95 / 2, p95_ms=p95
+        )
+
+    return report_running(numbers, _seq)
 
 
 def drive(
