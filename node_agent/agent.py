@@ -29,13 +29,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from node_agent.contract import Heartbeat
+from node_agent.discovery import (
+    SERVICE_ACCOUNT_DIR,
+    Discovery,
+    DiscoveryError,
+    PodDiscovery,
+    StaticDiscovery,
+    api_url_from_env,
+)
 from node_agent.metrics_reader import MetricsReader
 from node_agent.queue import HeartbeatQueue
 from node_agent.sysinfo import SystemProbe
@@ -67,10 +75,27 @@ class AgentSettings(BaseSettings):
         10_000, ge=1, description="Heartbeats kept while offline (10,000 x 10 s = 27 h)."
     )
     batch_size: int = Field(500, ge=1, description="Heartbeats per request when replaying.")
+    discovery: Literal["static", "kubernetes"] = Field(
+        "static",
+        description="static: the inference servers are EDGEFLEET_INFERENCE_URLS; kubernetes: "
+        "this node's inference pods, listed through the cluster's API server.",
+    )
     inference_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="The /metrics URLs of the local inference servers (comma-separated).",
     )
+    workload_namespace: str = Field(
+        "edgefleet-workloads", min_length=1, description="Where the inference pods run."
+    )
+    discovery_refresh_s: float = Field(
+        60.0, gt=0, description="How often the pod list is read again (and on a failed scrape)."
+    )
+    kubernetes_api_url: str | None = Field(
+        None,
+        description="The API server; in a pod it defaults to KUBERNETES_SERVICE_HOST/PORT.",
+    )
+    kubernetes_token_file: Path = SERVICE_ACCOUNT_DIR / "token"
+    kubernetes_ca_file: Path | None = SERVICE_ACCOUNT_DIR / "ca.crt"
     request_timeout_s: float = Field(10.0, gt=0)
     scrape_timeout_s: float = Field(2.0, gt=0)
     retry_max_s: float = Field(
@@ -89,6 +114,27 @@ class AgentSettings(BaseSettings):
                 return json.loads(value)
             return [u.strip() for u in value.split(",") if u.strip()]
         return value
+
+
+def discovery_for(settings: AgentSettings, clock: Callable[[], float]) -> Discovery:
+    if settings.discovery == "static":
+        return StaticDiscovery(settings.inference_urls)
+    api_url = settings.kubernetes_api_url or api_url_from_env(os.environ)
+    if api_url is None:
+        raise DiscoveryError(
+            "EDGEFLEET_DISCOVERY=kubernetes needs the API server: EDGEFLEET_KUBERNETES_API_URL, "
+            "or KUBERNETES_SERVICE_HOST as the kubelet sets it in a pod"
+        )
+    return PodDiscovery(
+        api_url=api_url,
+        namespace=settings.workload_namespace,
+        node_name=settings.node_name,
+        token_file=settings.kubernetes_token_file,
+        ca_file=settings.kubernetes_ca_file,
+        refresh_s=settings.discovery_refresh_s,
+        timeout_s=settings.scrape_timeout_s,
+        clock=clock,
+    )
 
 
 # --- the controller's API -------------------------------------------------------------
@@ -277,7 +323,8 @@ class Agent:
         )
         # Local servers only: no proxy from the environment.
         self._scrape_http = httpx.Client(timeout=settings.scrape_timeout_s, trust_env=False)
-        self.metrics = MetricsReader(settings.inference_urls, client=self._scrape_http, clock=clock)
+        self.discovery = discovery_for(settings, clock)
+        self.metrics = MetricsReader(self.discovery, client=self._scrape_http, clock=clock)
         self.system = SystemProbe(
             settings.state_dir, agent_version=self.version, proc_root=proc_root, sys_root=sys_root
         )
@@ -291,6 +338,8 @@ class Agent:
         self.queue.close()
         self.client.close()
         self._scrape_http.close()
+        if isinstance(self.discovery, PodDiscovery):
+            self.discovery.close()
 
     def _interval(self) -> float:
         """The configured interval; unless it was set, the controller's suggestion
@@ -453,13 +502,19 @@ class Agent:
             self.flush()
 
     def run(self, stop: threading.Event) -> None:
+        s = self.settings
+        servers = (
+            f"inference pods in {s.workload_namespace} found through the Kubernetes API"
+            if s.discovery == "kubernetes"
+            else f"{len(s.inference_urls)} inference server(s)"
+        )
         log.info(
-            "edgefleet-agent %s for %s/%s, controller %s, %d inference server(s)",
+            "edgefleet-agent %s for %s/%s, controller %s, %s",
             self.version,
-            self.settings.cluster,
-            self.settings.node_name,
-            self.settings.controller_url,
-            len(self.settings.inference_urls),
+            s.cluster,
+            s.node_name,
+            s.controller_url,
+            servers,
         )
         next_at = self.clock()
         while not stop.is_set():
@@ -502,7 +557,7 @@ def main() -> None:
         signal.signal(sig, lambda *_: stop.set())
     try:
         agent = Agent(settings)
-    except OSError as exc:  # an unwritable state directory, typically
+    except (OSError, DiscoveryError) as exc:  # an unwritable state directory, typically
         log.error("cannot start: %s", exc)
         raise SystemExit(2) from None
     try:

@@ -30,6 +30,7 @@ from node_agent.contract import (
     InferenceMetrics,
     WorkloadReport,
 )
+from node_agent.discovery import Discovery, StaticDiscovery
 
 log = logging.getLogger(__name__)
 
@@ -190,19 +191,26 @@ class _Seen:
 
 
 class MetricsReader:
-    """Scrapes each URL once per call and remembers the previous totals per model."""
+    """Scrapes each server once per call and remembers the previous totals per model.
+
+    ``servers``: a fixed list of metrics URLs, or a :class:`~node_agent.discovery.Discovery`
+    asked at every call (this node's inference pods)."""
 
     def __init__(
         self,
-        urls: Iterable[str],
+        servers: Iterable[str] | Discovery,
         *,
         client: httpx.Client,
         clock: Callable[[], float],
     ) -> None:
-        self.urls = list(urls)
+        self.servers = servers if isinstance(servers, Discovery) else _as_static(servers)
         self.client = client
         self.clock = clock
         self._seen: dict[tuple[str, str], _Seen] = {}
+
+    def _forget(self, url: str) -> None:
+        for key in [k for k in self._seen if k[0] == url]:
+            del self._seen[key]
 
     def _fetch(self, url: str) -> Scrape | None:
         try:
@@ -215,8 +223,19 @@ class MetricsReader:
 
     def read(self) -> list[WorkloadReport]:
         reports: list[WorkloadReport] = []
-        for url in self.urls:
+        urls = self.servers.urls()
+        for url in {k[0] for k in self._seen} - set(urls):
+            self._forget(url)  # removed on purpose (a pod replaced in a wave)
+        rediscovered: list[str] | None = None
+        for url in urls:
             scrape = self._fetch(url)
+            if scrape is None and self.servers.dynamic:
+                # Gone between the list and the scrape? Ask once per read, not per server.
+                if rediscovered is None:
+                    rediscovered = self.servers.urls(refresh=True)
+                if url not in rediscovered:
+                    self._forget(url)
+                    continue
             known = [(key, seen) for key, seen in self._seen.items() if key[0] == url]
             if scrape is None:
                 # The server was there and is not now: its workloads are failing.
@@ -250,3 +269,9 @@ def _report(info: ModelInfo, state: str, metrics: InferenceMetrics | None) -> Wo
         state=state,
         metrics=metrics,
     )
+
+
+def _as_static(urls: Iterable[str]) -> Discovery:
+    if isinstance(urls, str):  # one URL passed where a list was meant
+        raise TypeError("servers: a list of metrics URLs or a Discovery, not a string")
+    return StaticDiscovery(list(urls))

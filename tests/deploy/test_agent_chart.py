@@ -24,6 +24,10 @@ EXPECTED_ROLE = {
     ("events.k8s.io", "events"): READ,
 }
 EXPECTED_CLUSTER_ROLE = {("", "nodes"): READ | {"patch"}}
+# What the agent itself may do: read pods in the workload namespace (discovery).
+EXPECTED_AGENT_ROLE = {("", "pods"): {"get", "list"}}
+CONTROLLER_ROLE = "edgefleet-agent-controller"
+AGENT_ROLE = "edgefleet-agent-agent"
 
 
 def render(scenario: str) -> list[Obj]:
@@ -64,8 +68,10 @@ def test_default_resources() -> None:
         ("Namespace", WORKLOADS),
         ("ServiceAccount", "edgefleet-agent-controller"),
         ("Secret", "edgefleet-agent-controller-token"),
-        ("Role", "edgefleet-agent-controller"),
-        ("RoleBinding", "edgefleet-agent-controller"),
+        ("Role", CONTROLLER_ROLE),
+        ("RoleBinding", CONTROLLER_ROLE),
+        ("Role", AGENT_ROLE),
+        ("RoleBinding", AGENT_ROLE),
         ("ClusterRole", "edgefleet-agent-controller"),
         ("ClusterRoleBinding", "edgefleet-agent-controller"),
     }
@@ -127,7 +133,7 @@ def test_model_cache(scenario: str) -> None:
 
 def test_rbac_grants_exactly_what_the_driver_needs() -> None:
     objs = render("default")
-    role = kube.one(objs, "Role")
+    role = kube.one(objs, "Role", CONTROLLER_ROLE)
     assert role["metadata"]["namespace"] == WORKLOADS
     assert grants(role) == EXPECTED_ROLE
     cluster_role = kube.one(objs, "ClusterRole")
@@ -137,7 +143,7 @@ def test_rbac_grants_exactly_what_the_driver_needs() -> None:
         "name": "edgefleet-agent-controller",
         "namespace": kube.NAMESPACE,
     }
-    binding = kube.one(objs, "RoleBinding")
+    binding = kube.one(objs, "RoleBinding", CONTROLLER_ROLE)
     assert binding["metadata"]["namespace"] == WORKLOADS
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -158,18 +164,52 @@ def test_rbac_grants_exactly_what_the_driver_needs() -> None:
     assert (
         token["metadata"]["annotations"]["kubernetes.io/service-account.name"] == controller["name"]
     )
-    # The agent itself gets no Kubernetes API access at all.
+    # The agent is not the controller: it gets none of the driver's rights.
     pod = daemonset(objs)["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] not in {s["name"] for s in binding["subjects"]}
+
+
+def test_agent_reads_only_pods_of_the_workload_namespace() -> None:
+    """Discovery (on by default): the agent's own identity may get and list pods where
+    the inference pods run, nothing else; its token is mounted for that."""
+    objs = render("default")
+    pod = daemonset(objs)["spec"]["template"]["spec"]
+    role = kube.one(objs, "Role", AGENT_ROLE)
+    assert role["metadata"]["namespace"] == WORKLOADS
+    assert grants(role) == EXPECTED_AGENT_ROLE
+    binding = kube.one(objs, "RoleBinding", AGENT_ROLE)
+    assert binding["metadata"]["namespace"] == WORKLOADS
+    assert binding["roleRef"]["name"] == AGENT_ROLE
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": kube.NAMESPACE}
+    ]
+    bound = {
+        (b["roleRef"]["kind"], b["roleRef"]["name"])
+        for b in kube.by_kind(objs, "RoleBinding") + kube.by_kind(objs, "ClusterRoleBinding")
+        if pod["serviceAccountName"] in {s["name"] for s in b["subjects"]}
+    }
+    assert bound == {("Role", AGENT_ROLE)}
+    assert pod["automountServiceAccountToken"] is True
+    env = kube.env_of(agent_container(objs))
+    assert env["EDGEFLEET_DISCOVERY"]["value"] == "kubernetes"
+    assert env["EDGEFLEET_WORKLOAD_NAMESPACE"]["value"] == WORKLOADS
+    assert float(env["EDGEFLEET_DISCOVERY_REFRESH_S"]["value"]) == 60
+
+
+def test_without_discovery_the_agent_has_no_api_access() -> None:
+    objs = kube.objects(kube.render(CHART, {"discovery": {"enabled": False}}))
+    pod = daemonset(objs)["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
+    assert [r["metadata"]["name"] for r in kube.by_kind(objs, "Role")] == [CONTROLLER_ROLE]
+    assert "EDGEFLEET_DISCOVERY" not in kube.env_of(agent_container(objs))
 
 
 def test_rbac_with_a_user_identity() -> None:
     objs = render("production")
     user = {"kind": "User", "name": "edgefleet-controller", "apiGroup": "rbac.authorization.k8s.io"}
-    assert kube.one(objs, "RoleBinding")["subjects"] == [user]
+    assert kube.one(objs, "RoleBinding", CONTROLLER_ROLE)["subjects"] == [user]
     assert kube.one(objs, "ClusterRoleBinding")["subjects"] == [user]
-    assert grants(kube.one(objs, "Role")) == EXPECTED_ROLE
+    assert grants(kube.one(objs, "Role", CONTROLLER_ROLE)) == EXPECTED_ROLE
     assert kube.by_kind(objs, "Namespace") == []  # createWorkloadNamespace: false
     assert [
         s for s in kube.by_kind(objs, "ServiceAccount") if "controller" in s["metadata"]["name"]
@@ -194,6 +234,8 @@ def test_schema_rejects_bad_settings() -> None:
         {"controller": {"url": "edgefleet.example.com"}},
         {"rbac": {"extraSubjects": [{"kind": "Robot", "name": "x"}]}},
         {"tolerations": "all"},
+        {"discovery": {"refreshSeconds": 0}},
+        {"discovery": {"enabeld": True}},
     ):
         with pytest.raises(helm.HelmValuesError):
             kube.render(CHART, bad)

@@ -14,6 +14,7 @@ from kubernetes import client as k8s
 from controller.kube.client import Forbidden, KubernetesDriver
 from controller.kube.driver import WorkloadSpec
 from tests.deploy.kube import objects, render
+from tests.kube.apply import applied
 from tests.kube.controlplane import ControlPlane, make_node
 from tests.kube.kubelet import eventually
 
@@ -36,32 +37,8 @@ def chart_rbac(control_plane: ControlPlane) -> Iterator[str]:
     wanted = {"Namespace", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
     rbac_objects = [o for o in rendered if o["kind"] in wanted]
     assert {o["kind"] for o in rbac_objects} == wanted
-    api = k8s.ApiClient(control_plane.client_configuration())
-    dynamic: Any = k8s.CustomObjectsApi(api)
-    core: Any = k8s.CoreV1Api(api)
-    created: list[tuple[str, str, str | None, str]] = []
-    order = ["Namespace", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
-    for obj in sorted(rbac_objects, key=lambda o: order.index(o["kind"])):
-        group, _, version = obj["apiVersion"].rpartition("/")
-        plural = obj["kind"].lower() + "s"
-        namespace = obj["metadata"].get("namespace")
-        if group:
-            if namespace:
-                dynamic.create_namespaced_custom_object(group, version, namespace, plural, obj)
-            else:
-                dynamic.create_cluster_custom_object(group, version, plural, obj)
-        else:
-            core.create_namespace(obj)
-        created.append((obj["apiVersion"], plural, namespace, obj["metadata"]["name"]))
-    yield ns
-    for api_version, plural, namespace, name in reversed(created):
-        group, _, version = api_version.rpartition("/")
-        if not group:
-            core.delete_namespace(name)
-        elif namespace:
-            dynamic.delete_namespaced_custom_object(group, version, namespace, plural, name)
-        else:
-            dynamic.delete_cluster_custom_object(group, version, plural, name)
+    with applied(k8s.ApiClient(control_plane.client_configuration()), rbac_objects):
+        yield ns
 
 
 def test_driver_works_with_exactly_the_chart_rbac(
