@@ -4,6 +4,7 @@ names both sides use. Both import this module; nothing else defines these shapes
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,6 +56,8 @@ class NodeStatus(BaseModel):
     disk_free_bytes: int | None = Field(None, ge=0)
     temperature_c: float | None = None
     agent_version: str | None = None
+    # The CPU model string (/proc/cpuinfo), part of the node class benchmarks are kept per.
+    cpu_model: str | None = Field(None, max_length=200)
 
 
 class Heartbeat(BaseModel):
@@ -66,3 +69,48 @@ class Heartbeat(BaseModel):
     sent_at: datetime
     status: NodeStatus = Field(default_factory=NodeStatus)
     workloads: list[WorkloadReport] = Field(default_factory=list)
+
+
+# --- on-node benchmarks ---------------------------------------------------------------
+# The controller keeps benchmarks per (model version, node class) and asks one agent of
+# each class to measure. The heartbeat's answer says how many jobs wait for the node
+# (``benchmarks_pending``); the agent then fetches them (GET /v1/agents/benchmarks), runs
+# each in a child process (node_agent.probe) and posts the result
+# (POST /v1/agents/benchmarks/{id}).
+
+
+class BenchmarkJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: int
+    model: str
+    version: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    format: Literal["onnx", "tflite"]
+    artifact_url: str = Field(description="Where to download the artifact (Range supported).")
+    runs: int = Field(50, ge=1, le=10_000)
+    warmup_runs: int = Field(5, ge=0, le=1_000)
+    threads: int = Field(1, ge=1, le=256)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="The version's input hints (as at validation)."
+    )
+
+
+class BenchmarkResult(BaseModel):
+    """One job's outcome: the latencies and peak memory the node measured, or why not."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ok: bool
+    error: str | None = Field(None, max_length=4000)
+    runs: int = Field(0, ge=0)
+    p50_ms: float | None = Field(None, ge=0)
+    p95_ms: float | None = Field(None, ge=0)
+    p99_ms: float | None = Field(None, ge=0)
+    mean_ms: float | None = Field(None, ge=0)
+    peak_rss_bytes: int | None = Field(None, ge=0)
+    model_peak_bytes: int | None = Field(None, ge=0)
+    runtime: str | None = None
+    machine: str | None = None
+    cpu: str | None = None
+    duration_s: float | None = Field(None, ge=0)

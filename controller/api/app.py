@@ -9,6 +9,7 @@ from controller import __version__, metrics
 from controller.agents import endpoints as agents
 from controller.api import health
 from controller.api.errors import install_error_handlers
+from controller.benchmarks import endpoints as benchmarks
 from controller.dashboard import endpoints as dashboard
 from controller.fleet import endpoints as fleet
 from controller.manifests import endpoints as manifests
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fleet.router,
         dashboard.router,
         agents.router,
+        benchmarks.router,
     )
     for router in routers:
         app.include_router(router)

@@ -117,6 +117,11 @@ class Node(TimestampMixin, Base):
     last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     # sha256 of the node's own credential (the credential itself is never stored).
     credential_hash: Mapped[str | None] = mapped_column(String(64))
+    # The CPU model the agent reports: part of the node class benchmarks are kept per.
+    cpu_model: Mapped[str | None] = mapped_column(String(200))
+    # On-node benchmark jobs waiting for this node's agent (told in the heartbeat answer,
+    # so the hot path needs no extra query).
+    benchmarks_pending: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     cluster: Mapped[Cluster] = relationship(back_populates="nodes")
 
@@ -220,6 +225,9 @@ class Assignment(Base):
     rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id", ondelete="SET NULL"))
     wave_id: Mapped[int | None] = mapped_column(ForeignKey("waves.id", ondelete="SET NULL"))
     desired_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    # The version the rollout plans for this node: its model version, or the variant it
+    # picked for the node's class (spec.model.variants). Null: the rollout's version.
+    target_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     previous_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     observed_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     state: Mapped[str] = mapped_column(String(16), default=AssignmentState.PENDING)
@@ -278,3 +286,37 @@ class Optimization(TimestampMixin, Base):
         ForeignKey("model_versions.id", ondelete="SET NULL")
     )
     report: Mapped[dict[str, Any] | None]
+
+
+class BenchmarkStatus(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class NodeBenchmark(TimestampMixin, Base):
+    """A model version measured on one node class (architecture, accelerator, CPU model)
+    by the agent of one node of that class. One row per (version, class): measuring again
+    replaces it."""
+
+    __tablename__ = "node_benchmarks"
+    __table_args__ = (
+        UniqueConstraint("model_version_id", "node_class"),
+        Index("ix_node_benchmarks_node_id_status", "node_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE")
+    )
+    node_class: Mapped[str] = mapped_column(String(300))
+    # The node asked to measure (null once it is deleted; the result stays).
+    node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id", ondelete="SET NULL"))
+    node_name: Mapped[str] = mapped_column(String(253))
+    status: Mapped[str] = mapped_column(String(16), default=BenchmarkStatus.PENDING)
+    runs: Mapped[int] = mapped_column(Integer, default=50)
+    result: Mapped[dict[str, Any] | None]
+    message: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

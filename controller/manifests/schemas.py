@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -256,6 +257,27 @@ PositiveIntOrPercent = Annotated[
 class ModelRef(Strict):
     name: Name
     version: Annotated[str, StringConstraints(pattern=VERSION)]
+    variants: Literal["auto"] | list[Annotated[str, StringConstraints(pattern=VERSION)]] | None = (
+        Field(
+            None,
+            description="Let the controller pick, per node class, the fastest of this version "
+            "and these variants that its on-node benchmarks show within the gates (p95) and the "
+            "memory limit, and that meet spec.comparison; 'auto': every Ready variant derived "
+            "from the version. A class without such a benchmark gets the version itself.",
+        )
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("give at least one variant, or 'auto', or leave it out")
+            if len(set(v)) != len(v):
+                raise ValueError("variants must be distinct")
+            if info.data.get("version") in v:
+                raise ValueError("the version itself is always a candidate: list variants only")
+        return v
 
 
 class Requirement(Strict):

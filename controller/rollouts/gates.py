@@ -21,6 +21,8 @@ class NodeSample:
     node: str
     state: str
     metrics: dict[str, Any]
+    # The version this node is to run, when not the rollout's own (a chosen variant).
+    target_sha: str | None = None
 
 
 @dataclass
@@ -47,6 +49,7 @@ def _node_verdict(
     if sample.state == AssignmentState.FAILED:
         return "unhealthy", "workload failed"
     m = sample.metrics
+    target_sha = sample.target_sha or target_sha
     if not _current(m, target_sha, since) or int(m.get("samples", 0)) < gates.minSamples:
         return "silent", None
     if gates.maxP95LatencyMs is not None:
@@ -82,7 +85,7 @@ def evaluate(
         for s in samples
         if verdicts[s.node][0] != "silent"
         and s.metrics.get("p95_ms") is not None
-        and _current(s.metrics, target_sha, since)
+        and _current(s.metrics, s.target_sha or target_sha, since)
     ]
     snapshot: dict[str, Any] = {
         "nodes": total,

@@ -28,6 +28,7 @@ class NodeView:
     allocatable: Mapping[str, Any]
     runtimes: Sequence[str]
     health: str
+    node_class: str = ""  # what on-node benchmarks are kept per (controller/benchmarks)
 
     @property
     def key(self) -> str:
@@ -194,7 +195,10 @@ def preflight(
                     short,
                 )
             )
-    problems.extend(_comparison_problems(spec, ref, lineage))
+    if spec.model.variants is None:
+        # With variants, spec.comparison applies to each variant (a variant that misses it
+        # is not chosen), not to the version they derive from.
+        problems.extend(_comparison_problems(spec, ref, lineage))
     for owner, held in sorted(owners.items()):
         problems.append(
             Problem(
@@ -205,6 +209,14 @@ def preflight(
             )
         )
     return problems
+
+
+def comparison_problem(
+    spec: RolloutSpec, ref: str, lineage: Mapping[str, Any] | None
+) -> str | None:
+    """Why the version ``ref`` misses spec.comparison, or None."""
+    found = _comparison_problems(spec, ref, lineage)
+    return "; ".join(p.message for p in found) if found else None
 
 
 def _comparison_problems(

@@ -121,6 +121,12 @@ def version_of(session: Session, model: str, version: str) -> tuple[ModelVersion
     return (row[0], row[1]) if row else None
 
 
+def variants_of(session: Session, version_id: int) -> list[ModelVersion]:
+    """The versions derived from this one (edgefleet models optimize), oldest first."""
+    stmt = select(ModelVersion).where(ModelVersion.parent_id == version_id)
+    return list(session.scalars(stmt.order_by(ModelVersion.id)))
+
+
 def versions_by_id(session: Session, ids: set[int]) -> dict[int, ModelVersion]:
     if not ids:
         return {}

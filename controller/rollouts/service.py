@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,11 +19,14 @@ from sqlalchemy.orm import Session
 
 from controller import metrics
 from controller.audit import record_event
+from controller.benchmarks import repository as bench_repo
+from controller.benchmarks.service import node_class
 from controller.db.base import utcnow
 from controller.db.models import (
     Assignment,
     AssignmentState,
     Cluster,
+    Model,
     ModelVersion,
     NodeHealth,
     Rollout,
@@ -35,9 +39,11 @@ from controller.errors import Conflict, InvalidInput, NotFound
 from controller.fleet import repository as fleet_repo
 from controller.fleet.service import build_workload, cluster_driver
 from controller.kube.driver import ClusterDriver, DriverError, WorkloadSpec
+from controller.kube.quantity import memory_bytes
 from controller.manifests.diff import diff
 from controller.manifests.outcome import ApplyOutcome
 from controller.manifests.schemas import RolloutManifest, RolloutSpec
+from controller.rollouts import choice as choice_mod
 from controller.rollouts import gates as gate_eval
 from controller.rollouts import planner
 from controller.rollouts import repository as repo
@@ -78,13 +84,25 @@ def _node_views(session: Session) -> list[planner.NodeView]:
             allocatable=n.allocatable,
             runtimes=n.runtimes,
             health=n.health,
+            node_class=node_class(n.architecture, n.labels or {}, n.cpu_model),
         )
         for n, cluster in fleet_repo.all_nodes(session)
     ]
 
 
-def plan_summary(waves: Sequence[planner.PlannedWave]) -> dict[str, Any]:
-    return {
+@dataclass
+class VariantPlan:
+    """spec.model.variants resolved: the choice per node and the versions' names."""
+
+    choice: choice_mod.Choice
+    names: dict[int, str]
+    problems: list[planner.Problem]
+
+
+def plan_summary(
+    waves: Sequence[planner.PlannedWave], variants: VariantPlan | None = None
+) -> dict[str, Any]:
+    plan: dict[str, Any] = {
         "nodes": sum(len(w.nodes) for w in waves),
         "waves": [
             {
@@ -97,6 +115,100 @@ def plan_summary(waves: Sequence[planner.PlannedWave]) -> dict[str, Any]:
             for w in waves
         ],
     }
+    if variants is not None:
+        for w, out in zip(waves, plan["waves"], strict=True):
+            out["versions"] = variants.choice.counts([n.id for n in w.nodes], variants.names)
+        plan["variants"] = {
+            cls: got.as_dict() for cls, got in sorted(variants.choice.by_class.items())
+        }
+    return plan
+
+
+def _plan_variants(
+    session: Session,
+    spec: RolloutSpec,
+    version: ModelVersion,
+    model: Model,
+    selected: Sequence[planner.NodeView],
+) -> VariantPlan:
+    """Resolve spec.model.variants and choose per node (controller/rollouts/choice.py)."""
+    problems: list[planner.Problem] = []
+    wanted = spec.model.variants
+    found: list[ModelVersion] = []
+    if wanted == "auto":
+        found = [
+            v for v in repo.variants_of(session, version.id) if v.status == VersionStatus.READY
+        ]
+        if not found:
+            problems.append(
+                planner.Problem(
+                    "NoVariants",
+                    f"no Ready variant derives from {model.name}:{version.version} "
+                    "(edgefleet models optimize); every node gets the version itself",
+                    severity="warning",
+                )
+            )
+    else:
+        for name in wanted or []:
+            got = repo.version_of(session, model.name, name)
+            if got is None:
+                problems.append(
+                    planner.Problem(
+                        "VariantNotFound", f"variant {model.name}:{name} is not registered"
+                    )
+                )
+            elif got[0].status != VersionStatus.READY:
+                problems.append(
+                    planner.Problem(
+                        "VariantNotReady",
+                        f"variant {model.name}:{name} is {got[0].status}: every listed variant "
+                        "must be Ready (validated) before a rollout can choose it",
+                    )
+                )
+            else:
+                found.append(got[0])
+    candidates = [choice_mod.Candidate(version.id, version.version, reference=True)] + [
+        choice_mod.Candidate(
+            v.id,
+            v.version,
+            reference=False,
+            comparison_problem=planner.comparison_problem(
+                spec, f"{model.name}:{v.version}", v.lineage
+            ),
+        )
+        for v in found
+    ]
+    measured = {
+        key: choice_mod.Measured(
+            p50_ms=float(b.result["p50_ms"]),
+            p95_ms=float(b.result["p95_ms"]),
+            peak_bytes=b.result.get("peak_rss_bytes"),
+            node=b.node_name,
+        )
+        for key, b in bench_repo.succeeded_for(session, [c.version_id for c in candidates]).items()
+        if b.result and b.result.get("p50_ms") is not None and b.result.get("p95_ms") is not None
+    }
+    limit = spec.resources.limits.memory
+    chosen = choice_mod.choose(
+        [(n.id, n.node_class) for n in selected],
+        candidates,
+        measured,
+        spec.gates,
+        memory_limit=memory_bytes(limit) if limit else None,
+    )
+    fallback = set(chosen.fallback_classes())
+    if fallback and found:
+        problems.append(
+            planner.Problem(
+                "NoVariantMeetsGates",
+                f"{len(fallback)} node class(es) have no candidate benchmarked within the gates "
+                f"on them ({', '.join(sorted(fallback)[:5])}): their nodes get "
+                f"{version.version} itself (edgefleet models benchmark measures a class)",
+                [n.key for n in selected if n.node_class in fallback],
+                severity="warning",
+            )
+        )
+    return VariantPlan(chosen, {c.version_id: c.version for c in candidates}, problems)
 
 
 def _count_by_cluster(nodes: Iterable[planner.NodeView]) -> dict[str, int]:
@@ -125,13 +237,24 @@ def apply_rollout(
         lineage=version.lineage if version else None,
     )
     waves = planner.plan_waves(name, selected, spec.strategy)
+    variants = (
+        _plan_variants(session, spec, version, model, selected)
+        if spec.model.variants is not None and version is not None and model is not None
+        else None
+    )
+    if variants is not None:
+        problems.extend(variants.problems)
     existing = repo.get(session, name)
     changes: list[dict[str, Any]] = []
     if existing is not None:
         changes = diff({"spec": existing.spec}, {"spec": spec_doc})
         if not changes:
             return ApplyOutcome(
-                "Rollout", name, "unchanged", existing.generation, plan=plan_summary(waves)
+                "Rollout",
+                name,
+                "unchanged",
+                existing.generation,
+                plan=plan_summary(waves, variants),
             )
         if existing.phase not in (P.PENDING, *TERMINAL):
             raise Conflict(
@@ -154,7 +277,7 @@ def apply_rollout(
         action,
         generation,
         changes,
-        plan_summary(waves),
+        plan_summary(waves, variants),
         [p.as_dict() for p in problems],
     )
     if comparison is not None and outcome.plan is not None:
@@ -198,7 +321,11 @@ def apply_rollout(
     rollout.started_at = rollout.finished_at = None
     rollout.message = "waiting for the reconciler"
     session.flush()
-    _claim_nodes(session, rollout, model.id, waves)
+    targets = variants.choice.by_node if variants is not None else {}
+    _claim_nodes(session, rollout, model.id, waves, targets)
+    data: dict[str, Any] = {"changes": changes, "waves": [len(w.nodes) for w in waves]}
+    if variants is not None:
+        data["versions"] = variants.choice.counts([n.id for n in selected], variants.names)
     record_event(
         session,
         kind="Rollout",
@@ -208,7 +335,7 @@ def apply_rollout(
         message=(
             f"{action} generation {generation}: {len(selected)} node(s) in {len(waves)} wave(s)"
         ),
-        data={"changes": changes, "waves": [len(w.nodes) for w in waves]},
+        data=data,
     )
     _queue(session, rollout.id)
     return outcome
@@ -218,8 +345,13 @@ TERMINAL = (P.SUCCEEDED, P.ROLLED_BACK, P.ABORTED)
 
 
 def _claim_nodes(
-    session: Session, rollout: Rollout, model_id: int, waves: Sequence[planner.PlannedWave]
+    session: Session,
+    rollout: Rollout,
+    model_id: int,
+    waves: Sequence[planner.PlannedWave],
+    targets: dict[int, int],
 ) -> None:
+    """``targets``: the version chosen per node id (spec.model.variants), else none."""
     node_ids = [n.id for w in waves for n in w.nodes]
     repo.release(session, rollout.id, set(node_ids))
     existing = repo.assignments_for_nodes(session, model_id, node_ids)
@@ -243,6 +375,7 @@ def _claim_nodes(
                 a.previous_version_id = a.desired_version_id
             a.rollout_id = rollout.id
             a.wave_id = wave.id
+            a.target_version_id = targets.get(node.id)
             a.state = A.PENDING
             a.message = None
             a.metrics = {}
@@ -354,6 +487,14 @@ class Step:
         self.target: ModelVersion = session.get(ModelVersion, rollout.model_version_id)  # type: ignore[assignment]
         self._drivers: dict[str, ClusterDriver] = {}
         self._versions: dict[int, ModelVersion] = {self.target.id: self.target}
+        chosen = {r.assignment.target_version_id for r in self.rows} - {None, self.target.id}
+        self._versions.update(repo.versions_by_id(session, {v for v in chosen if v is not None}))
+
+    def target_of(self, row: Row) -> ModelVersion:
+        """The version this rollout plans for the row's node: the rollout's own, or the
+        variant chosen for the node's class."""
+        chosen = row.assignment.target_version_id
+        return self._versions[chosen] if chosen is not None else self.target
 
     # -- plumbing
 
@@ -453,7 +594,7 @@ class Step:
             return
         self.admit(opened)
         applying = self.in_state(self.rows, A.APPLYING)
-        refused = self.push(applying, lambda r: self.target.id)
+        refused = self.push(applying, lambda r: self.target_of(r).id)
         if refused:
             self.moved(refused, A.FAILED, "ClusterRefused")
         self.observe()
@@ -505,7 +646,7 @@ class Step:
         )
         admitted = pending[:room]
         for r in admitted:
-            r.assignment.desired_version_id = self.target.id
+            r.assignment.desired_version_id = self.target_of(r).id
         self.moved(admitted, A.APPLYING, "Applying")
 
     def observe(self) -> None:
@@ -537,8 +678,8 @@ class Step:
                     failed.append(r)
                     note = f" after {obs.restarts} restart(s)" if obs.restarts else ""
                     reasons[r.assignment.id] = f"{obs.reason or 'failed'}{note}"
-                elif obs.phase == "Ready" and obs.sha256 == self.target.sha256:
-                    r.assignment.observed_version_id = self.target.id
+                elif obs.phase == "Ready" and obs.sha256 == self.target_of(r).sha256:
+                    r.assignment.observed_version_id = self.target_of(r).id
                     if r.assignment.state == A.APPLYING:
                         ready.append(r)
         self.moved(ready, A.RUNNING, "WorkloadReady")
@@ -552,7 +693,9 @@ class Step:
 
     def samples(self, rows: Iterable[Row]) -> list[gate_eval.NodeSample]:
         return [
-            gate_eval.NodeSample(r.key, r.assignment.state, r.assignment.metrics or {})
+            gate_eval.NodeSample(
+                r.key, r.assignment.state, r.assignment.metrics or {}, self.target_of(r).sha256
+            )
             for r in rows
             if r.assignment.state != A.DEFERRED
         ]
@@ -596,7 +739,7 @@ class Step:
             verdict, _ = gate_eval._node_verdict(
                 gate_eval.NodeSample(r.key, r.assignment.state, r.assignment.metrics or {}),
                 self.spec.gates,
-                self.target.sha256,
+                self.target_of(r).sha256,
                 self.r.waves[self._wave_index(r)].started_at or self.now,
             )
             if verdict == "healthy" and r.assignment.state == A.RUNNING:
