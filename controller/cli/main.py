@@ -286,6 +286,72 @@ def _optimization_text(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@models_app.command("benchmark")
+def models_benchmark(
+    name: str,
+    model_version: Annotated[str, typer.Argument(metavar="VERSION")],
+    selector: Annotated[
+        list[str] | None,
+        typer.Option("--selector", "-l", help="Only nodes with this label (key=value)."),
+    ] = None,
+    runs: Annotated[int, typer.Option(help="Timed inferences per benchmark.")] = 50,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for the results (0: do not wait).")
+    ] = 0.0,
+    list_only: Annotated[
+        bool, typer.Option("--list", help="Show the stored benchmarks, request nothing.")
+    ] = False,
+    output: OutputOpt = Output.table,
+    api_url: ApiUrl = None,
+) -> None:
+    """Measure a version on the nodes themselves: one enrolled node of each node class
+    runs it (node agent, child process) and reports p50/p95/p99 and peak memory."""
+    labels: dict[str, str] = {}
+    for item in selector or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            err_console.print(f"[red]error:[/red] --selector {item!r}: expected key=value")
+            raise typer.Exit(code=2)
+        labels[key] = value
+    path = f"/v1/models/{name}/versions/{model_version}/benchmarks"
+    client = _client(api_url)
+    try:
+        if list_only:
+            rows = client.get(path)
+        else:
+            body = {"runs": runs, "selector": {"matchLabels": labels}}
+            rows = client.post(path, json=body)
+            deadline = time.monotonic() + wait
+            while any(r["status"] in ("Pending", "Running") for r in rows):
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(1.0)
+                rows = client.get(path)
+    except ApiError as exc:
+        raise _fail(exc) from exc
+    finally:
+        client.close()
+    emit(rows, output, table=_benchmarks_table)
+
+
+def _benchmarks_table(rows: list[dict[str, Any]]) -> Any:
+    return make_table(
+        ["NODE CLASS", "NODE", "STATUS", "P50 MS", "P95 MS", "PEAK", "NOTE"],
+        [
+            [
+                r["node_class"],
+                r["node"],
+                r["status"],
+                (r.get("result") or {}).get("p50_ms", ""),
+                (r.get("result") or {}).get("p95_ms", ""),
+                human_bytes((r.get("result") or {}).get("peak_rss_bytes")),
+                r.get("message") or "",
+            ]
+            for r in rows
+        ],
+    )
+
+
 # ---------------------------------------------------------------- processes
 
 

@@ -4,6 +4,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from sqlalchemy import Connection
@@ -15,6 +16,7 @@ from controller.registry import samples
 from controller.registry.tflite_builder import build_tflite_mlp
 from controller.settings import Settings
 from tests.live import free_port, serve
+from tests.rollouts.helpers import apply, cluster_doc
 
 runner = CliRunner()
 
@@ -117,3 +119,31 @@ def test_optimize_prints_the_comparison(api_url: str, tmp_path: Path) -> None:
     code, out = cli(api_url, "models", "optimize", "cam", "1", "--method", "int4", "--as", "x")
     assert code == 1
     assert "body.method" in out
+
+
+def test_benchmark_requests_and_lists(
+    api_url: str, tmp_path: Path, sim_fleet: None, join_token: str
+) -> None:
+    with httpx.Client(base_url=api_url) as http:
+        assert apply(http, cluster_doc("lab", 2)).status_code == 200
+        for node in ("lab-n0", "lab-n1"):
+            body = {"cluster": "lab", "node": node, "join_token": join_token}
+            assert http.post("/v1/agents/enroll", json=body).status_code == 200
+    model = tmp_path / "cnn.onnx"
+    model.write_bytes(samples.build_cnn())
+    code, out = cli(api_url, "models", "push", str(model), "--name", "cam", "--version", "1")
+    assert code == 0, out
+    code, out = cli(api_url, "models", "benchmark", "cam", "1", "-l", "tier=retail", "--runs", "9")
+    assert code == 0, out
+    assert "NODE CLASS" in out
+    assert "Pending" in out
+    code, out = cli(api_url, "models", "benchmark", "cam", "1", "--list", "-o", "json")
+    assert code == 0, out
+    (row,) = json.loads(out)
+    assert (row["status"], row["runs"]) == ("Pending", 9)
+    code, out = cli(api_url, "models", "benchmark", "cam", "1", "-l", "tier")
+    assert code == 2
+    assert "expected key=value" in out
+    code, out = cli(api_url, "models", "benchmark", "cam", "1", "-l", "tier=none")
+    assert code == 1
+    assert "body.selector" in out
