@@ -83,6 +83,15 @@ def controller_server(fake: FakeController) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(out)
 
+        def do_GET(self) -> None:  # /v1/agents/benchmarks, once after the start: none
+            with fake.lock:
+                fake.requests += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
         def log_message(self, format: str, *args: Any) -> None:
             pass
 

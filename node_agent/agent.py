@@ -12,8 +12,26 @@ of its own node (``<state_dir>/credential``, mode 0600). A credential the contro
 longer accepts (rotated, node re-created) makes it enrol again when it still has the
 join token.
 
+On-node benchmarks: the controller keeps model benchmarks per node class (architecture,
+accelerator, CPU model: the heartbeat reports ``cpu_model``) and asks one node of each
+class to measure. A heartbeat answer with ``benchmarks_pending > 0`` makes the agent,
+when no benchmark is running, fetch its jobs (``GET /v1/agents/benchmarks``) and hand
+them to one background thread (:mod:`node_agent.benchmarks`), so heartbeats keep their
+schedule while a benchmark takes minutes. For each job in order the thread fetches the
+artifact into the node-local cache (``EDGEFLEET_MODEL_CACHE_DIR``, the inference
+servers' cache; sha256 verified) and measures it in a child process
+(:mod:`node_agent.probe`, killed after ``EDGEFLEET_BENCHMARK_TIMEOUT_S``). The agent's
+loop posts each result (``POST /v1/agents/benchmarks/{id}``; latencies and peak memory,
+or ``ok: false`` with the download, validation or runtime error). A post that does not
+get through is retried at the next heartbeat, never measured again; 404/409 (job
+withdrawn or already answered) drops it. At most one benchmark runs at a time; on
+shutdown the running one is killed after a short grace. After a start the agent fetches
+its jobs once whatever the count says: the controller counts jobs handed out as fetched,
+so one interrupted by a restart would otherwise wait forever.
+
 Light on purpose: no numpy, no runtime, no server; a few file reads and two HTTP
-requests per interval (bench/bench_agent.py measures it)."""
+requests per interval (bench/bench_agent.py measures it). The model runtime is loaded
+only by a benchmark's child process, never by the agent."""
 
 from __future__ import annotations
 
@@ -25,7 +43,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +53,9 @@ import httpx
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from node_agent.contract import Heartbeat
+from node_agent.benchmarks import BenchmarkWorker, Finished, failed
+from node_agent.cache import ArtifactCache
+from node_agent.contract import BenchmarkJob, BenchmarkResult, Heartbeat
 from node_agent.discovery import (
     SERVICE_ACCOUNT_DIR,
     Discovery,
@@ -104,6 +124,14 @@ class AgentSettings(BaseSettings):
     controller_ca_file: Path | None = Field(
         None, description="CA bundle for a controller certificate of a private CA."
     )
+    model_cache_dir: Path = Field(
+        Path("/var/lib/edgefleet/models"),
+        description="The node-local, content-addressed artifact cache (shared with the "
+        "inference servers): benchmarked artifacts are downloaded into it.",
+    )
+    benchmark_timeout_s: float = Field(
+        300.0, gt=0, description="A benchmark's child process is killed after this long."
+    )
     log_level: str = "INFO"
 
     @field_validator("inference_urls", mode="before")
@@ -171,6 +199,8 @@ class Ack(BaseModel):
     accepted: int
     duplicates: int
     last_seq: int
+    # Benchmark jobs waiting for this node (0 from controllers that predate them).
+    benchmarks_pending: int = 0
 
 
 class ControllerClient:
@@ -195,14 +225,24 @@ class ControllerClient:
         self._http.close()
 
     def _post(self, path: str, *, content: str, headers: dict[str, str]) -> Any:
+        return self._request(
+            "POST", path, content=content, headers={"Content-Type": "application/json", **headers}
+        )
+
+    def _request(
+        self, method: str, path: str, *, content: str | None = None, headers: dict[str, str]
+    ) -> Any:
         try:
-            resp = self._http.post(
-                path, content=content, headers={"Content-Type": "application/json", **headers}
-            )
+            resp = self._http.request(method, path, content=content, headers=headers)
         except httpx.TransportError as exc:
             raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
         if resp.status_code < 300:
-            return resp.json()
+            if not resp.content:  # 204
+                return None
+            try:
+                return resp.json()
+            except ValueError as exc:
+                raise Unreachable(f"{resp.status_code} with a body that is not JSON") from exc
         try:
             detail = str(resp.json().get("detail", resp.text))
         except ValueError:
@@ -227,6 +267,49 @@ class ControllerClient:
             headers={"Authorization": f"Bearer {credential}"},
         )
         return Ack.model_validate(got)
+
+    def benchmark_jobs(self, credential: str) -> Any:
+        """The benchmark jobs waiting for this node: a JSON list of ``BenchmarkJob``
+        (returned unparsed: the agent reads them one by one)."""
+        return self._request(
+            "GET", "/v1/agents/benchmarks", headers={"Authorization": f"Bearer {credential}"}
+        )
+
+    def post_benchmark_result(self, credential: str, job_id: int, result: BenchmarkResult) -> None:
+        self._post(
+            f"/v1/agents/benchmarks/{job_id}",
+            content=result.model_dump_json(exclude_none=True),
+            headers={"Authorization": f"Bearer {credential}"},
+        )
+
+
+class ControllerAuth(httpx.Auth):
+    """The node credential on artifact downloads, sent to the controller's own origin
+    only: an artifact URL elsewhere (a CDN, an object store) never sees it. (httpx drops
+    the header itself on a redirect to another origin.)"""
+
+    def __init__(self, controller_url: str, credential: Callable[[], str | None]) -> None:
+        self.origin = _origin(httpx.URL(controller_url))
+        self.credential = credential
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        credential = self.credential()
+        if credential and _origin(request.url) == self.origin:
+            request.headers["Authorization"] = f"Bearer {credential}"
+        yield request
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
+
+
+def artifact_url(controller_url: str, url: str) -> str:
+    """A job's artifact URL, absolute (the controller may send one relative to itself,
+    under the same path prefix as its API)."""
+    if httpx.URL(url).is_absolute_url:
+        return url
+    return controller_url.rstrip("/") + "/" + url.lstrip("/")
 
 
 # --- the agent ------------------------------------------------------------------------
@@ -271,6 +354,7 @@ class Stats:
     batches: int = 0
     failures: int = 0
     enrollments: int = 0
+    benchmark_results_posted: int = 0
 
 
 def write_secret(path: Path, value: str) -> None:
@@ -294,6 +378,14 @@ def agent_version() -> str:
         return version("edgefleet")
     except PackageNotFoundError:
         return "unknown"
+
+
+# A benchmark's result is posted at most this many times (one per heartbeat) when the
+# controller keeps failing on it (5xx): then it is dropped, so one result the controller
+# cannot store does not block every later benchmark.
+RESULT_POST_ATTEMPTS = 30
+# How long a shutdown waits for the benchmark thread once its child process is killed.
+SHUTDOWN_GRACE_S = 2.0
 
 
 class Agent:
@@ -333,13 +425,37 @@ class Agent:
         self.stats = Stats()
         self._credential: str | None = None
         self._dropped_logged = self.queue.dropped
+        self.benchmarks = BenchmarkWorker(
+            ArtifactCache(settings.model_cache_dir),
+            self._download_client,
+            timeout_s=settings.benchmark_timeout_s,
+            resolve_url=lambda url: artifact_url(settings.controller_url, url),
+        )
+        self.benchmarks_pending = 0  # as the last heartbeat answer said
+        # Jobs are fetched once after a start whatever the count says: the controller
+        # counts the jobs handed to this agent's previous run as fetched.
+        self._jobs_checked = False
+        self._unsent_results: list[Finished] = []
+        self._next_jobs_fetch_at = 0.0
 
     def close(self) -> None:
+        self.benchmarks.close()
         self.queue.close()
         self.client.close()
         self._scrape_http.close()
         if isinstance(self.discovery, PodDiscovery):
             self.discovery.close()
+
+    def _download_client(self) -> httpx.Client:
+        """For the benchmark thread's artifact downloads (made on its first job)."""
+        ca = self.settings.controller_ca_file
+        return httpx.Client(
+            timeout=httpx.Timeout(30.0, connect=min(self.settings.request_timeout_s, 10.0)),
+            verify=str(ca) if ca is not None else True,
+            follow_redirects=True,
+            headers={"User-Agent": f"edgefleet-agent/{self.version}"},
+            auth=ControllerAuth(self.settings.controller_url, lambda: self.credential),
+        )
 
     def _interval(self) -> float:
         """The configured interval; unless it was set, the controller's suggestion
@@ -483,6 +599,7 @@ class Agent:
                 return False
             self.queue.ack(ack.last_seq)
             self.backoff.success()
+            self.benchmarks_pending = ack.benchmarks_pending
             self.stats.batches += 1
             self.stats.accepted += ack.accepted
             self.stats.duplicates += ack.duplicates
@@ -492,14 +609,124 @@ class Agent:
                 )
                 return False
 
+    # -- benchmarks ---------------------------------------------------------------------
+
+    def post_benchmark_results(self) -> bool:
+        """Post the finished benchmarks' results, oldest first. One that does not get
+        through stays (with the ones after it) for the next cycle. True when the
+        controller answered at least one (so the last heartbeat's count is stale)."""
+        self._unsent_results.extend(self.benchmarks.take_finished())
+        answered = False
+        while self._unsent_results and (credential := self.credential) is not None:
+            item = self._unsent_results[0]
+            item.attempts += 1
+            try:
+                self.client.post_benchmark_result(credential, item.job_id, item.result)
+            except Unreachable as exc:
+                if item.attempts < RESULT_POST_ATTEMPTS:
+                    log.warning(
+                        "cannot post the benchmark result of %s (%s): trying again next cycle",
+                        item.label,
+                        exc,
+                    )
+                    return answered
+                log.error(
+                    "benchmark result of %s dropped after %d attempts: %s",
+                    item.label,
+                    item.attempts,
+                    exc,
+                )
+            except Refused as exc:
+                if exc.status == 401:  # the next heartbeat enrols again
+                    log.warning("benchmark result of %s: credential rejected", item.label)
+                    return answered
+                if exc.status in (404, 409):
+                    log.info(
+                        "benchmark %s was withdrawn or already answered (%s): result dropped",
+                        item.label,
+                        exc,
+                    )
+                else:
+                    log.error("controller refused the benchmark result of %s: %s", item.label, exc)
+            else:
+                self.stats.benchmark_results_posted += 1
+                log.info("benchmark result of %s posted (ok=%s)", item.label, item.result.ok)
+            self._unsent_results.pop(0)
+            answered = True
+        return answered
+
+    def fetch_benchmarks(self) -> None:
+        """Fetch this node's jobs and start the worker on them."""
+        credential = self.credential
+        if credential is None:
+            return
+        try:
+            raw = self.client.benchmark_jobs(credential)
+        except Unreachable as exc:
+            log.warning("cannot fetch the benchmark jobs: %s", exc)
+            # Ask again later whatever the count says: a lost answer may have handed the
+            # jobs out already (the controller then counts them fetched).
+            self._jobs_checked = False
+            self._next_jobs_fetch_at = self.clock() + self.settings.retry_max_s
+            return
+        except Refused as exc:  # e.g. a controller without on-node benchmarks
+            log.log(
+                logging.INFO if self._jobs_checked else logging.WARNING,
+                "benchmark jobs refused: %s",
+                exc,
+            )
+            self._jobs_checked = True
+            self._next_jobs_fetch_at = self.clock() + self.settings.retry_max_s
+            return
+        self._jobs_checked = True
+        jobs: list[BenchmarkJob] = []
+        for item in raw if isinstance(raw, list) else [raw]:
+            try:
+                jobs.append(BenchmarkJob.model_validate(item))
+            except ValidationError as exc:
+                job_id = item.get("id") if isinstance(item, dict) else None
+                if not isinstance(job_id, int) or isinstance(job_id, bool):
+                    log.error("unreadable benchmark job ignored: %s", exc)
+                    continue
+                # Answer it, or the controller would keep it pending for this node forever.
+                log.error("benchmark job %d cannot be read: %s", job_id, exc)
+                self._unsent_results.append(
+                    Finished(
+                        job_id, f"job {job_id}", failed(f"the agent cannot read the job: {exc}")
+                    )
+                )
+        if jobs:
+            log.info("%d benchmark job(s) to run", len(jobs))
+            self.benchmarks.start(jobs)
+        elif self.benchmarks_pending > 0 and not self._unsent_results:
+            # The heartbeat said some wait but there is none: do not ask every interval.
+            self._next_jobs_fetch_at = self.clock() + self.settings.retry_max_s
+
+    def benchmark_step(self) -> None:
+        """After a heartbeat got through: post what finished, then, when the controller
+        has jobs for this node (or this is the agent's first look since it started) and
+        none is running or waiting to be posted, fetch them."""
+        if self.post_benchmark_results():
+            return  # the count in the last answer predates these results
+        if (
+            (self.benchmarks_pending > 0 or not self._jobs_checked)
+            and not self.benchmarks.busy()
+            and not self._unsent_results
+            and self.clock() >= self._next_jobs_fetch_at
+        ):
+            self.fetch_benchmarks()
+
+    # -- the loop -----------------------------------------------------------------------
+
     def cycle(self) -> None:
         """One interval: enrol if needed (before the heartbeat takes a sequence number,
-        which enrolment may move), collect, and send if the backoff allows."""
+        which enrolment may move), collect, and send if the backoff allows; then the
+        benchmarks' part, which never waits for a benchmark."""
         if self.credential is None and self.backoff.ready():
             self.enroll()
         self.collect()
-        if self.backoff.ready():
-            self.flush()
+        if self.backoff.ready() and self.flush():
+            self.benchmark_step()
 
     def run(self, stop: threading.Event) -> None:
         s = self.settings
@@ -527,9 +754,15 @@ class Agent:
             if delay < 0:  # fell behind (suspended, slow disk): no burst to catch up
                 next_at, delay = self.clock(), 0.0
             stop.wait(delay)
-        # Shutting down (SIGTERM): one last attempt to empty the outbox.
+        # Shutting down (SIGTERM): a running benchmark is killed, not waited for (the
+        # controller lists it again, and the next start fetches it); one last attempt to
+        # empty the outbox and to post the results that are ready.
+        if not self.benchmarks.stop(SHUTDOWN_GRACE_S):
+            log.warning("benchmark thread still busy after %.0f s; leaving it", SHUTDOWN_GRACE_S)
         if len(self.queue) and self.credential is not None:
             self.flush()
+        if self.credential is not None and self.backoff.ready():
+            self.post_benchmark_results()
 
 
 def _explain(exc: ValidationError) -> str:

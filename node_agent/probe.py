@@ -5,25 +5,27 @@ runtime, runs it once on generated inputs (validation), then times ``runs`` infe
 (benchmark). A child process because a runtime fed a hostile or broken artifact may
 crash or hang: the caller gets a clean failure with the runtime's own text and stays up.
 It also makes peak memory measurable: the child's high-water RSS is the model's alone.
+
+The launcher (``probe_model``, ``ProbeRequest``, ``ProbeFailed``) lives in
+:mod:`node_agent.probe_launcher`, which imports nothing heavy, and is re-exported here;
+this module is the child's side and imports numpy and the runtimes. The node agent
+imports the launcher only.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
-import signal
-import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from node_agent.probe_launcher import ProbeCancelled, ProbeFailed, ProbeRequest, probe_model
 from node_agent.runtimes import (
     InputHints,
     Runner,
@@ -31,18 +33,9 @@ from node_agent.runtimes import (
     open_runner,
     preload_runtime,
 )
+from node_agent.sysinfo import cpu_model
 
-
-@dataclass
-class ProbeRequest:
-    path: str
-    format: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-    runs: int = 50
-    warmup_runs: int = 5
-    threads: int = 1
-    default_dim: int = 64
-    benchmark: bool = True
+__all__ = ["ProbeCancelled", "ProbeFailed", "ProbeRequest", "execute", "probe_model"]
 
 
 def _peak_rss_bytes() -> int:
@@ -62,13 +55,8 @@ def _percentile(samples: list[float], q: float) -> float:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The same string the agent reports as its node's ``cpu_model``."""
+    return cpu_model(Path("/proc")) or platform.processor() or "unknown"
 
 
 def _try_inputs(runner: Runner, req: ProbeRequest) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -158,41 +146,6 @@ def execute(req: ProbeRequest) -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu": _cpu_model(),
     }
-    return result
-
-
-class ProbeFailed(RuntimeError):
-    """The child died or timed out: not a verdict on the model's outputs, but on the
-    runtime's ability to load and run it at all."""
-
-
-def probe_model(req: ProbeRequest, *, timeout_s: float) -> dict[str, Any]:
-    payload = json.dumps(req.__dict__)
-    env = dict(os.environ)
-    # One BLAS/OpenMP thread pool per requested thread, not per host core.
-    env.setdefault("OMP_NUM_THREADS", str(req.threads))
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "node_agent.probe"],
-            input=payload,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ProbeFailed(f"runtime did not finish within {timeout_s:g} s") from exc
-    if proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        raise ProbeFailed(f"runtime crashed ({name}): {proc.stderr.strip()[-2000:]}")
-    if proc.returncode != 0:
-        raise ProbeFailed(f"probe exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
-    try:
-        last = proc.stdout.strip().splitlines()[-1]
-        result: dict[str, Any] = json.loads(last)
-    except (IndexError, json.JSONDecodeError) as exc:
-        raise ProbeFailed(f"probe printed no result: {proc.stdout[-500:]!r}") from exc
     return result
 
 

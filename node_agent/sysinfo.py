@@ -66,6 +66,68 @@ def _temperature_c(sys_root: Path) -> float | None:
     return hottest
 
 
+# /proc/cpuinfo keys naming the processor, best first. x86 has "model name" (its "model"
+# is a number). ARM kernels print "model name" as a generic "ARMv7 Processor rev 3 (v7l)",
+# so the board's "Model" (Raspberry Pi: "Raspberry Pi 4 Model B Rev 1.4") is preferred,
+# then the SoC ("Hardware: BCM2835"); "cpu model" is MIPS, "Processor" old ARM kernels.
+# Keys are matched exactly, case included.
+_CPUINFO_KEYS = ("Model", "model name", "Hardware", "cpu model", "Processor")
+# Last resort on arm64 without a device tree (ACPI servers): the core, from "CPU
+# implementer" and "CPU part" (Arm Ltd's parts, as lscpu names them).
+_ARM_CORES = {
+    "0xd03": "Cortex-A53",
+    "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55",
+    "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72",
+    "0xd09": "Cortex-A73",
+    "0xd0a": "Cortex-A75",
+    "0xd0b": "Cortex-A76",
+    "0xd0c": "Neoverse-N1",
+    "0xd0d": "Cortex-A77",
+    "0xd40": "Neoverse-V1",
+    "0xd41": "Cortex-A78",
+    "0xd44": "Cortex-X1",
+    "0xd46": "Cortex-A510",
+    "0xd47": "Cortex-A710",
+    "0xd49": "Neoverse-N2",
+    "0xd4f": "Neoverse-V2",
+}
+CPU_MODEL_MAX = 200  # NodeStatus.cpu_model's limit
+
+
+def cpu_model(proc: Path) -> str | None:
+    """The node's CPU model from ``<proc>/cpuinfo``. On ARM boards whose cpuinfo names
+    nothing (most arm64 kernels: Jetson, generic boards), the device tree's board model;
+    without one, the core type."""
+    found: dict[str, str] = {}
+    try:
+        with open(proc / "cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                key, value = key.strip(), " ".join(value.split())
+                if sep and value:
+                    found.setdefault(key, value)
+    except OSError:
+        pass
+    for key in _CPUINFO_KEYS:
+        if key in found:
+            return found[key][:CPU_MODEL_MAX]
+    try:  # /proc/device-tree -> /sys/firmware/devicetree/base; NUL-terminated
+        with open(proc / "device-tree" / "model", "rb") as fb:
+            board = " ".join(fb.read(4096).decode("utf-8", "replace").strip("\x00").split())
+        if board:
+            return board[:CPU_MODEL_MAX]
+    except OSError:
+        pass
+    implementer, part = found.get("CPU implementer"), found.get("CPU part")
+    if implementer is None or part is None:
+        return None
+    if implementer.lower() == "0x41" and part.lower() in _ARM_CORES:
+        return _ARM_CORES[part.lower()]
+    return f"CPU implementer {implementer} part {part}"
+
+
 def _disk_free(path: Path) -> int | None:
     try:
         st = os.statvfs(path)
@@ -91,6 +153,7 @@ class SystemProbe:
         self.proc_root = proc_root
         self.sys_root = sys_root
         self._last_cpu = _cpu_times(proc_root)
+        self.cpu_model = cpu_model(proc_root)  # read once: it does not change
 
     def cpu_percent(self) -> float | None:
         now = _cpu_times(self.proc_root)
@@ -109,4 +172,5 @@ class SystemProbe:
             disk_free_bytes=_disk_free(self.disk_path),
             temperature_c=_temperature_c(self.sys_root),
             agent_version=self.agent_version,
+            cpu_model=self.cpu_model,
         )

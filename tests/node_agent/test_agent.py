@@ -36,10 +36,19 @@ class FakeController:
         self.down = False
         self.lose_next_response = False
         self.invalid_seqs: set[int] = set()
+        self.job_fetches = 0
+        self.lose_jobs_response = False
+        self.benchmarks_pending: int | None = None  # None: a controller without benchmarks
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
+        if request.method == "GET" and request.url.path == "/v1/agents/benchmarks":
+            self.job_fetches += 1
+            if self.lose_jobs_response:
+                self.lose_jobs_response = False
+                raise httpx.ReadTimeout("response lost", request=request)
+            return httpx.Response(200, json=[])  # (tests/node_agent/test_agent_benchmarks.py)
         body = json.loads(request.content)
         if request.url.path == "/v1/agents/enroll":
             if body["join_token"] != TOKEN:
@@ -80,10 +89,10 @@ class FakeController:
         if self.lose_next_response:
             self.lose_next_response = False
             raise httpx.ReadTimeout("response lost", request=request)
-        return httpx.Response(
-            200,
-            json={"accepted": accepted, "duplicates": duplicates, "last_seq": self.last_seq[node]},
-        )
+        ack = {"accepted": accepted, "duplicates": duplicates, "last_seq": self.last_seq[node]}
+        if self.benchmarks_pending is not None:
+            ack["benchmarks_pending"] = self.benchmarks_pending
+        return httpx.Response(200, json=ack)
 
 
 @pytest.fixture
@@ -377,3 +386,42 @@ def test_run_stops_on_request_and_flushes(
     assert not thread.is_alive()
     assert len(controller.received) >= 5
     assert controller.received == sorted(controller.received)
+
+
+def test_benchmark_jobs_are_fetched_once_after_a_start_then_when_told(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    agent = make_agent()
+    run_cycles(agent, clock, 5)
+    # One look after the start: jobs handed to a previous run count as fetched.
+    assert controller.job_fetches == 1
+    controller.benchmarks_pending = 0
+    run_cycles(agent, clock, 3)
+    assert controller.job_fetches == 1
+    controller.benchmarks_pending = 1
+    run_cycles(agent, clock, 1)
+    assert controller.job_fetches == 2
+    # Told again but the list was empty: not every interval, after retry_max_s.
+    run_cycles(agent, clock, 3)
+    assert controller.job_fetches == 2
+    clock.advance(60)
+    run_cycles(agent, clock, 1)
+    assert controller.job_fetches == 3
+    assert agent.stats.benchmark_results_posted == 0
+    # A lost answer may have handed jobs out (counted fetched): asked again, after
+    # retry_max_s, although the count is 0 by then.
+    controller.benchmarks_pending = 0
+    clock.advance(60)
+    controller.lose_jobs_response = True
+    agent.benchmarks_pending = 1  # (the count of the answer before the fetch)
+    agent.benchmark_step()
+    assert controller.job_fetches == 4
+    run_cycles(agent, clock, 3)
+    assert controller.job_fetches == 4
+    clock.advance(60)
+    run_cycles(agent, clock, 2)
+    assert controller.job_fetches == 5
+    agent.close()
+    controller.benchmarks_pending = None
+    run_cycles(make_agent(), clock, 3)
+    assert controller.job_fetches == 6
