@@ -80,7 +80,9 @@ class Heartbeat(BaseModel):
 
 
 class BenchmarkJob(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are ignored: a newer controller may add some, and an older agent
+    # must still run the job rather than refuse it.
+    model_config = ConfigDict(extra="ignore")
 
     id: int
     model: str

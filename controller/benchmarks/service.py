@@ -43,13 +43,15 @@ from node_agent.contract import BenchmarkJob, BenchmarkResult
 NODE_CLASS_LABEL = "edgefleet.io/node-class"
 ACCELERATOR_LABEL = "edgefleet.io/accelerator"
 _SPACES = re.compile(r"\s+")
+_REVISION = re.compile(r"\s+Rev\s+[0-9.]+$", re.IGNORECASE)
 
 
 def node_class(architecture: str | None, labels: Mapping[str, str], cpu_model: str | None) -> str:
     named = labels.get(NODE_CLASS_LABEL)
     if named:
         return named
-    cpu = _SPACES.sub(" ", cpu_model).strip() if cpu_model else ""
+    # Board revisions ("Raspberry Pi 4 Model B Rev 1.4") are the same hardware class.
+    cpu = _REVISION.sub("", _SPACES.sub(" ", cpu_model)).strip() if cpu_model else ""
     accelerator = labels.get(ACCELERATOR_LABEL) or "none"
     return f"{architecture or 'unknown'}/{accelerator}/{cpu or 'unknown'}"[:300]
 

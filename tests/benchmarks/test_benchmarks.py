@@ -81,11 +81,15 @@ def measure(
 
 
 def test_node_class() -> None:
-    assert node_class("arm64", {}, "Cortex-A72  rev 3") == "arm64/none/Cortex-A72 rev 3"
+    assert node_class("arm64", {}, "Cortex-A72  r0p3  x") == "arm64/none/Cortex-A72 r0p3 x"
+    assert node_class("arm64", {}, "Cortex-A72 rev 3") == "arm64/none/Cortex-A72"
     assert node_class("amd64", {"edgefleet.io/accelerator": "coral"}, None) == (
         "amd64/coral/unknown"
     )
     assert node_class("amd64", {CLASS: "rpi4-4g"}, "whatever") == "rpi4-4g"
+    pi = "arm64/none/Raspberry Pi 4 Model B"
+    assert node_class("arm64", {}, "Raspberry Pi 4 Model B Rev 1.4") == pi
+    assert node_class("arm64", {}, "Raspberry Pi 4 Model B Rev 1.5") == pi
 
 
 def test_one_job_per_class_to_one_agent(client: TestClient, lab: dict[str, str]) -> None:
