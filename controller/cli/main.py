@@ -274,6 +274,17 @@ def _optimization_text(job: dict[str, Any]) -> str:
         f"  size        x{r['size_ratio']} ({r['size_bytes']['original']} -> "
         f"{r['size_bytes']['variant']} bytes), compressed x{r['compressed_size_ratio']}",
         f"  latency     p50 x{r['latency_ratio']['p50']}, p95 x{r['latency_ratio']['p95']}",
+    ]
+    memory = r.get("peak_memory")
+    if memory:
+        lines.append(
+            f"  memory      model peak x{memory['model_peak_ratio']} "
+            f"({human_bytes(memory['original']['model_peak_bytes'])} -> "
+            f"{human_bytes(memory['variant']['model_peak_bytes'])}; process peak "
+            f"{human_bytes(memory['original']['peak_rss_bytes'])} -> "
+            f"{human_bytes(memory['variant']['peak_rss_bytes'])})"
+        )
+    lines += [
         f"  agreement   top-1 {r['top1_agreement']}, max abs error {r['max_abs_error']}, "
         f"allclose {r['allclose']} "
         f"(rtol {r['tolerances']['rtol']}, atol {r['tolerances']['atol']})",

@@ -8,6 +8,8 @@ row with the reason."""
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -28,6 +30,7 @@ from controller.registry.service import (
 )
 from controller.registry.store import ArtifactStore
 from controller.settings import Settings
+from node_agent.probe_launcher import ProbeRequest, probe_model
 from node_agent.runtimes import OnnxRunner
 
 log = logging.getLogger(__name__)
@@ -128,6 +131,41 @@ def _failed(job_id: int, exc: Exception) -> str:
     return OptimizationStatus.FAILED
 
 
+MEMORY_PROBE_RUNS = 10
+
+
+def peak_memory(
+    original: Path, variant: bytes, metadata: dict[str, Any], settings: Settings
+) -> dict[str, Any]:
+    """Peak memory of both models, each alone in a child process (node_agent/probe.py:
+    VmHWM of the process, and the model's share above the loaded runtime), on the same
+    generated inputs. Two processes because a process's high-water mark cannot be
+    split between two models loaded side by side."""
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-variant-") as tmp:
+        variant_path = Path(tmp) / "variant.onnx"
+        variant_path.write_bytes(variant)
+        for key, path in (("original", original), ("variant", variant_path)):
+            request = ProbeRequest(
+                path=str(path),
+                format="onnx",
+                metadata=metadata,
+                runs=MEMORY_PROBE_RUNS,
+                warmup_runs=1,
+                threads=settings.benchmark_threads,
+                default_dim=settings.probe_default_dim,
+            )
+            result = probe_model(request, timeout_s=settings.probe_timeout_s)
+            bench = result.get("benchmark")
+            if not bench:
+                error = (result.get("validation") or {}).get("error", "no benchmark")
+                raise RuntimeError(f"measuring the {key} model's memory failed: {error}")
+            out[key] = {k: bench[k] for k in ("peak_rss_bytes", "model_peak_bytes")}
+    base = out["original"]["model_peak_bytes"]
+    out["model_peak_ratio"] = round(out["variant"]["model_peak_bytes"] / base, 4) if base else None
+    return out
+
+
 def run_job(job_id: int, settings: Settings) -> str | None:
     store = artifact_store(settings)
     with session_scope() as session:
@@ -151,6 +189,7 @@ def run_job(job_id: int, settings: Settings) -> str | None:
             "params": params,
         }
         parent_id, model_name = parent.id, model.name
+        parent_meta = dict(parent.meta or {})
     try:
         original = parent_path.read_bytes()
         specs = OnnxRunner(original, threads=1).inputs
@@ -180,6 +219,8 @@ def run_job(job_id: int, settings: Settings) -> str | None:
         )
         report["details"] = variant.details
         report["warnings"] = notes + variant.warnings
+        _set(job_id, stage="measuring peak memory")
+        report["peak_memory"] = peak_memory(parent_path, variant.data, parent_meta, settings)
     except Exception as exc:  # any failure: the job says why, and no version exists
         return _failed(job_id, exc)
     with session_scope() as session, store.stage([variant.data]) as staged:

@@ -111,6 +111,7 @@ def test_optimize_prints_the_comparison(api_url: str, tmp_path: Path) -> None:
     assert code == 0, out
     assert "cam 1 -> 1-sparse (prune): Succeeded" in out
     assert "agreement   top-1" in out
+    assert "memory      model peak x" in out
     assert "note: no sample inputs uploaded" in out
     code, out = cli(api_url, "models", "describe", "cam", "1-sparse")
     assert code == 0, out

@@ -103,6 +103,12 @@ def test_static_int8_variant_with_calibration(client: TestClient) -> None:
     assert report["max_abs_error"] == pytest.approx(float(np.abs(outs_a - outs_b).max()), abs=1e-5)
     assert report["size_bytes"] == {"original": len(original), "variant": len(quantized)}
     assert report["latency_ratio"]["p50"] > 0
+    # Peak memory of each model, each measured alone in its own child process.
+    memory = report["peak_memory"]
+    for side in ("original", "variant"):
+        assert memory[side]["peak_rss_bytes"] > memory[side]["model_peak_bytes"] > 0
+    ratio = memory["variant"]["model_peak_bytes"] / memory["original"]["model_peak_bytes"]
+    assert memory["model_peak_ratio"] == pytest.approx(ratio, abs=1e-4)
 
 
 def test_dynamic_int8_on_matmul_model(client: TestClient) -> None:
