@@ -23,11 +23,11 @@ router = APIRouter(prefix=API_V1, tags=["benchmarks"])
     },
 )
 def request_benchmarks(
-    name: str, version: str, body: BenchmarkRequestIn, session: SessionDep
+    name: str, version: str, body: BenchmarkRequestIn, session: SessionDep, settings: SettingsDep
 ) -> list[BenchmarkOut]:
     """Measure the version on every node class of the selected nodes (one node each)."""
     mv = require_version(session, name, version)
-    rows = service.request(session, mv, name, body)
+    rows = service.request(session, mv, name, body, stuck_s=settings.stuck_validation_s)
     return [BenchmarkOut.of(r, name, version) for r in rows]
 
 

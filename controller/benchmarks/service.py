@@ -19,6 +19,7 @@ import hashlib
 import re
 from collections import defaultdict
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
@@ -60,18 +61,37 @@ def class_of(node: Node) -> str:
     return node_class(node.architecture, node.labels or {}, node.cpu_model)
 
 
+def _in_flight(row: NodeBenchmark, nodes: dict[int, Node], now: datetime, stuck_s: float) -> bool:
+    """A job still worth waiting for: its node is there and Ready, and it is not older
+    than ``stuck_s`` (an agent that died mid-benchmark never answers)."""
+    if row.status not in (BenchmarkStatus.PENDING, BenchmarkStatus.RUNNING):
+        return False
+    node = nodes.get(row.node_id) if row.node_id is not None else None
+    if node is None or node.health != NodeHealth.READY:
+        return False
+    return now - row.updated_at < timedelta(seconds=stuck_s)
+
+
 def request(
-    session: Session, version: ModelVersion, model: str, body: BenchmarkRequestIn
+    session: Session,
+    version: ModelVersion,
+    model: str,
+    body: BenchmarkRequestIn,
+    *,
+    stuck_s: float,
 ) -> list[NodeBenchmark]:
     """One Pending job per node class of the selected nodes. Classes whose benchmark is
-    already pending or running keep it."""
+    still in flight keep it; a stuck one (its node gone, not Ready, or silent for
+    ``stuck_s``) is handed to a node again."""
     if version.status != VersionStatus.READY:
         raise Conflict(
             f"model version {model}:{version.version} is {version.status}: only a Ready "
             "(validated) version can be benchmarked on nodes"
         )
     classes: dict[str, list[tuple[Node, str]]] = defaultdict(list)
-    for node, cluster in repo.candidate_nodes(session):
+    candidates = repo.candidate_nodes(session)
+    nodes = {n.id: n for n, _ in candidates}
+    for node, cluster in candidates:
         if node.health != NodeHealth.READY:
             continue
         if not selector_matches(body.selector, cluster, node.labels or {}):
@@ -87,9 +107,12 @@ def request(
     out = []
     for cls, members in sorted(classes.items()):
         row = existing.get(cls)
-        if row is not None and row.status in (BenchmarkStatus.PENDING, BenchmarkStatus.RUNNING):
+        if row is not None and _in_flight(row, nodes, now, stuck_s):
             out.append(row)
             continue
+        if row is not None and row.status == BenchmarkStatus.PENDING and row.node_id in nodes:
+            stale = nodes[row.node_id]  # never fetched: take it off that node's count
+            stale.benchmarks_pending = max(0, (stale.benchmarks_pending or 0) - 1)
         node, cluster = min(
             members,
             key=lambda m: hashlib.sha256(f"{version.sha256}/{m[1]}/{m[0].name}".encode()).digest(),

@@ -4,6 +4,7 @@ the variant that is fastest within the gates on that node's class."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -11,8 +12,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from controller.benchmarks.service import node_class
-from controller.db.models import Assignment, Event, ModelVersion, Node
+from controller.db.base import utcnow
+from controller.db.models import Assignment, Event, ModelVersion, Node, NodeBenchmark, NodeHealth
 from controller.db.session import session_scope
+from controller.fleet.service import set_node_health
 from controller.registry import samples
 from controller.settings import Settings
 from tests.registry.test_variants import CNN, calibration_npz, derive, finished, push
@@ -285,3 +288,40 @@ def test_variant_requirements(client: TestClient, lab: dict[str, str]) -> None:
     itself = apply(client, rollout_doc("req", "1", model=listing("1")))
     assert itself.status_code == 422
     assert itself.json()["detail"][0]["loc"][-1] == "variants"
+
+
+def test_a_stuck_job_is_handed_to_another_node(
+    client: TestClient, lab: dict[str, str], settings: Settings
+) -> None:
+    first = {
+        j["node_class"]: j
+        for j in client.post("/v1/models/detector/versions/1/benchmarks", json={}).json()
+    }["pi4"]
+    node = first["node"].split("/")[1]
+    assert client.get("/v1/agents/benchmarks", headers=bearer(lab[node])).json()
+    # Its node goes offline mid-benchmark: asking again picks another node of the class.
+    with session_scope() as s:
+        set_node_health(s, "lab", node, NodeHealth.OFFLINE)
+    again = {
+        j["node_class"]: j
+        for j in client.post("/v1/models/detector/versions/1/benchmarks", json={}).json()
+    }["pi4"]
+    assert again["id"] == first["id"]  # the same row: one per (version, class)
+    assert again["status"] == "Pending"
+    moved_to = again["node"].split("/")[1]
+    assert moved_to != node
+    assert moved_to.startswith("pi-")
+    # The old node's late answer is refused; the new one's counts.
+    late = post_result(client, lab[node], first["id"], p50_ms=1, p95_ms=2)
+    assert late.status_code == 404
+    # Silent for longer than the stuck limit: handed out again too.
+    with session_scope() as s:
+        row = s.get(NodeBenchmark, again["id"])
+        assert row is not None
+        row.status = "Running"
+        row.updated_at = utcnow() - timedelta(seconds=settings.stuck_validation_s + 1)
+    third = {
+        j["node_class"]: j
+        for j in client.post("/v1/models/detector/versions/1/benchmarks", json={}).json()
+    }["pi4"]
+    assert third["status"] == "Pending"
