@@ -10,6 +10,7 @@ Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (as the tests do)
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import os
 import resource
@@ -33,8 +34,9 @@ os.environ.update(
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
+from controller.benchmarks.service import node_class  # noqa: E402
 from controller.db import migrate  # noqa: E402
-from controller.db.models import AssignmentState  # noqa: E402
+from controller.db.models import AssignmentState, BenchmarkStatus, NodeBenchmark  # noqa: E402
 from controller.db.session import dispose_engines, session_scope  # noqa: E402
 from controller.demo import RunningWorkload, report_running  # noqa: E402
 from controller.manifests.service import apply_documents  # noqa: E402
@@ -132,6 +134,38 @@ def main() -> None:
         with session_scope() as s:
             apply_documents(s, [ROLLOUT], settings, store, dry_run=True)
         dry_s = time.perf_counter() - t0
+        # The same dry-run with per-node variant choice (spec.model.variants) over the
+        # version and one variant, both benchmarked on the fleet's node class.
+        with session_scope() as s:
+            service.push_version(
+                s,
+                store,
+                name="detector",
+                version="1.0.0-b",
+                chunks=[samples.build_cnn(seed=1)],
+                metadata={},
+            )
+            versions = s.execute(text("select id from model_versions order by id")).scalars()
+            arch = s.execute(text("select architecture from nodes limit 1")).scalar_one()
+            for version_id, p50 in zip(versions, (4.0, 3.0), strict=True):
+                s.add(
+                    NodeBenchmark(
+                        model_version_id=version_id,
+                        node_class=node_class(arch, {}, None),
+                        node_name="site0/site0-n0",
+                        status=BenchmarkStatus.SUCCEEDED,
+                        result={"p50_ms": p50, "p95_ms": p50 * 1.5, "peak_rss_bytes": 2**26},
+                    )
+                )
+        choosing = copy.deepcopy(ROLLOUT)
+        choosing["spec"]["model"]["variants"] = ["1.0.0-b"]  # type: ignore[index]
+        t0 = time.perf_counter()
+        with session_scope() as s:
+            got = apply_documents(s, [choosing], settings, store, dry_run=True)
+        variants_s = time.perf_counter() - t0
+        chosen = got[0].plan["variants"] if got[0].plan else {}
+        assert {c["version"] for c in chosen.values()} == {"1.0.0-b"}, chosen
+
         t0 = time.perf_counter()
         with session_scope() as s:
             apply_documents(
@@ -164,6 +198,10 @@ def main() -> None:
         )
         print(f"  apply {args.clusters} Cluster manifests + node sync : {sync_s:8.2f} s")
         print(f"  dry-run plan of the rollout                 : {dry_s:8.2f} s")
+        print(
+            f"  dry-run with per-node variant choice        : {variants_s:8.2f} s "
+            f"({variants_s / dry_s:.2f}x the plain dry-run)"
+        )
         print(f"  apply rollout (+ first reconcile step)      : {apply_s:8.2f} s")
         print(f"  baseline: SELECT all assignment rows        : {floor * 1000:8.1f} ms")
         header = ("step", "phase", "reconcile", "x floor", "ingest", "beats")
