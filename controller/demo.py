@@ -308,5 +308,11 @@ def run_demo(
 
     from controller.api.app import create_app
 
-    uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        timeout_keep_alive=settings.api_keepalive_timeout_s,
+        log_level="warning",
+    )
     return {}

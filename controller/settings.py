@@ -37,6 +37,15 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(8080, ge=1, le=65535)
+    # Above the agents' heartbeat interval (agent_heartbeat_interval_s), so an agent
+    # keeps its connection (and TLS session) from one heartbeat to the next instead of
+    # opening a new one every time; above 60 s, so a load balancer's idle timeout (AWS,
+    # GCP, nginx: 60 s) closes an idle connection before the server does.
+    api_keepalive_timeout_s: int = Field(
+        75,
+        ge=1,
+        description="Seconds uvicorn keeps an idle HTTP connection open (timeout_keep_alive).",
+    )
 
     artifact_dir: Path = Path(".edgefleet/artifacts")
     max_artifact_bytes: int = Field(512 * 1024 * 1024, ge=1)
@@ -91,6 +100,15 @@ class Settings(BaseSettings):
     )
     agent_max_batch: int = Field(
         1000, ge=1, description="Most heartbeats one request may carry (an agent's replay)."
+    )
+    # Heartbeat requests arriving together share one ingest transaction (each still gets
+    # its own answer): those that arrive while one is being written, and those within
+    # this window of the oldest waiting one. 0: no waiting.
+    agent_coalesce_window_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a heartbeat request waits for others to join."
+    )
+    agent_coalesce_max_heartbeats: int = Field(
+        2000, ge=1, description="Most heartbeats in one shared ingest transaction."
     )
 
     @model_validator(mode="after")

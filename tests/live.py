@@ -32,7 +32,14 @@ class LiveController:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            # As `edgefleet server` runs it: agents keep their connection between beats.
+            timeout_keep_alive=self.app.state.settings.api_keepalive_timeout_s,
+            log_level="warning",
+        )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

@@ -28,3 +28,7 @@ class HeartbeatAck(BaseModel):
     accepted: int
     duplicates: int
     last_seq: int = Field(description="Every heartbeat at or below it is stored: drop them.")
+    benchmarks_pending: int = Field(
+        0,
+        description="Benchmark jobs waiting for this node: fetch them from /v1/agents/benchmarks.",
+    )

@@ -16,20 +16,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prometheus_client import Counter
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from controller.agents import repository as repo
+from controller.agents.coalesce import Coalescer
 from controller.audit import record_event
+from controller.db.base import utcnow
 from controller.db.models import Node
-from controller.db.session import after_commit
+from controller.db.session import after_commit, session_scope
 from controller.errors import (
+    EdgefleetError,
     Forbidden,
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
     Unauthorized,
 )
-from controller.fleet.service import ingest_heartbeats
+from controller.fleet import repository as fleet_repo
+from controller.fleet.repository import IngestNode
+from controller.fleet.service import HeartbeatFold
 from controller.settings import Settings
 from node_agent.contract import Heartbeat
 
@@ -97,34 +103,76 @@ class Receipt:
     accepted: int
     duplicates: int
     last_seq: int
+    benchmarks_pending: int = 0
+
+
+@dataclass(frozen=True)
+class HeartbeatRequest:
+    """One POST /v1/agents/heartbeat: the sha256 of its bearer credential and its
+    heartbeats (validated)."""
+
+    credential_hash: str
+    beats: Sequence[Heartbeat]
 
 
 def receive_heartbeats(
-    session: Session,
-    settings: Settings,
-    node: Node,
-    cluster: str,
-    beats: Sequence[Heartbeat],
-) -> Receipt:
-    """Fold one node's heartbeats in (one transaction: the request's). A replayed batch
-    is harmless: sequence numbers at or below the node's last are counted, not applied."""
+    session: Session, settings: Settings, requests: Sequence[HeartbeatRequest]
+) -> list[Receipt | EdgefleetError]:
+    """Fold the heartbeats of several requests in, in the session's one transaction,
+    each request checked on its own: a request with an unknown or rotated credential
+    (401), too many heartbeats (413) or a heartbeat for another node than its
+    credential's (403) gets that error and stores nothing; the others are applied.
+    Credentials are checked on the node rows this locks for the update, so a credential
+    rotated meanwhile cannot write. A replayed batch is harmless: sequence numbers at or
+    below the node's last are counted, not applied."""
+    nodes = {
+        n.credential_hash: n
+        for n in fleet_repo.lock_nodes_by_credential(session, {r.credential_hash for r in requests})
+    }
+    fold = HeartbeatFold(utcnow())
+    outcomes: list[Receipt | EdgefleetError] = []
+    accepted = duplicates = 0
+    for request in requests:
+        node = nodes.get(request.credential_hash)
+        refused = _refusal(node, request.beats, settings)
+        if refused is not None:
+            outcomes.append(refused)
+            continue
+        assert node is not None
+        got = 0
+        for beat in sorted(request.beats, key=lambda b: b.seq):
+            got += fold.apply(node, beat)
+        accepted += got
+        duplicates += len(request.beats) - got
+        outcomes.append(
+            Receipt(got, len(request.beats) - got, node.last_seq, node.benchmarks_pending)
+        )
+    fold.write(session)
+    # Counted once the transaction is durable; a rolled-back batch was not received.
+    after_commit(session, lambda: _count(accepted, duplicates))
+    return outcomes
+
+
+def _refusal(
+    node: IngestNode | None, beats: Sequence[Heartbeat], settings: Settings
+) -> EdgefleetError | None:
+    if node is None:
+        HEARTBEATS.labels("unauthorized").inc()
+        return Unauthorized("unknown or revoked node credential: enrol again")
     if len(beats) > settings.agent_max_batch:
-        raise PayloadTooLarge(
+        return PayloadTooLarge(
             f"{len(beats)} heartbeats in one request; at most {settings.agent_max_batch} "
             "(EDGEFLEET_AGENT_MAX_BATCH)"
         )
-    others = sorted({f"{b.cluster}/{b.node}" for b in beats} - {f"{cluster}/{node.name}"})
+    own = (node.cluster, node.name)
+    others = sorted({f"{b.cluster}/{b.node}" for b in beats if (b.cluster, b.node) != own})
     if others:
         HEARTBEATS.labels("forbidden").inc(len(beats))
-        raise Forbidden(
-            f"the credential of node {cluster}/{node.name} cannot report for "
+        return Forbidden(
+            f"the credential of node {node.cluster}/{node.name} cannot report for "
             f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}"
         )
-    result = ingest_heartbeats(session, beats)
-    # Counted once the transaction is durable; a rolled-back batch was not received.
-    accepted, duplicates = result.accepted, result.duplicates
-    after_commit(session, lambda: _count(accepted, duplicates))
-    return Receipt(accepted=accepted, duplicates=duplicates, last_seq=node.last_seq)
+    return None
 
 
 def _count(accepted: int, duplicates: int) -> None:
@@ -132,3 +180,38 @@ def _count(accepted: int, duplicates: int) -> None:
         HEARTBEATS.labels("accepted").inc(accepted)
     if duplicates:
         HEARTBEATS.labels("duplicate").inc(duplicates)
+
+
+class HeartbeatIntake:
+    """Where the heartbeat endpoint hands requests over: requests arriving together
+    (while a transaction is being written, or within ``agent_coalesce_window_ms`` of
+    each other) share one transaction; each gets its own receipt or error."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.coalescer: Coalescer[HeartbeatRequest, Receipt] = Coalescer(
+            self._handle,
+            window_s=settings.agent_coalesce_window_ms / 1000,
+            max_weight=settings.agent_coalesce_max_heartbeats,
+            split_on_error=_worth_retrying_alone,
+            name="edgefleet-heartbeats",
+        )
+
+    async def submit(self, credential: str, beats: Sequence[Heartbeat]) -> Receipt:
+        """The request's receipt; raises its EdgefleetError (Unauthorized, Forbidden,
+        PayloadTooLarge) or the database's error."""
+        request = HeartbeatRequest(hash_credential(credential), beats)
+        return await self.coalescer.submit(request, weight=max(len(beats), 1))
+
+    def _handle(self, requests: Sequence[HeartbeatRequest]) -> list[Receipt | EdgefleetError]:
+        with session_scope() as session:
+            return receive_heartbeats(session, self.settings, requests)
+
+    def close(self) -> None:
+        self.coalescer.close()
+
+
+def _worth_retrying_alone(exc: Exception) -> bool:
+    """A batch that failed for one request's sake (a constraint, a deadlock) is retried
+    request by request; not when the database is unreachable."""
+    return not (isinstance(exc, DBAPIError) and exc.connection_invalidated)

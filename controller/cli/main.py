@@ -411,6 +411,14 @@ def server(
     from controller.settings import get_settings
 
     settings = get_settings()
+    if settings.api_keepalive_timeout_s <= settings.agent_heartbeat_interval_s:
+        err_console.print(
+            f"[yellow]warning:[/yellow] EDGEFLEET_API_KEEPALIVE_TIMEOUT_S "
+            f"({settings.api_keepalive_timeout_s} s) is not above the agents' heartbeat "
+            f"interval ({settings.agent_heartbeat_interval_s:g} s): every heartbeat opens "
+            "a new connection",
+            highlight=False,
+        )
     uvicorn.run(
         "controller.api.app:create_app",
         factory=True,
@@ -418,6 +426,8 @@ def server(
         port=port or settings.api_port,
         workers=workers,
         proxy_headers=True,
+        # Agents keep their connection between heartbeats (uvicorn's default is 5 s).
+        timeout_keep_alive=settings.api_keepalive_timeout_s,
         log_level="info",
     )
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from controller.db.models import Cluster, Node, NodeHealth
+from controller.db.models import Assignment, Cluster, Model, ModelVersion, Node, NodeHealth
 
 
 def get_cluster(session: Session, name: str) -> Cluster | None:
@@ -83,3 +85,150 @@ def mark_silent_nodes(session: Session, *, stale_before: datetime, offline_befor
         .values(health=NodeHealth.STALE)
     )
     return int(getattr(offline, "rowcount", 0)) + int(getattr(stale, "rowcount", 0))
+
+
+# --- heartbeat ingestion: Core statements (no ORM unit of work on the hot path) ----------
+
+_NODES = cast(Table, Node.__table__)
+_CLUSTERS = cast(Table, Cluster.__table__)
+_ASSIGNMENTS = cast(Table, Assignment.__table__)
+_MODELS = cast(Table, Model.__table__)
+_VERSIONS = cast(Table, ModelVersion.__table__)
+
+
+@dataclass
+class AssignedWorkload:
+    """One assignment of a node, as heartbeat ingestion needs it."""
+
+    id: int
+    desired_sha256: str | None
+    metrics: dict[str, Any]
+
+
+@dataclass
+class IngestNode:
+    """A node row locked for heartbeat ingestion, with its assignments by model name."""
+
+    id: int
+    cluster: str
+    name: str
+    last_seq: int
+    credential_hash: str | None
+    benchmarks_pending: int
+    workloads: dict[str, AssignedWorkload] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeSeen:
+    """What heartbeats change on a node row (besides health and last_heartbeat_at)."""
+
+    last_seq: int
+    cpu_model: str | None
+    """None keeps the stored one."""
+
+
+def lock_nodes_by_key(session: Session, keys: Collection[tuple[str, str]]) -> list[IngestNode]:
+    """The nodes named by ``keys`` ((cluster, node)), locked for ingestion."""
+    if not keys:
+        return []
+    wanted = set(keys)
+    params = {"clusters": list({c for c, _ in wanted}), "names": list({n for _, n in wanted})}
+    found = _ingest_nodes(session, _LOCK_BY_KEY, params)
+    return [n for n in found if (n.cluster, n.name) in wanted]
+
+
+def lock_nodes_by_credential(session: Session, hashes: Collection[str]) -> list[IngestNode]:
+    """The nodes holding one of these credential hashes, locked for ingestion."""
+    if not hashes:
+        return []
+    return _ingest_nodes(session, _LOCK_BY_CREDENTIAL, {"hashes": list(set(hashes))})
+
+
+# Nodes and their assignments in one round trip, the node rows locked FOR UPDATE in id
+# order (so that concurrent batches never deadlock on each other). The lock serialises
+# concurrent heartbeats of one node: last_seq never moves back. Built once: only the
+# expanding IN parameters change between executions.
+_FOR_INGEST = (
+    select(
+        _NODES.c.id,
+        _CLUSTERS.c.name,
+        _NODES.c.name,
+        _NODES.c.last_seq,
+        _NODES.c.credential_hash,
+        _NODES.c.benchmarks_pending,
+        _ASSIGNMENTS.c.id,
+        _MODELS.c.name,
+        _VERSIONS.c.sha256,
+        _ASSIGNMENTS.c.metrics,
+    )
+    .select_from(
+        _NODES.join(_CLUSTERS, _CLUSTERS.c.id == _NODES.c.cluster_id)
+        .outerjoin(_ASSIGNMENTS, _ASSIGNMENTS.c.node_id == _NODES.c.id)
+        .outerjoin(_MODELS, _MODELS.c.id == _ASSIGNMENTS.c.model_id)
+        .outerjoin(_VERSIONS, _VERSIONS.c.id == _ASSIGNMENTS.c.desired_version_id)
+    )
+    .order_by(_NODES.c.id)
+    .with_for_update(of=_NODES)
+)
+_LOCK_BY_KEY = _FOR_INGEST.where(
+    _CLUSTERS.c.name.in_(bindparam("clusters", expanding=True)),
+    _NODES.c.name.in_(bindparam("names", expanding=True)),
+)
+_LOCK_BY_CREDENTIAL = _FOR_INGEST.where(
+    _NODES.c.credential_hash.in_(bindparam("hashes", expanding=True))
+)
+
+
+def _ingest_nodes(
+    session: Session, stmt: Select[Any], params: dict[str, list[str]]
+) -> list[IngestNode]:
+    nodes: dict[int, IngestNode] = {}
+    for row in session.connection().execute(stmt, params):
+        node = nodes.get(row[0])
+        if node is None:
+            node = nodes[row[0]] = IngestNode(row[0], row[1], row[2], row[3], row[4], row[5] or 0)
+        if row[6] is not None:
+            node.workloads[row[7]] = AssignedWorkload(row[6], row[8], row[9] or {})
+    return list(nodes.values())
+
+
+_NODE_SEEN = (
+    update(_NODES)
+    .where(_NODES.c.id == bindparam("b_id", type_=_NODES.c.id.type))
+    .values(
+        last_seq=bindparam("b_seq", type_=_NODES.c.last_seq.type),
+        last_heartbeat_at=bindparam("b_at", type_=_NODES.c.last_heartbeat_at.type),
+        health=NodeHealth.READY.value,
+        cpu_model=func.coalesce(
+            bindparam("b_cpu", type_=_NODES.c.cpu_model.type), _NODES.c.cpu_model
+        ),
+    )
+)
+_ASSIGNMENT_METRICS = (
+    update(_ASSIGNMENTS)
+    .where(_ASSIGNMENTS.c.id == bindparam("b_id", type_=_ASSIGNMENTS.c.id.type))
+    .values(metrics=bindparam("b_metrics", type_=_ASSIGNMENTS.c.metrics.type))
+)
+
+
+def write_heartbeats(
+    session: Session,
+    *,
+    nodes: Mapping[int, NodeSeen],
+    metrics: Mapping[int, dict[str, Any]],
+    now: datetime,
+) -> None:
+    """Nodes (by id) seen at ``now``: Ready, their last_seq and CPU model; assignments'
+    (by id) new metric windows. One executemany each (updated_at is set by the columns'
+    onupdate)."""
+    conn = session.connection()
+    if nodes:
+        conn.execute(
+            _NODE_SEEN,
+            [
+                {"b_id": i, "b_seq": seen.last_seq, "b_at": now, "b_cpu": seen.cpu_model}
+                for i, seen in nodes.items()
+            ],
+        )
+    if metrics:
+        conn.execute(_ASSIGNMENT_METRICS, [{"b_id": i, "b_metrics": m} for i, m in metrics.items()])

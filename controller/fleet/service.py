@@ -3,13 +3,14 @@ what the nodes' agents report (heartbeats)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from controller.audit import record_event
 from controller.crypto import decrypt_json, encrypt_json, fingerprint
@@ -183,65 +184,92 @@ class IngestResult:
 OBSERVED_KEYS = ("restarts",)
 
 
-def ingest_heartbeats(
-    session: Session, beats: Sequence[Heartbeat], *, now: datetime | None = None
-) -> IngestResult:
-    """Fold agents' heartbeats into node health and per-assignment metric windows, in
-    one transaction for the whole batch. Sequence numbers make replays harmless."""
-    now = now or utcnow()
-    result = IngestResult()
-    nodes = repo.nodes_by_key(session, [(b.cluster, b.node) for b in beats])
-    assignments = _assignments_for(session, [n.id for n in nodes.values()])
-    for beat in sorted(beats, key=lambda b: (b.cluster, b.node, b.seq)):
-        node = nodes.get((beat.cluster, beat.node))
-        if node is None:
-            result.unknown_nodes.append(f"{beat.cluster}/{beat.node}")
-            continue
+class HeartbeatFold:
+    """Heartbeats folded into locked node rows (repository.lock_nodes_by_*), then
+    written with one statement per table: node health and last_seq, and each
+    assignment's metric window (the last accepted heartbeat's). Sequence numbers make
+    replays harmless: a heartbeat at or below the node's last_seq is a duplicate."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+        self.nodes: dict[int, repo.NodeSeen] = {}
+        self.metrics: dict[int, dict[str, Any]] = {}
+
+    def apply(self, node: repo.IngestNode, beat: Heartbeat) -> bool:
+        """Fold one heartbeat of ``node`` in; False for a duplicate."""
         if beat.seq <= node.last_seq:
-            result.duplicates += 1
-            continue
+            return False
         node.last_seq = beat.seq
-        node.last_heartbeat_at = now
-        node.health = NodeHealth.READY
-        result.accepted += 1
+        earlier = self.nodes.get(node.id)
+        # The CPU model is part of the node class benchmarks are kept per.
+        cpu_model = beat.status.cpu_model or (earlier.cpu_model if earlier else None)
+        self.nodes[node.id] = repo.NodeSeen(beat.seq, cpu_model)
+        # When the agent measured, not when it arrived: a window replayed from the
+        # offline queue must not pass for fresh evidence (capped at now against clocks
+        # running ahead).
+        reported_at: str | None = None
         for report in beat.workloads:
-            found = assignments.get((node.id, report.model))
+            found = node.workloads.get(report.model)
             if found is None:
                 continue
-            assignment, desired_sha = found
+            if reported_at is None:
+                reported_at = min(beat.sent_at.astimezone(UTC), self.now).isoformat()
             metrics: dict[str, Any] = {
                 "sha256": report.sha256,
                 "version": report.version,
                 "state": report.state,
-                # When the agent measured, not when it arrived: a window replayed from the
-                # offline queue must not pass for fresh evidence (capped at now against
-                # clocks running ahead).
-                "reported_at": min(beat.sent_at.astimezone(UTC), now).isoformat(),
-                "on_desired": report.sha256 == desired_sha,
+                "reported_at": reported_at,
+                "on_desired": report.sha256 == found.desired_sha256,
             }
             if report.metrics is not None:
                 metrics.update(report.metrics.model_dump(exclude_none=True))
                 metrics["error_rate"] = report.metrics.error_rate
             for key in OBSERVED_KEYS:  # what the controller observed itself stays
-                if key in (assignment.metrics or {}):
-                    metrics[key] = assignment.metrics[key]
-            assignment.metrics = metrics
-    session.flush()
+                if key in found.metrics:
+                    metrics[key] = found.metrics[key]
+            found.metrics = self.metrics[found.id] = metrics
+        return True
+
+    def write(self, session: Session) -> None:
+        repo.write_heartbeats(session, nodes=self.nodes, metrics=self.metrics, now=self.now)
+        _expire_loaded(session, self.nodes.keys(), self.metrics.keys())
+
+
+def _expire_loaded(
+    session: Session, node_ids: Iterable[int], assignment_ids: Iterable[int]
+) -> None:
+    """The rows were written with Core statements: a Node or Assignment this session
+    had loaded is reloaded on its next access instead of showing the old values."""
+    if not session.identity_map:
+        return
+    for cls, ids in ((Node, node_ids), (Assignment, assignment_ids)):
+        for pk in ids:
+            loaded = session.identity_map.get(identity_key(cls, pk))
+            if loaded is not None:
+                session.expire(loaded)
+
+
+def ingest_heartbeats(
+    session: Session, beats: Sequence[Heartbeat], *, now: datetime | None = None
+) -> IngestResult:
+    """Fold agents' heartbeats into node health and per-assignment metric windows, in
+    one transaction for the whole batch. Sequence numbers make replays harmless."""
+    result = IngestResult()
+    nodes = {
+        (n.cluster, n.name): n
+        for n in repo.lock_nodes_by_key(session, {(b.cluster, b.node) for b in beats})
+    }
+    fold = HeartbeatFold(now or utcnow())
+    for beat in sorted(beats, key=lambda b: (b.cluster, b.node, b.seq)):
+        node = nodes.get((beat.cluster, beat.node))
+        if node is None:
+            result.unknown_nodes.append(f"{beat.cluster}/{beat.node}")
+        elif fold.apply(node, beat):
+            result.accepted += 1
+        else:
+            result.duplicates += 1
+    fold.write(session)
     return result
-
-
-def _assignments_for(
-    session: Session, node_ids: Sequence[int]
-) -> dict[tuple[int, str], tuple[Assignment, str | None]]:
-    if not node_ids:
-        return {}
-    rows = session.execute(
-        select(Assignment, Model.name, ModelVersion.sha256)
-        .join(Model, Model.id == Assignment.model_id)
-        .outerjoin(ModelVersion, ModelVersion.id == Assignment.desired_version_id)
-        .where(Assignment.node_id.in_(node_ids))
-    )
-    return {(r[0].node_id, r[1]): (r[0], r[2]) for r in rows}
 
 
 def mark_silent_nodes(session: Session, settings: Settings) -> int:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
+from controller.api.app import create_app
 from controller.db.models import Assignment, AssignmentState, Cluster, Event, ModelVersion, Node
 from controller.db.session import session_scope
+from controller.fleet import repository as fleet_repo
 from controller.settings import Settings
 from node_agent.contract import Heartbeat, InferenceMetrics, NodeStatus, WorkloadReport
 from tests.rollouts import helpers
@@ -114,7 +121,7 @@ def test_reenrolling_rotates_the_credential(site: TestClient, join_token: str) -
     assert resp.status_code == 401
     assert resp.headers["www-authenticate"] == "Bearer"
     got = send(site, new, beat("site-n0", 2))
-    assert got.json() == {"accepted": 1, "duplicates": 0, "last_seq": 2}
+    assert got.json() == {"accepted": 1, "duplicates": 0, "last_seq": 2, "benchmarks_pending": 0}
     # Re-enrolling tells the agent where the node's sequence stands.
     assert enroll(site, "site-n0", join_token).json()["last_seq"] == 2
 
@@ -128,11 +135,30 @@ def test_heartbeat_updates_the_node(site: TestClient, join_token: str) -> None:
     status = NodeStatus(cpu_percent=12.5, memory_used_bytes=1, memory_total_bytes=2)
     resp = send(site, credential, beat("site-n1", 7, status=status))
     assert resp.status_code == 200, resp.text
-    assert resp.json() == {"accepted": 1, "duplicates": 0, "last_seq": 7}
+    assert resp.json() == {"accepted": 1, "duplicates": 0, "last_seq": 7, "benchmarks_pending": 0}
     node = node_row("site-n1")
     assert (node.last_seq, node.health) == (7, "Ready")
     assert node.last_heartbeat_at is not None
     assert counted("accepted") == before + 1
+
+
+def test_heartbeat_stores_the_cpu_model_and_answers_pending_benchmarks(
+    site: TestClient, join_token: str
+) -> None:
+    """The node class benchmarks are kept per includes the CPU model the agent reports;
+    the answer tells the agent how many benchmark jobs wait for its node."""
+    credential = credential_of(site, "site-n1", join_token)
+    with session_scope() as s:
+        node = s.scalar(select(Node).where(Node.name == "site-n1"))
+        assert node is not None
+        node.benchmarks_pending = 2
+    status = NodeStatus(cpu_model="Cortex-A76")
+    resp = send(site, credential, beat("site-n1", 1, status=status))
+    assert resp.json() == {"accepted": 1, "duplicates": 0, "last_seq": 1, "benchmarks_pending": 2}
+    assert node_row("site-n1").cpu_model == "Cortex-A76"
+    # A heartbeat without it keeps the one reported before.
+    assert send(site, credential, beat("site-n1", 2)).json()["benchmarks_pending"] == 2
+    assert node_row("site-n1").cpu_model == "Cortex-A76"
 
 
 @pytest.mark.parametrize(
@@ -161,17 +187,17 @@ def test_replays_are_counted_as_duplicates_and_not_applied(
 ) -> None:
     credential = credential_of(site, "site-n0", join_token)
     resp = send(site, credential, [beat("site-n0", s) for s in (1, 2, 3)])
-    assert resp.json() == {"accepted": 3, "duplicates": 0, "last_seq": 3}
+    assert resp.json() == {"accepted": 3, "duplicates": 0, "last_seq": 3, "benchmarks_pending": 0}
     seen_at = node_row("site-n0").last_heartbeat_at
     duplicates = counted("duplicate")
 
     resp = send(site, credential, [beat("site-n0", s) for s in (1, 2, 3)])
-    assert resp.json() == {"accepted": 0, "duplicates": 3, "last_seq": 3}
+    assert resp.json() == {"accepted": 0, "duplicates": 3, "last_seq": 3, "benchmarks_pending": 0}
     assert node_row("site-n0").last_heartbeat_at == seen_at  # nothing re-applied
     assert counted("duplicate") == duplicates + 3
 
     resp = send(site, credential, [beat("site-n0", s) for s in (2, 3, 4)])
-    assert resp.json() == {"accepted": 1, "duplicates": 2, "last_seq": 4}
+    assert resp.json() == {"accepted": 1, "duplicates": 2, "last_seq": 4, "benchmarks_pending": 0}
     # A late, older heartbeat never moves the node back.
     assert send(site, credential, beat("site-n0", 1)).json()["last_seq"] == 4
     assert node_row("site-n0").last_seq == 4
@@ -200,7 +226,12 @@ def test_a_batch_of_500_in_one_call(site: TestClient, join_token: str, settings:
     body = [beat("site-n2", s) for s in range(1, 501)]
     resp = send(site, credential, body)
     assert resp.status_code == 200, resp.text
-    assert resp.json() == {"accepted": 500, "duplicates": 0, "last_seq": 500}
+    assert resp.json() == {
+        "accepted": 500,
+        "duplicates": 0,
+        "last_seq": 500,
+        "benchmarks_pending": 0,
+    }
     too_many = [beat("site-n2", s) for s in range(501, 502 + settings.agent_max_batch)]
     resp = send(site, credential, too_many)
     assert resp.status_code == 413
@@ -214,6 +245,108 @@ def test_an_invalid_heartbeat_is_422_with_its_path(site: TestClient, join_token:
     assert resp.status_code == 422
     assert any(e["loc"][-1] == "seq" for e in resp.json()["detail"])
     assert node_row("site-n0").last_seq == 0
+
+
+# --- concurrent heartbeats share one transaction --------------------------------------------
+
+
+def post_together(app: FastAPI, requests: Sequence[tuple[str, Any]]) -> list[httpx.Response]:
+    """POST every (credential, body) at once: concurrent requests, as a fleet sends."""
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://controller") as http:
+            return await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/agents/heartbeat",
+                        json=body,
+                        headers={"Authorization": f"Bearer {credential}"},
+                    )
+                    for credential, body in requests
+                )
+            )
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def together(site: TestClient, join_token: str, settings: Settings) -> Iterator[FastAPI]:
+    """An app whose heartbeat requests wait long enough for each other that requests
+    sent at once surely share a transaction."""
+    app = create_app(settings.model_copy(update={"agent_coalesce_window_ms": 300.0}))
+    yield app
+    app.state.heartbeats.close()
+
+
+def test_concurrent_heartbeats_share_a_transaction_with_answers_of_their_own(
+    site: TestClient, together: FastAPI, join_token: str
+) -> None:
+    creds = {n: credential_of(site, n, join_token) for n in ("site-n0", "site-n1", "site-n2")}
+    accepted, forbidden = counted("accepted"), counted("forbidden")
+    intake = together.state.heartbeats
+    before = intake.coalescer.batches
+    got = post_together(
+        together,
+        [
+            (creds["site-n0"], [beat("site-n0", 1)]),
+            (creds["site-n1"], beat("site-n1", 5)),
+            (creds["site-n2"], [beat("site-n1", 6), beat("site-n2", 1)]),  # not its own
+            ("not-a-credential", [beat("site-n2", 1)]),
+            (creds["site-n2"], [{**beat("site-n2", 2), "seq": 0}]),  # invalid
+            (creds["site-n0"], [beat("site-n0", 1)]),  # a retry racing the first
+        ],
+    )
+    assert [r.status_code for r in got] == [200, 200, 403, 401, 422, 200]
+    assert got[1].json() == {"accepted": 1, "duplicates": 0, "last_seq": 5, "benchmarks_pending": 0}
+    assert "site/site-n1" in got[2].json()["detail"]
+    assert got[3].headers["www-authenticate"] == "Bearer"
+    assert any(e["loc"][-1] == "seq" for e in got[4].json()["detail"])
+    # Whichever of the two came first was stored; the other is a duplicate.
+    assert sorted([got[0].json(), got[5].json()], key=lambda a: a["accepted"]) == [
+        {"accepted": 0, "duplicates": 1, "last_seq": 1, "benchmarks_pending": 0},
+        {"accepted": 1, "duplicates": 0, "last_seq": 1, "benchmarks_pending": 0},
+    ]
+    # Five requests reached the ingest (the invalid one did not): one transaction.
+    assert intake.coalescer.batches == before + 1
+    assert (node_row("site-n0").last_seq, node_row("site-n1").last_seq) == (1, 5)
+    assert node_row("site-n2").last_seq == 0  # the refused request stored nothing
+    assert node_row("site-n2").last_heartbeat_at is None
+    assert counted("accepted") == accepted + 2
+    assert counted("forbidden") == forbidden + 2
+
+
+def test_a_request_that_breaks_the_shared_transaction_fails_alone(
+    site: TestClient, together: FastAPI, join_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database refuses the batch because of one request: the batch is rolled back
+    (nothing half-written), every request is tried again in a transaction of its own,
+    and only the culprit fails."""
+    creds = {n: credential_of(site, n, join_token) for n in ("site-n0", "site-n1", "site-n2")}
+    culprit = node_row("site-n1").id
+    write = fleet_repo.write_heartbeats
+
+    def refusing(session: Session, *, nodes: Any, **kw: Any) -> None:
+        write(session, nodes=nodes, **kw)  # written, then the transaction fails
+        if culprit in nodes:
+            raise IntegrityError("UPDATE nodes", {}, Exception("refused by the database"))
+
+    monkeypatch.setattr(fleet_repo, "write_heartbeats", refusing)
+    intake = together.state.heartbeats
+    before = intake.coalescer.batches
+    got = post_together(
+        together,
+        [
+            (creds["site-n0"], [beat("site-n0", 1)]),
+            (creds["site-n1"], [beat("site-n1", 1)]),
+            (creds["site-n2"], [beat("site-n2", 1)]),
+        ],
+    )
+    assert [r.status_code for r in got] == [200, 500, 200]
+    assert got[1].json()["error"] == "internal_error"
+    assert intake.coalescer.batches == before + 4  # the batch, then each alone
+    assert [node_row(n).last_seq for n in ("site-n0", "site-n1", "site-n2")] == [1, 0, 1]
+    assert node_row("site-n1").last_heartbeat_at is None
 
 
 # --- heartbeats feed the gates ------------------------------------------------------------

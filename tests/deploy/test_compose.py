@@ -6,6 +6,7 @@ containers would get, service host names pointed at the local PostgreSQL and Red
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import signal
@@ -31,6 +32,8 @@ from tests.deploy.cli import check_command, installed_script
 from tests.live import free_port
 
 CONTROLLER_SERVICES = ("migrate", "api", "worker", "beat")
+# uvicorn's own keep-alive timeout, which the API's setting must replace.
+UVICORN_KEEPALIVE_S = 5
 # What the operator exports before `docker compose up` (see the file's header).
 VARIABLES = {
     "EDGEFLEET_SECRET_KEY": f"compose-test-{uuid.uuid4().hex}",
@@ -144,6 +147,24 @@ def test_beat_is_a_singleton(services: dict[str, Any]) -> None:
 def test_api_port_is_the_settings_default_on_loopback(services: dict[str, Any]) -> None:
     port = Settings.model_fields["api_port"].default
     assert services["api"]["ports"] == [f"127.0.0.1:{port}:{port}"]
+
+
+def test_api_keeps_agent_connections_open(services: dict[str, Any]) -> None:
+    """The API's idle-connection timeout outlasts the agents' heartbeat interval (the
+    value the controller suggests at enrolment): an agent keeps its connection from one
+    heartbeat to the next. test_api_answers_health_and_readiness checks that the running
+    server really keeps one open past uvicorn's own default."""
+    env = compose.service_environment(services["api"])
+    settings = Settings(
+        _env_file=None,
+        api_keepalive_timeout_s=env["EDGEFLEET_API_KEEPALIVE_TIMEOUT_S"],
+        agent_heartbeat_interval_s=env.get(
+            "EDGEFLEET_AGENT_HEARTBEAT_INTERVAL_S",
+            Settings.model_fields["agent_heartbeat_interval_s"].default,
+        ),
+    )
+    assert settings.api_keepalive_timeout_s > settings.agent_heartbeat_interval_s
+    assert settings.api_keepalive_timeout_s > UVICORN_KEEPALIVE_S
 
 
 @pytest.mark.parametrize("name", CONTROLLER_SERVICES)
@@ -319,6 +340,29 @@ class Process:
         return self.proc.returncode
 
 
+def keeps_connection_open(port: int, idle_s: float) -> bool:
+    """Whether a second request, ``idle_s`` after the first, goes over the first one's
+    connection (HTTP/1.1 keep-alive) instead of finding it closed by the server."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200
+        sock = conn.sock
+        assert sock is not None, "the server closed the connection after one request"
+        time.sleep(idle_s)
+        try:
+            conn.request("GET", "/healthz")
+            second = conn.getresponse()
+            second.read()
+        except (ConnectionError, http.client.HTTPException):
+            return False
+        return second.status == 200 and conn.sock is sock
+    finally:
+        conn.close()
+
+
 def test_api_answers_health_and_readiness(
     services: dict[str, Any], migrated: Stack, redis_available: None
 ) -> None:
@@ -350,6 +394,9 @@ def test_api_answers_health_and_readiness(
         assert ready.json()["checks"]["schema"]["current"] == head_revision()
         metrics = httpx.get(f"{base}/metrics", timeout=5)
         assert metrics.status_code == 200
+        # An agent's connection survives the wait between two heartbeats: idle for
+        # longer than uvicorn's default keep-alive, it is still open.
+        assert keeps_connection_open(port, UVICORN_KEEPALIVE_S + 1.0)
     finally:
         code = server.stop()
     # A graceful stop: uvicorn finishes, then re-raises the SIGTERM it handled.

@@ -217,6 +217,37 @@ def test_configuration_is_what_the_controller_reads(scenario: str) -> None:
         Settings(_env_file=None, **{**kwargs, "secret_key": DEV_SECRET})
 
 
+def test_api_keeps_agent_connections_open(scenario: str) -> None:
+    """The API pods' idle-connection timeout (api.keepAliveTimeoutS, in the ConfigMap as
+    EDGEFLEET_API_KEEPALIVE_TIMEOUT_S, which `edgefleet server` hands uvicorn) outlasts
+    the agents' heartbeat interval, so an agent keeps its connection between heartbeats
+    instead of a TCP (and TLS) handshake each time, and a proxy's usual 60 s idle timeout."""
+    objs = render(scenario)
+    values = kube.merged_values(CHART, kube.scenario_values(CHART, scenario))
+    config = kube.one(objs, "ConfigMap")["data"]
+    assert config["EDGEFLEET_API_KEEPALIVE_TIMEOUT_S"] == str(values["api"]["keepAliveTimeoutS"])
+    settings = Settings(
+        _env_file=None,
+        api_keepalive_timeout_s=config["EDGEFLEET_API_KEEPALIVE_TIMEOUT_S"],
+        agent_heartbeat_interval_s=config.get(
+            "EDGEFLEET_AGENT_HEARTBEAT_INTERVAL_S",
+            Settings.model_fields["agent_heartbeat_interval_s"].default,
+        ),
+    )
+    assert settings.api_keepalive_timeout_s > settings.agent_heartbeat_interval_s
+    assert settings.api_keepalive_timeout_s > 60
+    # The API container runs the server with that ConfigMap as its environment.
+    (api,) = [
+        c for _, pod in kube.pod_specs(objs) for c in kube.containers(pod) if c["name"] == "api"
+    ]
+    assert api["command"][:2] == ["edgefleet", "server"]
+    config_name = kube.one(objs, "ConfigMap")["metadata"]["name"]
+    assert {"configMapRef": {"name": config_name}} in api["envFrom"]
+    # A value of one's own goes through, rendered as the integer it is.
+    custom = kube.objects(kube.render(CHART, {"api": {"keepAliveTimeoutS": 620}}))
+    assert kube.one(custom, "ConfigMap")["data"]["EDGEFLEET_API_KEEPALIVE_TIMEOUT_S"] == "620"
+
+
 def test_api_and_workers_share_the_artifact_store(scenario: str) -> None:
     objs = render(scenario)
     artifact_dir = kube.one(objs, "ConfigMap")["data"]["EDGEFLEET_ARTIFACT_DIR"]
@@ -258,6 +289,8 @@ def test_schema_rejects_bad_settings() -> None:
         {"secret": {"databaseUrl": "mysql://x"}},
         {"persistence": {"accessModes": ["ReadWriteSometimes"]}},
         {"api": {"replicaCount": -1}},
+        {"api": {"keepAliveTimeoutS": 0}},
+        {"api": {"keepAliveTimeoutS": "75s"}},
     ):
         with pytest.raises(helm.HelmValuesError):
             kube.render(CHART, bad)

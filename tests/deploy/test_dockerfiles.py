@@ -247,3 +247,16 @@ def test_every_file_the_wheel_needs_is_in_the_context() -> None:
         if "__pycache__" not in path.parts:
             assert not ignore.excluded(str(path.relative_to(REPO))), path
     assert not ignore.excluded("README.md")
+
+
+def test_controller_image_keeps_agent_connections_open() -> None:
+    """The API's idle-connection timeout (EDGEFLEET_API_KEEPALIVE_TIMEOUT_S, handed to
+    uvicorn by `edgefleet server`: tests/deploy/test_cli.py) outlasts the agents'
+    heartbeat interval; uvicorn's own default (5 s) would close every agent's connection
+    between two heartbeats, and each heartbeat would pay a TCP (and TLS) handshake."""
+    df = parse("controller")
+    assert df.command(df.final)[:2] == ["edgefleet", "server"]
+    env = df.env(df.final)
+    default = Settings.model_fields["api_keepalive_timeout_s"].default
+    keepalive = int(env.get("EDGEFLEET_API_KEEPALIVE_TIMEOUT_S", default))
+    assert keepalive > Settings.model_fields["agent_heartbeat_interval_s"].default
