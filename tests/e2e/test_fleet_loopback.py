@@ -127,6 +127,7 @@ def fleet(
                 "EDGEFLEET_CLUSTER": "loop",
                 "NODE_NAME": f"edge-{i}",
                 "EDGEFLEET_STATE_DIR": str(tmp_path / f"agent-{i}"),
+                "EDGEFLEET_MODEL_CACHE_DIR": str(tmp_path / f"agent-{i}" / "models"),
                 "EDGEFLEET_INFERENCE_URLS": f"http://127.0.0.1:{ports[i]}/metrics",
                 "EDGEFLEET_HEARTBEAT_INTERVAL_S": "0.5",
             }
@@ -239,3 +240,72 @@ def test_agents_measurements_drive_the_gates(fleet: dict[str, Any]) -> None:
     while serving(fleet["ports"]) != ["1.0.0"] * NODES and time.monotonic() < deadline:
         time.sleep(0.5)
     assert serving(fleet["ports"]) == ["1.0.0"] * NODES  # the canary is back on 1.0.0
+
+
+def wait_benchmarks(http: httpx.Client, version: str, timeout_s: float = 120) -> list[Any]:
+    deadline = time.monotonic() + timeout_s
+    rows: list[Any] = []
+    while time.monotonic() < deadline:
+        rows = http.get(f"/v1/models/detector/versions/{version}/benchmarks").json()
+        if rows and all(r["status"] in ("Succeeded", "Failed") for r in rows):
+            return rows
+        time.sleep(0.5)
+    raise AssertionError(f"benchmarks of {version} unfinished: {rows}")
+
+
+def test_agents_benchmark_on_the_node_and_the_rollout_picks_per_class(
+    fleet: dict[str, Any],
+) -> None:
+    """Issue #6's per-node choice with real parts: the agents measure an fp32 model and
+    its int8 variant on their node (a child process each), the numbers are stored per
+    node class, and a rollout with ``variants: auto`` ships, per class, the faster one."""
+    controller: Controller = fleet["controller"]
+    http = controller.http
+    push(http, "1.0.0", samples.build_cnn(seed=0, channels=64))
+    made = http.post(
+        "/v1/models/detector/versions/1.0.0/variants",
+        data={"method": "dynamic-int8", "version": "1.0.0-int8"},
+    )
+    assert made.status_code == 202, made.text
+    job = http.get(f"/v1/models/detector/optimizations/{made.json()['id']}").json()
+    assert job["status"] == "Succeeded", job
+    # Every agent has enrolled and reports its CPU: one node class (one machine).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        nodes = http.get("/v1/nodes", params={"cluster": "loop"}).json()["items"]
+        if all(n["last_heartbeat_at"] for n in nodes):
+            break
+        time.sleep(0.3)
+
+    measured: dict[str, dict[str, Any]] = {}
+    for version in ("1.0.0", "1.0.0-int8"):
+        resp = http.post(f"/v1/models/detector/versions/{version}/benchmarks", json={"runs": 30})
+        assert resp.status_code == 202, resp.text
+        (row,) = wait_benchmarks(http, version)
+        assert row["status"] == "Succeeded", row
+        result = row["result"]
+        assert result["runs"] == 30
+        assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
+        assert result["peak_rss_bytes"] > 0
+        assert result["cpu"]
+        measured[version] = row
+    classes = {row["node_class"] for row in measured.values()}
+    assert len(classes) == 1
+    (cls,) = classes
+    faster = min(measured, key=lambda v: (measured[v]["result"]["p50_ms"], v != "1.0.0"))
+
+    doc = rollout("pick", "1.0.0")
+    doc["spec"]["model"]["variants"] = "auto"
+    doc["spec"]["gates"]["maxP95LatencyMs"] = 1000.0
+    dry = apply(http, doc, dry_run=True)
+    assert dry.status_code == 200, dry.text
+    plan = dry.json()["results"][0]["plan"]
+    assert plan["variants"][cls]["version"] == faster
+    assert plan["variants"][cls]["nodes"] == NODES
+    table = {c["version"]: c for c in plan["variants"][cls]["candidates"]}
+    for version, row in measured.items():
+        assert table[version]["p50_ms"] == row["result"]["p50_ms"]
+
+    assert apply(http, doc).status_code == 200
+    assert drive(controller, "pick") == "Succeeded"
+    assert serving(fleet["ports"]) == [faster] * NODES
