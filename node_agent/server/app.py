@@ -8,8 +8,13 @@ Endpoints::
     GET  /readyz           200 once a model is loaded and warmed up, 503 before and while draining
     GET  /metrics          Prometheus text
     GET  /v1/model         the served version and its signature
-    POST /v1/infer         JSON {"inputs": {...}} or application/x-npz; answers in kind
+    POST /v1/infer         JSON {"inputs": {...}}, application/x-npz, one tensor as
+                           application/x-npy or as raw bytes (application/octet-stream with
+                           X-Tensor-Dtype and X-Tensor-Shape); answers in kind
     POST /v1/admin/swap    stage-then-activate a new version (loopback or bearer token)
+
+The body forms are described in :mod:`node_agent.server.tensors`; raw bytes are the
+cheapest (no decoding beyond ``np.frombuffer``), for clients that know the signature.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import socketserver
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
@@ -46,16 +51,25 @@ from node_agent.server.model import (
 )
 from node_agent.server.settings import ServeSettings
 from node_agent.server.tensors import (
+    DTYPE_HEADER,
     JSON_TYPE,
+    NAME_HEADER,
+    NPY_TYPE,
     NPZ_TYPE,
+    RAW_TYPE,
+    SHAPE_HEADER,
+    SINGLE_TENSOR_TYPES,
     RequestError,
     decode_json,
     decode_npz,
+    decode_tensor,
     encode_json,
+    encode_npy,
     encode_npz,
+    encode_raw,
     media_type,
+    response_type,
     validate,
-    wants_npz,
 )
 
 log = logging.getLogger("node_agent.serve")
@@ -63,6 +77,20 @@ log = logging.getLogger("node_agent.serve")
 State = Literal["starting", "loading", "ready", "failed", "draining", "stopped"]
 LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 _CTL = re.compile(r"[\x00-\x1f\x7f]")
+_PHRASES = {int(status): status.phrase for status in HTTPStatus}
+_UNSUPPORTED = (
+    f"send {JSON_TYPE}, {NPZ_TYPE}, {NPY_TYPE} (one tensor) or {RAW_TYPE} (one tensor, "
+    "with X-Tensor-Dtype and X-Tensor-Shape)"
+)
+
+
+def _header_lines(headers: dict[str, str]) -> str:
+    """Header lines, each ending in CRLF. Values such as a model version come from
+    configuration: never let one break the header block (control characters)."""
+    return "".join(
+        f"{k}: {v if v.isprintable() else _CTL.sub(' ', v)}\r\n"
+        for k, v in ((k, str(v)) for k, v in headers.items())
+    )
 
 
 class SwapInProgress(RuntimeError):
@@ -110,9 +138,11 @@ class InferenceServer:
         self._model: ActiveModel | None = None
         self._load_lock = threading.Lock()
         self._inflight = 0
-        self._idle = threading.Condition()
+        self._inflight_lock = threading.Lock()
+        self._idle = threading.Condition(self._inflight_lock)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._model_head: tuple[ActiveModel | None, str] = (None, "")
 
     # ------------------------------------------------------------------ listener
     def start(self) -> None:
@@ -223,6 +253,21 @@ class InferenceServer:
             provider=model.providers[0] if model.providers else "",
         )
 
+    def model_head(self, model: ActiveModel) -> str:
+        """The ``X-Model-*`` header lines of an inference answer, formatted once per
+        version."""
+        cached, head = self._model_head
+        if cached is not model:
+            head = _header_lines(
+                {
+                    "X-Model-Name": model.name,
+                    "X-Model-Version": model.version,
+                    "X-Model-Sha256": model.sha256,
+                }
+            )
+            self._model_head = (model, head)
+        return head
+
     # ------------------------------------------------------------------ admin guard
     def admin_allowed(self, client: str, authorization: str | None) -> bool:
         if self.settings.admin_allow_loopback and client in LOOPBACK:
@@ -236,17 +281,16 @@ class InferenceServer:
         )
 
     # ------------------------------------------------------------------ lifecycle
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
-        with self._idle:
+    def begin_request(self) -> None:
+        with self._inflight_lock:
             self._inflight += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._inflight -= 1
-                if not self._inflight:
-                    self._idle.notify_all()
+
+    def end_request(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+            # shutdown() sets the state before it waits, under this lock, for zero.
+            if not self._inflight and self.draining:
+                self._idle.notify_all()
 
     @property
     def draining(self) -> bool:
@@ -388,57 +432,62 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         app = self.server.app
-        path = urlsplit(self.path).path
-        routes = _ROUTES.get(path)
-        with app.track():
-            if routes is None:
-                self._error(RequestError(404, "not_found", f"no route {path}"))
-                return
-            handler = routes.get("GET" if method == "HEAD" else method)
-            if handler is None:
-                allowed = ", ".join(sorted(routes))
-                self._error(
-                    RequestError(405, "method_not_allowed", f"{path} takes {allowed}"),
-                    headers={"Allow": allowed},
-                )
-                return
-            try:
-                handler(self)
-            except (ConnectionError, TimeoutError):
-                self.close_connection = True
-            except Exception:
-                log.exception("unhandled error on %s %s", method, path)
-                self.close_connection = True
-                with contextlib.suppress(OSError):
-                    self._error(RequestError(500, "internal_error", "internal server error"))
+        app.begin_request()  # (not a context manager: this is every request's path)
+        try:
+            self._route(method)
+        finally:
+            app.end_request()
+
+    def _route(self, method: str) -> None:
+        path = self.path
+        routes = _ROUTES.get(path)  # origin-form without a query: no parsing needed
+        if routes is None:
+            path = urlsplit(path).path
+            routes = _ROUTES.get(path)
+        if routes is None:
+            self._error(RequestError(404, "not_found", f"no route {path}"))
+            return
+        handler = routes.get("GET" if method == "HEAD" else method)
+        if handler is None:
+            allowed = ", ".join(sorted(routes))
+            self._error(
+                RequestError(405, "method_not_allowed", f"{path} takes {allowed}"),
+                headers={"Allow": allowed},
+            )
+            return
+        try:
+            handler(self)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception:
+            log.exception("unhandled error on %s %s", method, path)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self._error(RequestError(500, "internal_error", "internal server error"))
 
     # ------------------------------------------------------------------ responses
     def _respond(
         self,
         status: int,
-        body: bytes,
+        body: bytes | memoryview,
         content_type: str = JSON_TYPE,
         headers: dict[str, str] | None = None,
+        head: str = "",
     ) -> None:
+        """One response; ``head`` is header lines already formatted (``_header_lines``)."""
         if self.server.app.draining:
             self.close_connection = True
-        try:
-            phrase = HTTPStatus(status).phrase
-        except ValueError:
-            phrase = ""
-        lines = [
-            f"HTTP/1.1 {status} {phrase}",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(body)}",
-        ]
-        # Values such as a model version come from configuration: never let one break
-        # the header block (CR/LF) or the encoding.
-        lines.extend(f"{k}: {_CTL.sub(' ', str(v))}" for k, v in (headers or {}).items())
+        text = (
+            f"HTTP/1.1 {status} {_PHRASES.get(status, '')}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n{head}"
+        )
+        if headers:
+            text += _header_lines(headers)
         if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+            text += "Connection: close\r\n"
+        data = (text + "\r\n").encode("latin-1", "replace")
         # One write: headers and body leave in the same segment(s), no Nagle stall.
-        self.wfile.write(head if self.command == "HEAD" else head + body)
+        self.wfile.write(data if self.command == "HEAD" else b"".join((data, body)))
 
     def _json(self, status: int, document: Any, headers: dict[str, str] | None = None) -> None:
         self._respond(status, json.dumps(document).encode(), JSON_TYPE, headers)
@@ -549,8 +598,19 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(503, "not_ready", "the model is not loaded and warmed up yet")
             body = self._read_body()
             request_type = media_type(self.header("content-type")) or JSON_TYPE
-            specs = model.runner.inputs
-            if request_type == NPZ_TYPE:
+            runner = model.runner
+            specs = runner.inputs
+            if request_type in SINGLE_TENSOR_TYPES:
+                fields = self._fields
+                arrays = decode_tensor(
+                    body,
+                    request_type,
+                    specs,
+                    name=fields.get(NAME_HEADER),
+                    dtype=fields.get(DTYPE_HEADER),
+                    shape=fields.get(SHAPE_HEADER),
+                )
+            elif request_type == NPZ_TYPE:
                 settings = app.settings
                 arrays = decode_npz(
                     body,
@@ -561,39 +621,46 @@ class _Handler(BaseHTTPRequestHandler):
             elif request_type == JSON_TYPE:
                 arrays = decode_json(body, specs)
             else:
-                raise RequestError(415, "unsupported_media_type", f"send {JSON_TYPE} or {NPZ_TYPE}")
+                raise RequestError(415, "unsupported_media_type", _UNSUPPORTED)
             feeds = validate(arrays, specs)
-            as_npz = wants_npz(self.header("accept"), request_type)
+            answer = response_type(self.header("accept"), request_type, len(runner.outputs))
         except RequestError as exc:
             metrics.rejected.labels(str(exc.status)).inc()
             self._error(exc)
             return
         metrics.requests.inc()
-        headers = {
-            "X-Model-Name": model.name,
-            "X-Model-Version": model.version,
-            "X-Model-Sha256": model.sha256,
-        }
+        head = app.model_head(model)
+        tensor_headers: dict[str, str] | None = None
+        payload: bytes | memoryview
         t0 = time.perf_counter()
         try:
             outputs = model.run(feeds)
             t1 = time.perf_counter()
-            if as_npz:
-                payload, content_type = encode_npz(outputs), NPZ_TYPE
+            if answer in SINGLE_TENSOR_TYPES and len(outputs) != 1:
+                answer = NPZ_TYPE
+            if answer == RAW_TYPE:
+                ((name, array),) = outputs.items()
+                payload, tensor_headers = encode_raw(name, array)
+            elif answer == NPY_TYPE:
+                ((name, array),) = outputs.items()
+                payload = encode_npy(array)
+                tensor_headers = {"X-Tensor-Name": name.encode().decode("latin-1")}
+            elif answer == NPZ_TYPE:
+                payload = encode_npz(outputs)
             else:
                 payload = encode_json(outputs, model=model.name, version=model.version)
-                content_type = JSON_TYPE
+                answer = JSON_TYPE
         except Exception as exc:
             metrics.errors.inc()
             log.warning("inference failed on %s %s: %s", model.name, model.version, exc)
             failure = RequestError(500, "inference_failed", f"{type(exc).__name__}: {exc}")
             metrics.request_latency.observe(time.perf_counter() - started)
-            self._error(failure, headers)
+            self._respond(failure.status, json.dumps(failure.as_dict()).encode(), head=head)
             return
         metrics.inference_latency.observe(t1 - t0)
         # Observed before the write: a scrape after the response sees this request.
         metrics.request_latency.observe(time.perf_counter() - started)
-        self._respond(200, payload, content_type, headers)
+        self._respond(200, payload, answer, tensor_headers, head)
 
     def admin_swap(self) -> None:
         app = self.server.app

@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,13 +78,12 @@ class ActiveModel:
     def providers(self) -> list[str]:
         return [str(p) for p in getattr(self.runner, "providers", [])]
 
-    def guard(self) -> AbstractContextManager[Any]:
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         # onnxruntime sessions run concurrently; a TFLite interpreter holds its tensors
         # in the object, so its runs are serialized.
-        return nullcontext() if self.thread_safe else self._lock
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self.guard():
+        if self.thread_safe:
+            return self.runner.run(feeds)
+        with self._lock:
             return self.runner.run(feeds)
 
     def describe(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""A fast path for the ``.npz`` archives of the inference API.
+"""A fast path for the ``.npz`` archives (and single ``.npy`` arrays) of the inference API.
 
 ``np.load`` on a request body costs ~0.25 ms before any byte of data is touched (a
 ``ZipFile``, a file object per member, ``ast.literal_eval`` of each header): more than a
@@ -10,7 +10,8 @@ anything else (compressed members, zip64, unusual headers), so that the caller f
 to ``np.load(allow_pickle=False)``. Object dtypes are never materialized on either path.
 
 :func:`write` is the mirror image: one stored member per array, written with ``struct``
-instead of ``zipfile``, readable by ``np.load``.
+instead of ``zipfile``, readable by ``np.load``. :func:`read_npy` and :func:`write_npy` do
+the same for one bare ``.npy`` array (what ``np.save`` writes).
 """
 
 from __future__ import annotations
@@ -97,6 +98,16 @@ def _read(view: memoryview, body: bytes, max_members: int) -> dict[str, np.ndarr
     return arrays
 
 
+def read_npy(body: bytes) -> np.ndarray | None:
+    """The array of a plain ``.npy`` file (what ``np.save`` writes), zero-copy; ``None``
+    if the fast path does not apply (then use ``np.load(allow_pickle=False)``). Raises
+    ``ValueError`` when the data does not match the header's shape and dtype."""
+    try:
+        return _npy(body, 0, len(body))
+    except NotSimple:
+        return None
+
+
 def _npy(body: bytes, start: int, end: int) -> np.ndarray:
     if end - start < 10 or body[start : start + 6] != _NPY_MAGIC:
         raise NotSimple
@@ -139,6 +150,30 @@ def _npy(body: bytes, start: int, end: int) -> np.ndarray:
     return array
 
 
+def _npy_header(array: np.ndarray) -> bytes:
+    """The npy format 1.0 header of a C-ordered ``array`` (data aligned to 64 bytes)."""
+    descr = np.lib.format.dtype_to_descr(array.dtype)
+    shape = tuple(int(d) for d in array.shape)
+    header = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
+    pad = -(10 + len(header) + 1) % 64
+    return (
+        _NPY_MAGIC
+        + b"\x01\x00"
+        + struct.pack("<H", len(header) + pad + 1)
+        + header.encode("latin-1")
+        + b" " * pad
+        + b"\n"
+    )
+
+
+def write_npy(array: np.ndarray) -> bytes:
+    """One ``.npy`` file (format 1.0, C order) that ``np.load`` reads."""
+    array = np.asarray(array)
+    if array.dtype.hasobject:
+        raise ValueError("dtype object is not representable in npy")
+    return b"".join((_npy_header(array), np.ascontiguousarray(array).data))
+
+
 def write(arrays: Mapping[str, np.ndarray]) -> bytes:
     """A ``.npz`` (stored members, npy format 1.0) that ``np.load`` reads."""
     parts: list[bytes] = []
@@ -148,18 +183,7 @@ def write(arrays: Mapping[str, np.ndarray]) -> bytes:
         array = np.asarray(value)  # tobytes() below is C order whatever the layout
         if array.dtype.hasobject:
             raise ValueError(f"output {name!r} has dtype object: not representable in npz")
-        descr = np.lib.format.dtype_to_descr(array.dtype)
-        shape = tuple(int(d) for d in array.shape)
-        header = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
-        pad = -(10 + len(header) + 1) % 64
-        npy_header = (
-            _NPY_MAGIC
-            + b"\x01\x00"
-            + struct.pack("<H", len(header) + pad + 1)
-            + header.encode("latin-1")
-            + b" " * pad
-            + b"\n"
-        )
+        npy_header = _npy_header(array)
         data = array.tobytes()
         crc = zlib.crc32(data, zlib.crc32(npy_header))
         member_size = len(npy_header) + len(data)

@@ -1,11 +1,30 @@
-"""Request and response tensors: JSON (``{"inputs": {name: nested lists}}``) and numpy
-``.npz`` archives, validated against the model's signature before the runtime sees them.
+"""Request and response tensors, validated against the model's signature before the
+runtime sees them. Four body forms (``Content-Type``):
+
+``application/json``
+    ``{"inputs": {name: nested lists}}``; answered ``{"model", "version", "outputs"}``.
+``application/x-npz``
+    a numpy ``.npz`` archive of named arrays (``np.savez``); answered with one.
+``application/x-npy``
+    one tensor as a ``.npy`` file (``np.save``); answered with the output as ``.npy``.
+``application/octet-stream``
+    one tensor as raw bytes, C order, little-endian, described by the headers
+    ``X-Tensor-Dtype`` (``float32``, ``uint8``, ... one of :data:`RAW_DTYPES`) and
+    ``X-Tensor-Shape`` (``1,3,224,224``; empty for a scalar). Answered the same way: the
+    output's bytes, with ``X-Tensor-Name``, ``X-Tensor-Dtype`` and ``X-Tensor-Shape``.
+    The cheapest form: decoding is one ``np.frombuffer`` on the body (zero-copy).
+
+The two single-tensor forms (``.npy``, raw) name their input with ``X-Tensor-Name``,
+which may be left out when the model has one input; they are answered in kind when the
+model has one output, else with an ``.npz`` of every output. ``Accept`` may ask for any
+of the four forms instead of the request's own.
 
 Every rejection is a :class:`RequestError` naming the input and what the model expects,
 so a client can fix its request without reading the model."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import zipfile
@@ -19,6 +38,36 @@ from node_agent.server import npz
 
 JSON_TYPE = "application/json"
 NPZ_TYPE = "application/x-npz"
+NPY_TYPE = "application/x-npy"
+RAW_TYPE = "application/octet-stream"
+MEDIA_TYPES = (JSON_TYPE, NPZ_TYPE, NPY_TYPE, RAW_TYPE)
+SINGLE_TENSOR_TYPES = frozenset({NPY_TYPE, RAW_TYPE})
+
+# Request / response headers of the single-tensor forms (the request's, lower-case).
+NAME_HEADER = "x-tensor-name"
+DTYPE_HEADER = "x-tensor-dtype"
+SHAPE_HEADER = "x-tensor-shape"
+
+# The dtypes a raw body may declare: numbers and booleans, little-endian.
+RAW_DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in (
+        "bool",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    )
+}
+_MAX_RANK = 32
+_RAW_NAMES = {dtype.str: name for name, dtype in RAW_DTYPES.items()}  # "<f4": "float32"
 
 
 class RequestError(Exception):
@@ -155,7 +204,149 @@ def decode_npz(
     return arrays
 
 
-def _check_names(given: Mapping[str, Any], specs: Sequence[TensorSpec]) -> None:
+def decode_tensor(
+    body: bytes,
+    request_type: str,
+    specs: Sequence[TensorSpec],
+    *,
+    name: str | None,
+    dtype: str | None = None,
+    shape: str | None = None,
+) -> dict[str, np.ndarray]:
+    """One tensor, as ``.npy`` (``request_type`` :data:`NPY_TYPE`) or raw bytes with
+    ``dtype`` and ``shape`` from the headers (:data:`RAW_TYPE`), zero-copy. ``name`` is
+    ``X-Tensor-Name``, needed only when the model has several inputs."""
+    input_name = _single_input(name, specs)
+    if request_type == NPY_TYPE:
+        return {input_name: _from_npy(body, input_name)}
+    return {input_name: _from_raw(body, input_name, dtype, shape)}
+
+
+def _single_input(name: str | None, specs: Sequence[TensorSpec]) -> str:
+    if name is None:
+        if len(specs) == 1:
+            return specs[0].name
+        signature = ", ".join(describe(s) for s in specs)
+        raise RequestError(
+            422,
+            "missing_input",
+            f"the model has {len(specs)} inputs ({signature}): name the tensor with "
+            f"X-Tensor-Name, or send them all in one {NPZ_TYPE} archive",
+        )
+    with contextlib.suppress(UnicodeError):  # header values arrive as latin-1: a UTF-8
+        name = name.encode("latin-1").decode("utf-8")  # name is decoded back
+    _check_names({name: None}, specs, partial=True)
+    return name
+
+
+def _bad_tensor(name: str, message: str) -> RequestError:
+    return RequestError(400, "invalid_tensor", f"input {name!r}: {message}", input=name)
+
+
+def _from_npy(body: bytes, name: str) -> np.ndarray:
+    """``npz.read_npy`` (zero-copy), else numpy's own header reader, never ``np.load``:
+    the data must be exactly what the header declares before anything is allocated."""
+    try:
+        array = npz.read_npy(body)
+    except ValueError as exc:
+        raise _bad_tensor(name, f"broken .npy body: {exc}") from exc
+    if array is not None:
+        return array
+    fp = io.BytesIO(body)
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"npy format version {version[0]}.{version[1]} is not supported")
+    except (ValueError, EOFError, SyntaxError) as exc:
+        raise _bad_tensor(name, f"the body is not a numpy .npy array: {exc}") from exc
+    if dtype.hasobject:
+        raise _bad_tensor(name, f"dtype {dtype} holds Python objects: refused (allow_pickle)")
+    offset = fp.tell()
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count * dtype.itemsize != len(body) - offset:
+        raise _bad_tensor(
+            name,
+            f"npy data is {len(body) - offset} bytes, shape {format_shape(shape)} of "
+            f"{dtype} needs {count * dtype.itemsize}",
+        )
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    array = array.reshape(shape, order="F" if fortran else "C")
+    return array if array.flags.aligned else array.copy()
+
+
+def _from_raw(body: bytes, name: str, dtype_name: str | None, shape_text: str | None) -> np.ndarray:
+    if dtype_name is None or shape_text is None:
+        missing = "X-Tensor-Dtype" if dtype_name is None else "X-Tensor-Shape"
+        raise RequestError(
+            400,
+            "missing_header",
+            f"input {name!r}: a {RAW_TYPE} body needs the X-Tensor-Dtype and X-Tensor-Shape "
+            f"headers, {missing} is missing",
+            input=name,
+        )
+    dtype = RAW_DTYPES.get(dtype_name.strip().lower())
+    if dtype is None:
+        raise _bad_tensor(
+            name,
+            f"X-Tensor-Dtype {dtype_name[:40]!r} is not one of {', '.join(RAW_DTYPES)}",
+        )
+    shape = parse_shape(shape_text)
+    if shape is None:
+        raise _bad_tensor(
+            name,
+            f"X-Tensor-Shape {shape_text[:100]!r} is not a list of sizes such as 1,3,224,224",
+        )
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count * dtype.itemsize != len(body):
+        raise _bad_tensor(
+            name,
+            f"the body is {len(body)} bytes, shape {format_shape(shape)} of {dtype.name} "
+            f"needs {count * dtype.itemsize}",
+        )
+    array = np.frombuffer(body, dtype=dtype).reshape(shape)
+    if not array.flags.aligned:
+        array = array.copy()
+    if not dtype.isnative:  # a big-endian host
+        array = array.astype(dtype.newbyteorder("="))
+    return array
+
+
+def parse_shape(text: str) -> tuple[int, ...] | None:
+    """``"1,3,224,224"`` (spaces, a trailing comma and one pair of brackets allowed) ->
+    sizes; ``""`` -> ``()``; ``None`` if it is not that."""
+    text = text.strip()
+    if text[:1] in ("[", "(") and text[-1:] == ("]" if text[0] == "[" else ")"):
+        text = text[1:-1].strip()
+    if not text:
+        return ()
+    parts = text.split(",")
+    if len(parts) > 1 and not parts[-1].strip():
+        parts.pop()  # "3," as in a Python 1-tuple
+    if len(parts) > _MAX_RANK:
+        return None
+    shape = []
+    for part in parts:
+        part = part.strip()
+        if not (part.isdigit() and part.isascii() and len(part) <= 12):
+            return None
+        shape.append(int(part))
+    return tuple(shape)
+
+
+def _check_names(
+    given: Mapping[str, Any], specs: Sequence[TensorSpec], *, partial: bool = False
+) -> None:
+    """Every name in ``given`` is an input of the model, and (unless ``partial``) every
+    input is in ``given``."""
     if len(given) == len(specs) and all(s.name in given for s in specs):
         return  # the common case, without building any message
     expected = [s.name for s in specs]
@@ -169,7 +360,7 @@ def _check_names(given: Mapping[str, Any], specs: Sequence[TensorSpec]) -> None:
                 input=name,
             )
     for spec in specs:
-        if spec.name not in given:
+        if spec.name not in given and not partial:
             raise RequestError(
                 422,
                 "missing_input",
@@ -191,30 +382,50 @@ def validate(
         array = arrays[spec.name]
         if spec.dtype == "str":
             raise _invalid(spec, "string inputs are not supported", "unsupported_dtype")
-        if array.dtype != np.dtype(spec.dtype):
-            raise _invalid(spec, f"got dtype {array.dtype.name}", "wrong_dtype")
-        got = format_shape(list(array.shape))
+        want = _dtype(spec.dtype)
+        if array.dtype != want:
+            if array.dtype.newbyteorder("=") != want:
+                raise _invalid(spec, f"got dtype {array.dtype.name}", "wrong_dtype")
+            array = array.astype(want)  # the same type in the other byte order
         if array.ndim != len(spec.shape):
             raise _invalid(
                 spec,
-                f"got shape {got} (rank {array.ndim}, expected {len(spec.shape)})",
+                f"got shape {format_shape(array.shape)} (rank {array.ndim}, "
+                f"expected {len(spec.shape)})",
                 "wrong_shape",
             )
         for axis, (dim, size) in enumerate(zip(spec.shape, array.shape, strict=True)):
-            if isinstance(dim, int) and dim >= 0 and size != dim:
-                raise _invalid(spec, f"got shape {got}: dim {axis} must be {dim}", "wrong_shape")
-            if isinstance(dim, str):
-                seen = named.setdefault(dim, (size, spec.name))
-                if seen[0] != size:
+            if dim is None:
+                continue
+            if isinstance(dim, int):
+                if dim >= 0 and size != dim:
                     raise _invalid(
                         spec,
-                        f"got shape {got}: dim {axis} ({dim!r}) is {size} but {dim!r} is "
-                        f"{seen[0]} in input {seen[1]!r}",
+                        f"got shape {format_shape(array.shape)}: dim {axis} must be {dim}",
                         "wrong_shape",
                     )
+                continue
+            seen = named.setdefault(dim, (size, spec.name))
+            if seen[0] != size:
+                raise _invalid(
+                    spec,
+                    f"got shape {format_shape(array.shape)}: dim {axis} ({dim!r}) is {size} "
+                    f"but {dim!r} is {seen[0]} in input {seen[1]!r}",
+                    "wrong_shape",
+                )
         # (ascontiguousarray would turn a 0-d scalar input into 1-d)
         feeds[spec.name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
     return feeds
+
+
+_DTYPES: dict[str, np.dtype[Any]] = {}
+
+
+def _dtype(name: str) -> np.dtype[Any]:
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        dtype = _DTYPES[name] = np.dtype(name)
+    return dtype
 
 
 # ---------------------------------------------------------------------- encoding
@@ -227,16 +438,53 @@ def encode_npz(outputs: Mapping[str, np.ndarray]) -> bytes:
     return npz.write(outputs)
 
 
+def encode_npy(array: np.ndarray) -> bytes:
+    return npz.write_npy(array)
+
+
+def encode_raw(name: str, array: np.ndarray) -> tuple[memoryview, dict[str, str]]:
+    """The output's bytes (C order, little-endian; no copy when the runtime's array is
+    already that) and the ``X-Tensor-*`` headers that describe them."""
+    dtype_name = _RAW_NAMES.get(array.dtype.str)
+    if dtype_name is None:  # big-endian, or not a number
+        if array.dtype.kind in "biuf":
+            array = array.astype(array.dtype.newbyteorder("<"))
+            dtype_name = _RAW_NAMES.get(array.dtype.str)
+        if dtype_name is None:
+            raise ValueError(f"output {name!r} has dtype {array.dtype}: not representable as raw")
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    data = array.data.cast("B") if array.size else memoryview(b"")
+    headers = {
+        "X-Tensor-Name": name.encode().decode("latin-1"),
+        "X-Tensor-Dtype": dtype_name,
+        "X-Tensor-Shape": ",".join(map(str, array.shape)),
+    }
+    return data, headers
+
+
 def media_type(header: str | None) -> str:
     return (header or "").split(";", 1)[0].strip().lower()
 
 
+def response_type(accept: str | None, request_type: str, outputs: int = 1) -> str:
+    """The response form: the first of :data:`MEDIA_TYPES` that ``Accept`` names (a
+    wildcard: the request's own form), else the request's own form. A single-tensor form
+    needs a model with one output: several are answered with an npz."""
+    chosen = request_type
+    if accept:
+        for part in accept.split(","):
+            value = media_type(part)
+            if value in MEDIA_TYPES:
+                chosen = value
+                break
+            if value in ("application/*", "*/*"):
+                break
+    if chosen in SINGLE_TENSOR_TYPES and outputs != 1:
+        return NPZ_TYPE
+    return chosen
+
+
 def wants_npz(accept: str | None, request_type: str) -> bool:
-    """The response form: what ``Accept`` names, else the request's own form."""
-    accepted = [media_type(part) for part in (accept or "").split(",") if part.strip()]
-    for value in accepted:
-        if value == NPZ_TYPE:
-            return True
-        if value in (JSON_TYPE, "application/*", "*/*"):
-            return request_type == NPZ_TYPE if value != JSON_TYPE else False
-    return request_type == NPZ_TYPE
+    """Whether the response is an npz (see :func:`response_type`)."""
+    return response_type(accept, request_type) == NPZ_TYPE
