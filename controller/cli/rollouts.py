@@ -526,12 +526,16 @@ def _result_lines(result: dict[str, Any], *, dry_run: bool) -> list[Text]:
         lines.append(Text(f"  plan: {plan.get('nodes', 0)} node(s) in {len(waves)} wave(s)"))
         for w in waves:
             clusters = ", ".join(f"{c}={n}" for c, n in (w.get("clusters") or {}).items())
+            versions = w.get("versions") or {}
+            mix = ", ".join(f"{v}={n}" for v, n in versions.items())
+            mix = f"  versions {mix}" if mix else ""
             lines.append(
                 Text(
                     f"    wave {w['index']}: {w['nodes']:>4} node(s)  "
-                    f"bake {_duration(w.get('bake_s')):<6}  {clusters}"
+                    f"bake {_duration(w.get('bake_s')):<6}  {clusters}{mix}"
                 )
             )
+        lines.extend(_variant_lines(plan.get("variants") or {}))
     for p in result.get("problems", []):
         severity = p.get("severity", "error")
         line = Text("  ")
@@ -543,6 +547,21 @@ def _result_lines(result: dict[str, Any], *, dry_run: bool) -> list[Text]:
             shown = ", ".join(nodes[:5]) + (", ..." if count > 5 else "")
             line.append(f" ({count} node(s): {shown})")
         lines.append(line)
+    return lines
+
+
+def _variant_lines(variants: dict[str, Any]) -> list[Text]:
+    """spec.model.variants: the version chosen per node class, and why the others not."""
+    lines = [Text("  variant per node class:")] if variants else []
+    for cls, got in variants.items():
+        head = f"    {cls}: {got['version']} on {got['nodes']} node(s), {got['reason']}"
+        lines.append(Text(head))
+        for c in got.get("candidates", []):
+            numbers = (
+                f"p50 {c['p50_ms']} ms, p95 {c['p95_ms']} ms" if "p50_ms" in c else "no numbers"
+            )
+            verdict = f"excluded: {c['excluded']}" if "excluded" in c else "eligible"
+            lines.append(Text(f"      {c['version']:<16} {numbers}; {verdict}"))
     return lines
 
 

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from controller.benchmarks.service import node_class
+from controller.cli.rollouts import _result_lines
 from controller.db.base import utcnow
 from controller.db.models import Assignment, Event, ModelVersion, Node, NodeBenchmark, NodeHealth
 from controller.db.session import session_scope
@@ -209,6 +210,13 @@ def test_rollout_picks_the_fastest_variant_per_node_class(
     assert pi_table["1-int8"]["p50_ms"] == 9.0
     total = sum(w["versions"].get("1-int8", 0) for w in result["plan"]["waves"])
     assert total == 3
+    # The CLI's dry-run view shows the same choice.
+    shown = "\n".join(str(line) for line in _result_lines(result, dry_run=True))
+    for wave in result["plan"]["waves"]:
+        mix = ", ".join(f"{v}={n}" for v, n in wave["versions"].items())
+        assert f"versions {mix}" in shown
+    assert "pi4: 1-int8 on 3 node(s), fastest within the gates (p50 9.0 ms)" in shown
+    assert "excluded: benchmarked p95 45.0 ms > gate 40" in shown
     warnings = {p["code"]: p for p in result["problems"]}
     assert warnings["NoVariantMeetsGates"]["severity"] == "warning"
     assert warnings["NoVariantMeetsGates"]["nodes"] == ["lab/old-a"]
