@@ -841,6 +841,9 @@ def _describe_view(d: dict[str, Any]) -> Group:
         ("Wave", _wave_label(d)),
         ("Nodes", f"{total} ({_counts(d.get('states'))})" if total else "0"),
     ]
+    versions = d.get("versions") or {}
+    if len(versions) > 1 or spec.get("model", {}).get("variants"):
+        fields.insert(5, ("Variants", _counts(versions)))
     parts: list[RenderableType] = []
     for key, value in fields:
         line = Text(f"{key + ':':<13} ")

@@ -39,6 +39,7 @@ def _detail(session: SessionDep, name: str) -> RolloutOut:
         **base.model_dump(),
         spec=r.spec,
         states=totals,
+        versions=repo.target_counts(session, r),
         wave_detail=waves,
         started_at=r.started_at,
         finished_at=r.finished_at,

@@ -180,6 +180,20 @@ def state_counts(session: Session, rollout_id: int) -> dict[int | None, dict[str
     return out
 
 
+def target_counts(session: Session, rollout: Rollout) -> dict[str, int]:
+    """How many of the rollout's nodes it plans on which version (by name): its own, or
+    the variants chosen per node class (spec.model.variants)."""
+    target = func.coalesce(Assignment.target_version_id, rollout.model_version_id)
+    rows = session.execute(
+        select(ModelVersion.version, func.count())
+        .select_from(Assignment)
+        .join(ModelVersion, ModelVersion.id == target)
+        .where(Assignment.rollout_id == rollout.id)
+        .group_by(ModelVersion.version)
+    )
+    return dict(sorted((str(v), int(n)) for v, n in rows.all()))
+
+
 def phase_counts(session: Session) -> dict[str, int]:
     return {
         row[0]: row[1]

@@ -47,6 +47,8 @@ class RolloutSummary(BaseModel):
 class RolloutOut(RolloutSummary):
     spec: dict[str, Any]
     states: dict[str, int]
+    # Nodes per planned version: one entry, or one per variant chosen (spec.model.variants).
+    versions: dict[str, int]
     wave_detail: list[WaveOut]
     started_at: datetime | None
     finished_at: datetime | None

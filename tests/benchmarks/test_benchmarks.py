@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from controller.benchmarks.service import node_class
-from controller.cli.rollouts import _result_lines
+from controller.cli.rollouts import _describe_view, _result_lines
 from controller.db.base import utcnow
 from controller.db.models import Assignment, Event, ModelVersion, Node, NodeBenchmark, NodeHealth
 from controller.db.session import session_scope
@@ -222,6 +222,10 @@ def test_rollout_picks_the_fastest_variant_per_node_class(
     assert warnings["NoVariantMeetsGates"]["nodes"] == ["lab/old-a"]
 
     assert apply(client, doc).status_code == 200
+    detail = client.get("/v1/rollouts/pick").json()
+    assert detail["versions"] == {"1": 3, "1-int8": 3}
+    described = "\n".join(str(line) for line in _describe_view(detail).renderables)
+    assert "Variants:     1=3 1-int8=3" in described
     phases = drive("pick", settings)
     assert phases[-1] == "Succeeded", phases
     running = running_versions(settings, ["lab"])
