@@ -5,7 +5,10 @@ tasks, simulated clusters), with a scenario that plays out on the dashboard:
    really validated and benchmarked in onnxruntime / LiteRT;
 2. rollout ``detector-1-1`` moves every node to 1.1.0 wave by wave and succeeds;
 3. rollout ``detector-1-2`` ships 1.2.0, a much heavier network: its measured latency
-   breaks the p95 gate on the canary wave and the controller rolls it back by itself.
+   breaks the p95 gate on the canary wave and the controller rolls it back by itself;
+4. an int8 variant of 1.1.0 is derived (a real quantization job, with its comparison
+   report), both are benchmarked per node class (the simulated agents answer the jobs),
+   and rollout ``detector-1-1-auto`` (``variants: auto``) ships, per class, the faster.
 
 The simulated agents report each node's latency from the version's *measured* benchmark
 (scaled for the node's architecture, with noise), so the gate decision is real."""
@@ -16,6 +19,7 @@ import itertools
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,29 +28,35 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy import select
 
+from controller.agents import service as agents
+from controller.benchmarks import service as benchmarks
+from controller.benchmarks.schemas import BenchmarkRequestIn
 from controller.cli.output import console
 from controller.db import migrate
 from controller.db.models import (
     Assignment,
     AssignmentState,
+    BenchmarkStatus,
     Cluster,
     Model,
     ModelVersion,
     Node,
+    NodeBenchmark,
     Rollout,
 )
 from controller.db.session import dispose_engines, session_scope
 from controller.fleet.service import ingest_heartbeats
 from controller.manifests.service import apply_documents
 from controller.registry import repository as repo
-from controller.registry import samples, service
+from controller.registry import samples, service, variants
 from controller.registry.tflite_builder import build_tflite_mlp
 from controller.rollouts import service as rollouts
 from controller.settings import Settings, get_settings
 from controller.tasks.celery_app import configure
-from node_agent.contract import Heartbeat, InferenceMetrics, WorkloadReport
+from node_agent.contract import BenchmarkResult, Heartbeat, InferenceMetrics, WorkloadReport
 
 log = logging.getLogger("edgefleet.demo")
 
@@ -69,6 +79,9 @@ SEED: list[tuple[str, str, Callable[[], bytes], dict[str, Any]]] = [
 ]
 
 ARCH_SLOWDOWN = {"amd64": 1.0, "arm64": 2.5}
+VARIANT = "1.1.0-int8"
+ROLLOUTS = ("detector-1-1", "detector-1-2", "detector-1-1-auto")
+TERMINAL = ("RolledBack", "Succeeded", "Failed", "Aborted")
 
 
 def _cluster(name: str, nodes: int, arch: str) -> dict[str, Any]:
@@ -218,6 +231,52 @@ class SimulatedAgents:
     def report_once(self) -> int:
         return report_running(self._metrics, self._seq)
 
+    def enroll(self, settings: Settings) -> None:
+        """Every simulated node enrols as its agent would (a credential per node)."""
+        token = settings.agent_join_token
+        assert token is not None
+        with session_scope() as s:
+            rows = s.execute(
+                select(Node.name, Cluster.name).join(Cluster).where(Node.credential_hash.is_(None))
+            ).all()
+            for node, cluster in rows:
+                agents.enroll(
+                    s, settings, cluster=cluster, node=node, join_token=token.get_secret_value()
+                )
+
+    def answer_benchmarks(self, settings: Settings) -> int:
+        """Each node with benchmark jobs fetches and answers them, with the version's
+        measured registry benchmark scaled for the node's architecture (with noise)."""
+        answered = 0
+        with session_scope() as s:
+            node_ids = s.scalars(
+                select(NodeBenchmark.node_id)
+                .where(NodeBenchmark.status == BenchmarkStatus.PENDING)
+                .distinct()
+            ).all()
+            for node_id in node_ids:
+                node = s.get(Node, node_id)
+                if node is None:
+                    continue
+                for job in benchmarks.jobs_for(s, settings, node):
+                    mv = repo.get_version(s, job.model, job.version)
+                    bench = (mv.benchmark if mv else None) or {}
+                    scale = ARCH_SLOWDOWN.get(node.architecture or "amd64", 1.0)
+                    scale *= self._rng.uniform(0.95, 1.05)
+                    result = BenchmarkResult(
+                        ok=True,
+                        runs=job.runs,
+                        p50_ms=round(float(bench.get("p50_ms", 1.0)) * scale, 4),
+                        p95_ms=round(float(bench.get("p95_ms", 1.0)) * scale, 4),
+                        p99_ms=round(float(bench.get("p99_ms", 1.0)) * scale, 4),
+                        peak_rss_bytes=bench.get("peak_rss_bytes"),
+                        machine=node.architecture,
+                        cpu="simulated",
+                    )
+                    benchmarks.record(s, node, job.id, result)
+                    answered += 1
+        return answered
+
 
 class Scenario:
     def __init__(self, settings: Settings, *, bake: str) -> None:
@@ -255,7 +314,52 @@ class Scenario:
         if self.stage == 1 and self.phase("detector-1-1") == "Succeeded":
             self.apply(_rollout("detector-1-2", "1.2.0", self.gate_ms, self.bake))
             self.stage = 2
-        return not (self.stage == 2 and self.phase("detector-1-2") in ("RolledBack", "Succeeded"))
+        if self.stage == 2 and self.phase("detector-1-2") in TERMINAL:
+            self.derive_and_benchmark()
+            self.stage = 3
+        if self.stage == 3:
+            self.agents.answer_benchmarks(self.settings)
+            if self.benchmarked():
+                doc = _rollout("detector-1-1-auto", "1.1.0", self.gate_ms, self.bake)
+                doc["spec"]["model"]["variants"] = "auto"
+                self.apply(doc)
+                self.stage = 4
+        return not (self.stage == 4 and self.phase("detector-1-1-auto") in TERMINAL)
+
+    def derive_and_benchmark(self) -> None:
+        """An int8 variant of 1.1.0 (a real quantization job), then benchmarks of both on
+        every node class."""
+        store = service.artifact_store(self.settings)
+        with session_scope() as s:
+            if repo.get_version(s, "detector", VARIANT) is None:
+                variants.request_variant(
+                    s,
+                    store,
+                    name="detector",
+                    parent="1.1.0",
+                    version=VARIANT,
+                    method="static-int8",
+                    params_json=None,
+                    calibration=None,
+                )
+        self.agents.enroll(self.settings)
+        for version in ("1.1.0", VARIANT):
+            with session_scope() as s:
+                mv = repo.get_version(s, "detector", version)
+                if mv is None:
+                    raise RuntimeError(f"detector {version} was not derived")
+                benchmarks.request(
+                    s,
+                    mv,
+                    "detector",
+                    BenchmarkRequestIn(runs=50),
+                    stuck_s=self.settings.stuck_validation_s,
+                )
+
+    def benchmarked(self) -> bool:
+        with session_scope() as s:
+            statuses = s.scalars(select(NodeBenchmark.status)).all()
+        return bool(statuses) and all(st == BenchmarkStatus.SUCCEEDED for st in statuses)
 
 
 def _embedded_settings() -> Settings:
@@ -265,6 +369,8 @@ def _embedded_settings() -> Settings:
     settings = get_settings()
     if settings.redis_url is None:
         settings.tasks_eager = True
+    if settings.agent_join_token is None:  # the simulated agents enrol with it
+        settings.agent_join_token = SecretStr(secrets.token_urlsafe(24))
     return settings
 
 
@@ -286,7 +392,7 @@ def run_demo(
     if not serve:
         while scenario.step():
             time.sleep(0.05)
-        result = {n: scenario.phase(n) for n in ("detector-1-1", "detector-1-2")}
+        result = {n: scenario.phase(n) for n in ROLLOUTS}
         console.print(f"edgefleet demo finished: {result}")
         return result
 

@@ -33,7 +33,9 @@ def test_demo_plays_the_scenario(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "'detector-1-1': 'Succeeded'" in proc.stdout
-    assert "'detector-1-2': 'RolledBack'" in proc.stdout.replace("\n", "")
+    out = proc.stdout.replace("\n", "")
+    assert "'detector-1-2': 'RolledBack'" in out
+    assert "'detector-1-1-auto': 'Succeeded'" in out
     assert (tmp_path / ".edgefleet" / "demo.db").is_file()
     assert list((tmp_path / ".edgefleet" / "artifacts" / "sha256").rglob("*"))
 
@@ -58,7 +60,7 @@ def test_demo_serves_the_dashboard(tmp_path: Path) -> None:
                 phases = {r["name"]: r["phase"] for r in items}
             except (httpx.TransportError, KeyError, ValueError):
                 phases = {}
-            if phases.get("detector-1-2") in ("RolledBack", "Succeeded"):
+            if phases.get("detector-1-1-auto") in ("RolledBack", "Succeeded"):
                 break
             time.sleep(0.5)
         page = httpx.get(f"{url}/", timeout=5).text
@@ -72,7 +74,20 @@ def test_demo_serves_the_dashboard(tmp_path: Path) -> None:
         assert {r["name"]: r["phase"] for r in rollouts["items"]} == {
             "detector-1-1": "Succeeded",
             "detector-1-2": "RolledBack",
+            "detector-1-1-auto": "Succeeded",
         }
+        # The per-node choice: each node class got one of the two, by its benchmarks.
+        auto = httpx.get(f"{url}/v1/rollouts/detector-1-1-auto", timeout=5).json()
+        assert set(auto["versions"]) <= {"1.1.0", "1.1.0-int8"}
+        assert sum(auto["versions"].values()) == 16
+        for version in ("1.1.0", "1.1.0-int8"):
+            rows = httpx.get(
+                f"{url}/v1/models/detector/versions/{version}/benchmarks", timeout=5
+            ).json()
+            assert {r["node_class"] for r in rows} == {"amd64/none/unknown", "arm64/none/unknown"}
+            assert {r["status"] for r in rows} == {"Succeeded"}
+        variant = httpx.get(f"{url}/v1/models/detector/versions/1.1.0-int8", timeout=5).json()
+        assert variant["lineage"]["report"]["peak_memory"]["variant"]["peak_rss_bytes"] > 0
         nodes = httpx.get(f"{url}/v1/nodes", timeout=5).json()
         assert nodes["total"] == 16
     finally:

@@ -477,7 +477,12 @@ def demo(
     from controller.demo import run_demo
 
     result = run_demo(port=port, serve=serve, bake=bake)
-    if not serve and result != {"detector-1-1": "Succeeded", "detector-1-2": "RolledBack"}:
+    expected = {
+        "detector-1-1": "Succeeded",
+        "detector-1-2": "RolledBack",
+        "detector-1-1-auto": "Succeeded",
+    }
+    if not serve and result != expected:
         raise typer.Exit(code=1)
 
 
