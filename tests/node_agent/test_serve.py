@@ -33,6 +33,7 @@ from tests.node_agent.test_serve_helpers import (
     Origin,
     load_npz,
     npz_bytes,
+    ort_run,
     running,
     settings_for,
     sha256,
@@ -57,12 +58,6 @@ def cnn_server(models: Models, tmp_path: Path) -> Iterator[InferenceServer]:
 def client(cnn_server: InferenceServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=cnn_server.url, timeout=30) as c:
         yield c
-
-
-def ort_run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds), strict=True))
 
 
 def litert_run(path: Path, x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 from onnx import TensorProto, helper
@@ -34,6 +33,7 @@ from tests.node_agent.test_serve_helpers import (
     Models,
     load_npz,
     npz_bytes,
+    ort_run,
     running,
     settings_for,
     write_models,
@@ -60,12 +60,6 @@ def cnn_server(models: Models, tmp_path: Path) -> Iterator[InferenceServer]:
 def client(cnn_server: InferenceServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=cnn_server.url, timeout=30) as c:
         yield c
-
-
-def ort_run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds), strict=True))
 
 
 def image(batch: int = 1, seed: int = 0) -> np.ndarray:

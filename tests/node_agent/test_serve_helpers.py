@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from controller.registry import samples
@@ -76,6 +77,13 @@ def write_models(root: Path) -> Models:
         path.write_bytes(data)
         paths[name] = path
     return Models(dir=root, **paths)
+
+
+def ort_run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's outputs by name, from a plain onnxruntime session (the reference)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
