@@ -145,10 +145,14 @@ def test_agent_scrapes_the_inference_pod_on_its_own_node(
                 resources={},
             )
             driver.apply("cnn", dict.fromkeys(nodes, spec))
+
+            def running() -> list[str] | None:
+                pods = [_pod_on(core, workloads, n) for n in nodes]
+                ok = all(p is not None and p.status.phase == "Running" for p in pods)
+                return nodes if ok else None
+
             pods = eventually(
-                lambda: all(_pod_on(core, workloads, n) for n in nodes) and nodes,
-                what="a pod on each node",
-                beat=lambda: settle(core, workloads),
+                running, what="a Running pod on each node", beat=lambda: settle(core, workloads)
             )
             for name, ip in zip(pods, POD_IPS, strict=True):
                 pod = _pod_on(core, workloads, name)
@@ -175,7 +179,12 @@ def test_agent_scrapes_the_inference_pod_on_its_own_node(
             )
             agent = Agent(settings)
             # Its own node's pod only, on the port and path of the pod's annotations.
-            assert agent.discovery.urls() == [f"{base}/metrics"]
+            # (resourceVersion=0 answers from the API server's watch cache, which may
+            # lag the status patch above by a moment: what an agent sees next interval.)
+            want = [f"{base}/metrics"]
+            found = agent.discovery
+            eventually(lambda: found.urls(refresh=True) == want, what="the pod's metrics URL")
+            assert found.urls() == want
 
             agent.collect()  # the baseline of the first window
             x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
@@ -218,7 +227,7 @@ def test_agent_scrapes_the_inference_pod_on_its_own_node(
             agent.collect()
             beat = json.loads(agent.queue.peek(10)[-1].body)
             assert beat.get("workloads", []) == []
-            assert agent.discovery.urls() == []
+            eventually(lambda: found.urls(refresh=True) == [], what="the pod to be unlisted")
         finally:
             for proc in servers:
                 if proc.poll() is None:
