@@ -97,6 +97,14 @@ def sites(control_plane: ControlPlane, second_control_plane: ControlPlane) -> It
         site.cleanup()
 
 
+def story(client: TestClient, name: str) -> str:
+    """The rollout's events, oldest first: why it ended where it did."""
+    events = client.get(f"/v1/rollouts/{name}/events", params={"limit": 200}).json()
+    return "\n".join(
+        f"{e['reason']}: {e['message']} {e['data'].get('gate') or ''}" for e in reversed(events)
+    )
+
+
 def run(
     name: str, settings: Settings, sites: list[Site], *, metrics: Any = None, steps: int = 80
 ) -> list[str]:
@@ -148,7 +156,7 @@ def test_rollout_and_rollback_on_two_real_clusters(
         for site in sites:
             site.beat()
         report()
-    assert phase == "Succeeded"
+    assert phase == "Succeeded", story(client, "v1")
     # The canary alone first (counts of 0 are the DaemonSet controller not done yet).
     assert next(n for n in seen_waves if n) == 1
     assert seen_waves[-1] == 6
@@ -164,7 +172,7 @@ def test_rollout_and_rollback_on_two_real_clusters(
 
     # Retry brings 1.0.0 back everywhere.
     assert client.post("/v1/rollouts/v1/retry").status_code == 202
-    assert run("v1", settings, sites)[-1] == "Succeeded"
+    assert run("v1", settings, sites)[-1] == "Succeeded", story(client, "v1")
     for site in sites:
         eventually(site.only("1.0.0"), what="v1 back", beat=site.beat)
 
