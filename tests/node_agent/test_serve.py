@@ -37,21 +37,9 @@ from tests.node_agent.test_serve_helpers import (
     running,
     settings_for,
     sha256,
-    write_models,
 )
 
 NPZ = "application/x-npz"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    return write_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture
-def cnn_server(models: Models, tmp_path: Path) -> Iterator[InferenceServer]:
-    with running(settings_for(tmp_path, models.cnn)) as server:
-        yield server
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from tests.node_agent.test_serve_helpers import (
     npz_bytes,
     running,
     settings_for,
-    write_models,
 )
 
 ARRAYS = {
@@ -136,11 +135,6 @@ def test_response_form_negotiation() -> None:
 
 
 # ---------------------------------------------------------------------- HTTP
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    return write_models(tmp_path_factory.mktemp("models"))
-
-
 @pytest.fixture
 def server(models: Models, tmp_path: Path) -> Iterator[InferenceServer]:
     with running(settings_for(tmp_path, models.cnn, max_body_bytes=100_000)) as s:
