@@ -36,7 +36,7 @@ from controller.db.models import (
     VersionStatus,
 )
 from controller.errors import Conflict, InvalidInput, NotFound
-from controller.fleet.service import build_workload
+from controller.fleet.service import artifact_url
 from controller.rollouts.planner import selector_matches
 from controller.settings import Settings
 from node_agent.contract import BenchmarkJob, BenchmarkResult
@@ -146,7 +146,6 @@ def jobs_for(session: Session, settings: Settings, node: Node) -> list[Benchmark
     for row, version, model in repo.open_jobs(session, node.id):
         if row.status == BenchmarkStatus.PENDING:
             row.status, row.started_at = BenchmarkStatus.RUNNING, now
-        workload = build_workload(model, version, settings, rollout="", resources={})
         jobs.append(
             BenchmarkJob(
                 id=row.id,
@@ -154,7 +153,7 @@ def jobs_for(session: Session, settings: Settings, node: Node) -> list[Benchmark
                 version=version.version,
                 sha256=version.sha256,
                 format="tflite" if version.format == "tflite" else "onnx",
-                artifact_url=workload.artifact_url,
+                artifact_url=artifact_url(settings, model, version.version),
                 runs=row.runs,
                 metadata=dict(version.meta or {}),
             )

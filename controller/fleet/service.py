@@ -372,6 +372,11 @@ def repair_drift(session: Session, settings: Settings) -> dict[str, list[str]]:
     return repaired
 
 
+def artifact_url(settings: Settings, model: str, version: str) -> str:
+    """Where edge nodes download a version's artifact (the controller's public URL)."""
+    return f"{settings.public_url.rstrip('/')}/v1/models/{model}/versions/{version}/artifact"
+
+
 def build_workload(
     model: str,
     version: ModelVersion,
@@ -381,13 +386,12 @@ def build_workload(
     resources: dict[str, Any],
 ) -> WorkloadSpec:
     """The workload of one model version, as every driver receives it."""
-    base = settings.public_url.rstrip("/")
     return WorkloadSpec(
         model=model,
         version=version.version,
         sha256=version.sha256,
         format=version.format,
-        artifact_url=f"{base}/v1/models/{model}/versions/{version.version}/artifact",
+        artifact_url=artifact_url(settings, model, version.version),
         rollout=rollout,
         resources=resources,
     )

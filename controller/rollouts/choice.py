@@ -46,6 +46,7 @@ class ClassChoice:
     reason: str
     nodes: int = 0
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    fallback: bool = False  # no eligible candidate: the version itself
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -62,7 +63,7 @@ class Choice:
     by_class: dict[str, ClassChoice]
 
     def fallback_classes(self) -> list[str]:
-        return [c for c, got in sorted(self.by_class.items()) if got.reason.startswith("no ")]
+        return [c for c, got in sorted(self.by_class.items()) if got.fallback]
 
     def counts(self, node_ids: Sequence[int], names: Mapping[int, str]) -> dict[str, int]:
         """How many of these nodes get which version (by version name)."""
@@ -132,6 +133,7 @@ def _choose_class(
             reference,
             "no candidate benchmarked within the gates on this class: the version itself",
             candidates=table,
+            fallback=True,
         )
     p50, _, _, best = min(eligible, key=lambda e: e[:3])
     return ClassChoice(cls, best, f"fastest within the gates (p50 {p50} ms)", candidates=table)

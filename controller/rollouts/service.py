@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from controller import metrics
 from controller.audit import record_event
 from controller.benchmarks import repository as bench_repo
-from controller.benchmarks.service import node_class
+from controller.benchmarks.service import class_of
 from controller.db.base import utcnow
 from controller.db.models import (
     Assignment,
@@ -84,7 +84,7 @@ def _node_views(session: Session) -> list[planner.NodeView]:
             allocatable=n.allocatable,
             runtimes=n.runtimes,
             health=n.health,
-            node_class=node_class(n.architecture, n.labels or {}, n.cpu_model),
+            node_class=class_of(n),
         )
         for n, cluster in fleet_repo.all_nodes(session)
     ]
