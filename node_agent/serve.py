@@ -19,6 +19,7 @@ artifact could not be downloaded, 5 the runtime could not load or warm up the mo
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, help="intra-op threads (default: from EDGEFLEET_CPU_LIMIT)")
     add("--warmup-runs", type=int, help="inferences before readiness (default 3)")
     add("--max-body-bytes", type=int, help="request body limit (413 above)")
+    add(
+        "--busy-poll-us",
+        type=int,
+        help="poll for a client's next request this long after answering (default 250; 0 off)",
+    )
     add("--shutdown-grace-s", type=float, help="SIGTERM: how long requests may finish")
     add("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     return parser
@@ -121,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             log.exception("refusing to start: unexpected error while loading the model")
             outcome["code"] = EXIT_ERROR
         else:
+            # What is alive now (the runtime, the model, the modules) lives as long as the
+            # process: keep the cyclic collector from walking it again and again.
+            gc.freeze()
             log.info("ready")
             return
         stop.set()

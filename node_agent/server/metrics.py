@@ -12,6 +12,8 @@ from node_agent import contract
 MODEL_INFO = contract.MODEL_INFO
 REJECTED_TOTAL = "edgefleet_inference_rejected_total"
 SWAPS_TOTAL = "edgefleet_model_swaps_total"
+BUSY_POLL_SECONDS = "edgefleet_serve_busy_poll_seconds_total"
+BUSY_POLL_HITS = "edgefleet_serve_busy_poll_hits_total"
 READY = contract.MODEL_READY
 
 # Edge models run from tens of microseconds (a small MLP) to seconds (a detector on a
@@ -76,6 +78,16 @@ class ServerMetrics:
         self.swaps = Counter(
             _counter_name(SWAPS_TOTAL),
             "Model versions activated by a hot swap",
+            registry=self.registry,
+        )
+        self.busy_poll_seconds = Counter(
+            _counter_name(BUSY_POLL_SECONDS),
+            "CPU time spent busy-polling connections for a client's next request",
+            registry=self.registry,
+        )
+        self.busy_poll_hits = Counter(
+            _counter_name(BUSY_POLL_HITS),
+            "Requests that arrived while their connection was being busy-polled",
             registry=self.registry,
         )
         self.ready = Gauge(

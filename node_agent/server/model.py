@@ -18,6 +18,7 @@ import numpy as np
 
 from node_agent.cache import ArtifactCache
 from node_agent.runtimes import InputHints, Runner, generate_inputs, open_runner
+from node_agent.server.tensors import RawPlan
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ class ActiveModel:
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     thread_safe: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The raw-tensor hot path's memory, per version: request headers -> what they decode
+    # to and how they were answered (init=False: a copy relabelled by dataclasses.replace
+    # starts empty, its answers carry other X-Model-* headers).
+    raw_plans: dict[tuple[str | None, ...], RawPlan] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     @property
     def runtime(self) -> str:

@@ -26,6 +26,8 @@ import numpy as np
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory, 22 bytes
 _CENTRAL = struct.Struct("<4s6H3L5H2L")  # central directory header, 46 bytes
 _LOCAL = struct.Struct("<4s5H3L2H")  # local file header, 30 bytes
+Body = bytes | memoryview  # a request body: its own bytes, or a view of a connection buffer
+
 _EOCD_SIG = b"PK\x05\x06"
 _CENTRAL_SIG = b"PK\x01\x02"
 _LOCAL_SIG = b"PK\x03\x04"
@@ -42,7 +44,7 @@ class NotSimple(Exception):
     """Not the plain layout of the fast path: use ``np.load``."""
 
 
-def read(body: bytes, *, max_members: int) -> dict[str, np.ndarray] | None:
+def read(body: Body, *, max_members: int) -> dict[str, np.ndarray] | None:
     """The arrays of a plain, stored ``.npz``; ``None`` if the fast path does not apply.
     Raises ``ValueError`` for an archive that is recognisably broken (CRC mismatch,
     truncated data)."""
@@ -52,7 +54,7 @@ def read(body: bytes, *, max_members: int) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _read(view: memoryview, body: bytes, max_members: int) -> dict[str, np.ndarray]:
+def _read(view: memoryview, body: Body, max_members: int) -> dict[str, np.ndarray]:
     size = len(body)
     if size < _EOCD.size or body[-_EOCD.size : -_EOCD.size + 4] != _EOCD_SIG:
         raise NotSimple  # a comment after the EOCD, or not a zip at all
@@ -75,7 +77,7 @@ def _read(view: memoryview, body: bytes, max_members: int) -> dict[str, np.ndarr
             raise NotSimple  # compressed or encrypted
         if 0xFFFFFFFF in (csize, usize, offset):
             raise NotSimple  # zip64
-        name_raw = body[pos + _CENTRAL.size : pos + _CENTRAL.size + nlen]
+        name_raw = bytes(body[pos + _CENTRAL.size : pos + _CENTRAL.size + nlen])
         pos += _CENTRAL.size + nlen + xlen + clen
         if offset + _LOCAL.size > size:
             raise NotSimple
@@ -98,7 +100,7 @@ def _read(view: memoryview, body: bytes, max_members: int) -> dict[str, np.ndarr
     return arrays
 
 
-def read_npy(body: bytes) -> np.ndarray | None:
+def read_npy(body: Body) -> np.ndarray | None:
     """The array of a plain ``.npy`` file (what ``np.save`` writes), zero-copy; ``None``
     if the fast path does not apply (then use ``np.load(allow_pickle=False)``). Raises
     ``ValueError`` when the data does not match the header's shape and dtype."""
@@ -108,7 +110,7 @@ def read_npy(body: bytes) -> np.ndarray | None:
         return None
 
 
-def _npy(body: bytes, start: int, end: int) -> np.ndarray:
+def _npy(body: Body, start: int, end: int) -> np.ndarray:
     if end - start < 10 or body[start : start + 6] != _NPY_MAGIC:
         raise NotSimple
     major = body[start + 6]
@@ -125,7 +127,7 @@ def _npy(body: bytes, start: int, end: int) -> np.ndarray:
     data_start = hstart + hlen
     if data_start > end:
         raise NotSimple
-    match = _HEADER.fullmatch(body[hstart:data_start].decode("latin-1"))
+    match = _HEADER.fullmatch(str(body[hstart:data_start], "latin-1"))
     if match is None:
         raise NotSimple
     try:

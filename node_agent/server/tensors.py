@@ -29,12 +29,14 @@ import io
 import json
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from node_agent.runtimes import Dim, TensorSpec
 from node_agent.server import npz
+from node_agent.server.npz import Body
 
 JSON_TYPE = "application/json"
 NPZ_TYPE = "application/x-npz"
@@ -152,7 +154,7 @@ def _from_json(value: Any, spec: TensorSpec) -> np.ndarray:
 
 
 def decode_npz(
-    body: bytes, specs: Sequence[TensorSpec], *, max_members: int, max_bytes: int
+    body: Body, specs: Sequence[TensorSpec], *, max_members: int, max_bytes: int
 ) -> dict[str, np.ndarray]:
     """A ``.npz`` archive of named arrays, loaded without pickle: the zero-copy fast path
     for what ``np.savez`` writes, else ``np.load``, where the archive's declared
@@ -205,7 +207,7 @@ def decode_npz(
 
 
 def decode_tensor(
-    body: bytes,
+    body: Body,
     request_type: str,
     specs: Sequence[TensorSpec],
     *,
@@ -243,7 +245,7 @@ def _bad_tensor(name: str, message: str) -> RequestError:
     return RequestError(400, "invalid_tensor", f"input {name!r}: {message}", input=name)
 
 
-def _from_npy(body: bytes, name: str) -> np.ndarray:
+def _from_npy(body: Body, name: str) -> np.ndarray:
     """``npz.read_npy`` (zero-copy), else numpy's own header reader, never ``np.load``:
     the data must be exactly what the header declares before anything is allocated."""
     try:
@@ -281,7 +283,7 @@ def _from_npy(body: bytes, name: str) -> np.ndarray:
     return array if array.flags.aligned else array.copy()
 
 
-def _from_raw(body: bytes, name: str, dtype_name: str | None, shape_text: str | None) -> np.ndarray:
+def _from_raw(body: Body, name: str, dtype_name: str | None, shape_text: str | None) -> np.ndarray:
     if dtype_name is None or shape_text is None:
         missing = "X-Tensor-Dtype" if dtype_name is None else "X-Tensor-Shape"
         raise RequestError(
@@ -318,6 +320,69 @@ def _from_raw(body: bytes, name: str, dtype_name: str | None, shape_text: str | 
     if not dtype.isnative:  # a big-endian host
         array = array.astype(dtype.newbyteorder("="))
     return array
+
+
+@dataclass(frozen=True, slots=True)
+class RawAnswer:
+    """What the answer to a plan's request was last time: one output of this dtype and
+    shape, behind this whole head. An answer like it reuses the head."""
+
+    output: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    nbytes: int
+    head: bytes
+
+    def matches(self, outputs: Mapping[str, np.ndarray]) -> memoryview | None:
+        """The one output's bytes, if it is exactly like this one's, else ``None``."""
+        array = outputs.get(self.output)
+        if (
+            array is None
+            or len(outputs) != 1
+            or array.dtype != self.dtype
+            or array.shape != self.shape
+        ):
+            return None
+        data = array.data
+        return data if data.c_contiguous else None
+
+
+@dataclass(slots=True)
+class RawPlan:
+    """What a raw-tensor request's headers decoded to and passed validation as: a later
+    request with the same headers and length is one :func:`raw_feeds` away from the
+    runtime, and when its answer matches the last one's, one ``sendmsg`` from the client.
+    Plans are kept per model version (validation depends on its signature)."""
+
+    input: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    nbytes: int
+    answer: str
+    last: RawAnswer | None = None
+
+    @classmethod
+    def of(
+        cls, arrays: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray], answer: str
+    ) -> RawPlan | None:
+        """The plan of a request that :func:`decode_tensor` and :func:`validate` took
+        as it came (no byte swap, no copy), else ``None``."""
+        ((name, array),) = arrays.items()
+        if feeds.get(name) is not array or len(feeds) != 1:
+            return None
+        return cls(name, array.dtype, array.shape, array.nbytes, answer)
+
+    def remember(self, outputs: Mapping[str, np.ndarray], head: bytes) -> None:
+        """Keep a raw answer's head (``encode_raw`` took the output as it is)."""
+        ((name, array),) = outputs.items()
+        if array.dtype.str in _RAW_NAMES and array.flags.c_contiguous and array.size:
+            self.last = RawAnswer(name, array.dtype, array.shape, array.nbytes, head)
+
+
+def raw_feeds(body: Body, plan: RawPlan) -> dict[str, np.ndarray]:
+    """The feeds of a raw body of ``plan.nbytes`` bytes, zero-copy when aligned."""
+    array = np.ndarray(plan.shape, plan.dtype, body)
+    return {plan.input: array if array.flags.aligned else array.copy()}
 
 
 def parse_shape(text: str) -> tuple[int, ...] | None:

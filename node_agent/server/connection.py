@@ -1,0 +1,286 @@
+"""The HTTP/1.1 connection layer of ``edgefleet-serve``: one :class:`Connection` per
+client socket, one thread each (the stdlib's ``socketserver`` runs them), no dependency.
+
+Built for a model server's hot path, where the stdlib's ``BaseHTTPRequestHandler`` cost
+more than a small CNN's inference leaves room for. That one reads a head line by line
+through a buffered file, copies the body into a new ``bytes`` and writes through a second
+file object; all of it Python that runs on caches the inference has just evicted. Here:
+
+- One receive buffer per connection. A request head is parsed from it in one pass; the
+  body is received into it in place and handed out as a ``memoryview`` (``np.frombuffer``
+  on it is the tensor: no copy after the kernel's). A client that repeats its head length,
+  as every client with fixed headers does, gets its body 64-byte aligned.
+- A response leaves in one ``sendmsg``: head and payload, no join.
+- Busy polling (``busy_poll_s``): after an answer, the thread polls its socket for the
+  client's next request for a bounded time instead of sleeping at once. Waking a sleeping
+  thread costs tens of microseconds on a VM (an idle vCPU halts); a client at concurrency
+  1 is back within that window. It stops as soon as a client is slower than the window,
+  resumes when one is quicker again, and the caller turns it off while any other request
+  is in flight (the CPU is theirs). The CPU it costs is counted (``polled_s``).
+
+Limits: a request line of 64 KiB (414), 100 header lines of 64 KiB each and 256 KiB of
+head in all (431). Keep-alive idles out after ``idle_timeout_s`` (the kernel's
+``SO_RCVTIMEO``: one system call per receive, none for a timer); sends time out alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from typing_extensions import Buffer
+
+MAX_LINE = 65536
+MAX_HEADER_LINES = 100
+MAX_HEAD = 256 * 1024
+ALIGN = 64
+INITIAL_BUFFER = 64 * 1024
+KEEP_BUFFER = 8 * 1024 * 1024  # a larger buffer is dropped after its request
+PHRASES = {int(status): status.phrase for status in HTTPStatus}
+
+_perf = time.perf_counter
+
+
+class HttpError(Exception):
+    """A request the connection cannot go on after: answer ``status`` and close."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]  # lower-case names; repeated headers joined by ", "
+    keep_alive: bool
+
+
+def _address(buffer: bytearray) -> int:
+    """Where ``buffer``'s bytes start in memory (the export ends with this call)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+class Connection:
+    """One client socket: :meth:`next_request`, :meth:`read_body`, :meth:`send`."""
+
+    def __init__(self, sock: socket.socket, *, idle_timeout_s: float, busy_poll_s: float = 0):
+        self.sock = sock
+        self.busy_poll_s = busy_poll_s
+        self.polled_s = 0.0  # CPU time spent polling, for the caller's metrics
+        self.poll_hits = 0
+        sock.settimeout(None)  # blocking: one system call per receive
+        timeval = struct.pack("@ll", int(idle_timeout_s), int(idle_timeout_s % 1 * 1e6))
+        with contextlib.suppress(OSError):  # (not every platform has both)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._new_buffer(INITIAL_BUFFER)
+        self._start = self._end = 0  # unread bytes: buffer[_start:_end]
+        self._head_hint = 0  # the last head's length, to align the next body
+        self._last_head = b""  # the last head's bytes and what they parsed to
+        self._last_request = Request("", "", "", {}, False)
+        self._answered_at = 0.0  # when the last response left
+        self._poll_next = True  # the client came back within the window last time
+
+    def _new_buffer(self, size: int) -> None:
+        self._buffer = bytearray(size)
+        self._view = memoryview(self._buffer)
+        self._base = -_address(self._buffer) % ALIGN  # first 64-byte aligned offset
+
+    # ------------------------------------------------------------------ receiving
+    def _recv(self, poll: bool) -> int:
+        """Receive what the socket has into the buffer's free space; 0 at EOF. Polls
+        first when ``poll``; raises ``TimeoutError`` when the idle timeout passes."""
+        free = self._view[self._end :]
+        if poll:
+            started = _perf()
+            deadline = started + self.busy_poll_s
+            while True:
+                try:
+                    n = self.sock.recv_into(free, 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if _perf() < deadline:
+                        continue
+                    self.polled_s += _perf() - started
+                    break
+                self.polled_s += _perf() - started
+                self.poll_hits += 1
+                self._end += n
+                return n
+        try:
+            n = self.sock.recv_into(free)
+        except BlockingIOError as exc:  # SO_RCVTIMEO
+            raise TimeoutError("idle timeout") from exc
+        self._end += n
+        return n
+
+    def _make_room(self, needed: int, align_at: int | None = None) -> None:
+        """Free space for ``needed`` more bytes than the unread ones; ``align_at``: an
+        offset into the unread bytes that must land 64-byte aligned."""
+        pending = self._end - self._start
+        size = len(self._buffer)
+        misaligned = align_at is not None and (self._start + align_at - self._base) % ALIGN
+        if self._end + needed <= size and not misaligned:
+            return
+        shift = 0 if align_at is None else -align_at % ALIGN
+        want = self._base + shift + pending + needed
+        if want > size:
+            old = self._view[self._start : self._end]
+            self._new_buffer(max(want + ALIGN, 2 * size))
+            start = self._base + shift
+            self._buffer[start : start + pending] = old
+        else:
+            start = self._base + shift
+            self._buffer[start : start + pending] = self._buffer[self._start : self._end]
+        self._start, self._end = start, start + pending
+
+    def next_request(self, *, poll: bool = False) -> Request | None:
+        """The next request's head, or ``None`` when the client closed or idled out
+        between requests. ``poll``: busy-poll for it (if the connection is set up to and
+        the client was quick last time). Raises :class:`HttpError` for a malformed head."""
+        if len(self._buffer) > KEEP_BUFFER and self._end - self._start < INITIAL_BUFFER:
+            rest = self._view[self._start : self._end]
+            self._new_buffer(INITIAL_BUFFER)
+            self._buffer[: len(rest)] = rest
+            self._start, self._end = 0, len(rest)
+        if self._start == self._end:
+            # Nothing pending: start where a head of the last one's length puts the body
+            # on an aligned offset.
+            self._start = self._end = self._base + (-self._head_hint % ALIGN)
+        poll = poll and self.busy_poll_s > 0 and self._poll_next
+        waited = False
+        while True:
+            buffer, start, end = self._buffer, self._start, self._end
+            if self._last_head and buffer.startswith(self._last_head, start, end):
+                # The same head as the last request's, byte for byte (a client with fixed
+                # headers and a fixed body size): the same request, already parsed.
+                self._start = start + len(self._last_head)
+                return self._last_request
+            # The blank line that ends the head: CRLF CRLF (found as LF CR LF), or a bare
+            # LF LF if one comes first.
+            stop = buffer.find(b"\n\r\n", start, end)
+            lf = buffer.find(b"\n\n", start, end if stop < 0 else stop)
+            if lf >= 0:
+                stop, after = lf, lf + 2
+                break
+            if stop >= 0:
+                after = stop + 3
+                break
+            if end - start > MAX_HEAD:
+                raise self._too_long(start, end)
+            if end == len(buffer):
+                self._make_room(INITIAL_BUFFER)
+            if not waited and start == end and self._answered_at:
+                waited = True
+                n = self._recv(poll)
+                self._poll_next = _perf() - self._answered_at <= self.busy_poll_s
+            else:
+                n = self._recv(False)
+            if n == 0:
+                return None  # closed (inside a head too: nobody is left to answer)
+        cut = stop - 1 if stop > start and buffer[stop - 1] == 13 else stop  # its CR
+        self._head_hint = after - start
+        self._start = after
+        request = _parse_head(str(self._view[start:cut], "latin-1"))
+        self._last_head, self._last_request = bytes(self._view[start:after]), request
+        return request
+
+    def _too_long(self, start: int, end: int) -> HttpError:
+        if self._buffer.find(b"\n", start, min(end, start + MAX_LINE + 2)) < 0:
+            return HttpError(414, f"the request line is over {MAX_LINE} bytes")
+        return HttpError(431, f"the request head is over {MAX_HEAD} bytes")
+
+    def read_body(self, length: int) -> memoryview:
+        """The next ``length`` bytes, in place: valid until the next request on this
+        connection. Raises ``ConnectionError`` if the client closes first."""
+        if self._end - self._start < length:
+            self._make_room(length - (self._end - self._start), align_at=0)
+            while self._end - self._start < length:
+                if self._recv(False) == 0:
+                    raise ConnectionError("the body ended before Content-Length")
+        elif (self._start - self._base) % ALIGN and length >= ALIGN:
+            self._make_room(0, align_at=0)  # (pipelined: already here, move it once)
+        start = self._start
+        self._start += length
+        return self._view[start : start + length]
+
+    def discard(self, length: int, budget_s: float) -> None:
+        """Read and drop up to ``length`` body bytes for at most ``budget_s``, so the
+        client reads the answer instead of a reset from unread data."""
+        deadline = time.monotonic() + budget_s
+        take = min(length, self._end - self._start)
+        self._start += take
+        left = length - take
+        with contextlib.suppress(OSError):
+            self.sock.settimeout(0.5)
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.sock.recv(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
+    # ------------------------------------------------------------------ sending
+    def send(self, head: bytes, body: Buffer = b"", nbytes: int | None = None) -> None:
+        """Head and body in one ``sendmsg`` (more calls only if the socket takes less).
+        ``body``: any C-contiguous buffer (a numpy array's ``.data`` too); ``nbytes``:
+        its size in bytes, when the caller knows it already."""
+        size = len(head) + (memoryview(body).nbytes if nbytes is None else nbytes)
+        try:
+            sent = self.sock.sendmsg([head, body])
+            if sent < size:
+                self._send_rest([head, body], sent)
+        except BlockingIOError as exc:  # SO_SNDTIMEO: the client stopped reading
+            raise TimeoutError("send timed out") from exc
+        self._answered_at = _perf()
+
+    def _send_rest(self, parts: list[Buffer], sent: int) -> None:
+        views = [memoryview(part).cast("B") for part in parts]
+        while views:
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views:
+                views[0] = views[0][sent:]
+                sent = self.sock.sendmsg(views)
+
+
+def _parse_head(head: str) -> Request:
+    """The request line and headers. Strict: a malformed line is a 400, obsolete line
+    folding is refused, at most 100 header lines of 64 KiB; bare-LF lines are accepted."""
+    if head.count("\n") == head.count("\r\n"):
+        lines = head.split("\r\n")
+    else:
+        lines = [line.removesuffix("\r") for line in head.split("\n")]
+    line = lines[0]
+    if len(line) > MAX_LINE:
+        raise HttpError(414, f"the request line is over {MAX_LINE} bytes")
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise HttpError(400, f"bad request line {line[:100]!r}")
+    method, target, version = parts
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise HttpError(505, f"{version[:20]} is not supported")
+    if len(lines) > MAX_HEADER_LINES + 1:
+        raise HttpError(431, f"more than {MAX_HEADER_LINES} header lines")
+    fields: dict[str, str] = {}
+    for raw in lines[1:]:
+        if len(raw) > MAX_LINE:
+            raise HttpError(431, f"a header line is over {MAX_LINE} bytes")
+        name, colon, value = raw.partition(":")
+        if not colon or not name or name[0] in " \t" or name != name.rstrip():
+            raise HttpError(400, "malformed header line")
+        key, value = name.lower(), value.strip()
+        fields[key] = f"{fields[key]}, {value}" if key in fields else value
+    connection = fields.get("connection", "").lower()
+    keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
+    return Request(method, target, version, fields, keep_alive)
