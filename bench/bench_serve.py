@@ -9,19 +9,24 @@
       ``X-Tensor-Dtype`` / ``X-Tensor-Shape`` headers, answered as raw bytes too (the
       cheapest form: ``np.frombuffer`` on the body, no archive), ``http.client``;
   (e2) the same raw-tensor request from the minimal raw-socket client: the fastest path;
+  (e3) (e2) against a second server started with ``--busy-poll-us 0``: what busy polling
+       (on by default, 250 us) buys, and (in the CPU column) what it costs;
   (d) a bare TCP round trip of the same size to a socket echo in another process: the
       floor any out-of-process server pays (loopback + waking the other process);
   (d2) the same round trip to an echo that first busy-waits p50(a) (measured before the
       rounds), as a server runs the model: p50(a) + p50(d2) - that wait is the floor for
       this model. It is higher than (a) + (d) where waking a process that has been blocked
       for a while costs more than in a tight ping-pong (a VM whose idle vCPUs halt at once,
-      for example).
+      for example);
+  (d3) (d2) with an echo that busy-polls for the next request as the server does: the
+      floor for a server that polls (the client's own wake-up remains).
 
 The server is the real ``edgefleet-serve`` console script in a child process (its own
 GIL, as on a node); both it and (a) use 1 intra-op thread. Modes run interleaved in
 rounds, so load from elsewhere on a shared host hits them alike. Printed: p50/p95 per
-mode and as a ratio to (a), where the time goes (the server's own /metrics split its
-handler time into runtime and the rest), and the server's RSS after the load.
+mode and as a ratio to (a), the server's CPU time per request (from /proc), where the
+time goes (the server's own /metrics split its handler time into runtime and the rest),
+and the server's RSS after the load.
 
 Run: python bench/bench_serve.py [--seconds 1.5] [--small-only | --large-only]"""
 
@@ -90,8 +95,9 @@ def npz(**arrays: np.ndarray) -> bytes:
 
 
 # ---------------------------------------------------------------------- the server
-def start_server(model: Path) -> tuple[subprocess.Popen[str], int]:
+def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
     argv = [str(SCRIPT), "--model-path", str(model), "--host", "127.0.0.1", "--port", "0"]
+    argv += extra
     # The port is read from the "listening on" log line.
     argv += ["--threads", "1", "--log-level", "INFO"]
     proc = subprocess.Popen(
@@ -140,6 +146,12 @@ def server_totals(conn: http.client.HTTPConnection) -> tuple[float, float, float
     )
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -150,31 +162,44 @@ def rss_kib(pid: int) -> dict[str, int]:
 
 
 class RawClient:
-    """A minimal HTTP/1.1 keep-alive client: one sendall per request, Content-Length
-    framing of the answer. What a C/Go/Rust client on the device costs, roughly."""
+    """A minimal HTTP/1.1 keep-alive client, as a C/Go/Rust client on the device would be:
+    the head formatted once per (type, headers, length), head and body in one
+    ``sendmsg``, the answer received into one buffer and framed by its Content-Length."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = bytearray(1 << 20)
+        self.view = memoryview(self.buffer)
+        self.heads: dict[tuple[str, str, int], bytes] = {}
 
     def post(self, body: bytes, content_type: str, headers: str = "") -> bytes:
         """``headers``: more header lines, each ending in CRLF."""
-        head = (
-            f"POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-            f"{headers}Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        self.sock.sendall(head + body)
-        buf = b""
-        while (end := buf.find(b"\r\n\r\n")) < 0:
-            buf += self.sock.recv(65536)
-        status = buf[9:12]
-        found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", buf[:end])
-        assert found is not None, buf[:300]
-        length = int(found.group(1))
-        while len(buf) < end + 4 + length:
-            buf += self.sock.recv(65536)
-        assert status == b"200", buf[:300]
-        return buf[end + 4 : end + 4 + length]
+        key = (content_type, headers, len(body))
+        head = self.heads.get(key)
+        if head is None:
+            head = self.heads[key] = (
+                f"POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: {content_type}\r\n{headers}Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+        self.sock.sendmsg([head, body])
+        buffer, have = self.buffer, 0
+        while (end := buffer.find(b"\r\n\r\n", 0, have)) < 0:
+            have += self._recv(have)
+        at = buffer.find(b"\r\nContent-Length: ", 0, end)
+        assert at > 0, bytes(buffer[:end])
+        length = int(buffer[at + 18 : buffer.find(b"\r\n", at + 2, end + 2)])
+        while have < end + 4 + length:
+            have += self._recv(have)
+        assert buffer.startswith(b"HTTP/1.1 200 "), bytes(buffer[:300])
+        assert have == end + 4 + length, "an answer longer than its Content-Length"
+        return bytes(self.view[end + 4 : have])
+
+    def _recv(self, have: int) -> int:
+        n = self.sock.recv_into(self.view[have:])
+        if not n:
+            raise ConnectionError("the server closed the connection")
+        return n
 
     def close(self) -> None:
         self.sock.close()
@@ -183,7 +208,7 @@ class RawClient:
 # ---------------------------------------------------------------------- the floor
 _ECHO = """
 import socket, struct, sys, time
-delay = float(sys.argv[1])
+delay, poll = float(sys.argv[1]), float(sys.argv[2])
 srv = socket.socket()
 srv.bind(("127.0.0.1", 0))
 srv.listen(1)
@@ -192,7 +217,15 @@ conn, _ = srv.accept()
 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 reply = b"r" * 300
 while True:
-    head = conn.recv(4, socket.MSG_WAITALL)
+    head = b""
+    end = time.perf_counter() + poll
+    while poll and time.perf_counter() < end:
+        try:
+            head = conn.recv(4, socket.MSG_DONTWAIT)
+            break
+        except BlockingIOError:
+            pass
+    head += conn.recv(4 - len(head), socket.MSG_WAITALL) if len(head) < 4 else b""
     if len(head) < 4:
         break
     (n,) = struct.unpack("<I", head)
@@ -207,11 +240,14 @@ while True:
 
 class Echo:
     """Round trips of ``size`` bytes out and 300 back over loopback TCP to a bare socket
-    echo in another process, which busy-waits ``delay_s`` before it answers."""
+    echo in another process, which busy-waits ``delay_s`` before it answers and, with
+    ``poll_s``, polls that long for the next message before it blocks."""
 
-    def __init__(self, size: int, delay_s: float = 0.0) -> None:
+    def __init__(self, size: int, delay_s: float = 0.0, poll_s: float = 0.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _ECHO, repr(delay_s)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", _ECHO, repr(delay_s), repr(poll_s)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         port = int(self.proc.stdout.readline())
@@ -248,11 +284,14 @@ def bench(label: str, model_bytes: bytes, size: int, seconds: float, tmp: Path) 
     raw_headers = {"X-Tensor-Dtype": "float32", "X-Tensor-Shape": ",".join(map(str, x.shape))}
     raw_head = "".join(f"{k}: {v}\r\n" for k, v in raw_headers.items())
     proc, port = start_server(path)
+    proc_off, port_off = start_server(path, "--busy-poll-us", "0")
     run_p50_s = float(np.median(timed(lambda: session.run(None, {"image": x}), 0.5))) / 1000
     echo = Echo(len(body_npz))
     busy_echo = Echo(len(body_npz), delay_s=run_p50_s)
-    raw_client = RawClient(port)
+    polling_echo = Echo(len(body_npz), delay_s=run_p50_s, poll_s=250e-6)
+    raw_client, raw_client_off = RawClient(port), RawClient(port_off)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn_off = http.client.HTTPConnection("127.0.0.1", port_off, timeout=30)
     try:
 
         def post(body: bytes, ctype: str, headers: dict[str, str] | None = None) -> bytes:
@@ -270,7 +309,11 @@ def bench(label: str, model_bytes: bytes, size: int, seconds: float, tmp: Path) 
             np.testing.assert_allclose(got["probabilities"], want, rtol=1e-6)
         got_json = json.loads(post(body_json, "application/json"))["outputs"]["probabilities"]
         np.testing.assert_allclose(got_json, want, rtol=1e-6)
-        for got_raw in (post(body_raw, RAW, raw_headers), raw_client.post(body_raw, RAW, raw_head)):
+        for got_raw in (
+            post(body_raw, RAW, raw_headers),
+            raw_client.post(body_raw, RAW, raw_head),
+            raw_client_off.post(body_raw, RAW, raw_head),
+        ):
             got = np.frombuffer(got_raw, np.float32).reshape(want.shape)
             np.testing.assert_allclose(got, want, rtol=1e-6)
 
@@ -281,31 +324,37 @@ def bench(label: str, model_bytes: bytes, size: int, seconds: float, tmp: Path) 
             "(b2) HTTP npz, raw client": lambda: raw_client.post(body_npz, NPZ),
             "(e) HTTP raw, http.client": lambda: post(body_raw, RAW, raw_headers),
             "(e2) HTTP raw, raw client": lambda: raw_client.post(body_raw, RAW, raw_head),
+            "(e3) (e2), no busy polling": lambda: raw_client_off.post(body_raw, RAW, raw_head),
             "(d) bare TCP round trip": echo.ping,
             "(d2) TCP, echo busy p50(a)": busy_echo.ping,
+            "(d3) (d2), echo polls": polling_echo.ping,
         }
         results = {name: Result(name) for name in modes}
-        split = {name: [0.0, 0.0, 0.0] for name in modes if "HTTP" in name}
+        servers = {name: (conn, proc.pid) for name in modes if "HTTP" in name}
+        servers["(e3) (e2), no busy polling"] = (conn_off, proc_off.pid)
+        split = {name: [0.0, 0.0, 0.0, 0.0] for name in servers}  # n, handler, runtime, CPU
         for fn in modes.values():  # warm every path before measuring any
             for _ in range(30):
                 fn()
         for _ in range(ROUNDS):
             for name, fn in modes.items():
-                before = server_totals(conn) if name in split else None
+                server, pid = servers.get(name, (None, 0))
+                before = (*server_totals(server), cpu_s(pid)) if server else None
                 results[name].ms += timed(fn, seconds / ROUNDS)
-                if before is not None:
-                    after = server_totals(conn)
+                if server is not None and before is not None:
+                    after = (*server_totals(server), cpu_s(pid))
                     split[name] = [
                         s + a - b for s, a, b in zip(split[name], after, before, strict=True)
                     ]
         memory = rss_kib(proc.pid)
     finally:
-        conn.close()
-        raw_client.close()
-        echo.close()
-        busy_echo.close()
-        proc.terminate()
-        proc.wait(30)
+        for closing in (conn, conn_off, raw_client, raw_client_off):
+            closing.close()
+        for echoing in (echo, busy_echo, polling_echo):
+            echoing.close()
+        for server_proc in (proc, proc_off):
+            server_proc.terminate()
+            server_proc.wait(30)
 
     raw, floor = results["(a) session.run, in-process"], results["(d) bare TCP round trip"]
     base = raw.q(50)
@@ -314,21 +363,29 @@ def bench(label: str, model_bytes: bytes, size: int, seconds: float, tmp: Path) 
         f"(raw {len(body_raw)} B, npz {len(body_npz)} B, JSON {len(body_json)} B)"
     )
     print(
-        f"  {'mode':<30} {'n':>6} {'p50 ms':>8} {'p95 ms':>8} {'p50/p50(a)':>11} {'p95/p95(a)':>11}"
+        f"  {'mode':<30} {'n':>6} {'p50 ms':>8} {'p95 ms':>8} {'p50/p50(a)':>11} "
+        f"{'p95/p95(a)':>11} {'server CPU/req':>15}"
     )
     for r in results.values():
+        cpu = ""
+        if r.name in split:
+            n, _, _, cpu_total = split[r.name]
+            cpu = f"{cpu_total / n * 1000:>12.3f} ms"
         print(
             f"  {r.name:<30} {len(r.ms):>6} {r.q(50):>8.3f} {r.q(95):>8.3f} "
-            f"{r.q(50) / base:>10.2f}x {r.q(95) / raw.q(95):>10.2f}x"
+            f"{r.q(50) / base:>10.2f}x {r.q(95) / raw.q(95):>10.2f}x {cpu:>15}"
         )
-    busy = base + results["(d2) TCP, echo busy p50(a)"].q(50) - run_p50_s * 1000
+    wait_ms = run_p50_s * 1000
+    busy = base + results["(d2) TCP, echo busy p50(a)"].q(50) - wait_ms
+    polled = base + results["(d3) (d2), echo polls"].q(50) - wait_ms
     print(
-        f"  floor of any out-of-process server, p50(a) + p50(d): {base + floor.q(50):.3f} ms "
-        f"= {(base + floor.q(50)) / base:.2f}x p50(a); answering after p50(a) of work, "
-        f"p50(a) + p50(d2) - wait: {busy:.3f} ms = {busy / base:.2f}x"
+        f"  floors of an out-of-process server: p50(a) + p50(d) {base + floor.q(50):.3f} ms "
+        f"= {(base + floor.q(50)) / base:.2f}x; after p50(a) of work, p50(a) + p50(d2) - wait "
+        f"{busy:.3f} ms = {busy / base:.2f}x, polling as the server does (d3) "
+        f"{polled:.3f} ms = {polled / base:.2f}x"
     )
     print("  where a request's time goes, means (the server's side from its /metrics):")
-    for name, (n, handler_s, runtime_s) in split.items():
+    for name, (n, handler_s, runtime_s, _) in split.items():
         r = results[name]
         handler, runtime = handler_s / n * 1000, runtime_s / n * 1000
         print(
