@@ -370,6 +370,8 @@ class _Handler(socketserver.BaseRequestHandler):
     path = ""
     _fields: dict[str, str]
     close_connection = True
+    _http10 = False  # an HTTP/1.0 request (keep-alive only when it asks, and said back)
+    _unread = False  # the request has a body the handler has not read
     sent = counted = 0  # inference answers sent / counted in the metrics
 
     def handle(self) -> None:
@@ -406,37 +408,24 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             self.command, self.path = request.method, request.target
             self._fields = request.headers
+            self._http10 = request.version == "HTTP/1.0"
             self.close_connection = not request.keep_alive
-            if (
-                request.headers.get("expect", "").lower() == "100-continue"
-                and request.version == "HTTP/1.1"
-                and not self._continue()
-            ):
-                return
+            # A body nobody reads must not be taken for the next request: the connection
+            # closes after the answer unless the handler reads the body (_read_body).
+            self._unread = "transfer-encoding" in request.headers or request.headers.get(
+                "content-length", "0"
+            ) not in ("0", "")
             app.begin_request()  # (not a context manager: this is every request's path)
             try:
                 self._route(request.method)
             finally:
                 app.end_request()
-            if self.close_connection:
+            if self.close_connection or self._unread:
                 return
 
     def header(self, name: str) -> str | None:
         """A request header by its lower-case name (repeated headers joined by ", ")."""
         return self._fields.get(name)
-
-    def _continue(self) -> bool:
-        """``Expect: 100-continue``: refuse an oversized body before the client sends it."""
-        try:
-            length = int(self.header("content-length") or 0)
-        except ValueError:
-            length = 0
-        if length > self.server.app.settings.max_body_bytes:
-            self.close_connection = True
-            self._error(self._too_large(length))
-            return False
-        self.conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return True
 
     # ------------------------------------------------------------------ routing
     def _route(self, method: str) -> None:
@@ -487,7 +476,7 @@ class _Handler(socketserver.BaseRequestHandler):
         headers: dict[str, str] | None = None,
         head: str = "",
     ) -> bytes:
-        if self.server.app.draining:
+        if self.server.app.draining or self._unread:
             self.close_connection = True
         text = (
             f"HTTP/1.1 {status} {PHRASES.get(status, '')}\r\nContent-Type: {content_type}\r\n"
@@ -497,6 +486,8 @@ class _Handler(socketserver.BaseRequestHandler):
             text += _header_lines(headers)
         if self.close_connection:
             text += "Connection: close\r\n"
+        elif self._http10:
+            text += "Connection: keep-alive\r\n"
         return (text + "\r\n").encode("latin-1", "replace")
 
     def _json(self, status: int, document: Any, headers: dict[str, str] | None = None) -> None:
@@ -524,29 +515,37 @@ class _Handler(socketserver.BaseRequestHandler):
         )
 
     def _read_body(self) -> memoryview:
-        """The body, in place in the connection's buffer: valid until the next request."""
-        if "chunked" in (self.header("transfer-encoding") or "").lower():
+        """The body, in place in the connection's buffer: valid until the next request.
+        ``Expect: 100-continue`` is answered here, once the route wants the body (an
+        oversized one is refused before the client sends it)."""
+        encoding = self.header("transfer-encoding")
+        if encoding is not None:
             self.close_connection = True
-            raise RequestError(411, "length_required", "send a Content-Length, not chunks")
+            if "chunked" in encoding.lower():
+                raise RequestError(411, "length_required", "send a Content-Length, not chunks")
+            raise RequestError(400, "bad_request", f"Transfer-Encoding {encoding[:40]!r}")
         raw = self.header("content-length")
         if raw is None:
             raise RequestError(411, "length_required", "a Content-Length header is required")
-        try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError(raw)
-        except ValueError as exc:
+        if not (raw.isdigit() and raw.isascii() and len(raw) <= 18):  # int() takes "+1_0"
             self.close_connection = True
-            raise RequestError(400, "bad_request", f"bad Content-Length {raw!r}") from exc
+            raise RequestError(400, "bad_request", f"bad Content-Length {raw[:40]!r}")
+        length = int(raw)
+        expect = self.header("expect")
         if length > self.server.app.settings.max_body_bytes:
             self.close_connection = True
-            self.conn.discard(length, budget_s=2.0)
+            if expect is None:
+                self.conn.discard(length, budget_s=2.0)
             raise self._too_large(length)
+        if expect is not None and expect.lower() == "100-continue" and not self._http10:
+            self.conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            return self.conn.read_body(length)
+            body = self.conn.read_body(length)
         except ConnectionError as exc:
             self.close_connection = True
             raise RequestError(400, "bad_request", "the body ended before Content-Length") from exc
+        self._unread = False
+        return body
 
     # ------------------------------------------------------------------ endpoints
     def healthz(self) -> None:
@@ -611,6 +610,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 last is not None
                 and (view := last.matches(outputs)) is not None
                 and not self.close_connection
+                and not self._http10
                 and not app.draining
             ):
                 data, payload, nbytes = last.head, view, last.nbytes  # as it is
@@ -627,16 +627,21 @@ class _Handler(socketserver.BaseRequestHandler):
             self._respond(failure.status, json.dumps(failure.as_dict()).encode(), head=head)
             return
         answered_after = time.perf_counter() - started
+
+        def account() -> None:
+            """Counted once the answer has left, off the client's path; a scrape waits
+            for answers sent before it to be counted (InferenceServer.settle)."""
+            if self.counted < self.sent:
+                metrics.requests.inc()
+                metrics.inference_latency.observe(t1 - t0)
+                metrics.request_latency.observe(answered_after)
+                self.counted = self.sent
+
         self.sent += 1
-        try:
-            self.conn.send(data, payload, nbytes)
+        try:  # (a client slow to read is not waited for before counting: before_waiting)
+            self.conn.send(data, payload, nbytes, before_waiting=account)
         finally:
-            # Counted once the answer has left, off the client's path; a scrape waits
-            # for answers sent before it to be counted (InferenceServer.settle).
-            metrics.requests.inc()
-            metrics.inference_latency.observe(t1 - t0)
-            metrics.request_latency.observe(answered_after)
-            self.counted = self.sent
+            account()
 
     def _decode(
         self, model: ActiveModel, body: Body, key: tuple[str | None, ...] | None
@@ -706,7 +711,7 @@ class _Handler(socketserver.BaseRequestHandler):
             answer = JSON_TYPE
         head_model = self.server.app.model_head(model)
         data = self._head(200, answer, len(payload), tensor_headers, head_model)
-        if answer == RAW_TYPE and plan is not None and not self.close_connection:
+        if answer == RAW_TYPE and plan is not None and not (self.close_connection or self._http10):
             plan.remember(outputs, data)
         return data, payload
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -40,7 +42,7 @@ MAX_HEADER_LINES = 100
 MAX_HEAD = 256 * 1024
 ALIGN = 64
 INITIAL_BUFFER = 64 * 1024
-KEEP_BUFFER = 8 * 1024 * 1024  # a larger buffer is dropped after its request
+KEEP_BUFFER = 1024 * 1024  # a larger one is let go when its client is slow to come back
 PHRASES = {int(status): status.phrase for status in HTTPStatus}
 
 _perf = time.perf_counter
@@ -84,6 +86,7 @@ class Connection:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer: bytearray | mmap.mmap
         self._new_buffer(INITIAL_BUFFER)
         self._start = self._end = 0  # unread bytes: buffer[_start:_end]
         self._head_hint = 0  # the last head's length, to align the next body
@@ -93,36 +96,51 @@ class Connection:
         self._poll_next = True  # the client came back within the window last time
 
     def _new_buffer(self, size: int) -> None:
-        self._buffer = bytearray(size)
+        if size > INITIAL_BUFFER:
+            # A mapping of its own: pages are committed as bytes arrive, and given back
+            # to the system when the buffer is let go (malloc would keep them).
+            self._buffer = mmap.mmap(-1, size)
+            self._base = 0  # page-aligned
+        else:
+            self._buffer = bytearray(size)
+            self._base = -_address(self._buffer) % ALIGN  # first 64-byte aligned offset
         self._view = memoryview(self._buffer)
-        self._base = -_address(self._buffer) % ALIGN  # first 64-byte aligned offset
 
     # ------------------------------------------------------------------ receiving
-    def _recv(self, poll: bool) -> int:
+    def _recv(self, poll: bool = False, between: bool = False) -> int:
         """Receive what the socket has into the buffer's free space; 0 at EOF. Polls
-        first when ``poll``; raises ``TimeoutError`` when the idle timeout passes."""
-        free = self._view[self._end :]
-        if poll:
-            started = _perf()
-            deadline = started + self.busy_poll_s
-            while True:
-                try:
-                    n = self.sock.recv_into(free, 0, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    if _perf() < deadline:
-                        continue
-                    self.polled_s += _perf() - started
-                    break
-                self.polled_s += _perf() - started
-                self.poll_hits += 1
-                self._end += n
-                return n
+        first when ``poll``; raises ``TimeoutError`` when the idle timeout passes.
+        ``between``: the wait between two requests, where a large buffer is let go
+        before sleeping (a client that is not quick keeps no more than KEEP_BUFFER)."""
+        if poll and (n := self._poll()) is not None:
+            return n
+        if between and len(self._buffer) > KEEP_BUFFER and self._start == self._end:
+            self._new_buffer(INITIAL_BUFFER)
+            self._start = self._end = self._base + (-self._head_hint % ALIGN)
         try:
-            n = self.sock.recv_into(free)
+            n = self.sock.recv_into(self._view[self._end :])
         except BlockingIOError as exc:  # SO_RCVTIMEO
             raise TimeoutError("idle timeout") from exc
         self._end += n
         return n
+
+    def _poll(self) -> int | None:
+        """Spin on the socket for up to ``busy_poll_s``: what arrived, or ``None``."""
+        free = self._view[self._end :]
+        started = _perf()
+        deadline = started + self.busy_poll_s
+        while True:
+            try:
+                n = self.sock.recv_into(free, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if _perf() < deadline:
+                    continue
+                self.polled_s += _perf() - started
+                return None
+            self.polled_s += _perf() - started
+            self.poll_hits += n > 0
+            self._end += n
+            return n
 
     def _make_room(self, needed: int, align_at: int | None = None) -> None:
         """Free space for ``needed`` more bytes than the unread ones; ``align_at``: an
@@ -148,46 +166,58 @@ class Connection:
         """The next request's head, or ``None`` when the client closed or idled out
         between requests. ``poll``: busy-poll for it (if the connection is set up to and
         the client was quick last time). Raises :class:`HttpError` for a malformed head."""
-        if len(self._buffer) > KEEP_BUFFER and self._end - self._start < INITIAL_BUFFER:
-            rest = self._view[self._start : self._end]
-            self._new_buffer(INITIAL_BUFFER)
-            self._buffer[: len(rest)] = rest
-            self._start, self._end = 0, len(rest)
         if self._start == self._end:
             # Nothing pending: start where a head of the last one's length puts the body
             # on an aligned offset.
             self._start = self._end = self._base + (-self._head_hint % ALIGN)
         poll = poll and self.busy_poll_s > 0 and self._poll_next
         waited = False
+        scanned = 0  # how much of the pending head has been searched in vain
         while True:
             buffer, start, end = self._buffer, self._start, self._end
-            if self._last_head and buffer.startswith(self._last_head, start, end):
+            while start < end and buffer[start] in (10, 13):  # RFC 9112 2.2: empty lines
+                if buffer[start] == 13 and (start + 1 == end or buffer[start + 1] != 10):
+                    break  # (a CR alone, or one whose LF is still on its way)
+                start = self._start = start + (2 if buffer[start] == 13 else 1)
+                scanned = 0
+            last = self._last_head
+            if (
+                last
+                and end - start >= len(last)
+                and buffer.find(last, start, start + len(last)) == start
+            ):
                 # The same head as the last request's, byte for byte (a client with fixed
                 # headers and a fixed body size): the same request, already parsed.
-                self._start = start + len(self._last_head)
+                self._start = start + len(last)
                 return self._last_request
             # The blank line that ends the head: CRLF CRLF (found as LF CR LF), or a bare
-            # LF LF if one comes first.
-            stop = buffer.find(b"\n\r\n", start, end)
-            lf = buffer.find(b"\n\n", start, end if stop < 0 else stop)
+            # LF LF if one comes first. (Resumed where the last search ended: a head
+            # arriving in small pieces is searched once, not once per piece.)
+            since = start + max(0, scanned - 2)
+            stop = buffer.find(b"\n\r\n", since, end)
+            lf = buffer.find(b"\n\n", since, end if stop < 0 else stop + 1)
             if lf >= 0:
                 stop, after = lf, lf + 2
                 break
             if stop >= 0:
                 after = stop + 3
                 break
-            if end - start > MAX_HEAD:
+            scanned = end - start
+            if scanned > MAX_HEAD:
                 raise self._too_long(start, end)
             if end == len(buffer):
                 self._make_room(INITIAL_BUFFER)
+            del buffer  # (a sleeping wait must not keep a buffer _recv lets go alive)
             if not waited and start == end and self._answered_at:
                 waited = True
-                n = self._recv(poll)
+                n = self._recv(poll, between=True)
                 self._poll_next = _perf() - self._answered_at <= self.busy_poll_s
             else:
-                n = self._recv(False)
+                n = self._recv(between=start == end)
             if n == 0:
                 return None  # closed (inside a head too: nobody is left to answer)
+        if after - start > MAX_HEAD:
+            raise self._too_long(start, after)
         cut = stop - 1 if stop > start and buffer[stop - 1] == 13 else stop  # its CR
         self._head_hint = after - start
         self._start = after
@@ -202,14 +232,23 @@ class Connection:
 
     def read_body(self, length: int) -> memoryview:
         """The next ``length`` bytes, in place: valid until the next request on this
-        connection. Raises ``ConnectionError`` if the client closes first."""
-        if self._end - self._start < length:
-            self._make_room(length - (self._end - self._start), align_at=0)
-            while self._end - self._start < length:
-                if self._recv(False) == 0:
+        connection. Raises ``ConnectionError`` if the client closes first.
+
+        The buffer grows as the bytes arrive, at most doubling what is here: a head that
+        announces 64 MiB commits no memory until the bytes come. The body's first bytes
+        are moved once to a 64-byte aligned offset if they are not there (free when the
+        client repeats its head; see next_request)."""
+        have = self._end - self._start
+        if have < length:
+            self._make_room(min(length - have, max(INITIAL_BUFFER, have)), align_at=0)
+            while (have := self._end - self._start) < length:
+                if self._end == len(self._buffer):
+                    self._make_room(min(length - have, max(INITIAL_BUFFER, have)))
+                if self._recv() == 0:
                     raise ConnectionError("the body ended before Content-Length")
-        elif (self._start - self._base) % ALIGN and length >= ALIGN:
-            self._make_room(0, align_at=0)  # (pipelined: already here, move it once)
+        elif (self._start - self._base) % ALIGN and length >= ALIGN and have - length <= length:
+            # Here already (pipelined): aligned only if that moves little besides it.
+            self._make_room(0, align_at=0)
         start = self._start
         self._start += length
         return self._view[start : start + length]
@@ -230,14 +269,26 @@ class Connection:
                 left -= len(chunk)
 
     # ------------------------------------------------------------------ sending
-    def send(self, head: bytes, body: Buffer = b"", nbytes: int | None = None) -> None:
+    def send(
+        self,
+        head: bytes,
+        body: Buffer = b"",
+        nbytes: int | None = None,
+        before_waiting: Callable[[], object] | None = None,
+    ) -> None:
         """Head and body in one ``sendmsg`` (more calls only if the socket takes less).
         ``body``: any C-contiguous buffer (a numpy array's ``.data`` too); ``nbytes``:
-        its size in bytes, when the caller knows it already."""
+        its size in bytes, when the caller knows it already; ``before_waiting``: called
+        when the client is not reading fast enough to take it all at once."""
         size = len(head) + (memoryview(body).nbytes if nbytes is None else nbytes)
         try:
-            sent = self.sock.sendmsg([head, body])
+            try:  # what the socket takes without waiting, then (rarely) the rest
+                sent = self.sock.sendmsg([head, body], [], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
             if sent < size:
+                if before_waiting is not None:
+                    before_waiting()
                 self._send_rest([head, body], sent)
         except BlockingIOError as exc:  # SO_SNDTIMEO: the client stopped reading
             raise TimeoutError("send timed out") from exc

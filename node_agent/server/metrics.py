@@ -82,7 +82,7 @@ class ServerMetrics:
         )
         self.busy_poll_seconds = Counter(
             _counter_name(BUSY_POLL_SECONDS),
-            "CPU time spent busy-polling connections for a client's next request",
+            "Time spent busy-polling connections for a client's next request (spinning: CPU time)",
             registry=self.registry,
         )
         self.busy_poll_hits = Counter(

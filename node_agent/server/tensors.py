@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ RAW_DTYPES: dict[str, np.dtype[Any]] = {
     )
 }
 _MAX_RANK = 32
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _RAW_NAMES = {dtype.str: name for name, dtype in RAW_DTYPES.items()}  # "<f4": "float32"
 
 
@@ -368,8 +370,8 @@ class RawPlan:
         """The plan of a request that :func:`decode_tensor` and :func:`validate` took
         as it came (no byte swap, no copy), else ``None``."""
         ((name, array),) = arrays.items()
-        if feeds.get(name) is not array or len(feeds) != 1:
-            return None
+        if feeds.get(name) is not array or len(feeds) != 1 or not _LITTLE_ENDIAN:
+            return None  # (a big-endian host swaps every raw body: no plan)
         return cls(name, array.dtype, array.shape, array.nbytes, answer)
 
     def remember(self, outputs: Mapping[str, np.ndarray], head: bytes) -> None:

@@ -5,6 +5,7 @@ busy polling, and answers reused only while they are still right."""
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -16,10 +17,19 @@ import numpy as np
 import pytest
 
 from node_agent import contract
+from node_agent.server import tensors
 from node_agent.server.app import InferenceServer
-from node_agent.server.connection import KEEP_BUFFER, Connection, Request
+from node_agent.server.connection import (
+    INITIAL_BUFFER,
+    KEEP_BUFFER,
+    MAX_HEAD,
+    Connection,
+    HttpError,
+    Request,
+)
 from node_agent.server.metrics import BUSY_POLL_HITS, BUSY_POLL_SECONDS
-from node_agent.server.tensors import RawAnswer
+from node_agent.server.tensors import RAW_TYPE as RAW
+from node_agent.server.tensors import RawAnswer, RawPlan
 from tests.node_agent.test_serve import scrape, value
 from tests.node_agent.test_serve_helpers import (
     Models,
@@ -88,6 +98,80 @@ def test_bare_lf_heads(pair: tuple[Connection, socket.socket], head: bytes) -> N
     following = conn.next_request()
     assert following is not None
     assert following.target == "/next"
+
+
+def test_framing_edge_cases(pair: tuple[Connection, socket.socket]) -> None:
+    """A bare-LF blank line before a body that starts with CRLF; empty lines before a
+    request line (ignored, RFC 9112 2.2)."""
+    conn, client = pair
+    client.sendall(b"POST /a HTTP/1.1\nContent-Length: 4\n\n\r\nab\r\n\nGET /b HTTP/1.1\r\n\r\n")
+    first = conn.next_request()
+    assert first is not None
+    assert (first.target, first.headers) == ("/a", {"content-length": "4"})
+    assert bytes(conn.read_body(4)) == b"\r\nab"
+    second = conn.next_request()
+    assert second is not None
+    assert second.target == "/b"
+
+
+def test_a_long_head_arriving_at_once_is_431(pair: tuple[Connection, socket.socket]) -> None:
+    conn, client = pair
+    conn._new_buffer(MAX_HEAD * 4)  # (as a large body earlier on this connection leaves it)
+    lines = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 4000) for i in range(90))
+    client.sendall(b"GET / HTTP/1.1\r\n" + lines + b"\r\n")
+    with pytest.raises(HttpError) as refused:
+        conn.next_request()
+    assert refused.value.status == 431
+
+
+def test_a_head_alone_commits_no_body_buffer(pair: tuple[Connection, socket.socket]) -> None:
+    """The buffer grows as body bytes arrive, not to what Content-Length announces."""
+    conn, client = pair
+    client.sendall(HEAD % (64 << 20) + b"x" * 1000)
+    client.shutdown(socket.SHUT_WR)
+    assert conn.next_request() is not None
+    with pytest.raises(ConnectionError):
+        conn.read_body(64 << 20)
+    assert len(conn._buffer) <= 2 * INITIAL_BUFFER
+
+
+def test_pipelined_requests_in_random_pieces() -> None:
+    """Bodies of every size around the alignment and buffer limits, pipelined and cut
+    into random pieces: every one arrives whole, in order."""
+    rng = random.Random(7)
+    sizes = [0, 1, 63, 64, 65, 4096, INITIAL_BUFFER - 1, INITIAL_BUFFER + 1, 300_000]
+    sizes += [KEEP_BUFFER + 3]
+    bodies = [rng.randbytes(rng.choice(sizes)) for _ in range(60)]
+    stream = b"".join(
+        b"POST /%d HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (i, b"X-Pad: %s\r\n" % (b"p" * rng.randrange(40)) if i % 3 else b"", len(b), b)
+        for i, b in enumerate(bodies)
+    )
+    listener = socket.create_server(("127.0.0.1", 0))
+    with socket.create_connection(listener.getsockname()) as client:
+        server, _ = listener.accept()
+        listener.close()
+
+        def send() -> None:
+            at = 0
+            while at < len(stream):
+                step = rng.choice([1, 7, 100, 5000, 70_000, 1 << 20])
+                client.sendall(stream[at : at + step])
+                at += step
+            client.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        with server:
+            conn = Connection(server, idle_timeout_s=10)
+            for i, body in enumerate(bodies):
+                request = conn.next_request()
+                assert request is not None
+                assert request.target == f"/{i}"
+                view = conn.read_body(len(body))
+                assert bytes(view) == body
+            assert conn.next_request() is None
+        sender.join()
 
 
 def test_bodies_land_aligned_in_place(pair: tuple[Connection, socket.socket]) -> None:
@@ -166,9 +250,11 @@ def test_a_large_answer_leaves_whole_through_a_small_send_buffer(
 
     reader = threading.Thread(target=drain)
     reader.start()
-    conn.send(b"head: x\r\n\r", payload.data)
+    slow: list[bool] = []
+    conn.send(b"head: x\r\n\r", payload.data, before_waiting=lambda: slow.append(True))
     reader.join(30)
     assert bytes(received) == b"head: x\r\n\r" + payload.tobytes()
+    assert slow == [True]  # told once that the client could not take it all at once
 
 
 def test_busy_polling_follows_the_client(pair: tuple[Connection, socket.socket]) -> None:
@@ -209,6 +295,15 @@ def test_raw_answer_reuse_needs_the_same_output() -> None:
     assert last.matches(two) is None
     strided = np.ones((1, 20), np.float32)[:, ::2]
     assert last.matches({"probabilities": strided}) is None
+
+
+def test_no_plans_on_a_big_endian_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw bodies are little-endian: a big-endian host swaps every one, so a plan (which
+    skips decoding) would feed unswapped bytes."""
+    x = np.zeros((1, 4), np.float32)
+    assert RawPlan.of({"x": x}, {"x": x}, RAW) is not None
+    monkeypatch.setattr(tensors, "_LITTLE_ENDIAN", False)
+    assert RawPlan.of({"x": x}, {"x": x}, RAW) is None
 
 
 # ---------------------------------------------------------------------- the server

@@ -201,10 +201,41 @@ def test_http_1_0_closes_unless_keep_alive(server: InferenceServer) -> None:
         assert read_response(sock)[0] == 200
         assert closed(sock)
     with connect(server) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        assert read_response(sock)[0] == 200
-        sock.sendall(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        assert read_response(sock)[0] == 200
+        for _ in range(2):
+            sock.sendall(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            status, headers, _ = read_response(sock)
+            assert (status, headers["connection"]) == (200, "keep-alive")  # said back
+
+
+INNER = b"GET /v1/model HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"POST /nowhere HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(INNER), 404),
+        (b"GET /healthz HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(INNER), 200),
+        (b"PUT /v1/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(INNER), 405),
+        (b"POST /v1/infer HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    ],
+)
+def test_a_body_nobody_reads_is_never_a_request(
+    server: InferenceServer, head: bytes, status: int
+) -> None:
+    """A route that does not read the body answers and closes: the body's bytes are not
+    parsed as the next request (no smuggling past a proxy)."""
+    with connect(server) as sock:
+        sock.sendall(head + INNER)
+        got, headers, _ = read_response(sock)
+        assert (got, headers["connection"]) == (status, "close")
+        assert closed(sock)
+
+
+def test_expect_100_only_where_the_body_is_wanted(server: InferenceServer) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        status, headers, _ = read_response(sock)  # no 100 Continue before it
+        assert (status, headers["connection"]) == (404, "close")
 
 
 @pytest.mark.parametrize(
@@ -243,11 +274,15 @@ def test_post_without_length_or_chunked_is_411(server: InferenceServer) -> None:
         assert closed(sock)
 
 
-def test_conflicting_content_lengths_are_400(server: InferenceServer) -> None:
+@pytest.mark.parametrize(
+    "length",
+    [b"2\r\nContent-Length: 40", b"+2", b"0_2", b" 2 2", b"-2", b"0x2", b"\xd9\xa2"],
+)
+def test_content_lengths_other_than_digits_are_400(server: InferenceServer, length: bytes) -> None:
+    """Conflicting or lax forms (int() would take "+2" and "0_2") frame nothing: 400, and
+    the connection closes, so no byte of the body is read as a request."""
     with connect(server) as sock:
-        sock.sendall(
-            b"POST /v1/infer HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}"
-        )
+        sock.sendall(b"POST /v1/infer HTTP/1.1\r\nContent-Length: %s\r\n\r\n{}" % length)
         assert read_response(sock)[0] == 400
         assert closed(sock)
 
