@@ -135,7 +135,9 @@ class OnnxRunner:
         return TensorSpec(arg.name, dtype, shape)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self._session.run(self._output_names, dict(feeds))
+        values = self._session.run(
+            self._output_names, feeds if type(feeds) is dict else dict(feeds)
+        )
         return dict(zip(self._output_names, values, strict=True))
 
 

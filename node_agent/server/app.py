@@ -373,6 +373,7 @@ class _Handler(socketserver.BaseRequestHandler):
     _http10 = False  # an HTTP/1.0 request (keep-alive only when it asks, and said back)
     _unread = False  # the request has a body the handler has not read
     sent = counted = 0  # inference answers sent / counted in the metrics
+    _latencies = (0.0, 0.0)  # the last answer's inference and request seconds
 
     def handle(self) -> None:
         app = self.server.app
@@ -600,20 +601,18 @@ class _Handler(socketserver.BaseRequestHandler):
             metrics.rejected.labels(str(exc.status)).inc()
             self._error(exc)
             return
+        # An answer like the last one to these headers reuses its head; decided before
+        # the run, so that the least Python runs on caches the inference evicts.
+        last = plan.last if plan is not None else None
+        if self.close_connection or self._http10 or app.draining:
+            last = None
         t0 = time.perf_counter()
         try:
             outputs = model.run(feeds)
             t1 = time.perf_counter()
-            payload: bytes | memoryview
-            last = plan.last if plan is not None else None
-            if (
-                last is not None
-                and (view := last.matches(outputs)) is not None
-                and not self.close_connection
-                and not self._http10
-                and not app.draining
-            ):
-                data, payload, nbytes = last.head, view, last.nbytes  # as it is
+            payload: bytes | memoryview | None = None
+            if last is not None and (payload := last.matches(outputs)) is not None:
+                data, nbytes = last.head, last.nbytes
             else:
                 data, payload = self._encode(model, outputs, answer, plan)
                 nbytes = None
@@ -626,22 +625,23 @@ class _Handler(socketserver.BaseRequestHandler):
             head = app.model_head(model)
             self._respond(failure.status, json.dumps(failure.as_dict()).encode(), head=head)
             return
-        answered_after = time.perf_counter() - started
-
-        def account() -> None:
-            """Counted once the answer has left, off the client's path; a scrape waits
-            for answers sent before it to be counted (InferenceServer.settle)."""
-            if self.counted < self.sent:
-                metrics.requests.inc()
-                metrics.inference_latency.observe(t1 - t0)
-                metrics.request_latency.observe(answered_after)
-                self.counted = self.sent
-
+        self._latencies = (t1 - t0, time.perf_counter() - started)
         self.sent += 1
         try:  # (a client slow to read is not waited for before counting: before_waiting)
-            self.conn.send(data, payload, nbytes, before_waiting=account)
+            self.conn.send(data, payload, nbytes, before_waiting=self._account)
         finally:
-            account()
+            self._account()
+
+    def _account(self) -> None:
+        """Count the answer just sent, once it has left: off the client's path. A scrape
+        waits for answers sent before it to be counted (InferenceServer.settle)."""
+        if self.counted < self.sent:
+            inference_s, request_s = self._latencies
+            metrics = self.server.app.metrics
+            metrics.requests.inc()
+            metrics.inference_latency.observe(inference_s)
+            metrics.request_latency.observe(request_s)
+            self.counted = self.sent
 
     def _decode(
         self, model: ActiveModel, body: Body, key: tuple[str | None, ...] | None

@@ -16,7 +16,9 @@ file object; all of it Python that runs on caches the inference has just evicted
   thread costs tens of microseconds on a VM (an idle vCPU halts); a client at concurrency
   1 is back within that window. It stops as soon as a client is slower than the window,
   resumes when one is quicker again, and the caller turns it off while any other request
-  is in flight (the CPU is theirs). The CPU it costs is counted (``polled_s``).
+  is in flight (the CPU is theirs). The rest of a request already arriving (a body longer
+  than one segment) is polled for too, until a poll for it is once in vain. The CPU it
+  costs is counted (``polled_s``).
 
 Limits: a request line of 64 KiB (414), 100 header lines of 64 KiB each and 256 KiB of
 head in all (431). Keep-alive idles out after ``idle_timeout_s`` (the kernel's
@@ -94,6 +96,7 @@ class Connection:
         self._last_request = Request("", "", "", {}, False)
         self._answered_at = 0.0  # when the last response left
         self._poll_next = True  # the client came back within the window last time
+        self._poll_rest = False  # poll for the rest of the request on its way
 
     def _new_buffer(self, size: int) -> None:
         if size > INITIAL_BUFFER:
@@ -112,8 +115,10 @@ class Connection:
         first when ``poll``; raises ``TimeoutError`` when the idle timeout passes.
         ``between``: the wait between two requests, where a large buffer is let go
         before sleeping (a client that is not quick keeps no more than KEEP_BUFFER)."""
-        if poll and (n := self._poll()) is not None:
-            return n
+        if poll:
+            if (n := self._poll(counted=between)) is not None:
+                return n
+            self._poll_rest = False  # a slow sender: sleep for the rest of this request
         if between and len(self._buffer) > KEEP_BUFFER and self._start == self._end:
             self._new_buffer(INITIAL_BUFFER)
             self._start = self._end = self._base + (-self._head_hint % ALIGN)
@@ -124,8 +129,9 @@ class Connection:
         self._end += n
         return n
 
-    def _poll(self) -> int | None:
-        """Spin on the socket for up to ``busy_poll_s``: what arrived, or ``None``."""
+    def _poll(self, counted: bool) -> int | None:
+        """Spin on the socket for up to ``busy_poll_s``: what arrived, or ``None``.
+        ``counted``: a hit is a request caught (else the rest of one on its way)."""
         free = self._view[self._end :]
         started = _perf()
         deadline = started + self.busy_poll_s
@@ -138,7 +144,7 @@ class Connection:
                 self.polled_s += _perf() - started
                 return None
             self.polled_s += _perf() - started
-            self.poll_hits += n > 0
+            self.poll_hits += counted and n > 0
             self._end += n
             return n
 
@@ -171,6 +177,8 @@ class Connection:
             # on an aligned offset.
             self._start = self._end = self._base + (-self._head_hint % ALIGN)
         poll = poll and self.busy_poll_s > 0 and self._poll_next
+        # The rest of a request already arriving is polled for too, until once in vain.
+        self._poll_rest = self.busy_poll_s > 0
         waited = False
         scanned = 0  # how much of the pending head has been searched in vain
         while True:
@@ -213,7 +221,8 @@ class Connection:
                 n = self._recv(poll, between=True)
                 self._poll_next = _perf() - self._answered_at <= self.busy_poll_s
             else:
-                n = self._recv(between=start == end)
+                # The rest of a head on its way: polled for (if polling at all).
+                n = self._recv(self._poll_rest and start != end, between=start == end)
             if n == 0:
                 return None  # closed (inside a head too: nobody is left to answer)
         if after - start > MAX_HEAD:
@@ -244,7 +253,7 @@ class Connection:
             while (have := self._end - self._start) < length:
                 if self._end == len(self._buffer):
                     self._make_room(min(length - have, max(INITIAL_BUFFER, have)))
-                if self._recv() == 0:
+                if self._recv(self._poll_rest) == 0:  # (the rest is on its way)
                     raise ConnectionError("the body ended before Content-Length")
         elif (self._start - self._base) % ALIGN and length >= ALIGN and have - length <= length:
             # Here already (pipelined): aligned only if that moves little besides it.
