@@ -82,6 +82,12 @@ log = logging.getLogger("node_agent.serve")
 State = Literal["starting", "loading", "ready", "failed", "draining", "stopped"]
 LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 _CTL = re.compile(r"[\x00-\x1f\x7f]")
+_BUSY_BODY = b'{"error": "too_many_connections", "detail": "retry later"}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+    % (len(_BUSY_BODY), _BUSY_BODY)
+)
 _MAX_PLANS = 64  # raw plans per version; a client cycling through more header sets than
 # that takes the general path more often
 _UNSUPPORTED = (
@@ -156,6 +162,7 @@ class InferenceServer:
         server_class = _HTTPServer6 if ":" in self.settings.host else _HTTPServer
         httpd = server_class((self.settings.host, self.settings.port), _Handler)
         httpd.app = self
+        httpd.slots = threading.Semaphore(self.settings.max_connections)
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever, kwargs={"poll_interval": 0.25}, name="http", daemon=True
@@ -342,10 +349,33 @@ class InferenceServer:
 
 
 class _HTTPServer(socketserver.ThreadingTCPServer):
+    """One thread per connection, at most ``max_connections`` at a time: one more is
+    answered 503 and closed at once (each connection holds a thread and a buffer)."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
     app: InferenceServer
+    slots: threading.Semaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.app.metrics.connections_refused.inc()
+            with contextlib.suppress(OSError):
+                request.send(_BUSY, socket.MSG_DONTWAIT)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client dropping its keep-alive connection is routine, not a traceback on stderr.
@@ -361,7 +391,7 @@ class _HTTPServer6(_HTTPServer):
 
 
 class _Handler(socketserver.BaseRequestHandler):
-    """One connection: its requests in order (see :mod:`node_agent.server.http`)."""
+    """One connection: its requests in order (see :mod:`node_agent.server.connection`)."""
 
     server: _HTTPServer
     request: socket.socket

@@ -14,6 +14,7 @@ REJECTED_TOTAL = "edgefleet_inference_rejected_total"
 SWAPS_TOTAL = "edgefleet_model_swaps_total"
 BUSY_POLL_SECONDS = "edgefleet_serve_busy_poll_seconds_total"
 BUSY_POLL_HITS = "edgefleet_serve_busy_poll_hits_total"
+CONNECTIONS_REFUSED = "edgefleet_serve_connections_refused_total"
 READY = contract.MODEL_READY
 
 # Edge models run from tens of microseconds (a small MLP) to seconds (a detector on a
@@ -88,6 +89,11 @@ class ServerMetrics:
         self.busy_poll_hits = Counter(
             _counter_name(BUSY_POLL_HITS),
             "Requests that arrived while their connection was being busy-polled",
+            registry=self.registry,
+        )
+        self.connections_refused = Counter(
+            _counter_name(CONNECTIONS_REFUSED),
+            "Connections answered 503 and closed: max_connections were open",
             registry=self.registry,
         )
         self.ready = Gauge(

@@ -65,6 +65,8 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_npz_members: int = Field(64, ge=1)
     idle_timeout_s: float = Field(75.0, gt=0, description="keep-alive idle timeout")
+    # Open connections at a time (a thread and a receive buffer each); one more: 503.
+    max_connections: int = Field(256, ge=1)
     # After an answer, poll the connection this long for the client's next request
     # before sleeping (0: never). Saves the wake-up of a sleeping thread (tens of us on a
     # VM) for clients that come back at once; costs at most this much CPU per request,

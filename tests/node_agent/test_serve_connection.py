@@ -27,7 +27,7 @@ from node_agent.server.connection import (
     HttpError,
     Request,
 )
-from node_agent.server.metrics import BUSY_POLL_HITS, BUSY_POLL_SECONDS
+from node_agent.server.metrics import BUSY_POLL_HITS, BUSY_POLL_SECONDS, CONNECTIONS_REFUSED
 from node_agent.server.tensors import RAW_TYPE as RAW
 from node_agent.server.tensors import RawAnswer, RawPlan
 from tests.node_agent.test_serve import scrape, value
@@ -403,3 +403,29 @@ def test_busy_polling_is_counted(models: Models, tmp_path: Path, busy_poll_us: i
             assert 0 < seconds < 19 * busy_poll_us / 1e6
         else:
             assert (hits, seconds) == (0, 0)
+
+
+def test_connections_over_the_limit_are_503(models: Models, tmp_path: Path) -> None:
+    with running(settings_for(tmp_path, models.cnn, max_connections=2)) as server:
+        first, second = connect(server), connect(server)
+        for sock in (first, second):  # both served, both kept open
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert read_response(sock)[0] == 200
+        with connect(server) as third:
+            status, headers, body = read_response(third)
+            assert (status, headers["retry-after"]) == (503, "1")
+            assert b"too_many_connections" in body
+            assert closed(third)
+        first.close()
+        deadline = time.monotonic() + 10
+        while True:  # the slot comes back once the server has seen the close
+            with connect(server) as again:
+                again.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+                status = read_response(again)[0]
+            if status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert status == 200
+        with httpx.Client(base_url=server.url) as c:
+            assert value(scrape(c), CONNECTIONS_REFUSED) >= 1
+        second.close()
