@@ -6,6 +6,7 @@ the p95 gate on its canary and is rolled back."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -27,7 +28,7 @@ from controller.api.app import create_app
 from controller.kube.local import stop_all
 from controller.registry import samples
 from controller.rollouts import service
-from controller.settings import Settings
+from controller.settings import Settings, get_settings
 from tests.live import LiveController, free_port
 from tests.rollouts.helpers import apply, rollout_id
 
@@ -94,9 +95,41 @@ class Traffic:
 
 @pytest.fixture
 def fleet(
-    settings: Settings, committed: None, redis_available: None, tmp_path: Path
+    settings: Settings,
+    committed: None,
+    redis_available: None,
+    tmp_path: Path,
 ) -> Iterator[dict[str, Any]]:
     controller = Controller(settings)
+    with task_settings(controller.settings):
+        yield from _fleet(controller, tmp_path)
+
+
+@contextlib.contextmanager
+def task_settings(settings: Settings) -> Iterator[None]:
+    """Tasks run in-process (eager) take ``get_settings()``, from the environment: it must
+    know the controller's URL too, or a wave such a task starts points its nodes at the
+    default URL for their artifact (seen: a node that never turned ready)."""
+    env = {
+        "EDGEFLEET_PUBLIC_URL": settings.public_url,
+        "EDGEFLEET_AGENT_JOIN_TOKEN": "join-me",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    try:
+        assert get_settings().public_url == settings.public_url
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
+
+
+def _fleet(controller: Controller, tmp_path: Path) -> Iterator[dict[str, Any]]:
     base = random.randint(21000, 29000)
     ports = [base + i for i in range(NODES)]
     agents: list[subprocess.Popen[bytes]] = []
@@ -205,6 +238,18 @@ def serving(ports: list[int]) -> list[str | None]:
     return out
 
 
+def story(fleet: dict[str, Any], name: str) -> str:
+    """What happened, for a failed assertion: the rollout's events, oldest first, and the
+    end of every node's edgefleet-serve log."""
+    http = fleet["controller"].http
+    events = http.get(f"/v1/rollouts/{name}/events", params={"limit": 200}).json()
+    lines = [f"{e['reason']}: {e['message']} {e['data'].get('gate') or ''}" for e in events]
+    for log in sorted((fleet["tmp"] / "nodes").rglob("serve.log")):
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        lines += [f"--- {log.parent.name}/serve.log", *tail]
+    return "\n".join(["", *reversed(lines[: len(events)]), *lines[len(events) :]])
+
+
 def test_agents_measurements_drive_the_gates(fleet: dict[str, Any]) -> None:
     controller: Controller = fleet["controller"]
     http = controller.http
@@ -213,10 +258,7 @@ def test_agents_measurements_drive_the_gates(fleet: dict[str, Any]) -> None:
 
     assert apply(http, rollout("light", "1.0.0")).status_code == 200
     phase = drive(controller, "light")
-    events = http.get("/v1/rollouts/light/events", params={"limit": 200}).json()
-    assert phase == "Succeeded", [
-        (e["reason"], e["message"], e["data"].get("gate")) for e in events
-    ]
+    assert phase == "Succeeded", story(fleet, "light")
     assert serving(fleet["ports"]) == ["1.0.0"] * NODES
     events = http.get("/v1/rollouts/light/events", params={"limit": 200}).json()
     passed = [e for e in events if e["reason"] == "GatePassed"]
@@ -228,7 +270,7 @@ def test_agents_measurements_drive_the_gates(fleet: dict[str, Any]) -> None:
     assert all(n["last_heartbeat_at"] for n in nodes)  # every agent enrolled and reports
 
     assert apply(http, rollout("heavy", "2.0.0")).status_code == 200
-    assert drive(controller, "heavy") == "RolledBack"
+    assert drive(controller, "heavy") == "RolledBack", story(fleet, "heavy")
     failed = next(
         e
         for e in http.get("/v1/rollouts/heavy/events", params={"limit": 200}).json()
