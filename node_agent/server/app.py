@@ -633,9 +633,7 @@ class _Handler(socketserver.BaseRequestHandler):
             return
         # An answer like the last one to these headers reuses its head; decided before
         # the run, so that the least Python runs on caches the inference evicts.
-        last = plan.last if plan is not None else None
-        if self.close_connection or self._http10 or app.draining:
-            last = None
+        last = plan.last if plan is not None and self._plain_head else None
         t0 = time.perf_counter()
         try:
             outputs = model.run(feeds)
@@ -741,9 +739,15 @@ class _Handler(socketserver.BaseRequestHandler):
             answer = JSON_TYPE
         head_model = self.server.app.model_head(model)
         data = self._head(200, answer, len(payload), tensor_headers, head_model)
-        if answer == RAW_TYPE and plan is not None and not (self.close_connection or self._http10):
-            plan.remember(outputs, data)
+        if answer == RAW_TYPE and plan is not None and self._plain_head:
+            plan.remember(outputs, data, payload)
         return data, payload
+
+    @property
+    def _plain_head(self) -> bool:
+        """Whether this answer's head says nothing about the connection (the only heads
+        a plan keeps and reuses)."""
+        return not (self.close_connection or self._http10 or self.server.app.draining)
 
     def admin_swap(self) -> None:
         app = self.server.app

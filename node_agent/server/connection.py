@@ -121,7 +121,7 @@ class Connection:
             self._poll_rest = False  # a slow sender: sleep for the rest of this request
         if between and len(self._buffer) > KEEP_BUFFER and self._start == self._end:
             self._new_buffer(INITIAL_BUFFER)
-            self._start = self._end = self._base + (-self._head_hint % ALIGN)
+            self._rewind()
         try:
             n = self.sock.recv_into(self._view[self._end :])
         except BlockingIOError as exc:  # SO_RCVTIMEO
@@ -148,6 +148,11 @@ class Connection:
             self._end += n
             return n
 
+    def _rewind(self) -> None:
+        """Nothing pending: receive from where a head of the last one's length puts the
+        body on an aligned offset."""
+        self._start = self._end = self._base + (-self._head_hint % ALIGN)
+
     def _make_room(self, needed: int, align_at: int | None = None) -> None:
         """Free space for ``needed`` more bytes than the unread ones; ``align_at``: an
         offset into the unread bytes that must land 64-byte aligned."""
@@ -158,14 +163,13 @@ class Connection:
             return
         shift = 0 if align_at is None else -align_at % ALIGN
         want = self._base + shift + pending + needed
+        unread: bytes | memoryview = self._view[self._start : self._end]
         if want > size:
-            old = self._view[self._start : self._end]
             self._new_buffer(max(want + ALIGN, 2 * size))
-            start = self._base + shift
-            self._buffer[start : start + pending] = old
         else:
-            start = self._base + shift
-            self._buffer[start : start + pending] = self._buffer[self._start : self._end]
+            unread = bytes(unread)  # (moved within the same buffer: copied out first)
+        start = self._base + shift
+        self._buffer[start : start + pending] = unread
         self._start, self._end = start, start + pending
 
     def next_request(self, *, poll: bool = False) -> Request | None:
@@ -173,9 +177,7 @@ class Connection:
         between requests. ``poll``: busy-poll for it (if the connection is set up to and
         the client was quick last time). Raises :class:`HttpError` for a malformed head."""
         if self._start == self._end:
-            # Nothing pending: start where a head of the last one's length puts the body
-            # on an aligned offset.
-            self._start = self._end = self._base + (-self._head_hint % ALIGN)
+            self._rewind()
         poll = poll and self.busy_poll_s > 0 and self._poll_next
         # The rest of a request already arriving is polled for too, until once in vain.
         self._poll_rest = self.busy_poll_s > 0

@@ -374,10 +374,14 @@ class RawPlan:
             return None  # (a big-endian host swaps every raw body: no plan)
         return cls(name, array.dtype, array.shape, array.nbytes, answer)
 
-    def remember(self, outputs: Mapping[str, np.ndarray], head: bytes) -> None:
-        """Keep a raw answer's head (``encode_raw`` took the output as it is)."""
+    def remember(
+        self, outputs: Mapping[str, np.ndarray], head: bytes, payload: bytes | memoryview
+    ) -> None:
+        """Keep a raw answer's head, when its payload (from :func:`encode_raw`) is the
+        output's own memory: an answer like it can then be sent as it is."""
         ((name, array),) = outputs.items()
-        if array.dtype.str in _RAW_NAMES and array.flags.c_contiguous and array.size:
+        exporter: object = payload.obj if isinstance(payload, memoryview) else None
+        if exporter is array:
             self.last = RawAnswer(name, array.dtype, array.shape, array.nbytes, head)
 
 
