@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,8 @@ from typing import Any
 import typer
 import typer.main
 from typer.core import TyperCommand, TyperGroup
+
+from controller.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,3 +90,17 @@ def _parse(command: Any, args: list[str], info_name: str) -> None:
         raise AssertionError(f"{' '.join(path)} {' '.join(args)}: {exc.format_message()}") from exc
     except typer.Exit as exc:  # --help, --version: valid, but not a service's command
         raise AssertionError(f"{' '.join(path)} {' '.join(args)} only prints and exits") from exc
+
+
+def keepalive_settings(env: Mapping[str, str]) -> Settings:
+    """The API's idle-connection timeout (which ``edgefleet server`` hands uvicorn) and the
+    agents' suggested heartbeat interval, as a deployment's environment sets them (the
+    default where it does not)."""
+    return Settings(
+        _env_file=None,
+        api_keepalive_timeout_s=env["EDGEFLEET_API_KEEPALIVE_TIMEOUT_S"],
+        agent_heartbeat_interval_s=env.get(
+            "EDGEFLEET_AGENT_HEARTBEAT_INTERVAL_S",
+            Settings.model_fields["agent_heartbeat_interval_s"].default,
+        ),
+    )

@@ -28,7 +28,7 @@ from controller.db.migrate import head_revision
 from controller.settings import Settings
 from tests.conftest import PG_ROOT, REDIS_URL, create_database, drop_database
 from tests.deploy import compose
-from tests.deploy.cli import check_command, installed_script
+from tests.deploy.cli import check_command, installed_script, keepalive_settings
 from tests.live import free_port
 
 CONTROLLER_SERVICES = ("migrate", "api", "worker", "beat")
@@ -155,14 +155,7 @@ def test_api_keeps_agent_connections_open(services: dict[str, Any]) -> None:
     heartbeat to the next. test_api_answers_health_and_readiness checks that the running
     server really keeps one open past uvicorn's own default."""
     env = compose.service_environment(services["api"])
-    settings = Settings(
-        _env_file=None,
-        api_keepalive_timeout_s=env["EDGEFLEET_API_KEEPALIVE_TIMEOUT_S"],
-        agent_heartbeat_interval_s=env.get(
-            "EDGEFLEET_AGENT_HEARTBEAT_INTERVAL_S",
-            Settings.model_fields["agent_heartbeat_interval_s"].default,
-        ),
-    )
+    settings = keepalive_settings(env)
     assert settings.api_keepalive_timeout_s > settings.agent_heartbeat_interval_s
     assert settings.api_keepalive_timeout_s > UVICORN_KEEPALIVE_S
 

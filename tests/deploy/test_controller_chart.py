@@ -9,7 +9,7 @@ import pytest
 
 from controller.settings import DEV_SECRET, Settings
 from tests.deploy import kube
-from tests.deploy.cli import check_command
+from tests.deploy.cli import check_command, keepalive_settings
 from tests.deploy.kube import Obj
 
 CHART = "edgefleet"
@@ -226,14 +226,7 @@ def test_api_keeps_agent_connections_open(scenario: str) -> None:
     values = kube.merged_values(CHART, kube.scenario_values(CHART, scenario))
     config = kube.one(objs, "ConfigMap")["data"]
     assert config["EDGEFLEET_API_KEEPALIVE_TIMEOUT_S"] == str(values["api"]["keepAliveTimeoutS"])
-    settings = Settings(
-        _env_file=None,
-        api_keepalive_timeout_s=config["EDGEFLEET_API_KEEPALIVE_TIMEOUT_S"],
-        agent_heartbeat_interval_s=config.get(
-            "EDGEFLEET_AGENT_HEARTBEAT_INTERVAL_S",
-            Settings.model_fields["agent_heartbeat_interval_s"].default,
-        ),
-    )
+    settings = keepalive_settings(config)
     assert settings.api_keepalive_timeout_s > settings.agent_heartbeat_interval_s
     assert settings.api_keepalive_timeout_s > 60
     # The API container runs the server with that ConfigMap as its environment.
