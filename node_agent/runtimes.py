@@ -140,6 +140,64 @@ class OnnxRunner:
         )
         return dict(zip(self._output_names, values, strict=True))
 
+    def bind(
+        self,
+        input: str,
+        dtype: np.dtype[Any],
+        shape: Sequence[int],
+        outputs: Mapping[str, tuple[np.dtype[Any], Sequence[int]]],
+    ) -> OnnxBinding:
+        """A :class:`OnnxBinding` of one input of this dtype and shape, read from wherever
+        :meth:`OnnxBinding.run` is told, and of these outputs, written into arrays of
+        their own."""
+        return OnnxBinding(self._session, input, dtype, shape, outputs)
+
+
+class OnnxBinding:
+    """One run of a session, set up once and repeated: the input is read in place from a
+    memory address (a request's body in a receive buffer) and the outputs are written
+    into arrays allocated once, which every run returns again. The caller owns them until
+    its next run; one binding serves one thread.
+
+    Why: ``session.run`` converts its feeds to tensors and its results to new arrays on
+    every call. A binding that stays the same skips that: on a 1.5 ms CNN it runs about
+    40 us (2.5-3 %) faster than ``session.run`` on the same array, on a 30 us one about
+    10 us. Rebinding the input costs all of that again (onnxruntime prepares a changed
+    binding anew on its next run), so the input is rebound only when its address moves.
+
+    A run fails when an output comes out in another shape than the one allocated (an
+    output whose size depends on the data): the caller then goes back to ``run``."""
+
+    def __init__(
+        self,
+        session: Any,
+        input: str,
+        dtype: np.dtype[Any],
+        shape: Sequence[int],
+        outputs: Mapping[str, tuple[np.dtype[Any], Sequence[int]]],
+    ) -> None:
+        self._session = session
+        self._binding = session.io_binding()
+        self._input = (input, np.dtype(dtype), [int(d) for d in shape])
+        self._address = 0
+        self.outputs = {name: np.empty(tuple(dims), dt) for name, (dt, dims) in outputs.items()}
+        for name, array in self.outputs.items():
+            self._binding.bind_output(
+                name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data
+            )
+
+    def run(self, address: int) -> dict[str, np.ndarray]:
+        """Run on the input's bytes at ``address`` (valid and aligned for the input's
+        dtype, for the whole call); the outputs are this binding's own arrays."""
+        if address != self._address:
+            name, dtype, shape = self._input
+            self._binding.bind_input(name, "cpu", 0, dtype, shape, address)
+            self._address = address
+        # (No RunOptions: onnxruntime 1.32 looks a missing entry up in one through a C++
+        # exception, 35 us per run.)
+        self._session.run_with_iobinding(self._binding)
+        return self.outputs
+
 
 class TfliteRunner:
     def __init__(self, model: Path | bytes, *, threads: int = 1) -> None:

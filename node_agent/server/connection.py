@@ -68,13 +68,15 @@ class Request:
     keep_alive: bool
 
 
-def _address(buffer: bytearray) -> int:
+def _address(buffer: bytearray | mmap.mmap) -> int:
     """Where ``buffer``'s bytes start in memory (the export ends with this call)."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 class Connection:
     """One client socket: :meth:`next_request`, :meth:`read_body`, :meth:`send`."""
+
+    body_address = 0  # where the last body read_body returned starts in memory
 
     def __init__(self, sock: socket.socket, *, idle_timeout_s: float, busy_poll_s: float = 0):
         self.sock = sock
@@ -103,10 +105,10 @@ class Connection:
             # A mapping of its own: pages are committed as bytes arrive, and given back
             # to the system when the buffer is let go (malloc would keep them).
             self._buffer = mmap.mmap(-1, size)
-            self._base = 0  # page-aligned
         else:
             self._buffer = bytearray(size)
-            self._base = -_address(self._buffer) % ALIGN  # first 64-byte aligned offset
+        self._address = _address(self._buffer)
+        self._base = -self._address % ALIGN  # the first 64-byte aligned offset
         self._view = memoryview(self._buffer)
 
     # ------------------------------------------------------------------ receiving
@@ -262,6 +264,7 @@ class Connection:
             self._make_room(0, align_at=0)
         start = self._start
         self._start += length
+        self.body_address = self._address + start
         return self._view[start : start + length]
 
     def discard(self, length: int, budget_s: float) -> None:

@@ -12,13 +12,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from node_agent.cache import ArtifactCache
 from node_agent.runtimes import InputHints, Runner, generate_inputs, open_runner
-from node_agent.server.tensors import RawPlan
+from node_agent.server.tensors import RawAnswer, RawPlan
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,47 @@ RunnerFactory = Callable[[Path, str, int], Runner]
 """(model file, format, intra-op threads) -> Runner."""
 
 _NO_HINTS = InputHints(dims={}, shapes={}, values={})
+MAX_BOUND_OUTPUT = 1024 * 1024
+"""The largest answer (bytes) a connection keeps an output array for between requests, as
+its receive buffer is kept (see ``connection.KEEP_BUFFER``); a larger one is allocated per
+run."""
+
+
+class Binding(Protocol):
+    """A runtime's run set up once for one input and its outputs (``OnnxBinding``)."""
+
+    outputs: dict[str, np.ndarray]
+
+    def run(self, address: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(slots=True)
+class BoundPlan:
+    """A connection's binding for one raw plan: its requests run in place on their body
+    and are answered from the binding's own output array with ``answer``'s head."""
+
+    plan: RawPlan
+    answer: RawAnswer
+    binding: Binding
+    payload: memoryview  # the output array's bytes: every answer's payload
+    alignment: int  # the input dtype's: a body elsewhere takes the general path
+
+    def run(self, address: int) -> bool:
+        """Run on the body at ``address``; ``False`` where it is not aligned for the input
+        (pipelined bodies may land anywhere). The answer is in ``payload``. Raises what
+        the run raises: see :meth:`failed`."""
+        if address % self.alignment:
+            return False
+        self.binding.run(address)
+        return True
+
+    def failed(self, error: Exception) -> None:
+        """A bound run raised ``error`` where the same request run the general way then
+        passed: the binding is what failed (an output whose shape depends on the data),
+        so the plan is bound no more, on any connection. (Where the general run fails
+        too, the error is the model's own, and the binding stays.)"""
+        self.plan.bindable = False
+        log.info("raw requests of this shape run unbound from now on: %s", error)
 
 
 class ModelLoadError(RuntimeError):
@@ -76,6 +117,10 @@ class ActiveModel:
     raw_plans: dict[tuple[str | None, ...], RawPlan] = field(
         default_factory=dict, init=False, repr=False
     )
+    # Each connection's binding (keyed by its id), one at a time: kept by the version, so
+    # that a swap lets them go with it instead of an idle connection holding the old one.
+    bindings: dict[int, BoundPlan] = field(default_factory=dict, init=False, repr=False)
+    answer_head: str | None = field(default=None, init=False, repr=False)  # X-Model-* lines
 
     @property
     def runtime(self) -> str:
@@ -92,6 +137,31 @@ class ActiveModel:
             return self.runner.run(feeds)
         with self._lock:
             return self.runner.run(feeds)
+
+    def bound(self, owner: int, plan: RawPlan, answer: RawAnswer) -> BoundPlan | None:
+        """``owner``'s binding for ``plan``, whose requests were answered with ``answer``
+        (made on first use, replacing the owner's last one); ``None`` where the runtime
+        binds nothing (TFLite), the answer is too large to keep, or a bound run failed."""
+        held = self.bindings.get(owner)
+        if held is not None and held.plan is plan:
+            return held if plan.bindable else None
+        bind = getattr(self.runner, "bind", None)
+        if bind is None or not plan.bindable or not self.thread_safe:
+            return None
+        if answer.nbytes > MAX_BOUND_OUTPUT or not answer.nbytes:
+            return None
+        try:
+            binding: Binding = bind(
+                plan.input, plan.dtype, plan.shape, {answer.output: (answer.dtype, answer.shape)}
+            )
+        except Exception as exc:
+            plan.bindable = False
+            log.debug("no binding for %s %s: %s", self.name, self.version, exc)
+            return None
+        payload = binding.outputs[answer.output].data.cast("B")
+        held = BoundPlan(plan, answer, binding, payload, plan.dtype.alignment)
+        self.bindings[owner] = held
+        return held
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -362,6 +362,7 @@ class RawPlan:
     nbytes: int
     answer: str
     last: RawAnswer | None = None
+    bindable: bool = True  # False once a bound run of it failed (see model.BoundPlan)
 
     @classmethod
     def of(
