@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 import socket
 import threading
 import time
@@ -17,6 +19,23 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_port_run(count: int, low: int = 21000, high: int = 29000) -> int:
+    """The first of ``count`` consecutive loopback ports that are all free now (a
+    service of the machine may hold one anywhere: RabbitMQ's 25672, say)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randint(low, high - count)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + count):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports between {low} and {high}")
 
 
 class LiveController:

@@ -63,6 +63,7 @@ def nodes_by_key(session: Session, keys: Iterable[tuple[str, str]]) -> dict[tupl
         select(Node, Cluster.name)
         .join(Cluster)
         .where(Cluster.name.in_(clusters), Node.name.in_(names))
+        .order_by(Node.id)  # (locked in id order, as ingestion locks them: no deadlock)
         .with_for_update(of=Node)
     )
     return {(r[1], r[0].name): r[0] for r in rows if (r[1], r[0].name) in wanted}
@@ -220,15 +221,24 @@ def write_heartbeats(
 ) -> None:
     """Nodes (by id) seen at ``now``: Ready, their last_seq and CPU model; assignments'
     (by id) new metric windows. One executemany each (updated_at is set by the columns'
-    onupdate)."""
+    onupdate), in id order: the reconciler's flushes update assignments in id order too
+    (SQLAlchemy sorts a flush by primary key), and two writers that take row locks in
+    one order never deadlock."""
     conn = session.connection()
     if nodes:
         conn.execute(
             _NODE_SEEN,
             [
                 {"b_id": i, "b_seq": seen.last_seq, "b_at": now, "b_cpu": seen.cpu_model}
-                for i, seen in nodes.items()
+                for i, seen in sorted(nodes.items(), key=_first)
             ],
         )
     if metrics:
-        conn.execute(_ASSIGNMENT_METRICS, [{"b_id": i, "b_metrics": m} for i, m in metrics.items()])
+        conn.execute(
+            _ASSIGNMENT_METRICS,
+            [{"b_id": i, "b_metrics": m} for i, m in sorted(metrics.items(), key=_first)],
+        )
+
+
+def _first(item: tuple[int, Any]) -> int:
+    return item[0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from controller.kube.local import stop_all
 from controller.registry import samples
 from controller.rollouts import service
 from controller.settings import Settings, get_settings
-from tests.live import LiveController, free_port
+from tests.live import LiveController, free_port, free_port_run
 from tests.rollouts.helpers import apply, rollout_id
 
 NODES = 3
@@ -130,7 +129,7 @@ def task_settings(settings: Settings) -> Iterator[None]:
 
 
 def _fleet(controller: Controller, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    base = random.randint(21000, 29000)
+    base = free_port_run(NODES)
     ports = [base + i for i in range(NODES)]
     agents: list[subprocess.Popen[bytes]] = []
     traffic = Traffic(ports)
