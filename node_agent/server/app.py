@@ -445,7 +445,7 @@ class _Handler(socketserver.BaseRequestHandler):
         finally:
             app.handlers.discard(self)
             if (model := app.current) is not None:
-                model.bindings.pop(id(self), None)
+                model.unbind(id(self))
 
     def _serve(self, conn: Connection) -> None:
         app = self.server.app
@@ -686,8 +686,8 @@ class _Handler(socketserver.BaseRequestHandler):
         app = self.server.app
         model = app.current
         plan = replay.plan
-        bound = model.bindings.get(id(self)) if model is not None and app.ready else None
-        if model is None or bound is None or bound.plan is not plan or app.draining:
+        bound = model.binding_of(id(self), plan) if model is not None and app.ready else None
+        if model is None or bound is None:  # (ready: not draining either)
             if (handler := self._lookup(self.command)) is not None:
                 handler(self)
             return

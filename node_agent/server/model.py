@@ -30,6 +30,12 @@ MAX_BOUND_OUTPUT = 1024 * 1024
 """The largest answer (bytes) a connection keeps an output array for between requests, as
 its receive buffer is kept (see ``connection.KEEP_BUFFER``); a larger one is allocated per
 run."""
+BINDINGS_PER_CONNECTION = 4
+"""A connection's bindings, the most recently made kept (a client that alternates a few
+header sets keeps each one's)."""
+BOUND_BYTES = 64 * 1024 * 1024
+"""The output arrays all bindings of a version may hold between requests, idle
+connections' too; past it, requests run unbound."""
 
 
 class Binding(Protocol):
@@ -117,9 +123,11 @@ class ActiveModel:
     raw_plans: dict[tuple[str | None, ...], RawPlan] = field(
         default_factory=dict, init=False, repr=False
     )
-    # Each connection's binding (keyed by its id), one at a time: kept by the version, so
+    # Each connection's bindings (by its id, then by its plan's): kept by the version, so
     # that a swap lets them go with it instead of an idle connection holding the old one.
-    bindings: dict[int, BoundPlan] = field(default_factory=dict, init=False, repr=False)
+    bindings: dict[int, dict[int, BoundPlan]] = field(default_factory=dict, init=False, repr=False)
+    bound_bytes: int = field(default=0, init=False, repr=False)  # their output arrays
+    _bind_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     answer_head: str | None = field(default=None, init=False, repr=False)  # X-Model-* lines
 
     @property
@@ -138,30 +146,56 @@ class ActiveModel:
         with self._lock:
             return self.runner.run(feeds)
 
-    def bound(self, owner: int, plan: RawPlan, answer: RawAnswer) -> BoundPlan | None:
-        """``owner``'s binding for ``plan``, whose requests were answered with ``answer``
-        (made on first use, replacing the owner's last one); ``None`` where the runtime
-        binds nothing (TFLite), the answer is too large to keep, or a bound run failed."""
+    def binding_of(self, owner: int, plan: RawPlan) -> BoundPlan | None:
+        """``owner``'s binding for ``plan``, if it has one."""
         held = self.bindings.get(owner)
-        if held is not None and held.plan is plan:
-            return held if plan.bindable else None
+        found = held.get(id(plan)) if held is not None else None
+        return found if found is not None and found.plan is plan else None
+
+    def bound(self, owner: int, plan: RawPlan, answer: RawAnswer) -> BoundPlan | None:
+        """``owner``'s binding for ``plan``, whose requests were answered with ``answer``,
+        made on first use; ``None`` where the runtime binds nothing (TFLite), the answer
+        is too large to keep or over the version's budget, or a bound run failed."""
+        found = self.binding_of(owner, plan)
+        if found is not None:
+            return found if plan.bindable else None
         bind = getattr(self.runner, "bind", None)
         if bind is None or not plan.bindable or not self.thread_safe:
             return None
-        if answer.nbytes > MAX_BOUND_OUTPUT or not answer.nbytes:
+        size = answer.nbytes
+        if size > MAX_BOUND_OUTPUT or not size:
             return None
+        with self._bind_lock:
+            if self.bound_bytes + size > BOUND_BYTES:
+                return None
+            self.bound_bytes += size
         try:
             binding: Binding = bind(
                 plan.input, plan.dtype, plan.shape, {answer.output: (answer.dtype, answer.shape)}
             )
         except Exception as exc:
+            self._release(size)
             plan.bindable = False
             log.debug("no binding for %s %s: %s", self.name, self.version, exc)
             return None
         payload = binding.outputs[answer.output].data.cast("B")
-        held = BoundPlan(plan, answer, binding, payload, plan.dtype.alignment)
-        self.bindings[owner] = held
-        return held
+        made = BoundPlan(plan, answer, binding, payload, plan.dtype.alignment)
+        held = self.bindings.setdefault(owner, {})  # (only the owner's thread writes it)
+        if (stale := held.pop(id(plan), None)) is not None:  # a dead plan's id, reused
+            self._release(stale.answer.nbytes)
+        while len(held) >= BINDINGS_PER_CONNECTION:
+            self._release(held.pop(next(iter(held))).answer.nbytes)
+        held[id(plan)] = made
+        return made
+
+    def unbind(self, owner: int) -> None:
+        """Let go of ``owner``'s bindings (its connection closed)."""
+        for gone in self.bindings.pop(owner, {}).values():
+            self._release(gone.answer.nbytes)
+
+    def _release(self, size: int) -> None:
+        with self._bind_lock:
+            self.bound_bytes -= size
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -21,6 +21,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from node_agent.runtimes import OnnxBinding, OnnxRunner
+from node_agent.server import model as model_module
 from node_agent.server.app import InferenceServer, _Handler
 from node_agent.server.model import ActiveModel
 from node_agent.server.tensors import RAW_TYPE, RawAnswer, RawPlan
@@ -99,6 +100,45 @@ def test_a_binding_refuses_an_output_of_another_shape(tmp_path: Path) -> None:
         binding.run(at)
 
 
+def test_a_binding_checks_its_outputs_land_in_its_arrays(models: Models) -> None:
+    """Where onnxruntime answers an output from other memory than the bound array, the
+    run raises rather than return the array's old bytes."""
+    runner = OnnxRunner(models.cnn, threads=1)
+    binding = runner.bind(
+        "image",
+        np.dtype(np.float32),
+        (1, 3, 32, 32),
+        {"probabilities": (np.dtype(np.float32), (1, 10))},
+    )
+    _, at = aligned(image(0).nbytes + 64)
+    binding.run(at)  # checked once, after the first run at this address
+    binding.outputs["probabilities"] = np.empty((1, 10), np.float32)  # not what is bound
+    binding.run(at)  # (not checked again at the same address)
+    with pytest.raises(RuntimeError, match="from other memory"):
+        binding.run(at + 64)  # a new address: checked again
+
+
+def build_echo_model() -> bytes:
+    """No nodes: the output is the input itself."""
+    graph = helper.make_graph(
+        [],
+        "echo",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def raw_vector(x: np.ndarray) -> bytes:
+    return (
+        "POST /v1/infer HTTP/1.1\r\nContent-Type: application/octet-stream\r\n"
+        f"X-Tensor-Dtype: {x.dtype.name}\r\nX-Tensor-Shape: {len(x)}\r\n"
+        f"Content-Length: {x.nbytes}\r\n\r\n"
+    ).encode() + x.tobytes()
+
+
 # ---------------------------------------------------------------------- the server
 Counter = dict[str, int]
 
@@ -118,6 +158,19 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Counter:
     monkeypatch.setattr(OnnxBinding, "run", counting("bound", OnnxBinding.run))
     monkeypatch.setattr(_Handler, "_infer_again", counting("replayed", _Handler._infer_again))
     return counts
+
+
+@pytest.fixture
+def bindings_made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    made: list[str] = []
+    inner = OnnxRunner.bind
+
+    def bind(self: OnnxRunner, input: str, *args: Any) -> OnnxBinding:
+        made.append(input)
+        return inner(self, input, *args)
+
+    monkeypatch.setattr(OnnxRunner, "bind", bind)
+    return made
 
 
 def infer(sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -254,9 +307,12 @@ def test_outputs_whose_shape_depends_on_the_data(tmp_path: Path, counted: Counte
     assert counted == {"bound": 1, "replayed": 0}  # the one that failed, then none
 
 
-def test_a_model_error_keeps_the_binding(models: Models, tmp_path: Path, counted: Counter) -> None:
+def test_a_model_error_keeps_the_binding(
+    models: Models, tmp_path: Path, counted: Counter, capfd: pytest.CaptureFixture[str]
+) -> None:
     """A run that fails in the runtime whatever the path (an index out of the table) is
-    the model's 500, not the binding's fault: the next good request runs bound again."""
+    the model's 500, not the binding's fault: the next good request runs bound again.
+    The bound attempt is quiet: onnxruntime logs the error once, from the general run."""
 
     def lookup(index: int) -> bytes:
         return (
@@ -274,9 +330,11 @@ def test_a_model_error_keeps_the_binding(models: Models, tmp_path: Path, counted
                 200,
                 [4.0 * index + k for k in range(4)],
             )
+        capfd.readouterr()
         status, _, body = infer(sock, lookup(99))
         assert status == 500
         assert b"inference_failed" in body
+        assert capfd.readouterr().err.count("indices element out of data bounds") == 1
         bound = counted["bound"]
         status, _, body = infer(sock, lookup(5))
         assert (status, np.frombuffer(body, np.float32).tolist()) == (200, [20.0, 21, 22, 23])
@@ -381,3 +439,53 @@ def test_tflite_runs_unbound(models: Models, tmp_path: Path) -> None:
                 (want,) = model.runner.run({spec.name: x}).values()
                 np.testing.assert_allclose(np.frombuffer(body, want.dtype), want.ravel())
         assert not model.bindings
+
+
+def test_a_model_that_echoes_its_input_is_answered_right(tmp_path: Path, counted: Counter) -> None:
+    path = tmp_path / "echo.onnx"
+    path.write_bytes(build_echo_model())
+    with (
+        running(settings_for(tmp_path, path, model_name="echo")) as server,
+        connect(server) as sock,
+    ):
+        for k in range(5):
+            x = np.arange(4, dtype=np.float32) + 1000 * k
+            status, _, body = infer(sock, raw_vector(x))
+            assert status == 200, body
+            assert np.frombuffer(body, np.float32).tolist() == x.tolist()
+    assert counted["bound"] == 0
+
+
+def test_a_client_alternating_header_sets_keeps_a_binding_for_each(
+    cnn_server: InferenceServer, models: Models, counted: Counter, bindings_made: list[str]
+) -> None:
+    with connect(cnn_server) as sock:
+        for seed in range(12):
+            x = image(seed)
+            extra = "Accept: application/octet-stream\r\n" if seed % 2 else ""  # two plans
+            check_cnn(models.cnn, x, infer(sock, raw_request(x, extra)))
+    assert len(bindings_made) == 2
+    assert counted["bound"] == 12 - 2  # each set's first request makes its plan
+
+
+def test_bindings_stay_within_the_versions_budget(
+    cnn_server: InferenceServer,
+    models: Models,
+    counted: Counter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the budget for output arrays, a connection runs unbound (answered right);
+    a connection that closes gives its share back."""
+    monkeypatch.setattr(model_module, "BOUND_BYTES", 40)  # one (1, 10) float32 answer
+    model = cnn_server.current
+    assert model is not None
+    with connect(cnn_server) as first:
+        for seed in range(3):
+            check_cnn(models.cnn, image(seed), infer(first, raw_request(image(seed))))
+        assert model.bound_bytes == 40
+        bound = counted["bound"]
+        with connect(cnn_server) as second:
+            for seed in range(3):
+                check_cnn(models.cnn, image(seed), infer(second, raw_request(image(seed))))
+        assert counted["bound"] == bound  # the second one ran unbound
+    assert wait_for(lambda: model.bound_bytes == 0 and not model.bindings)
