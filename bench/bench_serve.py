@@ -245,8 +245,9 @@ if model:  # the model, run in place on the received bytes as edgefleet-serve ru
     x = np.zeros(shape, spec.dtype)
     want = runner.run({spec.name: x})[out.name]
     binding = runner.bind(spec.name, x.dtype, x.shape, {out.name: (want.dtype, want.shape)})
-    at = -ctypes.addressof(ctypes.c_char.from_buffer(buffer)) % 64  # an aligned body
-    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer)) + at
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    at = -start % 64  # an aligned body
+    address = start + at
     payload = binding.outputs[out.name].data.cast("B")
 print(srv.getsockname()[1], flush=True)
 conn, _ = srv.accept()

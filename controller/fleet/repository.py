@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, cast
 
 from sqlalchemy import Select, Table, bindparam, func, select, update
@@ -230,15 +231,11 @@ def write_heartbeats(
             _NODE_SEEN,
             [
                 {"b_id": i, "b_seq": seen.last_seq, "b_at": now, "b_cpu": seen.cpu_model}
-                for i, seen in sorted(nodes.items(), key=_first)
+                for i, seen in sorted(nodes.items(), key=itemgetter(0))
             ],
         )
     if metrics:
         conn.execute(
             _ASSIGNMENT_METRICS,
-            [{"b_id": i, "b_metrics": m} for i, m in sorted(metrics.items(), key=_first)],
+            [{"b_id": i, "b_metrics": m} for i, m in sorted(metrics.items(), key=itemgetter(0))],
         )
-
-
-def _first(item: tuple[int, Any]) -> int:
-    return item[0]

@@ -687,7 +687,7 @@ class _Handler(socketserver.BaseRequestHandler):
         model = app.current
         plan = replay.plan
         bound = model.binding_of(id(self), plan) if model is not None and app.ready else None
-        if model is None or bound is None:  # (ready: not draining either)
+        if model is None or bound is None or not plan.bindable:  # (ready: not draining)
             if (handler := self._lookup(self.command)) is not None:
                 handler(self)
             return
@@ -699,7 +699,7 @@ class _Handler(socketserver.BaseRequestHandler):
             self._error(RequestError(400, "bad_request", "the body ended before Content-Length"))
             return
         self._unread = False
-        if self._answer(started, model, body, _PLANNED, plan.answer, plan) is not None:
+        if self._answer(started, model, body, _PLANNED, plan.answer, plan, bound) is not None:
             self._replay = replay
 
     def _answer(
@@ -710,20 +710,24 @@ class _Handler(socketserver.BaseRequestHandler):
         feeds: dict[str, np.ndarray],
         answer: str,
         plan: RawPlan | None,
+        bound: BoundPlan | None = None,
     ) -> BoundPlan | None:
         """Run a request that passed its checks and send the answer. ``feeds`` is
-        ``_PLANNED`` for a request of ``plan`` (its body not decoded yet). Returns the
+        ``_PLANNED`` for a request of ``plan`` (its body not decoded yet); ``bound``, the
+        connection's binding of it where the caller has looked it up already. Returns the
         binding it ran on, if it did."""
         metrics = self.server.app.metrics
         # An answer like the last one to these headers reuses its head, and a plan's
         # request runs on this connection's binding of it; decided before the run, so
         # that the least Python runs on caches the inference evicts.
         planned = feeds is _PLANNED
-        last = bound = None
+        last = None
         if plan is not None and self._plain_head:
             last = plan.last
-            if planned and last is not None:
+            if bound is None and planned and last is not None:
                 bound = model.bound(id(self), plan, last)
+        if last is None or not planned:
+            bound = None  # (its answer's head is reused: a plain one only)
         t0 = time.perf_counter()
         failed: Exception | None = None
         ran = False

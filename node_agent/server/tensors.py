@@ -362,7 +362,7 @@ class RawPlan:
     nbytes: int
     answer: str
     last: RawAnswer | None = None
-    bindable: bool = True  # False once a bound run of it failed (see model.BoundPlan)
+    bindable: bool = True  # False once binding it failed (see model.ActiveModel.bound)
 
     @classmethod
     def of(

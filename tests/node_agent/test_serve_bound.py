@@ -131,14 +131,6 @@ def build_echo_model() -> bytes:
     return bytes(model.SerializeToString())
 
 
-def raw_vector(x: np.ndarray) -> bytes:
-    return (
-        "POST /v1/infer HTTP/1.1\r\nContent-Type: application/octet-stream\r\n"
-        f"X-Tensor-Dtype: {x.dtype.name}\r\nX-Tensor-Shape: {len(x)}\r\n"
-        f"Content-Length: {x.nbytes}\r\n\r\n"
-    ).encode() + x.tobytes()
-
-
 # ---------------------------------------------------------------------- the server
 Counter = dict[str, int]
 
@@ -291,11 +283,7 @@ def test_outputs_whose_shape_depends_on_the_data(tmp_path: Path, counted: Counte
         connect(server) as sock,
     ):
         for x in inputs + inputs:
-            request = (
-                b"POST /v1/infer HTTP/1.1\r\nContent-Type: application/octet-stream\r\n"
-                b"X-Tensor-Dtype: float32\r\nX-Tensor-Shape: 8\r\nContent-Length: 32\r\n\r\n"
-            ) + x.tobytes()
-            status, headers, body = infer(sock, request)
+            status, headers, body = infer(sock, raw_request(x))
             assert status == 200, body
             want = ort_run(path, {"x": x})["where"]
             assert headers["x-tensor-shape"] == ",".join(map(str, want.shape))
@@ -315,10 +303,7 @@ def test_a_model_error_keeps_the_binding(
     The bound attempt is quiet: onnxruntime logs the error once, from the general run."""
 
     def lookup(index: int) -> bytes:
-        return (
-            b"POST /v1/infer HTTP/1.1\r\nContent-Type: application/octet-stream\r\n"
-            b"X-Tensor-Dtype: int64\r\nX-Tensor-Shape: 1\r\nContent-Length: 8\r\n\r\n"
-        ) + np.array([index], np.int64).tobytes()
+        return raw_request(np.array([index], np.int64))
 
     with (
         running(settings_for(tmp_path, models.lookup, model_name="lookup")) as server,
@@ -429,12 +414,7 @@ def test_tflite_runs_unbound(models: Models, tmp_path: Path) -> None:
         with connect(server) as sock:
             for seed in range(3):
                 x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-                request = (
-                    "POST /v1/infer HTTP/1.1\r\nContent-Type: application/octet-stream\r\n"
-                    f"X-Tensor-Dtype: float32\r\nX-Tensor-Shape: {','.join(map(str, shape))}\r\n"
-                    f"Content-Length: {x.nbytes}\r\n\r\n"
-                ).encode() + x.tobytes()
-                status, _, body = infer(sock, request)
+                status, _, body = infer(sock, raw_request(x))
                 assert status == 200, body
                 (want,) = model.runner.run({spec.name: x}).values()
                 np.testing.assert_allclose(np.frombuffer(body, want.dtype), want.ravel())
@@ -450,7 +430,7 @@ def test_a_model_that_echoes_its_input_is_answered_right(tmp_path: Path, counted
     ):
         for k in range(5):
             x = np.arange(4, dtype=np.float32) + 1000 * k
-            status, _, body = infer(sock, raw_vector(x))
+            status, _, body = infer(sock, raw_request(x))
             assert status == 200, body
             assert np.frombuffer(body, np.float32).tolist() == x.tolist()
     assert counted["bound"] == 0

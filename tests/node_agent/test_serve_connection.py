@@ -310,7 +310,7 @@ def test_no_plans_on_a_big_endian_host(monkeypatch: pytest.MonkeyPatch) -> None:
 def raw_request(x: np.ndarray, extra: str = "") -> bytes:
     return (
         "POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-        f"X-Tensor-Dtype: float32\r\nX-Tensor-Shape: {','.join(map(str, x.shape))}\r\n"
+        f"X-Tensor-Dtype: {x.dtype.name}\r\nX-Tensor-Shape: {','.join(map(str, x.shape))}\r\n"
         f"{extra}Content-Length: {x.nbytes}\r\n\r\n"
     ).encode() + x.tobytes()
 
