@@ -105,12 +105,16 @@ class ArtifactCache:
         timeout_s: float = 30.0,
         max_bytes: int | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        bearer_token: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self._sleep = sleep
+        # Sent to each download URL's own origin only (httpx drops it on a redirect to
+        # another): the inference pod's artifact token for the controller.
+        self._bearer_token = bearer_token
 
     # ------------------------------------------------------------------ layout
     def path(self, sha256: str) -> Path:
@@ -161,6 +165,9 @@ class ArtifactCache:
             http = client or httpx.Client(
                 timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0)),
                 follow_redirects=True,
+                headers={"Authorization": f"Bearer {self._bearer_token}"}
+                if self._bearer_token
+                else None,
             )
             try:
                 return self._download(http, url, sha)

@@ -96,12 +96,18 @@ log = logging.getLogger("node_agent.serve")
 State = Literal["starting", "loading", "ready", "failed", "draining", "stopped"]
 LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 _CTL = re.compile(r"[\x00-\x1f\x7f]")
-_BUSY_BODY = b'{"error": "too_many_connections", "detail": "retry later"}'
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
-    % (len(_BUSY_BODY), _BUSY_BODY)
-)
+
+
+def _busy(detail: bytes) -> bytes:
+    body = b'{"error": "too_many_connections", "detail": "%s"}' % detail
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+    )
+
+
+_BUSY = _busy(b"retry later")
+_CLIENT_BUSY = _busy(b"too many connections from this address; retry later")
 _PLANNED: dict[str, np.ndarray] = {}  # the feeds of a plan's request, before decoding
 
 
@@ -167,6 +173,9 @@ class InferenceServer:
             ),
             timeout_s=settings.download_timeout_s,
             max_bytes=settings.max_artifact_bytes,
+            bearer_token=settings.artifact_token.get_secret_value()
+            if settings.artifact_token
+            else None,
         )
         providers = tuple(settings.providers)
         self.runner_factory: RunnerFactory = runner_factory or (
@@ -189,6 +198,9 @@ class InferenceServer:
         httpd = server_class((self.settings.host, self.settings.port), _Handler)
         httpd.app = self
         httpd.slots = threading.Semaphore(self.settings.max_connections)
+        httpd.per_client = self.settings.max_connections_per_client
+        httpd.clients = {}
+        httpd.clients_lock = threading.Lock()
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever, kwargs={"poll_interval": 0.25}, name="http", daemon=True
@@ -374,33 +386,59 @@ class InferenceServer:
 
 
 class _HTTPServer(socketserver.ThreadingTCPServer):
-    """One thread per connection, at most ``max_connections`` at a time: one more is
-    answered 503 and closed at once (each connection holds a thread and a buffer)."""
+    """One thread per connection, at most ``max_connections`` at a time and
+    ``max_connections_per_client`` from one address: one more is answered 503 and closed
+    at once (each connection holds a thread and a buffer). Per connection, not per
+    request: the accepting thread counts, the connection's own thread counts it out."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
     app: InferenceServer
     slots: threading.Semaphore
+    per_client: int
+    clients: dict[str, int]  # open connections by client address (none: absent)
+    clients_lock: threading.Lock
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        client = client_address[0]
+        with self.clients_lock:
+            if (count := self.clients.get(client, 0)) < self.per_client:
+                self.clients[client] = count + 1
+        if count >= self.per_client:
+            self.app.metrics.client_connections_refused.inc()
+            self._turn_away(request, _CLIENT_BUSY)
+            return
         if not self.slots.acquire(blocking=False):
+            self._leave(client)
             self.app.metrics.connections_refused.inc()
-            with contextlib.suppress(OSError):
-                request.send(_BUSY, socket.MSG_DONTWAIT)
-            self.shutdown_request(request)
+            self._turn_away(request, _BUSY)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
             self.slots.release()
+            self._leave(client)
             raise
+
+    def _turn_away(self, request: Any, answer: bytes) -> None:
+        with contextlib.suppress(OSError):
+            request.send(answer, socket.MSG_DONTWAIT)
+        self.shutdown_request(request)
+
+    def _leave(self, client: str) -> None:
+        with self.clients_lock:
+            if count := self.clients[client] - 1:
+                self.clients[client] = count
+            else:
+                del self.clients[client]  # (the map holds open clients only)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+            self._leave(client_address[0])
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client dropping its keep-alive connection is routine, not a traceback on stderr.
@@ -434,10 +472,14 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         app = self.server.app
+        settings = app.settings
         conn = self.conn = Connection(
             self.request,
-            idle_timeout_s=app.settings.idle_timeout_s,
-            busy_poll_s=app.settings.busy_poll_us / 1e6,
+            idle_timeout_s=settings.idle_timeout_s,
+            busy_poll_s=settings.busy_poll_us / 1e6,
+            head_timeout_s=settings.head_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            body_min_bytes_per_s=settings.body_min_bytes_per_s,
         )
         app.handlers.add(self)
         try:
@@ -455,7 +497,7 @@ class _Handler(socketserver.BaseRequestHandler):
                     request = conn.next_request(poll=app.idle)
                 except HttpError as exc:
                     self.command, self.close_connection = "", True
-                    self._refuse(exc.status, exc.message)
+                    self._refuse(exc.status, exc.message, "head")
                     return
                 if request is None:
                     return
@@ -503,6 +545,8 @@ class _Handler(socketserver.BaseRequestHandler):
                 handler(self)
         except (ConnectionError, TimeoutError):
             self.close_connection = True
+        except HttpError as exc:  # (a body over its deadline)
+            self._refuse(exc.status, exc.message, "body")
         except Exception:
             log.exception("unhandled error on %s %s", method, self.path)
             self.close_connection = True
@@ -569,10 +613,13 @@ class _Handler(socketserver.BaseRequestHandler):
     def _error(self, error: RequestError, headers: dict[str, str] | None = None) -> None:
         self._json(error.status, error.as_dict(), headers)
 
-    def _refuse(self, status: int, message: str) -> None:
-        """A request the connection cannot go on after (a malformed head), answered in
-        the API's JSON shape; the connection closes."""
+    def _refuse(self, status: int, message: str, phase: str) -> None:
+        """A request the connection cannot go on after (a malformed head, a head or body
+        over its deadline: ``phase``), answered in the API's JSON shape; the connection
+        closes."""
         self.close_connection = True
+        if status == 408:
+            self.server.app.metrics.request_timeouts.labels(phase).inc()
         try:
             name = HTTPStatus(status).name.lower()
         except ValueError:

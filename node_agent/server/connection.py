@@ -23,6 +23,18 @@ file object; all of it Python that runs on caches the inference has just evicted
 Limits: a request line of 64 KiB (414), 100 header lines of 64 KiB each and 256 KiB of
 head in all (431). Keep-alive idles out after ``idle_timeout_s`` (the kernel's
 ``SO_RCVTIMEO``: one system call per receive, none for a timer); sends time out alike.
+
+Slow clients (each holds a thread and a connection slot): a head must arrive whole within
+``head_timeout_s`` of its first byte, a body within ``body_timeout_s`` plus one second per
+``body_min_bytes_per_s`` of it; else 408 and the connection closes (a trickle of one byte
+a second never lets the idle timeout pass). The clock is read only once a head or a body
+is found incomplete after a receive, so a request that arrives in one piece pays nothing
+for it; the kernel's wait for the next receive is then cut to the deadline (a system
+call), for a head at once, for a body only once it has been slow for ``_PATIENCE_S`` (a
+large body arriving in several receives is the hot path too), and put back after it.
+
+Heads are parsed as strictly as h11 where it matters for request smuggling and header
+injection, and stricter where RFC 9112 lets a server be (see :func:`parse_head`).
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
+import re
 import socket
 import struct
 import time
@@ -46,8 +59,36 @@ ALIGN = 64
 INITIAL_BUFFER = 64 * 1024
 KEEP_BUFFER = 1024 * 1024  # a larger one is let go when its client is slow to come back
 PHRASES = {int(status): status.phrase for status in HTTPStatus}
+# Deadlines (the settings' defaults): see the module's docstring.
+HEAD_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+BODY_MIN_BYTES_PER_S = 64 * 1024
+_PATIENCE_S = 0.25  # a body still incomplete this long after its first receive is slow
+
+# RFC 9110 5.1 and 5.5, RFC 9112 3, as h11's _abnf.py writes them: a name is a token; a
+# value is visible characters and obs-text (0x80-0xFF) with spaces and tabs only inside
+# (no control character but HTAB: h11 lets most through, RFC 9110 5.5 lets a server
+# refuse them); optional white space around the value. Possessive: no backtracking, so
+# a 256 KiB head costs a few ms to refuse, not tens.
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_REQUEST_LINE = re.compile(rf"{_TOKEN.pattern} [\x21-\x7e]+ HTTP/1\.[01]")  # method target version
+_FIELD = (
+    r"[-!#$%&'*+.^_`|~0-9A-Za-z]++:[ \t]*+"
+    r"(?:[\x21-\x7e\x80-\xff]++(?:[ \t]++[\x21-\x7e\x80-\xff]++)*+)?+[ \t]*+"
+)
+_FIELDS = re.compile(rf"(?:{_FIELD}(?:\r?\n(?!\Z)|\Z))*+")  # every header line, at once
+_ONE_FIELD = re.compile(_FIELD)
+_LENGTH = re.compile(r"[0-9]{1,18}")  # (int64; 10**18 bytes is no body anyway)
+# uri-host [":" port] (RFC 3986 3.2.2): an IP literal in brackets or a reg-name/IPv4.
+_HOST = re.compile(
+    r"(?:\[[0-9A-Za-z:._~!$&'()*+,;=%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?"
+)
 
 _perf = time.perf_counter
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("@ll", int(seconds), int(seconds % 1 * 1e6))
 
 
 class HttpError(Exception):
@@ -78,13 +119,27 @@ class Connection:
 
     body_address = 0  # where the last body read_body returned starts in memory
 
-    def __init__(self, sock: socket.socket, *, idle_timeout_s: float, busy_poll_s: float = 0):
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        idle_timeout_s: float,
+        busy_poll_s: float = 0,
+        head_timeout_s: float = HEAD_TIMEOUT_S,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+        body_min_bytes_per_s: float = BODY_MIN_BYTES_PER_S,
+    ):
         self.sock = sock
         self.busy_poll_s = busy_poll_s
         self.polled_s = 0.0  # CPU time spent polling, for the caller's metrics
         self.poll_hits = 0
+        self.idle_timeout_s = idle_timeout_s
+        self.head_timeout_s = head_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.body_min_bytes_per_s = body_min_bytes_per_s
+        self._wait_s = idle_timeout_s  # the kernel's limit on one receive (SO_RCVTIMEO)
         sock.settimeout(None)  # blocking: one system call per receive
-        timeval = struct.pack("@ll", int(idle_timeout_s), int(idle_timeout_s % 1 * 1e6))
+        timeval = _timeval(idle_timeout_s)
         with contextlib.suppress(OSError):  # (not every platform has both)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
@@ -114,7 +169,7 @@ class Connection:
     # ------------------------------------------------------------------ receiving
     def _recv(self, poll: bool = False, between: bool = False) -> int:
         """Receive what the socket has into the buffer's free space; 0 at EOF. Polls
-        first when ``poll``; raises ``TimeoutError`` when the idle timeout passes.
+        first when ``poll``; raises ``TimeoutError`` when the kernel's wait passes.
         ``between``: the wait between two requests, where a large buffer is let go
         before sleeping (a client that is not quick keeps no more than KEEP_BUFFER)."""
         if poll:
@@ -130,6 +185,15 @@ class Connection:
             raise TimeoutError("idle timeout") from exc
         self._end += n
         return n
+
+    def _set_wait(self, seconds: float) -> None:
+        """Limit the next receives to ``seconds`` each (SO_RCVTIMEO: a system call, made
+        for slow requests only, and once after them to put the idle timeout back)."""
+        seconds = max(seconds, 0.001)  # (a zero timeval is no limit at all)
+        if seconds != self._wait_s:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+            self._wait_s = seconds
 
     def _poll(self, counted: bool) -> int | None:
         """Spin on the socket for up to ``busy_poll_s``: what arrived, or ``None``.
@@ -177,7 +241,8 @@ class Connection:
     def next_request(self, *, poll: bool = False) -> Request | None:
         """The next request's head, or ``None`` when the client closed or idled out
         between requests. ``poll``: busy-poll for it (if the connection is set up to and
-        the client was quick last time). Raises :class:`HttpError` for a malformed head."""
+        the client was quick last time). Raises :class:`HttpError` for a malformed head,
+        and a 408 one for a head not whole ``head_timeout_s`` after its first byte."""
         if self._start == self._end:
             self._rewind()
         poll = poll and self.busy_poll_s > 0 and self._poll_next
@@ -185,6 +250,7 @@ class Connection:
         self._poll_rest = self.busy_poll_s > 0
         waited = False
         scanned = 0  # how much of the pending head has been searched in vain
+        deadline: float | None = None  # once a head is found incomplete: when it must end
         while True:
             buffer, start, end = self._buffer, self._start, self._end
             while start < end and buffer[start] in (10, 13):  # RFC 9112 2.2: empty lines
@@ -217,26 +283,52 @@ class Connection:
             scanned = end - start
             if scanned > MAX_HEAD:
                 raise self._too_long(start, end)
+            if start != end:
+                # A head begun, not whole (never the case of one that arrives in one
+                # piece): it has a deadline from here, and the kernel's wait ends there.
+                # A first byte no request line starts with (a TLS hello, say) is refused
+                # at once, as h11 does, rather than waited for.
+                if buffer[start] < 0x21 and buffer[start] != 13:
+                    raise HttpError(400, "not an HTTP/1.1 request")
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.head_timeout_s
+                elif now >= deadline:
+                    raise self._late_head()
+                self._set_wait(min(deadline - now, self.idle_timeout_s))
+            elif deadline is not None:  # (what began was a CR of an empty line: idle again)
+                deadline = None
+                self._set_wait(self.idle_timeout_s)
             if end == len(buffer):
                 self._make_room(INITIAL_BUFFER)
             del buffer  # (a sleeping wait must not keep a buffer _recv lets go alive)
-            if not waited and start == end and self._answered_at:
-                waited = True
-                n = self._recv(poll, between=True)
-                self._poll_next = _perf() - self._answered_at <= self.busy_poll_s
-            else:
-                # The rest of a head on its way: polled for (if polling at all).
-                n = self._recv(self._poll_rest and start != end, between=start == end)
+            try:
+                if not waited and start == end and self._answered_at:
+                    waited = True
+                    n = self._recv(poll, between=True)
+                    self._poll_next = _perf() - self._answered_at <= self.busy_poll_s
+                else:
+                    # The rest of a head on its way: polled for (if polling at all).
+                    n = self._recv(self._poll_rest and start != end, between=start == end)
+            except TimeoutError:
+                if deadline is None:
+                    raise  # idle between requests: closed without a word
+                raise self._late_head() from None
             if n == 0:
                 return None  # closed (inside a head too: nobody is left to answer)
+        if deadline is not None:
+            self._set_wait(self.idle_timeout_s)
         if after - start > MAX_HEAD:
             raise self._too_long(start, after)
         cut = stop - 1 if stop > start and buffer[stop - 1] == 13 else stop  # its CR
         self._head_hint = after - start
         self._start = after
-        request = _parse_head(str(self._view[start:cut], "latin-1"))
+        request = parse_head(str(self._view[start:cut], "latin-1"))
         self._last_head, self._last_request = bytes(self._view[start:after]), request
         return request
+
+    def _late_head(self) -> HttpError:
+        return HttpError(408, f"the request head took over {self.head_timeout_s:g} s")
 
     def _too_long(self, start: int, end: int) -> HttpError:
         if self._buffer.find(b"\n", start, min(end, start + MAX_LINE + 2)) < 0:
@@ -245,7 +337,10 @@ class Connection:
 
     def read_body(self, length: int) -> memoryview:
         """The next ``length`` bytes, in place: valid until the next request on this
-        connection. Raises ``ConnectionError`` if the client closes first.
+        connection. Raises ``ConnectionError`` if the client closes first, and a 408
+        :class:`HttpError` if they take over ``body_timeout_s`` plus ``length`` /
+        ``body_min_bytes_per_s`` seconds from the first receive that leaves them
+        incomplete (or one receive waits ``idle_timeout_s`` in vain).
 
         The buffer grows as the bytes arrive, at most doubling what is here: a head that
         announces 64 MiB commits no memory until the bytes come. The body's first bytes
@@ -254,11 +349,27 @@ class Connection:
         have = self._end - self._start
         if have < length:
             self._make_room(min(length - have, max(INITIAL_BUFFER, have)), align_at=0)
+            began: float | None = None  # the first receive that left the body incomplete
+            deadline = 0.0
             while (have := self._end - self._start) < length:
                 if self._end == len(self._buffer):
                     self._make_room(min(length - have, max(INITIAL_BUFFER, have)))
-                if self._recv(self._poll_rest) == 0:  # (the rest is on its way)
-                    raise ConnectionError("the body ended before Content-Length")
+                try:
+                    if self._recv(self._poll_rest) == 0:  # (the rest is on its way)
+                        raise ConnectionError("the body ended before Content-Length")
+                except TimeoutError:
+                    raise self._late_body(length) from None
+                if self._end - self._start < length:  # incomplete after a receive
+                    now = time.monotonic()
+                    if began is None:
+                        began = now
+                        deadline = now + self.body_timeout_s + length / self.body_min_bytes_per_s
+                    elif now >= deadline:
+                        raise self._late_body(length)
+                    elif now - began >= _PATIENCE_S:  # slow: its receives wait no longer
+                        self._set_wait(min(deadline - now, self.idle_timeout_s))
+            if began is not None:
+                self._set_wait(self.idle_timeout_s)
         elif (self._start - self._base) % ALIGN and length >= ALIGN and have - length <= length:
             # Here already (pipelined): aligned only if that moves little besides it.
             self._make_room(0, align_at=0)
@@ -266,6 +377,10 @@ class Connection:
         self._start += length
         self.body_address = self._address + start
         return self._view[start : start + length]
+
+    def _late_body(self, length: int) -> HttpError:
+        allowed = self.body_timeout_s + length / self.body_min_bytes_per_s
+        return HttpError(408, f"the {length}-byte request body took over {allowed:g} s")
 
     def discard(self, length: int, budget_s: float) -> None:
         """Read and drop up to ``length`` body bytes for at most ``budget_s``, so the
@@ -319,9 +434,22 @@ class Connection:
                 sent = self.sock.sendmsg(views)
 
 
-def _parse_head(head: str) -> Request:
-    """The request line and headers. Strict: a malformed line is a 400, obsolete line
-    folding is refused, at most 100 header lines of 64 KiB; bare-LF lines are accepted."""
+def parse_head(head: str) -> Request:
+    """The request line and headers of a head (latin-1, without its blank line); raises
+    :class:`HttpError`. Lines may end in CRLF or a bare LF, as h11 takes them; refused:
+
+    - 400, as h11 does: a method that is not a token, a target of anything but visible
+      ASCII, separators other than one space; a header name that is not a token or has
+      white space before its colon, a CR, NUL, LF, VT or FF in a value, a header line
+      before any other starting with white space; no Host in HTTP/1.1, two Host lines; a
+      Content-Length of anything but digits, two that differ; any Transfer-Encoding but
+      one ``chunked`` (the endpoints answer that one 411);
+    - 400, where h11 accepts and RFC 9112 lets a server refuse: obsolete line folding
+      (5.2), other control characters in a value (RFC 9110 5.5), a Host value that is no
+      host[:port] (3.2), Content-Length lists, even of one value twice (6.3), and
+      Transfer-Encoding with Content-Length (6.1: the framing two parsers can disagree on);
+    - 505 for versions other than HTTP/1.0 and 1.1 (400 for HTTP/2 and others that are
+      not 1.x); 414 and 431 beyond 64 KiB a line, 100 header lines."""
     if head.count("\n") == head.count("\r\n"):
         lines = head.split("\r\n")
     else:
@@ -335,17 +463,52 @@ def _parse_head(head: str) -> Request:
     method, target, version = parts
     if version not in ("HTTP/1.0", "HTTP/1.1"):
         raise HttpError(505, f"{version[:20]} is not supported")
+    if not _REQUEST_LINE.fullmatch(line):
+        raise HttpError(400, f"bad request line {line[:100]!r}")
     if len(lines) > MAX_HEADER_LINES + 1:
         raise HttpError(431, f"more than {MAX_HEADER_LINES} header lines")
     fields: dict[str, str] = {}
     for raw in lines[1:]:
         if len(raw) > MAX_LINE:
             raise HttpError(431, f"a header line is over {MAX_LINE} bytes")
-        name, colon, value = raw.partition(":")
-        if not colon or not name or name[0] in " \t" or name != name.rstrip():
-            raise HttpError(400, "malformed header line")
-        key, value = name.lower(), value.strip()
-        fields[key] = f"{fields[key]}, {value}" if key in fields else value
+        name, _, value = raw.partition(":")
+        key, value = name.lower(), value.strip(" \t")
+        if key in fields:
+            if key == "host":
+                raise HttpError(400, "more than one Host header")
+            fields[key] = f"{fields[key]}, {value}"
+        else:
+            fields[key] = value
+    # The lines' syntax, checked in one pass (cheaper than a match a line).
+    if len(lines) > 1 and not _FIELDS.fullmatch(head, head.index("\n") + 1):
+        raise _bad_field(next((raw for raw in lines[1:] if not _ONE_FIELD.fullmatch(raw)), ""))
+    host = fields.get("host")
+    if host is None:
+        if version == "HTTP/1.1":
+            raise HttpError(400, "an HTTP/1.1 request needs a Host header")
+    elif not _HOST.fullmatch(host):
+        raise HttpError(400, f"bad Host {host[:100]!r}")
+    length = fields.get("content-length")
+    if length is not None and not _LENGTH.fullmatch(length):
+        raise HttpError(400, f"bad Content-Length {length[:40]!r}")
+    coding = fields.get("transfer-encoding")
+    if coding is not None:  # (one framing a body can be read by, or no request)
+        if length is not None:
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        if coding.lower() != "chunked":
+            raise HttpError(400, f"Transfer-Encoding {coding[:40]!r}")
     connection = fields.get("connection", "").lower()
     keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
     return Request(method, target, version, fields, keep_alive)
+
+
+def _bad_field(line: str) -> HttpError:
+    """What is wrong with a header line that is not a field."""
+    if line[:1] in (" ", "\t"):
+        return HttpError(400, "obsolete line folding (a line starting with white space)")
+    name, colon, _ = line.partition(":")
+    if not colon:
+        return HttpError(400, f"a header line without a colon: {line[:100]!r}")
+    if not _TOKEN.fullmatch(name):
+        return HttpError(400, f"bad header name {name[:100]!r}")
+    return HttpError(400, f"control characters in the value of {name}")

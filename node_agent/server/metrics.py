@@ -15,6 +15,8 @@ SWAPS_TOTAL = "edgefleet_model_swaps_total"
 BUSY_POLL_SECONDS = "edgefleet_serve_busy_poll_seconds_total"
 BUSY_POLL_HITS = "edgefleet_serve_busy_poll_hits_total"
 CONNECTIONS_REFUSED = "edgefleet_serve_connections_refused_total"
+CLIENT_CONNECTIONS_REFUSED = "edgefleet_serve_client_connections_refused_total"
+REQUEST_TIMEOUTS = "edgefleet_serve_request_timeouts_total"
 READY = contract.MODEL_READY
 
 # Edge models run from tens of microseconds (a small MLP) to seconds (a detector on a
@@ -94,6 +96,18 @@ class ServerMetrics:
         self.connections_refused = Counter(
             _counter_name(CONNECTIONS_REFUSED),
             "Connections answered 503 and closed: max_connections were open",
+            registry=self.registry,
+        )
+        self.client_connections_refused = Counter(
+            _counter_name(CLIENT_CONNECTIONS_REFUSED),
+            "Connections answered 503 and closed: max_connections_per_client were open from "
+            "their address",
+            registry=self.registry,
+        )
+        self.request_timeouts = Counter(
+            _counter_name(REQUEST_TIMEOUTS),
+            "Requests answered 408 and closed: their head or body took over its deadline",
+            ["phase"],
             registry=self.registry,
         )
         self.ready = Gauge(

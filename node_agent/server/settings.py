@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from node_agent.server.connection import BODY_MIN_BYTES_PER_S, BODY_TIMEOUT_S, HEAD_TIMEOUT_S
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8500
@@ -67,6 +69,44 @@ class ServeSettings(BaseSettings):
     idle_timeout_s: float = Field(75.0, gt=0, description="keep-alive idle timeout")
     # Open connections at a time (a thread and a receive buffer each); one more: 503.
     max_connections: int = Field(256, ge=1)
+    max_connections_per_client: int = Field(
+        64,
+        ge=1,
+        description=(
+            "open connections at a time from one client address; one more is answered 503 "
+            "with Retry-After and closed, counted in "
+            "edgefleet_serve_client_connections_refused_total. Keeps one client (a slow one, "
+            "say) from taking every one of max_connections and with them the kubelet's "
+            "probes. Behind source NAT (a Service with externalTrafficPolicy Cluster) a "
+            "node's address stands for all its clients: raise it there"
+        ),
+    )
+    # Slow clients: a slot each for as long as they take. Over a deadline: 408 and close,
+    # counted in edgefleet_serve_request_timeouts_total{phase}.
+    head_timeout_s: float = Field(
+        HEAD_TIMEOUT_S,
+        gt=0,
+        description=(
+            "seconds a request head may take, from its first byte to its blank line (the "
+            "wait before the first byte is idle_timeout_s's)"
+        ),
+    )
+    body_timeout_s: float = Field(
+        BODY_TIMEOUT_S,
+        gt=0,
+        description=(
+            "seconds any request body may take, plus one per body_min_bytes_per_s of it; "
+            "from the first receive that leaves it incomplete"
+        ),
+    )
+    body_min_bytes_per_s: int = Field(
+        BODY_MIN_BYTES_PER_S,
+        ge=1,
+        description=(
+            "the slowest upload a body's deadline allows for (with the default 64 KiB/s, "
+            "a 64 MiB body gets body_timeout_s + 1024 s)"
+        ),
+    )
     # After an answer, poll the connection this long for the client's next request
     # before sleeping (0: never). Saves the wake-up of a sleeping thread (tens of us on a
     # VM) for clients that come back at once; costs at most this much CPU per request,
@@ -81,6 +121,11 @@ class ServeSettings(BaseSettings):
     # Download.
     download_attempts: int = Field(5, ge=1)
     download_backoff_s: float = Field(0.5, ge=0)
+    artifact_token: SecretStr | None = Field(
+        None,
+        description="bearer token for the model download (an inference pod gets its "
+        "cluster's artifact token from the controller's Secret); sent to that URL's origin only",
+    )
     download_timeout_s: float = Field(30.0, gt=0)
     max_artifact_bytes: int = Field(2 * 1024**3, ge=1)
 

@@ -87,7 +87,7 @@ def test_a_head_trickling_in_byte_by_byte(pair: tuple[Connection, socket.socket]
 )
 def test_bare_lf_heads(pair: tuple[Connection, socket.socket], head: bytes) -> None:
     conn, client = pair
-    client.sendall(head + b"GET /next HTTP/1.1\r\n\r\n")
+    client.sendall(head + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
     request = conn.next_request()
     assert request is not None
     assert (request.target, request.headers, request.keep_alive) == (
@@ -104,10 +104,13 @@ def test_framing_edge_cases(pair: tuple[Connection, socket.socket]) -> None:
     """A bare-LF blank line before a body that starts with CRLF; empty lines before a
     request line (ignored, RFC 9112 2.2)."""
     conn, client = pair
-    client.sendall(b"POST /a HTTP/1.1\nContent-Length: 4\n\n\r\nab\r\n\nGET /b HTTP/1.1\r\n\r\n")
+    client.sendall(
+        b"POST /a HTTP/1.1\nHost: x\nContent-Length: 4\n\n\r\nab\r\n"
+        b"\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     first = conn.next_request()
     assert first is not None
-    assert (first.target, first.headers) == ("/a", {"content-length": "4"})
+    assert (first.target, first.headers) == ("/a", {"host": "x", "content-length": "4"})
     assert bytes(conn.read_body(4)) == b"\r\nab"
     second = conn.next_request()
     assert second is not None
@@ -143,7 +146,7 @@ def test_pipelined_requests_in_random_pieces() -> None:
     sizes += [KEEP_BUFFER + 3]
     bodies = [rng.randbytes(rng.choice(sizes)) for _ in range(60)]
     stream = b"".join(
-        b"POST /%d HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s"
+        b"POST /%d HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s"
         % (i, b"X-Pad: %s\r\n" % (b"p" * rng.randrange(40)) if i % 3 else b"", len(b), b)
         for i, b in enumerate(bodies)
     )
@@ -181,7 +184,10 @@ def test_bodies_land_aligned_in_place(pair: tuple[Connection, socket.socket]) ->
     seen = []
     for size, pad in [(100_000, ""), (100_000, ""), (70, "X-Pad: 1\r\n"), (300_000, "")]:
         body = np.random.default_rng(size).integers(0, 255, size, np.uint8).tobytes()
-        head = b"POST /v1/infer HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (pad.encode(), size)
+        head = b"POST /v1/infer HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n" % (
+            pad.encode(),
+            size,
+        )
         client.sendall(head + body)
         request = conn.next_request()
         assert request is not None
@@ -261,7 +267,7 @@ def test_busy_polling_follows_the_client(pair: tuple[Connection, socket.socket])
     """A client that comes back within the window is caught by polling; once one is
     slower, polling stops until a quick return shows it is worth it again."""
     conn, client = pair
-    request = b"GET / HTTP/1.1\r\n\r\n"
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
     client.sendall(request)
     assert conn.next_request() is not None  # the first request is never polled for
 
@@ -409,7 +415,7 @@ def test_connections_over_the_limit_are_503(models: Models, tmp_path: Path) -> N
     with running(settings_for(tmp_path, models.cnn, max_connections=2)) as server:
         first, second = connect(server), connect(server)
         for sock in (first, second):  # both served, both kept open
-            sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_response(sock)[0] == 200
         with connect(server) as third:
             status, headers, body = read_response(third)
@@ -420,7 +426,7 @@ def test_connections_over_the_limit_are_503(models: Models, tmp_path: Path) -> N
         deadline = time.monotonic() + 10
         while True:  # the slot comes back once the server has seen the close
             with connect(server) as again:
-                again.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+                again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 status = read_response(again)[0]
             if status == 200 or time.monotonic() > deadline:
                 break

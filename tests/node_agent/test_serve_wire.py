@@ -213,10 +213,10 @@ INNER = b"GET /v1/model HTTP/1.1\r\nHost: x\r\n\r\n"
 @pytest.mark.parametrize(
     ("head", "status"),
     [
-        (b"POST /nowhere HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(INNER), 404),
-        (b"GET /healthz HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(INNER), 200),
-        (b"PUT /v1/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(INNER), 405),
-        (b"POST /v1/infer HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+        (b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(INNER), 404),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(INNER), 200),
+        (b"PUT /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(INNER), 405),
+        (b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
     ],
 )
 def test_a_body_nobody_reads_is_never_a_request(
@@ -233,7 +233,10 @@ def test_a_body_nobody_reads_is_never_a_request(
 
 def test_expect_100_only_where_the_body_is_wanted(server: InferenceServer) -> None:
     with connect(server) as sock:
-        sock.sendall(b"POST /nowhere HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        sock.sendall(
+            b"POST /nowhere HTTP/1.1\r\nHost: x\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
         status, headers, _ = read_response(sock)  # no 100 Continue before it
         assert (status, headers["connection"]) == (404, "close")
 
@@ -262,13 +265,16 @@ def test_malformed_heads_are_refused(server: InferenceServer, head: bytes, statu
 
 def test_post_without_length_or_chunked_is_411(server: InferenceServer) -> None:
     with connect(server) as sock:
-        sock.sendall(b"POST /v1/infer HTTP/1.1\r\nContent-Type: application/json\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n"
+        )
         status, _, body = read_response(sock)
         assert status == 411
         assert b"Content-Length" in body
     with connect(server) as sock:
         sock.sendall(
-            b"POST /v1/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
         )
         assert read_response(sock)[0] == 411
         assert closed(sock)
@@ -282,7 +288,7 @@ def test_content_lengths_other_than_digits_are_400(server: InferenceServer, leng
     """Conflicting or lax forms (int() would take "+2" and "0_2") frame nothing: 400, and
     the connection closes, so no byte of the body is read as a request."""
     with connect(server) as sock:
-        sock.sendall(b"POST /v1/infer HTTP/1.1\r\nContent-Length: %s\r\n\r\n{}" % length)
+        sock.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n{}" % length)
         assert read_response(sock)[0] == 400
         assert closed(sock)
 
@@ -290,7 +296,7 @@ def test_content_lengths_other_than_digits_are_400(server: InferenceServer, leng
 def test_expect_100_continue(server: InferenceServer) -> None:
     body = npz_bytes(image=np.zeros((1, 3, 32, 32), np.float32))
     head = (
-        b"POST /v1/infer HTTP/1.1\r\nContent-Type: application/x-npz\r\n"
+        b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npz\r\n"
         b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n"
     )
     with connect(server) as sock:
