@@ -127,12 +127,13 @@ def main() -> None:
                 settings,
                 store,
                 dry_run=False,
+                may_apply_clusters=True,
             )
         sync_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         with session_scope() as s:
-            apply_documents(s, [ROLLOUT], settings, store, dry_run=True)
+            apply_documents(s, [ROLLOUT], settings, store, dry_run=True, may_apply_clusters=True)
         dry_s = time.perf_counter() - t0
         # The same dry-run with per-node variant choice (spec.model.variants) over the
         # version and one variant, both benchmarked on the fleet's node class.
@@ -161,7 +162,9 @@ def main() -> None:
         choosing["spec"]["model"]["variants"] = ["1.0.0-b"]  # type: ignore[index]
         t0 = time.perf_counter()
         with session_scope() as s:
-            got = apply_documents(s, [choosing], settings, store, dry_run=True)
+            got = apply_documents(
+                s, [choosing], settings, store, dry_run=True, may_apply_clusters=True
+            )
         variants_s = time.perf_counter() - t0
         chosen = got[0].plan["variants"] if got[0].plan else {}
         assert {c["version"] for c in chosen.values()} == {"1.0.0-b"}, chosen
@@ -169,7 +172,7 @@ def main() -> None:
         t0 = time.perf_counter()
         with session_scope() as s:
             apply_documents(
-                s, [ROLLOUT], settings, store, dry_run=False
+                s, [ROLLOUT], settings, store, dry_run=False, may_apply_clusters=True
             )  # eager: step 1 runs at commit
         apply_s = time.perf_counter() - t0
 

@@ -32,8 +32,11 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from controller.agents import service as agents
+from controller.audit import acting_as
+from controller.auth.service import create_token
 from controller.benchmarks import service as benchmarks
 from controller.benchmarks.schemas import BenchmarkRequestIn
+from controller.cli.config import save_context
 from controller.cli.output import console
 from controller.db import migrate
 from controller.db.models import (
@@ -45,6 +48,7 @@ from controller.db.models import (
     ModelVersion,
     Node,
     NodeBenchmark,
+    Role,
     Rollout,
 )
 from controller.db.session import dispose_engines, session_scope
@@ -291,7 +295,12 @@ class Scenario:
     def apply(self, *docs: dict[str, Any]) -> None:
         with session_scope() as s:
             for outcome in apply_documents(
-                s, list(docs), self.settings, service.artifact_store(self.settings), dry_run=False
+                s,
+                list(docs),
+                self.settings,
+                service.artifact_store(self.settings),
+                dry_run=False,
+                may_apply_clusters=True,  # the demo is its own admin
             ):
                 log.info("%s %s %s", outcome.kind, outcome.name, outcome.action)
 
@@ -374,6 +383,16 @@ def _embedded_settings() -> Settings:
     return settings
 
 
+def _admin_context(url: str) -> tuple[str, Path]:
+    """An admin token of the demo's database, saved as the CLI's current context: the
+    README's commands work as they are, and every call still carries a token."""
+    with acting_as("cli:demo"), session_scope() as s:
+        _, token = create_token(
+            s, name="demo-admin", role=Role.ADMIN, expires=None, created_by="cli:demo"
+        )
+    return token, save_context("demo", server=url, token=token)
+
+
 def run_demo(
     *, port: int, serve: bool, fresh: bool = True, bake: str = "3s"
 ) -> dict[str, str | None]:
@@ -406,10 +425,12 @@ def run_demo(
             time.sleep(1.0)
 
     threading.Thread(target=loop, name="edgefleet-demo", daemon=True).start()
+    token, config = _admin_context(url)
     console.print(f"[bold]edgefleet demo[/bold] database {settings.database_url}")
-    console.print(f"  dashboard {url}/")
+    console.print(f"  dashboard {url}/  (sign in with the token below)")
     console.print(f"  API       {url}/docs")
-    console.print(f"  CLI       EDGEFLEET_API_URL={url} edgefleet get rollouts")
+    console.print(f"  CLI       edgefleet get rollouts  (context 'demo' saved to {config})")
+    console.print(f"  token     {token}  (admin, this demo's database only)", highlight=False)
     import uvicorn
 
     from controller.api.app import create_app

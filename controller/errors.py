@@ -14,6 +14,7 @@ class EdgefleetError(Exception):
         super().__init__(message)
         self.message = message
         self.detail = detail if detail is not None else message
+        self.headers: dict[str, str] | None = None
 
 
 class NotFound(EdgefleetError):
@@ -24,6 +25,10 @@ class NotFound(EdgefleetError):
 class Unauthorized(EdgefleetError):
     status_code = 401
     code = "unauthorized"
+
+    def __init__(self, message: str, *, detail: Any = None) -> None:
+        super().__init__(message, detail=detail)
+        self.headers = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(EdgefleetError):

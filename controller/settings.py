@@ -50,9 +50,36 @@ class Settings(BaseSettings):
     artifact_dir: Path = Path(".edgefleet/artifacts")
     max_artifact_bytes: int = Field(512 * 1024 * 1024, ge=1)
 
+    # Request bounds. A body over its route's limit is refused (413) as it arrives
+    # (controller/api/body_limits.py): uploads have max_artifact_bytes, /v1/apply
+    # max_manifest_bytes, every other route max_request_bytes. A batch of agent_max_batch
+    # heartbeats of 16 workloads each, every name 63 characters long, is 5.9 MiB.
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1, description="Largest request body of the other routes."
+    )
+    max_manifest_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Largest /v1/apply body.")
+    max_manifest_documents: int = Field(500, ge=1, description="Most documents one apply holds.")
+    # At most 200: parsers and validators recurse per level, within Python's 1000 frames.
+    max_nesting_depth: int = Field(
+        64, ge=1, le=200, description="Deepest nesting of a JSON or YAML value in a request."
+    )
+    max_input_nodes: int = Field(
+        1_000_000,
+        ge=1,
+        description="Most values in one request's JSON or YAML, YAML aliases counted expanded.",
+    )
+
     # Validation and benchmark run the model in a child process, so a runtime that
     # crashes or hangs on a hostile artifact cannot take the worker down with it.
     probe_timeout_s: float = Field(300.0, gt=0)
+    # The child's limits (node_agent/probe.py, apply_limits): a model that needs more
+    # is Invalid, with the setting named in the reason.
+    probe_memory_limit_mb: int = Field(
+        2048, ge=256, description="Memory (RLIMIT_DATA) a validation child may map, in MiB."
+    )
+    probe_cpu_limit_s: int = Field(
+        600, ge=1, description="CPU seconds (RLIMIT_CPU, all threads) of a validation child."
+    )
     probe_default_dim: int = Field(
         64, ge=1, description="Size used for a dynamic non-batch dimension with no hint."
     )
@@ -109,6 +136,35 @@ class Settings(BaseSettings):
     )
     agent_coalesce_max_heartbeats: int = Field(
         2000, ge=1, description="Most heartbeats in one shared ingest transaction."
+    )
+
+    # Access control. Every API route needs a token of a role (viewer, operator, admin);
+    # these two open a read-only surface to callers that cannot send one.
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without a token (for scrapers that send none)."
+    )
+    dashboard_public: bool = Field(
+        False, description="Serve the dashboard without signing in (a trusted network only)."
+    )
+    # Cluster credentials are applied by admins but still untrusted input: only what a
+    # remote API server needs is accepted (see controller/fleet/kubeconfig.py).
+    cluster_allow_insecure_tls: bool = Field(
+        False, description="Accept insecure-skip-tls-verify in Cluster credentials."
+    )
+    cluster_server_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Hosts (exact, or *.suffix) and networks (CIDR) a Cluster's API server "
+        "may be at; empty allows any.",
+    )
+    local_driver: bool = Field(
+        False,
+        description="Accept Clusters with driver 'local', which run edgefleet-serve processes "
+        "on the controller's own host (development and end-to-end tests only).",
+    )
+    # Inference pods download their model with a cluster-scoped, expiring artifact token
+    # (a Kubernetes Secret the driver keeps fresh; pods read it at start).
+    artifact_token_ttl_s: float = Field(
+        7 * 24 * 3600.0, ge=600, description="Lifetime of a cluster's artifact download token."
     )
 
     @model_validator(mode="after")

@@ -65,6 +65,7 @@ from node_agent.discovery import (
     api_url_from_env,
 )
 from node_agent.metrics_reader import MetricsReader
+from node_agent.probe_launcher import ProbeLimits
 from node_agent.queue import HeartbeatQueue
 from node_agent.sysinfo import SystemProbe
 
@@ -131,6 +132,12 @@ class AgentSettings(BaseSettings):
     )
     benchmark_timeout_s: float = Field(
         300.0, gt=0, description="A benchmark's child process is killed after this long."
+    )
+    benchmark_memory_limit_mb: int = Field(
+        2048, ge=256, description="Memory (RLIMIT_DATA) a benchmark's child may map, in MiB."
+    )
+    benchmark_cpu_limit_s: int = Field(
+        600, ge=1, description="CPU seconds (RLIMIT_CPU, all threads) of a benchmark's child."
     )
     log_level: str = "INFO"
 
@@ -429,6 +436,12 @@ class Agent:
             ArtifactCache(settings.model_cache_dir),
             self._download_client,
             timeout_s=settings.benchmark_timeout_s,
+            limits=ProbeLimits(
+                memory_mb=settings.benchmark_memory_limit_mb,
+                cpu_s=settings.benchmark_cpu_limit_s,
+                memory_setting="EDGEFLEET_BENCHMARK_MEMORY_LIMIT_MB",
+                cpu_setting="EDGEFLEET_BENCHMARK_CPU_LIMIT_S",
+            ),
             resolve_url=lambda url: artifact_url(settings.controller_url, url),
         )
         self.benchmarks_pending = 0  # as the last heartbeat answer said

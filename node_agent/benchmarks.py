@@ -22,7 +22,13 @@ import httpx
 
 from node_agent.cache import ArtifactCache, CacheError
 from node_agent.contract import BenchmarkJob, BenchmarkResult
-from node_agent.probe_launcher import ProbeCancelled, ProbeFailed, ProbeRequest, probe_model
+from node_agent.probe_launcher import (
+    ProbeCancelled,
+    ProbeFailed,
+    ProbeLimits,
+    ProbeRequest,
+    probe_model,
+)
 
 log = logging.getLogger("edgefleet.agent.benchmarks")
 
@@ -77,7 +83,8 @@ class BenchmarkWorker:
     ``resolve_url`` turns a job's ``artifact_url`` into an absolute URL (the controller
     may send it relative to itself); ``http_factory`` makes the client the artifacts are
     downloaded with, on the first job (a node never asked to measure does not pay for a
-    second TLS context), used by the worker thread only."""
+    second TLS context), used by the worker thread only. ``limits`` hold each probe
+    child (the launcher's defaults when None)."""
 
     def __init__(
         self,
@@ -85,12 +92,14 @@ class BenchmarkWorker:
         http_factory: Callable[[], httpx.Client],
         *,
         timeout_s: float,
+        limits: ProbeLimits | None = None,
         resolve_url: Callable[[str], str] = lambda url: url,
     ) -> None:
         self.cache = cache
         self.http_factory = http_factory
         self._http: httpx.Client | None = None
         self.timeout_s = timeout_s
+        self.limits = limits or ProbeLimits()
         self.resolve_url = resolve_url
         self.finished: queue.SimpleQueue[Finished] = queue.SimpleQueue()
         self.completed = 0  # jobs measured (or failed) and handed over
@@ -185,6 +194,7 @@ class BenchmarkWorker:
             warmup_runs=job.warmup_runs,
             threads=job.threads,
             benchmark=True,
+            limits=self.limits,
         )
         log.info(
             "benchmarking %s: %d runs (+%d warm-up), %d thread(s)",

@@ -65,7 +65,9 @@ class Heartbeat(BaseModel):
 
     cluster: str
     node: str
-    seq: int = Field(ge=1, description="per-node sequence number; replays are ignored")
+    seq: int = Field(
+        ge=1, le=2**63 - 1, description="per-node sequence number; replays are ignored"
+    )
     sent_at: datetime
     status: NodeStatus = Field(default_factory=NodeStatus)
     workloads: list[WorkloadReport] = Field(default_factory=list)

@@ -19,8 +19,24 @@ REDIS_URL = os.environ.get("EDGEFLEET_TEST_REDIS", "redis://127.0.0.1:6379/0")
 TEST_DB = f"edgefleet_test_{_RUN}"
 ARTIFACTS = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgefleet-test-{_RUN}" / "artifacts"
 
+# API tokens of each role, seeded (committed) into the test database once per run.
+TOKENS = {role: f"eft_test-{role}-{_RUN}" for role in ("viewer", "operator", "admin")}
+ADMIN_TOKEN = TOKENS["admin"]
+
+
+def bearer(role: str) -> dict[str, str]:
+    """The Authorization header of the run's token of ``role``."""
+    return {"Authorization": f"Bearer {TOKENS[role]}"}
+
+
 os.environ.update(
     {
+        # The CLI (and every process the tests start) calls the API as the run's admin,
+        # and never reads the developer's own CLI config file.
+        "EDGEFLEET_TOKEN": ADMIN_TOKEN,
+        "EDGEFLEET_CONFIG": str(
+            Path(os.environ.get("TMPDIR", "/tmp")) / f"edgefleet-test-{_RUN}" / "cli.yaml"
+        ),
         "EDGEFLEET_ENVIRONMENT": "test",
         "EDGEFLEET_SECRET_KEY": f"test-secret-{_RUN}",
         "EDGEFLEET_DATABASE_URL": f"{PG_ROOT}/{TEST_DB}",
@@ -79,10 +95,20 @@ def settings() -> Iterator[Settings]:
     settings = get_settings()
     create_database(TEST_DB)
     migrate.upgrade(settings)
+    _seed_tokens(get_engine(settings))
     configure(settings)
     yield settings
     dispose_engines()
     drop_database(TEST_DB)
+
+
+def _seed_tokens(engine: Engine) -> None:
+    from controller.auth.service import hash_token
+    from controller.db.models import ApiToken
+
+    with sessionmaker(bind=engine)() as session, session.begin():
+        for role, token in TOKENS.items():
+            session.add(ApiToken(name=f"test-{role}", role=role, token_hash=hash_token(token)))
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +157,11 @@ def session(connection: Connection) -> Iterator[Session]:
 def client(
     settings: Settings, connection: Connection, redis_available: None
 ) -> Iterator[TestClient]:
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+    """The API as the run's admin (``bearer(role)`` per request for another role,
+    ``headers={"Authorization": ""}`` for none)."""
+    with TestClient(
+        create_app(settings), raise_server_exceptions=False, headers=bearer("admin")
+    ) as c:
         yield c
 
 
@@ -176,7 +206,8 @@ def committed(engine: Engine) -> Iterator[None]:
     yield
     from controller.db.base import Base
 
-    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    # The run's API tokens stay: they were committed once, before any test.
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables if t.name != "api_tokens")
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
 

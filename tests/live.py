@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -90,3 +94,16 @@ def live_controller(app: FastAPI, *, port: int | None = None) -> Iterator[LiveCo
 def serve(app: FastAPI) -> Iterator[str]:
     with live_controller(app) as controller:
         yield controller.url
+
+
+def stop_process_group(proc: subprocess.Popen[Any], *, grace_s: float = 20) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and its children, then
+    SIGKILL them if they are still there after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

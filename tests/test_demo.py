@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import yaml
 
 from tests.live import free_port
 
 
-def embedded_env() -> dict[str, str]:
+def embedded_env(home: Path) -> dict[str, str]:
+    """No EDGEFLEET_* settings, and a home of its own (the demo saves a CLI context)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
-    env["NO_COLOR"] = "1"
+    env.update({"NO_COLOR": "1", "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")})
     return env
 
 
@@ -25,7 +28,7 @@ def test_demo_plays_the_scenario(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "controller.cli.main", "demo", "--no-serve", "--bake", "0s"],
         cwd=tmp_path,
-        env=embedded_env(),
+        env=embedded_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=300,
@@ -45,50 +48,85 @@ def test_demo_serves_the_dashboard(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "controller.cli.main", "demo", "--port", str(port), "--bake", "0s"],
         cwd=tmp_path,
-        env=embedded_env(),
+        env=embedded_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    config = tmp_path / ".config" / "edgefleet" / "config.yaml"
     try:
         deadline = time.monotonic() + 120
+        while not config.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        saved = yaml.safe_load(config.read_text())
+        assert saved["current-context"] == "demo"
+        (context,) = saved["contexts"]
+        assert context["server"] == url
+        assert stat.S_IMODE(config.stat().st_mode) == 0o600
+        http = httpx.Client(
+            base_url=url, timeout=5, headers={"Authorization": f"Bearer {context['token']}"}
+        )
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        # Nothing is open but health: the demo's token is what the CLI and the page use.
+        assert httpx.get(f"{url}/v1/rollouts", timeout=5).status_code == 401
+        signin = httpx.get(f"{url}/", timeout=5)
+        assert (signin.status_code, signin.headers["location"]) == (303, "/login")
         phases: dict[str, str] = {}
         while time.monotonic() < deadline:
             try:
-                items = httpx.get(f"{url}/v1/rollouts", timeout=5).json()["items"]
+                items = http.get("/v1/rollouts").json()["items"]
                 phases = {r["name"]: r["phase"] for r in items}
             except (httpx.TransportError, KeyError, ValueError):
                 phases = {}
             if phases.get("detector-1-1-auto") in ("RolledBack", "Succeeded"):
                 break
             time.sleep(0.5)
-        page = httpx.get(f"{url}/", timeout=5).text
+        # The browser's way in: sign in with the token, then the page is served.
+        browser = httpx.Client(base_url=url, timeout=5)
+        login = browser.post("/login", data={"token": context["token"]})
+        assert (login.status_code, login.headers["location"]) == (303, "/")
+        page = browser.get("/").text
         assert '<tr class="p-Succeeded"><td>detector-1-1</td>' in page, page[-3000:]
         assert '<tr class="p-RolledBack"><td>detector-1-2</td>' in page
         assert "<td>oslo</td><td>simulated</td>" in page
         health = httpx.get(f"{url}/healthz", timeout=5)
         assert health.status_code == 200
         assert "embedded" in health.json()["checks"]["redis"]["mode"]
-        rollouts = httpx.get(f"{url}/v1/rollouts", timeout=5).json()
+        rollouts = http.get("/v1/rollouts").json()
         assert {r["name"]: r["phase"] for r in rollouts["items"]} == {
             "detector-1-1": "Succeeded",
             "detector-1-2": "RolledBack",
             "detector-1-1-auto": "Succeeded",
         }
+        # The CLI finds the controller and the token in the saved context.
+        cli = subprocess.run(
+            [sys.executable, "-m", "controller.cli.main", "get", "rollouts"],
+            cwd=tmp_path,
+            env=embedded_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert "detector-1-1-auto" in cli.stdout
         # The per-node choice: each node class got one of the two, by its benchmarks.
-        auto = httpx.get(f"{url}/v1/rollouts/detector-1-1-auto", timeout=5).json()
+        auto = http.get("/v1/rollouts/detector-1-1-auto").json()
         assert set(auto["versions"]) <= {"1.1.0", "1.1.0-int8"}
         assert sum(auto["versions"].values()) == 16
         for version in ("1.1.0", "1.1.0-int8"):
-            rows = httpx.get(
-                f"{url}/v1/models/detector/versions/{version}/benchmarks", timeout=5
-            ).json()
+            rows = http.get(f"/v1/models/detector/versions/{version}/benchmarks").json()
             assert {r["node_class"] for r in rows} == {"amd64/none/unknown", "arm64/none/unknown"}
             assert {r["status"] for r in rows} == {"Succeeded"}
-        variant = httpx.get(f"{url}/v1/models/detector/versions/1.1.0-int8", timeout=5).json()
+        variant = http.get("/v1/models/detector/versions/1.1.0-int8").json()
         assert variant["lineage"]["report"]["peak_memory"]["variant"]["peak_rss_bytes"] > 0
-        nodes = httpx.get(f"{url}/v1/nodes", timeout=5).json()
+        nodes = http.get("/v1/nodes").json()
         assert nodes["total"] == 16
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

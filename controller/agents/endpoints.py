@@ -4,11 +4,13 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request, status
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 
 from controller.agents import service
 from controller.agents.schemas import EnrollIn, EnrollOut, HeartbeatAck
 from controller.api.deps import API_V1, SessionDep, SettingsDep
+from controller.api.errors import error_body
 from controller.db.models import Node
 from controller.errors import Unauthorized
 from node_agent.contract import Heartbeat
@@ -69,12 +71,14 @@ AgentDep = Annotated[AgentNode, Depends(current_agent)]
     responses={
         401: {"description": "wrong join token"},
         404: {"description": "the node is not (yet) known to the controller"},
+        409: {"description": "the node is already enrolled (an admin must reset it)"},
         503: {"description": "enrolment is disabled (no EDGEFLEET_AGENT_JOIN_TOKEN)"},
     },
 )
-def enroll(body: EnrollIn, session: SessionDep, settings: SettingsDep) -> EnrollOut:
-    """Exchange the join token for this node's own credential (shown only here).
-    Enrolling again rotates it: the previous credential stops working."""
+def enroll(body: EnrollIn, session: SessionDep, settings: SettingsDep) -> EnrollOut | JSONResponse:
+    """Exchange the join token for this node's own credential (shown only here). A node
+    enrols once: enrolling an enrolled node again is refused until an admin resets it.
+    Authenticated by the join token in the body, not by a bearer credential."""
     got = service.enroll(
         session,
         settings,
@@ -82,6 +86,8 @@ def enroll(body: EnrollIn, session: SessionDep, settings: SettingsDep) -> Enroll
         node=body.node,
         join_token=body.join_token.get_secret_value(),
     )
+    if isinstance(got, service.AlreadyEnrolled):
+        return JSONResponse(error_body(got.code, got.detail), status_code=got.status_code)
     return EnrollOut(
         node=got.node.name,
         cluster=got.cluster,

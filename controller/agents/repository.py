@@ -27,3 +27,11 @@ def node_by_credential_hash(session: Session, credential_hash: str) -> tuple[Nod
         .with_for_update(of=Node)
     ).first()
     return (row[0], row[1]) if row is not None else None
+
+
+def node_name_by_credential_hash(session: Session, credential_hash: str) -> tuple[str, str] | None:
+    """(node, cluster) holding this credential, without a lock (a read-only check)."""
+    row = session.execute(
+        select(Node.name, Cluster.name).join(Cluster).where(Node.credential_hash == credential_hash)
+    ).first()
+    return (row[0], row[1]) if row is not None else None

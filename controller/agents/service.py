@@ -4,8 +4,17 @@ An agent proves it belongs to the fleet once, with the controller-wide join toke
 receives a credential of its own node. Only that credential's sha256 is stored: a
 database dump does not let anyone speak for a node, and a lookup by hash is an index
 probe (the credential is 256 random bits, so a fast hash is as good as a slow one).
-Re-enrolling rotates the credential. Every heartbeat must name the credential's own
-node, so one compromised node cannot report for, or silence, another."""
+Every heartbeat must name the credential's own node, so one compromised node cannot
+report for, or silence, another.
+
+Threat model of node identity. Every agent holds the join token, so the join token alone
+must not be enough to become a node that already has an identity: enrolment binds a node
+once, and a second enrolment of an enrolled node is refused (409) until an admin resets
+that node (``edgefleet nodes reset CLUSTER/NODE``, after reinstalling it or when its
+credential leaked). What remains open by design: a holder of the join token can claim a
+node that has never enrolled (first come, first served), so enrol nodes as they are
+installed and keep the join token as secret as the nodes themselves; the events
+``AgentEnrolled`` and ``EnrolmentRefused`` show every attempt."""
 
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ from controller.db.base import utcnow
 from controller.db.models import Node
 from controller.db.session import after_commit, session_scope
 from controller.errors import (
+    Conflict,
     EdgefleetError,
     Forbidden,
     NotFound,
@@ -58,9 +68,13 @@ class Enrollment:
     credential: str
 
 
+class AlreadyEnrolled(Conflict):
+    """Returned, not raised: the refusal's event must commit with the request."""
+
+
 def enroll(
     session: Session, settings: Settings, *, cluster: str, node: str, join_token: str
-) -> Enrollment:
+) -> Enrollment | AlreadyEnrolled:
     expected = settings.agent_join_token
     if expected is None:
         raise ServiceUnavailable(
@@ -76,7 +90,19 @@ def enroll(
             f"node {cluster}/{node} is not known to the controller: apply its Cluster "
             "manifest (or wait for the next node sync) before the agent enrols"
         )
-    rotated = found.credential_hash is not None
+    if found.credential_hash is not None:
+        record_event(
+            session,
+            kind="Node",
+            name=f"{cluster}/{node}",
+            reason="EnrolmentRefused",
+            message="the node is already enrolled (reset it to enrol again)",
+            actor=f"node:{cluster}/{node}",
+        )
+        return AlreadyEnrolled(
+            f"node {cluster}/{node} is already enrolled: an admin must reset it "
+            f"(edgefleet nodes reset {cluster}/{node}) before it can enrol again"
+        )
     credential = secrets.token_urlsafe(32)
     found.credential_hash = hash_credential(credential)
     session.flush()
@@ -85,7 +111,8 @@ def enroll(
         kind="Node",
         name=f"{cluster}/{node}",
         reason="AgentEnrolled",
-        message="credential rotated" if rotated else "credential issued",
+        message="credential issued",
+        actor=f"node:{cluster}/{node}",
     )
     return Enrollment(found, cluster, credential)
 

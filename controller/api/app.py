@@ -9,7 +9,9 @@ from controller import __version__, metrics
 from controller.agents import endpoints as agents
 from controller.agents.service import HeartbeatIntake
 from controller.api import health
+from controller.api.body_limits import LimitRequestBodies
 from controller.api.errors import install_error_handlers
+from controller.auth import endpoints as auth
 from controller.benchmarks import endpoints as benchmarks
 from controller.dashboard import endpoints as dashboard
 from controller.fleet import endpoints as fleet
@@ -39,11 +41,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fleet.router,
         dashboard.router,
         benchmarks.router,
+        auth.router,
     )
     for router in routers:
         app.include_router(router)
     app.include_router(health.router)
 
+    app.add_middleware(LimitRequestBodies, settings=settings)  # within ObserveRequests
     app.add_middleware(ObserveRequests)
     # Heartbeat requests meet here to share ingest transactions.
     app.state.heartbeats = HeartbeatIntake(settings)

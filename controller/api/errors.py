@@ -10,11 +10,16 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from controller.db.session import database_unavailable
 from controller.errors import EdgefleetError
 
 log = logging.getLogger(__name__)
+
+# A Postgres restart or failover takes seconds; agents and the CLI wait this long.
+DATABASE_RETRY_AFTER_S = 5
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -39,7 +44,9 @@ def error_body(code: str, detail: Any) -> dict[str, Any]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EdgefleetError)
     async def _edgefleet(_: Request, exc: EdgefleetError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.detail), status_code=exc.status_code)
+        return JSONResponse(
+            error_body(exc.code, exc.detail), status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -51,6 +58,24 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         return JSONResponse(
             error_body(code, exc.detail), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if not database_unavailable(exc):
+            raise exc  # a bug, not an outage: the 500 handler below, as before
+        # Nothing of the request was committed (the session rolled back). The detail
+        # names no host, user or URL; the log has the driver's message.
+        log.warning(
+            "database unavailable on %s %s: %s",
+            request.method,
+            request.url.path,
+            str(getattr(exc, "orig", None) or exc).partition("\n")[0][:300],
+        )
+        return JSONResponse(
+            error_body("service_unavailable", "the database is unavailable; retry later"),
+            status_code=503,
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
         )
 
     @app.exception_handler(Exception)

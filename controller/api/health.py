@@ -11,11 +11,19 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from controller.auth.guard import METRICS
 from controller.db.session import get_engine
 from controller.settings import Settings
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
+
+
+def _failed(what: str, exc: Exception) -> dict[str, Any]:
+    """These routes are open to anyone: the answer names the failure's kind, never the
+    driver's text (which names hosts, ports, users); the log has the whole of it."""
+    log.warning("health check: %s failed", what, exc_info=exc)
+    return {"ok": False, "error": f"{what} unavailable ({type(exc).__name__})"}
 
 
 def _check_database(settings: Settings) -> dict[str, Any]:
@@ -24,7 +32,7 @@ def _check_database(settings: Settings) -> dict[str, Any]:
         with get_engine(settings).connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        return _failed("database", exc)
     return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
 
 
@@ -38,7 +46,7 @@ def _check_redis(settings: Settings) -> dict[str, Any]:
     try:
         client.ping()
     except Exception as exc:
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        return _failed("redis", exc)
     finally:
         client.close()
     return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
@@ -50,7 +58,7 @@ def _schema_revision(settings: Settings) -> dict[str, Any]:
     try:
         current, head = current_revision(settings), head_revision()
     except Exception as exc:
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        return _failed("schema revision", exc)
     return {"ok": current == head, "current": current, "head": head}
 
 
@@ -102,7 +110,7 @@ def _refresh_state_gauges(settings: Settings) -> None:
                 gauge.labels(value.value).set(counts.get(value.value, 0))
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get("/metrics", include_in_schema=False, dependencies=[METRICS])
 def metrics(request: Request) -> Response:
     try:
         _refresh_state_gauges(request.app.state.settings)

@@ -5,6 +5,8 @@ from typing import Annotated, Generic, TypeVar
 from fastapi import Depends, Query
 from pydantic import BaseModel
 
+from controller.api.params import OffsetQuery
+
 T = TypeVar("T")
 
 
@@ -15,7 +17,7 @@ class PageParams(BaseModel):
 
 def page_params(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: OffsetQuery = 0,
 ) -> PageParams:
     return PageParams(limit=limit, offset=offset)
 

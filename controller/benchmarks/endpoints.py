@@ -4,6 +4,8 @@ from fastapi import APIRouter, status
 
 from controller.agents.endpoints import AgentDep
 from controller.api.deps import API_V1, SessionDep, SettingsDep
+from controller.api.params import IdPath
+from controller.auth.guard import OPERATOR, VIEWER
 from controller.benchmarks import repository as repo
 from controller.benchmarks import service
 from controller.benchmarks.schemas import BenchmarkOut, BenchmarkRequestIn
@@ -21,6 +23,7 @@ router = APIRouter(prefix=API_V1, tags=["benchmarks"])
         409: {"description": "the version is not Ready"},
         422: {"description": "no enrolled Ready node matches the selector"},
     },
+    dependencies=[OPERATOR],
 )
 def request_benchmarks(
     name: str, version: str, body: BenchmarkRequestIn, session: SessionDep, settings: SettingsDep
@@ -31,7 +34,11 @@ def request_benchmarks(
     return [BenchmarkOut.of(r, name, version) for r in rows]
 
 
-@router.get("/models/{name}/versions/{version}/benchmarks", response_model=list[BenchmarkOut])
+@router.get(
+    "/models/{name}/versions/{version}/benchmarks",
+    response_model=list[BenchmarkOut],
+    dependencies=[VIEWER],
+)
 def list_benchmarks(name: str, version: str, session: SessionDep) -> list[BenchmarkOut]:
     mv = require_version(session, name, version)
     return [BenchmarkOut.of(r, name, version) for r in repo.for_version(session, mv.id)]
@@ -52,7 +59,7 @@ def agent_jobs(agent: AgentDep, session: SessionDep, settings: SettingsDep) -> l
     },
 )
 def agent_result(
-    benchmark_id: int, body: BenchmarkResult, agent: AgentDep, session: SessionDep
+    benchmark_id: IdPath, body: BenchmarkResult, agent: AgentDep, session: SessionDep
 ) -> BenchmarkOut:
     row, version = service.record(session, agent.node, benchmark_id, body)
     return BenchmarkOut.of(row, version.model.name, version.version)

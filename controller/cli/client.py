@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 
+from controller.cli.config import current_context
+
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 
 
@@ -30,11 +32,25 @@ class ApiError(Exception):
 
 
 class ApiClient:
-    def __init__(self, base_url: str | None = None, *, timeout_s: float = 60.0) -> None:
-        self.base_url = (base_url or os.environ.get("EDGEFLEET_API_URL") or DEFAULT_API_URL).rstrip(
-            "/"
-        )
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+    """The controller URL and token come from the arguments, else ``EDGEFLEET_API_URL``
+    and ``EDGEFLEET_TOKEN``, else the current context of the CLI config file."""
+
+    def __init__(
+        self, base_url: str | None = None, *, token: str | None = None, timeout_s: float = 60.0
+    ) -> None:
+        context = current_context()
+        saved = context.server.rstrip("/") if context and context.server else None
+        self.base_url = (
+            base_url or os.environ.get("EDGEFLEET_API_URL") or saved or DEFAULT_API_URL
+        ).rstrip("/")
+        # A context's token goes to that context's server only, never to another URL
+        # given on the command line or in the environment.
+        if token is None:
+            token = os.environ.get("EDGEFLEET_TOKEN")
+        if token is None and context is not None and self.base_url == saved:
+            token = context.token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -52,7 +68,10 @@ class ApiClient:
         if resp.status_code >= 400:
             try:
                 body = resp.json()
-                raise ApiError(resp.status_code, body.get("error", "error"), body.get("detail"))
+                detail = body.get("detail")
+                if resp.status_code == 401:
+                    detail = f"{detail}; set EDGEFLEET_TOKEN, or run `edgefleet login --token ...`"
+                raise ApiError(resp.status_code, body.get("error", "error"), detail)
             except ValueError:
                 raise ApiError(resp.status_code, "error", resp.text[:500]) from None
         return resp.json() if resp.content else None

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from controller import __version__
-from controller.cli import rollouts
+from controller.cli import access, rollouts
 from controller.cli.client import ApiClient, ApiError
 from controller.cli.output import Output, console, emit, err_console, human_bytes, make_table
 
@@ -27,6 +27,7 @@ db_app = typer.Typer(help="Database schema migrations (Alembic).")
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 rollouts.register(app)  # apply, get, describe, rollout
+access.register(app)  # login, tokens, nodes
 
 ApiUrl = Annotated[
     str | None,

@@ -874,9 +874,15 @@ def _describe_view(d: dict[str, Any]) -> Group:
         parts.append(
             Padding(
                 _table(
-                    ["AGE", "TIME", "REASON", "MESSAGE"],
+                    ["AGE", "TIME", "REASON", "BY", "MESSAGE"],
                     [
-                        [_age(e["time"]), str(e["time"])[:19], e["reason"], e["message"]]
+                        [
+                            _age(e["time"]),
+                            str(e["time"])[:19],
+                            e["reason"],
+                            e.get("actor") or "controller",
+                            e["message"],
+                        ]
                         for e in events
                     ],
                 ),

@@ -4,11 +4,15 @@ JavaScript build, no assets: one HTML page that refreshes itself."""
 from __future__ import annotations
 
 from html import escape
+from typing import Annotated
 
-from fastapi import APIRouter
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
-from controller.api.deps import SessionDep
+from controller.api.deps import SessionDep, SettingsDep
+from controller.auth.guard import DASHBOARD, SESSION_COOKIE, open_session
+from controller.auth.service import SESSION_TTL_S
 from controller.fleet import repository as fleet_repo
 from controller.registry import repository as registry_repo
 from controller.rollouts import repository as rollout_repo
@@ -31,7 +35,7 @@ def _tag(text: str) -> str:
     return f'<span class="tag">{escape(text)}</span>'
 
 
-@router.get("/", response_class=HTMLResponse)
+@router.get("/", response_class=HTMLResponse, dependencies=[DASHBOARD])
 def dashboard(session: SessionDep) -> HTMLResponse:
     counts = fleet_repo.node_counts(session)
     clusters = "".join(
@@ -84,4 +88,70 @@ def dashboard(session: SessionDep) -> HTMLResponse:
 <h2>Clusters</h2><table><tr><th>Name</th><th>Driver</th><th>Status</th><th>Nodes</th><th>Health</th></tr>{clusters}</table>
 <h2>Model versions</h2><table><tr><th>Model</th><th>Version</th><th>Format</th><th>Status</th><th>p50 ms</th><th>p95 ms</th><th>sha256</th></tr>{versions}</table>
 </body></html>"""
-    return HTMLResponse(html)
+    return HTMLResponse(html, headers=PAGE_HEADERS)
+
+
+_SIGN_IN = """<!doctype html><html><head><meta charset="utf-8"><title>edgefleet: sign in</title>
+<style>{style}</style></head><body><h1>edgefleet</h1>
+<p class=muted>Sign in with an API token (<code>edgefleet tokens create</code>; the demo wrote one to
+<code>~/.config/edgefleet/config.yaml</code>).</p>{error}
+<form method="post" action="/login"><input type="password" name="token" size="60" autocomplete="off"
+autofocus placeholder="eft_..."> <button type="submit">Sign in</button></form></body></html>"""
+
+
+# Pages are never framed (clickjacking), and the session cookie never leaves for http in
+# production even behind a TLS-terminating proxy that forwards plain http.
+PAGE_HEADERS = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}
+
+
+def _same_origin(request: Request) -> bool:
+    """A form post from this controller's own pages (or a client that sends no Origin,
+    which browsers always do for a cross-site POST)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return origin.split("://", 1)[-1].rstrip("/") == host
+
+
+# Sign-in is open by nature (it is how a browser gets a session); the form turns a valid
+# token into an HttpOnly, SameSite=Strict session cookie that the dashboard pages accept
+# (the API does not), holding no token.
+@router.get("/login", response_class=HTMLResponse)
+def sign_in_page() -> HTMLResponse:
+    return HTMLResponse(_SIGN_IN.format(style=STYLE, error=""), headers=PAGE_HEADERS)
+
+
+@router.post("/login", response_class=HTMLResponse, response_model=None)
+async def sign_in(
+    request: Request, settings: SettingsDep, token: Annotated[str, Form(max_length=256)]
+) -> Response:
+    if not _same_origin(request):
+        return HTMLResponse("cross-site sign-in refused", status_code=403, headers=PAGE_HEADERS)
+    value = await run_in_threadpool(
+        open_session, token.strip(), settings.secret_key.get_secret_value()
+    )
+    if value is None:
+        error = '<p style="color:#e03131">unknown, expired or revoked token</p>'
+        return HTMLResponse(
+            _SIGN_IN.format(style=STYLE, error=error), status_code=401, headers=PAGE_HEADERS
+        )
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        value,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https" or settings.environment == "production",
+        max_age=SESSION_TTL_S,
+    )
+    return response
+
+
+@router.post("/logout", response_model=None)
+def sign_out(request: Request) -> Response:
+    if not _same_origin(request):
+        return HTMLResponse("cross-site sign-out refused", status_code=403, headers=PAGE_HEADERS)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response

@@ -254,6 +254,9 @@ class Event(Base):
     reason: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Who caused it: "token:<name>" for an API call, "node:<cluster>/<node>" for an agent,
+    # "cli:<user>" for a command run on the database, null for the controller itself.
+    actor: Mapped[str | None] = mapped_column(String(128))
 
 
 class OptimizationStatus(StrEnum):
@@ -320,3 +323,35 @@ class NodeBenchmark(TimestampMixin, Base):
     message: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class Role(StrEnum):
+    """What an API token may do; each role may do everything of the ones before it."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        return list(Role).index(self)
+
+    def allows(self, needed: Role) -> bool:
+        return self.rank >= needed.rank
+
+
+class ApiToken(TimestampMixin, Base):
+    """An API token: only its sha256 is stored (the token is 256 random bits, so a fast
+    hash is as good as a slow one and the lookup is an index probe)."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (Index("ix_api_tokens_token_hash", "token_hash", unique=True),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    created_by: Mapped[str | None] = mapped_column(String(128))

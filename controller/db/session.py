@@ -6,6 +6,7 @@ registered with :func:`after_commit` and dropped if the transaction rolls back."
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -134,3 +136,28 @@ def _run_after_commit(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _drop_after_commit(session: Session) -> None:
     session.info.pop(_AFTER_COMMIT, None)
+
+
+# SQLSTATE classes of a database that went away rather than a statement that was wrong:
+# 08 connection exception, 57P operator intervention (admin or crash shutdown, "the
+# database system is starting up"). A client-side connection failure has no SQLSTATE.
+_UNAVAILABLE_SQLSTATES = ("08", "57P")
+_SQLITE_BUSY = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database could not be reached, went away mid-statement
+    or had no free connection: a retry later can succeed (the API answers 503, a task
+    retries). False for errors a retry would repeat (a constraint, a bad statement)."""
+    if isinstance(exc, sa_exc.TimeoutError):  # the pool had no connection to hand out
+        return True
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return False
+    if isinstance(exc.orig, sqlite3.Error):
+        return getattr(exc.orig, "sqlite_errorname", None) in _SQLITE_BUSY
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate is None or str(sqlstate).startswith(_UNAVAILABLE_SQLSTATES)

@@ -239,3 +239,12 @@ def write_heartbeats(
             _ASSIGNMENT_METRICS,
             [{"b_id": i, "b_metrics": m} for i, m in sorted(metrics.items(), key=itemgetter(0))],
         )
+
+
+def lock_node(session: Session, cluster: str, node: str) -> Node | None:
+    return session.scalar(
+        select(Node)
+        .join(Cluster)
+        .where(Cluster.name == cluster, Node.name == node)
+        .with_for_update(of=Node)
+    )

@@ -24,10 +24,11 @@ from controller.db.models import (
     Node,
     NodeHealth,
 )
-from controller.errors import NotFound
+from controller.errors import InvalidInput, NotFound
 from controller.fleet import repository as repo
 from controller.kube.driver import ClusterDriver, DriverError, NodeInventory, WorkloadSpec
 from controller.kube.factory import driver_for
+from controller.kube.kubeconfig import parse_kubeconfig, server_allowed
 from controller.manifests.diff import diff
 from controller.manifests.outcome import ApplyOutcome
 from controller.manifests.schemas import ClusterManifest
@@ -53,6 +54,49 @@ def cluster_driver(cluster: Cluster, settings: Settings) -> ClusterDriver:
     return driver_for(cluster.name, cluster.driver, cluster.spec, settings, creds)
 
 
+def check_remote_access(manifest: ClusterManifest, settings: Settings) -> None:
+    """The controller's own limits on where a Cluster may point it, before any client is
+    built or contacted: insecure TLS only where allowed, servers only on the allow-list."""
+    creds = manifest.spec.credentials
+    if creds is None:
+        return
+    loc = ("body", "spec", "credentials")
+    access = parse_kubeconfig(creds.kubeconfig) if creds.kubeconfig else None
+    if not settings.cluster_allow_insecure_tls:
+        if creds.insecureSkipTLSVerify:
+            raise InvalidInput(
+                "insecureSkipTLSVerify is refused by this controller "
+                "(EDGEFLEET_CLUSTER_ALLOW_INSECURE_TLS=false): give caData instead",
+                loc=(*loc, "insecureSkipTLSVerify"),
+            )
+        if access is not None and access.insecure_skip_tls_verify:
+            raise InvalidInput(
+                "kubeconfig: clusters[].cluster.insecure-skip-tls-verify is refused by this "
+                "controller (EDGEFLEET_CLUSTER_ALLOW_INSECURE_TLS=false): give "
+                "certificate-authority-data instead",
+                loc=(*loc, "kubeconfig"),
+            )
+    server = manifest.spec.server or (access.server if access is not None else None)
+    server_loc = ("body", "spec", "server") if manifest.spec.server else (*loc, "kubeconfig")
+    if (
+        server is not None
+        and server.startswith("http://")
+        and not settings.cluster_allow_insecure_tls
+    ):
+        raise InvalidInput(
+            f"API server {server!r}: plain http would send the cluster's credentials in "
+            "clear; use https (EDGEFLEET_CLUSTER_ALLOW_INSECURE_TLS=true allows it)",
+            loc=server_loc,
+        )
+    allowlist = settings.cluster_server_allowlist
+    if allowlist and server is not None and not server_allowed(server, allowlist):
+        raise InvalidInput(
+            f"API server {server!r} is not on this controller's allow-list "
+            f"(EDGEFLEET_CLUSTER_SERVER_ALLOWLIST: {', '.join(allowlist)})",
+            loc=server_loc,
+        )
+
+
 def apply_cluster(session: Session, manifest: ClusterManifest, settings: Settings) -> ApplyOutcome:
     name = manifest.metadata.name
     spec = _stored_spec(manifest, settings)
@@ -62,6 +106,7 @@ def apply_cluster(session: Session, manifest: ClusterManifest, settings: Setting
         if manifest.spec.credentials is not None
         else None
     )
+    check_remote_access(manifest, settings)
     # Builds the driver first: an unavailable driver is a 422 before anything is stored.
     driver = driver_for(name, manifest.spec.driver, spec, settings, creds)
     cluster = repo.get_cluster(session, name)
@@ -286,6 +331,27 @@ def resync_cluster(session: Session, name: str, settings: Settings) -> dict[str,
     if cluster is None:
         raise NotFound(f"cluster {name!r} not found")
     return sync_nodes(session, cluster, cluster_driver(cluster, settings))
+
+
+def reset_node(session: Session, cluster: str, node: str) -> Node:
+    """Forget a node's agent credential: the agent's next request is refused, and the
+    node may enrol again (after a reinstall, or when its credential leaked)."""
+    found = repo.lock_node(session, cluster, node)
+    if found is None:
+        raise NotFound(f"node {cluster}/{node} not found")
+    was_enrolled = found.credential_hash is not None
+    found.credential_hash = None
+    session.flush()
+    record_event(
+        session,
+        kind="Node",
+        name=f"{cluster}/{node}",
+        reason="NodeReset",
+        message="credential revoked; the node may enrol again"
+        if was_enrolled
+        else "the node had not enrolled; nothing to revoke",
+    )
+    return found
 
 
 def resync_all(session: Session, settings: Settings) -> dict[str, dict[str, int]]:

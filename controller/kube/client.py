@@ -9,6 +9,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -17,11 +18,11 @@ from typing import Any, TypeVar
 
 import kubernetes.client as k8s
 import urllib3
-import yaml
 from kubernetes.client.exceptions import ApiException
 
 from controller.kube import objects
 from controller.kube.driver import DriverError, NodeInventory, ObservedWorkload, WorkloadSpec
+from controller.kube.kubeconfig import RemoteAccess, canonical_server, parse_kubeconfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,43 +124,64 @@ def with_retries(fn: Callable[[], T], *, backoff: Sequence[float], what: str) ->
     raise AssertionError("unreachable")
 
 
-def _configuration(server: str | None, credentials: Mapping[str, Any], timeout_s: float) -> Any:
-    cfg = k8s.Configuration()
-    if credentials.get("kubeconfig"):
-        from kubernetes.config.kube_config import KubeConfigLoader
+def _private_file(content: str, suffix: str) -> str:
+    """A file only this process's user may read (the client library wants paths)."""
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept for the client's lifetime
+        "w", suffix=suffix, prefix="edgefleet-", delete=False
+    )
+    with handle:
+        os.chmod(handle.name, 0o600)
+        handle.write(content)
+    return handle.name
 
-        loader = KubeConfigLoader(config_dict=yaml.safe_load(credentials["kubeconfig"]))  # type: ignore[no-untyped-call]
-        loader.load_and_set(cfg)  # type: ignore[no-untyped-call]
-        if server:
-            cfg.host = server
+
+def _configuration(server: str | None, credentials: Mapping[str, Any], timeout_s: float) -> Any:
+    """A client configuration from inline credentials only. A kubeconfig is parsed by
+    :func:`parse_kubeconfig` (which refuses exec plugins, auth providers and file paths)
+    and never given to the library's own loader, which would run or read them."""
+    if credentials.get("kubeconfig"):
+        access = parse_kubeconfig(credentials["kubeconfig"])
     else:
-        if server:
-            cfg.host = server
-        cfg.api_key = {"authorization": credentials["token"]}
+        ca = credentials.get("caData")
+        if ca and "BEGIN CERTIFICATE" not in ca:
+            ca = base64.b64decode(ca).decode()
+        access = RemoteAccess(
+            server=server or "",
+            ca_pem=ca or None,
+            token=credentials["token"],
+            insecure_skip_tls_verify=bool(credentials.get("insecureSkipTLSVerify")),
+        )
+    cfg = k8s.Configuration()
+    # The host is rebuilt from its parsed parts: the allow-list checked these very parts.
+    cfg.host = canonical_server(server or access.server)
+    if access.token:
+        cfg.api_key = {"authorization": access.token}
         cfg.api_key_prefix = {"authorization": "Bearer"}
-        if credentials.get("insecureSkipTLSVerify"):
-            cfg.verify_ssl = False
-        elif credentials.get("caData"):
-            ca = credentials["caData"]
-            pem = ca if "BEGIN CERTIFICATE" in ca else base64.b64decode(ca).decode()
-            handle = tempfile.NamedTemporaryFile("w", suffix=".crt", delete=False)  # noqa: SIM115
-            with handle:
-                handle.write(pem)
-            cfg.ssl_ca_cert = handle.name
+    if access.client_cert_pem and access.client_key_pem:
+        cfg.cert_file = _private_file(access.client_cert_pem, ".crt")
+        cfg.key_file = _private_file(access.client_key_pem, ".key")
+    if access.insecure_skip_tls_verify:
+        cfg.verify_ssl = False
+    elif access.ca_pem:
+        cfg.ssl_ca_cert = _private_file(access.ca_pem, ".crt")
+    if access.tls_server_name:
+        cfg.tls_server_name = access.tls_server_name
     cfg.retries = False  # we retry ourselves, with our backoff and Retry-After
     return cfg
 
 
 class KubernetesDriver:
     # Verbs the driver needs, checked at registration (the edge agent chart grants them).
-    REQUIRED = (
-        ("apps", "daemonsets", "create"),
-        ("apps", "daemonsets", "patch"),
-        ("apps", "daemonsets", "delete"),
-        ("apps", "daemonsets", "list"),
-        ("", "pods", "list"),
-        ("", "nodes", "list"),
-        ("", "nodes", "patch"),
+    REQUIRED: tuple[tuple[str, str, str, str | None], ...] = (
+        ("apps", "daemonsets", "create", None),
+        ("apps", "daemonsets", "patch", None),
+        ("apps", "daemonsets", "delete", None),
+        ("apps", "daemonsets", "list", None),
+        ("", "pods", "list", None),
+        ("", "nodes", "list", None),
+        ("", "nodes", "patch", None),
+        ("", "secrets", "create", None),
+        ("", "secrets", "patch", objects.ARTIFACT_SECRET),
     )
 
     def __init__(
@@ -173,8 +195,11 @@ class KubernetesDriver:
         port: int,
         timeout_s: float = 15.0,
         backoff: Sequence[float] = (0.2, 0.5, 1.0, 2.0),
+        artifact_token: Callable[[], str] | None = None,
     ) -> None:
         self.cluster = cluster
+        self.artifact_token = artifact_token
+        self._secret_token: str | None = None
         self.namespace = namespace
         self.image = image
         self.port = port
@@ -207,7 +232,7 @@ class KubernetesDriver:
         """Connectivity, then every permission the driver needs, named if missing."""
         self._call("version", self.version_api.get_code)
         missing = []
-        for group, resource, verb in self.REQUIRED:
+        for group, resource, verb, name in self.REQUIRED:
             namespaced = resource != "nodes"
             review = {
                 "apiVersion": "authorization.k8s.io/v1",
@@ -218,6 +243,7 @@ class KubernetesDriver:
                         "resource": resource,
                         "verb": verb,
                         **({"namespace": self.namespace} if namespaced else {}),
+                        **({"name": name} if name else {}),
                     }
                 },
             }
@@ -226,9 +252,13 @@ class KubernetesDriver:
             )
             if not result.get("status", {}).get("allowed"):
                 scope = f" in namespace {self.namespace}" if namespaced else ""
-                missing.append(f"{verb} {resource}{'.' + group if group else ''}{scope}")
+                named = f" {name}" if name else ""
+                missing.append(f"{verb} {resource}{'.' + group if group else ''}{named}{scope}")
         if not missing:
             self.ensure_namespace()
+            # Every node sync (beat, every few minutes) keeps the artifact token fresh, so
+            # a pod that starts long after the last rollout still gets a valid one.
+            self.ensure_artifact_secret()
             return
         if missing:
             raise Forbidden(
@@ -277,6 +307,8 @@ class KubernetesDriver:
         """Server-side apply each version's DaemonSet, then label the nodes. Nodes leave
         a version by losing the label; a DaemonSet no node selects any more is deleted."""
         specs = {s.version: s for s in desired.values() if s is not None}
+        if specs:
+            self.ensure_artifact_secret()
         for spec in specs.values():
             self.apply_daemonset(spec)
         key = objects.node_label(model)
@@ -290,6 +322,27 @@ class KubernetesDriver:
                 _content_type="application/merge-patch+json",
             )
         self.collect_garbage(model)
+
+    def ensure_artifact_secret(self) -> None:
+        """The Secret with the cluster's current artifact token. The token changes about
+        twice per lifetime (see mint_artifact_token), so this writes about as often; the
+        last token written is remembered to spare the call in between."""
+        if self.artifact_token is None:
+            return
+        token = self.artifact_token()
+        if token == self._secret_token:
+            return
+        self._call(
+            "apply artifact secret",
+            self.core.patch_namespaced_secret,
+            objects.ARTIFACT_SECRET,
+            self.namespace,
+            objects.artifact_secret(self.namespace, token),
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+        self._secret_token = token
 
     def apply_daemonset(self, spec: WorkloadSpec) -> None:
         body = objects.daemonset(spec, namespace=self.namespace, image=self.image, port=self.port)

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
+from controller.crypto import mint_artifact_token
 from controller.errors import InvalidInput
 from controller.kube.driver import ClusterDriver
 from controller.kube.simulated import LocalState, RedisState, SimState, SimulatedDriver
@@ -27,10 +29,25 @@ def driver_for(
     settings: Settings,
     credentials: dict[str, Any] | None = None,
 ) -> ClusterDriver:
+
+    def artifact_token() -> str:
+        return mint_artifact_token(
+            settings.secret_key.get_secret_value(),
+            name,
+            now=time.time(),
+            ttl_s=settings.artifact_token_ttl_s,
+        )
+
     if driver == "local":
+        if not settings.local_driver:
+            raise InvalidInput(
+                "driver 'local' runs processes on the controller's own host and is off "
+                "(EDGEFLEET_LOCAL_DRIVER=true enables it, for development only)",
+                loc=("body", "spec", "driver"),
+            )
         from controller.kube.local import LocalDriver
 
-        return LocalDriver(name, spec.get("local") or {})
+        return LocalDriver(name, spec.get("local") or {}, artifact_token=artifact_token)
     if driver == "simulated":
         return SimulatedDriver(
             name, spec.get("simulated") or {}, _sim_state(settings), settings.sim_state_prefix
@@ -56,6 +73,7 @@ def driver_for(
                 port=settings.inference_port,
                 timeout_s=settings.kube_request_timeout_s,
                 backoff=settings.kube_retry_backoff_s,
+                artifact_token=artifact_token,
             ),
         )
     raise InvalidInput(

@@ -8,16 +8,18 @@ process, so the reconciler must run where the driver was used (tests, the demo).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from controller.kube.driver import NodeInventory, ObservedWorkload, WorkloadSpec
+from controller.kube.objects import ARTIFACT_TOKEN_ENV
 from controller.kube.simulated import expand_nodes
 
 _lock = threading.Lock()
@@ -30,8 +32,15 @@ def node_ports(spec: Mapping[str, Any]) -> dict[str, int]:
 
 
 class LocalDriver:
-    def __init__(self, cluster: str, spec: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        cluster: str,
+        spec: Mapping[str, Any],
+        *,
+        artifact_token: Callable[[], str] | None = None,
+    ) -> None:
         self.cluster = cluster
+        self._artifact_token = artifact_token
         self._spec = spec
         self._ports = node_ports(spec)
         self._cache = Path(str(spec.get("cacheDir", "/tmp/edgefleet-local")))
@@ -89,7 +98,14 @@ class LocalDriver:
             "1",
         ]
         log = (cache / "serve.log").open("ab")
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # The controller's own settings (its secret key above all) stay out of a process
+        # that loads untrusted models.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+        if self._artifact_token is not None:
+            env[ARTIFACT_TOKEN_ENV] = self._artifact_token()
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
 
     def observe(self, model: str, nodes: Sequence[str]) -> dict[str, ObservedWorkload]:
         out: dict[str, ObservedWorkload] = {}

@@ -24,6 +24,25 @@ NODE_LABEL_PREFIX = "model.edgefleet.io/"
 MANAGED_BY = "edgefleet"
 APP_NAME = "edgefleet-inference"
 CACHE_DIR = "/var/lib/edgefleet/models"
+# The Secret holding the cluster's artifact token, which inference pods read at start
+# (env from the Secret: a refreshed token reaches new pods without touching the
+# DaemonSets, so no running pod restarts for it).
+ARTIFACT_SECRET = "edgefleet-artifact-token"
+ARTIFACT_TOKEN_ENV = "EDGEFLEET_SERVE_ARTIFACT_TOKEN"
+
+
+def artifact_secret(namespace: str, token: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": ARTIFACT_SECRET,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": MANAGED_BY},
+        },
+        "type": "Opaque",
+        "stringData": {"token": token},
+    }
 
 
 def node_label(model: str) -> str:
@@ -132,6 +151,12 @@ def daemonset(
                                 str(port),
                             ],
                             "env": [
+                                {
+                                    "name": ARTIFACT_TOKEN_ENV,
+                                    "valueFrom": {
+                                        "secretKeyRef": {"name": ARTIFACT_SECRET, "key": "token"}
+                                    },
+                                },
                                 {
                                     "name": "NODE_NAME",
                                     "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}},

@@ -19,6 +19,12 @@ from pydantic import (
     model_validator,
 )
 
+from controller.kube.kubeconfig import (
+    MAX_KUBECONFIG_BYTES,
+    KubeconfigRefused,
+    canonical_server,
+    parse_kubeconfig,
+)
 from controller.kube.quantity import parse_quantity
 from controller.rollouts.durations import parse_duration
 
@@ -141,10 +147,33 @@ class LocalFleet(SimulatedFleet):
 
 
 class ClusterCredentials(Strict):
-    token: str | None = Field(None, description="bearer token of the controller's identity")
-    caData: str | None = Field(None, description="PEM CA bundle of the API server")
-    kubeconfig: str | None = Field(None, description="a whole kubeconfig (YAML)")
-    insecureSkipTLSVerify: bool = False
+    token: str | None = Field(
+        None, max_length=16384, description="bearer token of the controller's identity"
+    )
+    caData: str | None = Field(
+        None, max_length=65536, description="PEM CA bundle of the API server (or its base64)"
+    )
+    kubeconfig: str | None = Field(
+        None,
+        max_length=MAX_KUBECONFIG_BYTES,
+        description="a kubeconfig (YAML) with inline credentials only: server, "
+        "certificate-authority-data, token or client-certificate-data and client-key-data; "
+        "exec, auth-provider and file paths are refused",
+    )
+    insecureSkipTLSVerify: bool = Field(
+        False,
+        description="only where the controller allows it (EDGEFLEET_CLUSTER_ALLOW_INSECURE_TLS)",
+    )
+
+    @field_validator("kubeconfig")
+    @classmethod
+    def _safe_kubeconfig(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_kubeconfig(v)
+            except KubeconfigRefused as exc:
+                raise ValueError(f"kubeconfig: {exc}") from None
+        return v
 
     @model_validator(mode="after")
     def _one_way(self) -> ClusterCredentials:
@@ -160,6 +189,16 @@ class ClusterSpec(Strict):
     credentials: ClusterCredentials | None = None
     simulated: SimulatedFleet | None = None
     local: LocalFleet | None = None
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                canonical_server(v)
+            except KubeconfigRefused as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
     @model_validator(mode="after")
     def _driver_fields(self) -> ClusterSpec:

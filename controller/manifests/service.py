@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from controller.db.session import suspend_after_commit
-from controller.errors import EdgefleetError, InvalidInput
+from controller.errors import EdgefleetError, Forbidden, InvalidInput
 from controller.fleet.service import apply_cluster
 from controller.manifests.outcome import ApplyOutcome
 from controller.manifests.schemas import (
@@ -26,6 +25,7 @@ from controller.registry.service import apply_model_version
 from controller.registry.store import ArtifactStore
 from controller.rollouts.service import apply_rollout
 from controller.settings import Settings
+from controller.untrusted import DOCUMENTS_SETTING, load_json, load_yaml_documents
 
 ORDER = {"Cluster": 0, "ModelVersion": 1, "Rollout": 2}
 
@@ -36,15 +36,32 @@ class ManifestInvalid(InvalidInput):
         self.detail = errors
 
 
-def parse_yaml(text: str) -> list[Any]:
-    try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+def parse_yaml(text: str, settings: Settings) -> list[Any]:
+    """The documents of a YAML stream (empty ones left out), within the request bounds."""
+    return load_yaml_documents(
+        text,
+        max_depth=settings.max_nesting_depth,
+        max_nodes=settings.max_input_nodes,
+        max_documents=settings.max_manifest_documents,
+    )
+
+
+def parse_json(text: str, settings: Settings) -> list[Any]:
+    """A JSON list of documents (or one document), within the request bounds."""
+    body = load_json(
+        text,
+        what="the body",
+        max_depth=settings.max_nesting_depth,
+        max_nodes=settings.max_input_nodes,
+    )
+    docs = body if isinstance(body, list) else [body]
+    if len(docs) > settings.max_manifest_documents:
         raise InvalidInput(
-            f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", loc=("body",)
-        ) from exc
+            f"{len(docs)} documents, more than the {settings.max_manifest_documents} one "
+            f"request may hold ({DOCUMENTS_SETTING})",
+            loc=("body",),
+        )
+    return docs
 
 
 def _expected(err: dict[str, Any]) -> str:
@@ -120,11 +137,33 @@ def validate_documents(docs: list[Any]) -> list[Strict]:
 
 
 def apply_documents(
-    session: Session, docs: list[Any], settings: Settings, store: ArtifactStore, *, dry_run: bool
+    session: Session,
+    docs: list[Any],
+    settings: Settings,
+    store: ArtifactStore,
+    *,
+    dry_run: bool,
+    may_apply_clusters: bool,
 ) -> list[ApplyOutcome]:
     """A dry-run performs the real apply inside a SAVEPOINT and rolls it back, so its
-    answer (plans across documents of one file included) is exactly what apply does."""
+    answer (plans across documents of one file included) is exactly what apply does.
+    Without ``may_apply_clusters`` a Cluster document refuses the whole call (403)."""
     manifests = validate_documents(docs)
+    if not may_apply_clusters:
+        clusters = [i for i, m in enumerate(manifests) if isinstance(m, ClusterManifest)]
+        if clusters:
+            raise Forbidden(
+                f"document {clusters[0]}: applying a Cluster needs an admin token "
+                "(its credentials reach a remote API server)",
+                detail=[
+                    {
+                        "loc": ["body", i, "kind"],
+                        "msg": "applying a Cluster needs an admin token",
+                        "type": "forbidden",
+                    }
+                    for i in clusters
+                ],
+            )
     if not dry_run:
         return _apply_all(session, manifests, settings, store, dry_run=False)
     with suspend_after_commit(session):

@@ -5,8 +5,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
-from controller.api.deps import API_V1, SessionDep, StoreDep
+from controller.api.deps import API_V1, SessionDep, SettingsDep, StoreDep
 from controller.api.pagination import Page, PageDep
+from controller.api.params import IdPath
+from controller.auth.guard import ARTIFACT_READER, OPERATOR, VIEWER
+from controller.auth.service import Principal
 from controller.db.models import ModelVersion
 from controller.registry import repository as repo
 from controller.registry import service, variants
@@ -16,7 +19,7 @@ from controller.registry.store import iter_file
 router = APIRouter(prefix=f"{API_V1}/models", tags=["models"])
 
 
-@router.get("", response_model=Page[ModelOut])
+@router.get("", response_model=Page[ModelOut], dependencies=[VIEWER])
 def list_models(session: SessionDep, page: PageDep) -> Page[ModelOut]:
     models, total = repo.list_models(session, limit=page.limit, offset=page.offset)
     counts = repo.version_counts(session, [m.id for m in models])
@@ -24,7 +27,7 @@ def list_models(session: SessionDep, page: PageDep) -> Page[ModelOut]:
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 
-@router.get("/{name}", response_model=ModelOut)
+@router.get("/{name}", response_model=ModelOut, dependencies=[VIEWER])
 def get_model(name: str, session: SessionDep) -> ModelOut:
     model = service.require_model(session, name)
     return ModelOut.of(model, repo.version_counts(session, [model.id])[model.id])
@@ -40,11 +43,13 @@ def get_model(name: str, session: SessionDep) -> ModelOut:
         413: {"description": "artifact larger than EDGEFLEET_MAX_ARTIFACT_BYTES"},
         422: {"description": "not a valid ONNX or TFLite model, or a bad field"},
     },
+    dependencies=[OPERATOR],
 )
 def push_version(
     name: str,
     session: SessionDep,
     store: StoreDep,
+    settings: SettingsDep,
     response: Response,
     file: Annotated[UploadFile, File(description="the model artifact (ONNX or TFLite)")],
     version: Annotated[str, Form(description="immutable version string, e.g. 2.1.0")],
@@ -52,7 +57,7 @@ def push_version(
         str | None, Form(description="JSON object: labels, description, validation hints")
     ] = None,
 ) -> ModelVersionOut:
-    meta = service.parse_metadata(metadata)
+    meta = service.parse_metadata(metadata, settings)
     result = service.push_version(
         session, store, name=name, version=version, chunks=iter_file(file.file), metadata=meta
     )
@@ -62,7 +67,7 @@ def push_version(
     return ModelVersionOut.of(result.version, name)
 
 
-@router.get("/{name}/versions", response_model=Page[ModelVersionOut])
+@router.get("/{name}/versions", response_model=Page[ModelVersionOut], dependencies=[VIEWER])
 def list_versions(name: str, session: SessionDep, page: PageDep) -> Page[ModelVersionOut]:
     model = service.require_model(session, name)
     rows, total = repo.list_versions(session, model.id, limit=page.limit, offset=page.offset)
@@ -70,7 +75,7 @@ def list_versions(name: str, session: SessionDep, page: PageDep) -> Page[ModelVe
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 
-@router.get("/{name}/versions/{version}", response_model=ModelVersionOut)
+@router.get("/{name}/versions/{version}", response_model=ModelVersionOut, dependencies=[VIEWER])
 def get_version(name: str, version: str, session: SessionDep) -> ModelVersionOut:
     return ModelVersionOut.of(service.require_version(session, name, version), name)
 
@@ -79,6 +84,7 @@ def get_version(name: str, version: str, session: SessionDep) -> ModelVersionOut
     "/{name}/versions/{version}/validate",
     response_model=ModelVersionOut,
     status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[OPERATOR],
 )
 def revalidate(name: str, version: str, session: SessionDep) -> ModelVersionOut:
     return ModelVersionOut.of(service.revalidate(session, name, version), name)
@@ -106,12 +112,14 @@ def _job_out(session: SessionDep, name: str, job: Any) -> OptimizationOut:
     "/{name}/versions/{version}/variants",
     response_model=OptimizationOut,
     status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[OPERATOR],
 )
 def derive_variant(
     name: str,
     version: str,
     session: SessionDep,
     store: StoreDep,
+    settings: SettingsDep,
     method: Annotated[str, Form(description="dynamic-int8, static-int8, fp16 or prune")],
     variant_version: Annotated[str, Form(alias="version", description="the new version")],
     params: Annotated[str | None, Form(description="JSON object of method parameters")] = None,
@@ -129,12 +137,13 @@ def derive_variant(
         method=method,
         params_json=params,
         calibration=calibration.file.read() if calibration is not None else None,
+        settings=settings,
     )
     return _job_out(session, name, job)
 
 
-@router.get("/{name}/optimizations/{job_id}", response_model=OptimizationOut)
-def get_optimization(name: str, job_id: int, session: SessionDep) -> OptimizationOut:
+@router.get("/{name}/optimizations/{job_id}", response_model=OptimizationOut, dependencies=[VIEWER])
+def get_optimization(name: str, job_id: IdPath, session: SessionDep) -> OptimizationOut:
     return _job_out(session, name, variants.get_job(session, name, job_id))
 
 
@@ -145,6 +154,7 @@ def get_optimization(name: str, job_id: int, session: SessionDep) -> Optimizatio
         200: {"content": {"application/octet-stream": {}}},
         206: {"description": "a byte range (Range: bytes=...)"},
         304: {"description": "If-None-Match matched the sha256 ETag"},
+        403: {"description": "a node or cluster credential for a version not meant for it"},
     },
 )
 def download_artifact(
@@ -153,11 +163,14 @@ def download_artifact(
     request: Request,
     session: SessionDep,
     store: StoreDep,
+    principal: Annotated[Principal, ARTIFACT_READER],
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The exact bytes. ``ETag`` is the sha256; ``Range`` requests let an edge node
-    resume an interrupted download; the same ETag in ``If-Range`` keeps a resume safe."""
-    mv = service.require_version(session, name, version)
+    resume an interrupted download; the same ETag in ``If-Range`` keeps a resume safe.
+    API tokens read any version; a node credential or an inference pod's artifact token
+    only what its node or cluster is meant to run or benchmark."""
+    mv = service.require_download(session, name, version, principal)
     etag = f'"{mv.sha256}"'
     if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
@@ -170,6 +183,9 @@ def download_artifact(
         headers={
             "ETag": etag,
             "X-Edgefleet-Sha256": mv.sha256,
-            "Cache-Control": "public, max-age=31536000, immutable",
+            # Private: the answer needs a credential, and a shared cache (an ingress, a
+            # CDN) must not hand it to callers without one.
+            "Cache-Control": "private, max-age=31536000, immutable",
+            "Vary": "Authorization",
         },
     )

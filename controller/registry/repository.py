@@ -5,11 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controller.db.models import Model, ModelVersion, VersionStatus
+from controller.db.models import (
+    Assignment,
+    Cluster,
+    Model,
+    ModelVersion,
+    Node,
+    NodeBenchmark,
+    VersionStatus,
+)
 
 
 def get_model(session: Session, name: str) -> Model | None:
@@ -115,3 +123,40 @@ def stuck_version_ids(session: Session, *, before: datetime) -> Sequence[int]:
             ModelVersion.status_changed_at < before,
         )
     ).all()
+
+
+def version_reaches(session: Session, version_id: int, *, cluster: str, node: str | None) -> bool:
+    """Whether a version is meant for (or was, or is benchmarked on) a node of ``cluster``
+    (``node`` of it, when given): desired, targeted, kept for a rollback, observed, or a
+    benchmark job of that node."""
+    assigned = (
+        select(Assignment.id)
+        .join(Node, Node.id == Assignment.node_id)
+        .join(Cluster, Cluster.id == Node.cluster_id)
+        .where(
+            Cluster.name == cluster,
+            or_(
+                Assignment.desired_version_id == version_id,
+                Assignment.target_version_id == version_id,
+                Assignment.previous_version_id == version_id,
+                Assignment.observed_version_id == version_id,
+            ),
+        )
+    )
+    if node is not None:
+        assigned = assigned.where(Node.name == node)
+    if session.scalar(select(exists(assigned))):
+        return True
+    if node is None:
+        return False
+    benchmarked = (
+        select(NodeBenchmark.id)
+        .join(Node, Node.id == NodeBenchmark.node_id)
+        .join(Cluster, Cluster.id == Node.cluster_id)
+        .where(
+            NodeBenchmark.model_version_id == version_id,
+            Cluster.name == cluster,
+            Node.name == node,
+        )
+    )
+    return bool(session.scalar(select(exists(benchmarked))))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,10 +14,11 @@ from sqlalchemy.orm import Session
 
 from controller import metrics
 from controller.audit import record_event
+from controller.auth.service import Principal
 from controller.db.base import utcnow
 from controller.db.models import Model, ModelVersion, VersionStatus
 from controller.db.session import session_scope
-from controller.errors import Conflict, InvalidInput, NotFound
+from controller.errors import Conflict, Forbidden, InvalidInput, NotFound
 from controller.manifests.outcome import ApplyOutcome
 from controller.manifests.schemas import ModelVersionManifest
 from controller.registry import repository as repo
@@ -26,7 +26,8 @@ from controller.registry.inspect import inspect_artifact
 from controller.registry.schemas import PushMetadata, check_model_name, check_version
 from controller.registry.store import ArtifactStore
 from controller.settings import Settings
-from node_agent.probe import ProbeFailed, ProbeRequest, probe_model
+from controller.untrusted import load_json
+from node_agent.probe import ProbeFailed, ProbeLimits, ProbeRequest, probe_model
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +36,34 @@ def artifact_store(settings: Settings) -> ArtifactStore:
     return ArtifactStore(settings.artifact_dir, max_bytes=settings.max_artifact_bytes)
 
 
-def json_object_field(raw: str | None, field: str) -> dict[str, Any]:
+def probe_limits(settings: Settings) -> ProbeLimits:
+    """The probe child's limits; a verdict over one names the setting to raise."""
+    return ProbeLimits(
+        memory_mb=settings.probe_memory_limit_mb,
+        cpu_s=settings.probe_cpu_limit_s,
+        memory_setting="EDGEFLEET_PROBE_MEMORY_LIMIT_MB",
+        cpu_setting="EDGEFLEET_PROBE_CPU_LIMIT_S",
+    )
+
+
+def json_object_field(raw: str | None, field: str, settings: Settings) -> dict[str, Any]:
     """A multipart form field that holds a JSON object (empty: {})."""
     if raw is None or not raw.strip():
         return {}
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(
-            f"{field} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-            loc=("body", field),
-        ) from exc
+    doc = load_json(
+        raw,
+        what=field,
+        max_depth=settings.max_nesting_depth,
+        max_nodes=settings.max_input_nodes,
+        loc=("body", field),
+    )
     if not isinstance(doc, dict):
         raise InvalidInput(f"{field} must be a JSON object", loc=("body", field))
     return doc
 
 
-def parse_metadata(raw: str | None) -> dict[str, Any]:
-    doc = json_object_field(raw, "metadata")
+def parse_metadata(raw: str | None, settings: Settings) -> dict[str, Any]:
+    doc = json_object_field(raw, "metadata", settings)
     try:
         PushMetadata.model_validate(doc)
     except ValidationError as exc:
@@ -202,6 +213,25 @@ def require_version(session: Session, name: str, version: str) -> ModelVersion:
     return mv
 
 
+def require_download(
+    session: Session, name: str, version: str, principal: Principal
+) -> ModelVersion:
+    """The version, if ``principal`` may download it: any API token may; a node credential
+    or an artifact token only a version its node or cluster is meant to run or benchmark
+    (a stolen one opens no other model)."""
+    mv = require_version(session, name, version)
+    if principal.cluster is not None and not repo.version_reaches(
+        session, mv.id, cluster=principal.cluster, node=principal.node
+    ):
+        where = (
+            f"node {principal.cluster}/{principal.node}"
+            if principal.node
+            else (f"cluster {principal.cluster}")
+        )
+        raise Forbidden(f"{name} {version} is not assigned to {where}")
+    return mv
+
+
 def revalidate(session: Session, name: str, version: str) -> ModelVersion:
     """Run validation and benchmark again (after a runtime upgrade, say). The bytes and
     signature never change; only the verdict and the numbers are replaced."""
@@ -254,6 +284,7 @@ def run_validation(version_id: int, settings: Settings) -> str | None:
         warmup_runs=settings.benchmark_warmup_runs,
         threads=settings.benchmark_threads,
         default_dim=settings.probe_default_dim,
+        limits=probe_limits(settings),
     )
     try:
         result = probe_model(request, timeout_s=settings.probe_timeout_s)

@@ -26,6 +26,7 @@ from controller.registry.service import (
     _record_version,
     artifact_store,
     json_object_field,
+    probe_limits,
     require_version,
 )
 from controller.registry.store import ArtifactStore
@@ -53,7 +54,10 @@ def request_variant(
     method: str,
     params_json: str | None,
     calibration: bytes | None,
+    settings: Settings | None = None,
 ) -> Optimization:
+    """``settings`` bounds the params JSON; without, its defaults do (an in-process call,
+    as the demo's, has no request to bound)."""
     parent_version = require_version(session, name, parent)
     check_version(version)
     if method not in optimize.METHODS:
@@ -67,7 +71,7 @@ def request_variant(
             "in the TFLite converter); register the converted file as its own version",
             loc=("path", "version"),
         )
-    params = json_object_field(params_json, "params")
+    params = json_object_field(params_json, "params", settings or Settings.model_construct())
     unknown = set(params) - PARAMS[method] - COMMON
     if unknown:
         allowed = ", ".join(sorted(PARAMS[method] | COMMON))
@@ -154,6 +158,7 @@ def peak_memory(
                 warmup_runs=1,
                 threads=settings.benchmark_threads,
                 default_dim=settings.probe_default_dim,
+                limits=probe_limits(settings),
             )
             result = probe_model(request, timeout_s=settings.probe_timeout_s)
             bench = result.get("benchmark")

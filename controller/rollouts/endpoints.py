@@ -6,6 +6,7 @@ from fastapi import APIRouter, Query, status
 
 from controller.api.deps import API_V1, SessionDep
 from controller.api.pagination import Page, PageDep
+from controller.auth.guard import OPERATOR, VIEWER
 from controller.rollouts import repository as repo
 from controller.rollouts import service
 from controller.rollouts.schemas import EventOut, RolloutOut, RolloutSummary, WaveOut, summary
@@ -47,19 +48,19 @@ def _detail(session: SessionDep, name: str) -> RolloutOut:
     )
 
 
-@router.get("", response_model=Page[RolloutSummary])
+@router.get("", response_model=Page[RolloutSummary], dependencies=[VIEWER])
 def list_rollouts(session: SessionDep, page: PageDep) -> Page[RolloutSummary]:
     rows, total = repo.list_rollouts(session, limit=page.limit, offset=page.offset)
     items = [summary(r, *repo.model_version_label(session, r.model_version_id)) for r in rows]
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 
-@router.get("/{name}", response_model=RolloutOut)
+@router.get("/{name}", response_model=RolloutOut, dependencies=[VIEWER])
 def get_rollout(name: str, session: SessionDep) -> RolloutOut:
     return _detail(session, name)
 
 
-@router.get("/{name}/events", response_model=list[EventOut])
+@router.get("/{name}/events", response_model=list[EventOut], dependencies=[VIEWER])
 def rollout_events(
     name: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[EventOut]:
@@ -67,7 +68,12 @@ def rollout_events(
     return [EventOut.of(e) for e in repo.events(session, r.id, limit=limit)]
 
 
-@router.post("/{name}/{action}", response_model=RolloutOut, status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/{name}/{action}",
+    response_model=RolloutOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[OPERATOR],
+)
 def rollout_command(
     name: str, action: Literal["pause", "resume", "abort", "undo", "retry"], session: SessionDep
 ) -> RolloutOut:

@@ -14,10 +14,18 @@ class EventOut(BaseModel):
     reason: str
     message: str
     data: dict[str, Any]
+    actor: str | None = None
 
     @classmethod
     def of(cls, e: Event) -> EventOut:
-        return cls(id=e.id, time=e.created_at, reason=e.reason, message=e.message, data=e.data)
+        return cls(
+            id=e.id,
+            time=e.created_at,
+            reason=e.reason,
+            message=e.message,
+            data=e.data,
+            actor=e.actor,
+        )
 
 
 class WaveOut(BaseModel):

@@ -24,6 +24,7 @@ from controller.db.session import session_scope
 from controller.fleet import repository as fleet_repo
 from controller.settings import Settings
 from node_agent.contract import Heartbeat, InferenceMetrics, NodeStatus, WorkloadReport
+from tests.conftest import bearer
 from tests.rollouts import helpers
 from tests.rollouts.helpers import apply, cluster_doc, drive, push_versions, rollout_doc
 
@@ -112,18 +113,56 @@ def test_enroll_is_disabled_without_a_join_token(site: TestClient, settings: Set
     assert "EDGEFLEET_AGENT_JOIN_TOKEN" in resp.json()["detail"]
 
 
-def test_reenrolling_rotates_the_credential(site: TestClient, join_token: str) -> None:
+def test_a_second_enrolment_is_refused_until_an_admin_resets_the_node(
+    site: TestClient, join_token: str
+) -> None:
+    """Every agent holds the join token: it must not let one node take over another's
+    identity. The takeover is refused, the real node keeps reporting, and only an admin's
+    reset lets the node enrol again (with a new credential; the old one stops)."""
     old = credential_of(site, "site-n0", join_token)
     assert send(site, old, beat("site-n0", 1)).status_code == 200
-    new = credential_of(site, "site-n0", join_token)
-    assert new != old
-    resp = send(site, old, beat("site-n0", 2))
+
+    takeover = enroll(site, "site-n0", join_token)
+    assert takeover.status_code == 409, takeover.text
+    assert "edgefleet nodes reset site/site-n0" in takeover.json()["detail"]
+    assert "credential" not in takeover.json()
+    assert send(site, old, beat("site-n0", 2)).status_code == 200
+    with session_scope() as s:
+        reasons = s.scalars(
+            select(Event.reason).where(Event.object_name == "site/site-n0").order_by(Event.id)
+        ).all()
+    assert reasons == ["AgentEnrolled", "EnrolmentRefused"]
+
+    # Only an admin may reset a node.
+    path = "/v1/clusters/site/nodes/site-n0/reset"
+    assert site.post(path, headers=bearer("operator")).status_code == 403
+    assert site.post(path, headers={"Authorization": ""}).status_code == 401
+    reset = site.post(path)
+    assert reset.status_code == 200, reset.text
+    resp = send(site, old, beat("site-n0", 3))
     assert resp.status_code == 401
     assert resp.headers["www-authenticate"] == "Bearer"
-    got = send(site, new, beat("site-n0", 2))
-    assert got.json() == {"accepted": 1, "duplicates": 0, "last_seq": 2, "benchmarks_pending": 0}
-    # Re-enrolling tells the agent where the node's sequence stands.
-    assert enroll(site, "site-n0", join_token).json()["last_seq"] == 2
+
+    again = enroll(site, "site-n0", join_token)
+    assert again.status_code == 200, again.text
+    new = again.json()["credential"]
+    assert new != old
+    # Enrolling tells the agent where the node's sequence stands.
+    assert again.json()["last_seq"] == 2
+    got = send(site, new, beat("site-n0", 3))
+    assert got.json() == {"accepted": 1, "duplicates": 0, "last_seq": 3, "benchmarks_pending": 0}
+    assert send(site, old, beat("site-n0", 4)).status_code == 401
+    with session_scope() as s:
+        reset_event = s.scalars(
+            select(Event).where(Event.object_name == "site/site-n0", Event.reason == "NodeReset")
+        ).one()
+        assert reset_event.actor == "token:test-admin"
+
+
+def test_resetting_an_unknown_node_is_404(site: TestClient) -> None:
+    resp = site.post("/v1/clusters/site/nodes/nowhere/reset")
+    assert resp.status_code == 404
+    assert "site/nowhere" in resp.json()["detail"]
 
 
 # --- heartbeats -------------------------------------------------------------------------

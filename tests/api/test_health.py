@@ -40,6 +40,8 @@ def test_healthz_503_when_redis_is_down(app_with: object, settings: Settings) ->
     assert checks["database"]["ok"] is True
     assert checks["redis"]["ok"] is False
     assert "Connection" in checks["redis"]["error"]
+    # An open route: the kind of failure, never the address it was trying.
+    assert "127.0.0.1" not in resp.text
 
 
 def test_healthz_503_when_database_is_down(app_with: object) -> None:
@@ -47,6 +49,8 @@ def test_healthz_503_when_database_is_down(app_with: object) -> None:
     resp = client.get("/healthz")
     assert resp.status_code == 503
     assert resp.json()["checks"]["database"]["ok"] is False
+    assert "127.0.0.1" not in resp.text
+    assert "postgres" not in resp.text
     assert client.get("/readyz").status_code == 503
 
 

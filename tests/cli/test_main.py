@@ -15,6 +15,7 @@ from controller.cli.main import app
 from controller.registry import samples
 from controller.registry.tflite_builder import build_tflite_mlp
 from controller.settings import Settings
+from tests.conftest import bearer
 from tests.live import free_port, serve
 from tests.rollouts.helpers import apply, cluster_doc
 
@@ -125,7 +126,7 @@ def test_optimize_prints_the_comparison(api_url: str, tmp_path: Path) -> None:
 def test_benchmark_requests_and_lists(
     api_url: str, tmp_path: Path, sim_fleet: None, join_token: str
 ) -> None:
-    with httpx.Client(base_url=api_url) as http:
+    with httpx.Client(base_url=api_url, headers=bearer("admin")) as http:
         assert apply(http, cluster_doc("lab", 2)).status_code == 200
         for node in ("lab-n0", "lab-n1"):
             body = {"cluster": "lab", "node": node, "join_token": join_token}

@@ -90,6 +90,24 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                                 "path": {"type": "string", "pattern": "^/"},
                                 "interval": _DURATION,
                                 "scrapeTimeout": _DURATION,
+                                # SafeAuthorization: a Secret key, never an inline token.
+                                "authorization": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "type": {"type": "string"},
+                                        "credentials": {
+                                            "type": "object",
+                                            "additionalProperties": False,
+                                            "required": ["key"],
+                                            "properties": {
+                                                "name": {"type": "string"},
+                                                "key": {"type": "string"},
+                                                "optional": {"type": "boolean"},
+                                            },
+                                        },
+                                    },
+                                },
                             },
                         },
                     },

@@ -22,6 +22,9 @@ EXPECTED_ROLE = {
     ("", "pods"): READ,
     ("", "events"): READ,
     ("events.k8s.io", "events"): READ,
+    # The inference pods' artifact token, and no other Secret.
+    ("", "secrets"): {"create"},
+    ("", "secrets", "edgefleet-artifact-token"): {"get", "patch"},
 }
 EXPECTED_CLUSTER_ROLE = {("", "nodes"): READ | {"patch"}}
 # What the agent itself may do: read pods in the workload namespace (discovery).
@@ -50,14 +53,16 @@ def agent_container(objs: list[Obj]) -> Obj:
     return containers[0]
 
 
-def grants(role: Obj) -> dict[tuple[str, str], set[str]]:
-    out: dict[tuple[str, str], set[str]] = {}
+def grants(role: Obj) -> dict[tuple[str, ...], set[str]]:
+    """(group, resource[, name]) -> verbs; a rule limited to named objects keys by name."""
+    out: dict[tuple[str, ...], set[str]] = {}
     for rule in role["rules"]:
-        assert "resourceNames" not in rule
         assert "nonResourceURLs" not in rule
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
-                out.setdefault((group, resource), set()).update(rule["verbs"])
+                for name in rule.get("resourceNames") or [None]:
+                    key = (group, resource) if name is None else (group, resource, name)
+                    out.setdefault(key, set()).update(rule["verbs"])
     return out
 
 

@@ -385,8 +385,24 @@ def test_api_answers_health_and_readiness(
         ready = httpx.get(f"{base}/readyz", timeout=5)
         assert ready.status_code == 200, ready.text
         assert ready.json()["checks"]["schema"]["current"] == head_revision()
-        metrics = httpx.get(f"{base}/metrics", timeout=5)
-        assert metrics.status_code == 200
+        # /metrics wants a viewer token unless EDGEFLEET_METRICS_PUBLIC says otherwise;
+        # an operator makes one as `docker compose run api edgefleet tokens create` would.
+        assert httpx.get(f"{base}/metrics", timeout=5).status_code == 401
+        made = subprocess.run(
+            [*host_argv(["edgefleet", "tokens", "create", "--name", "prom", "--role", "viewer"])],
+            env=migrated.env(service),
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert made.returncode == 0, made.stderr
+        token = made.stdout.strip().splitlines()[-1]
+        metrics = httpx.get(
+            f"{base}/metrics", timeout=5, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert metrics.status_code == 200, metrics.text
         # An agent's connection survives the wait between two heartbeats: idle for
         # longer than uvicorn's default keep-alive, it is still open.
         assert keeps_connection_open(port, UVICORN_KEEPALIVE_S + 1.0)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from controller.settings import DEV_SECRET, Settings
+from controller.tasks.celery_app import LIVENESS_FILE_NAME, LIVENESS_INTERVAL_S
 from tests.deploy import kube
 from tests.deploy.cli import check_command, keepalive_settings
 from tests.deploy.kube import Obj
@@ -62,7 +68,13 @@ def test_production_resources() -> None:
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # /metrics wants a viewer token: the scrape sends one from a Secret.
+    assert monitor["spec"]["endpoints"][0]["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "edgefleet-prometheus-token", "key": "token"},
+    }
     config = kube.one(objs, "ConfigMap")["data"]
+    assert config["EDGEFLEET_METRICS_PUBLIC"] == "false"
     assert config["EDGEFLEET_PUBLIC_URL"] == "https://edgefleet.example.com"
     assert config["EDGEFLEET_DATABASE_POOL_SIZE"] == "20"  # extraEnv overrides
     pvc = kube.one(objs, "PersistentVolumeClaim")
@@ -284,6 +296,52 @@ def test_schema_rejects_bad_settings() -> None:
         {"api": {"replicaCount": -1}},
         {"api": {"keepAliveTimeoutS": 0}},
         {"api": {"keepAliveTimeoutS": "75s"}},
+        {"worker": {"livenessProbe": {"maxAgeSeconds": 5}}},  # below the touch interval
     ):
         with pytest.raises(helm.HelmValuesError):
             kube.render(CHART, bad)
+
+
+def worker_liveness_command(objs: list[Obj], file: Path) -> list[str]:
+    """The worker's liveness probe command as the chart renders it, run by this
+    interpreter and reading ``file`` instead of the pod's /tmp one."""
+    (worker,) = [
+        c for _, pod in kube.pod_specs(objs) for c in pod["containers"] if c["name"] == "worker"
+    ]
+    command: list[str] = worker["livenessProbe"]["exec"]["command"]
+    in_pod = f"/tmp/{LIVENESS_FILE_NAME}"
+    assert command[0] == "python"
+    assert f'"{in_pod}"' in command[-1]
+    return [sys.executable, *command[1:-1], command[-1].replace(in_pod, str(file))]
+
+
+def probe_passes(command: list[str]) -> bool:
+    return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+
+
+def test_worker_liveness_probe(scenario: str, tmp_path: Path) -> None:
+    """The worker's probe reads the file the worker touches (LivenessFile), on the
+    writable /tmp volume; it passes on a fresh file and fails on a stale or missing one
+    (run here, as the kubelet would); and it is lenient enough that only a hang of
+    minutes restarts a worker."""
+    objs = render(scenario)
+    (worker,) = [
+        c for _, pod in kube.pod_specs(objs) for c in pod["containers"] if c["name"] == "worker"
+    ]
+    probe = worker["livenessProbe"]
+    assert probe["exec"]["command"][:2] == ["python", "-c"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in worker["volumeMounts"]
+    values = kube.merged_values(CHART, kube.scenario_values(CHART, scenario))
+    max_age = values["worker"]["livenessProbe"]["maxAgeSeconds"]
+    assert max_age >= 3 * LIVENESS_INTERVAL_S
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 60
+    assert probe["timeoutSeconds"] >= 5
+
+    file = tmp_path / LIVENESS_FILE_NAME
+    command = worker_liveness_command(objs, file)
+    assert not probe_passes(command), "no file: the worker has not started"
+    file.touch()
+    assert probe_passes(command)
+    stale = time.time() - max_age - 5
+    os.utime(file, (stale, stale))
+    assert not probe_passes(command)

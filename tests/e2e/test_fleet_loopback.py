@@ -28,6 +28,7 @@ from controller.kube.local import stop_all
 from controller.registry import samples
 from controller.rollouts import service
 from controller.settings import Settings, get_settings
+from tests.conftest import bearer
 from tests.live import LiveController, free_port, free_port_run
 from tests.rollouts.helpers import apply, rollout_id
 
@@ -44,11 +45,12 @@ class Controller(LiveController):
             update={
                 "public_url": f"http://127.0.0.1:{port}",
                 "agent_join_token": SecretStr("join-me"),
+                "local_driver": True,
             }
         )
         super().__init__(create_app(self.settings), port=port)
         self.start()
-        self.http = httpx.Client(base_url=self.url, timeout=30)
+        self.http = httpx.Client(base_url=self.url, timeout=30, headers=bearer("admin"))
 
     def stop(self) -> None:
         self.http.close()
@@ -112,6 +114,7 @@ def task_settings(settings: Settings) -> Iterator[None]:
     env = {
         "EDGEFLEET_PUBLIC_URL": settings.public_url,
         "EDGEFLEET_AGENT_JOIN_TOKEN": "join-me",
+        "EDGEFLEET_LOCAL_DRIVER": "true",
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,7 +215,9 @@ def test_rbac_exactly_what_the_driver_needs(
         credentials=credentials(control_plane, control_plane.driver_token),
         image="x",
         port=1,
+        artifact_token=lambda: token,
     )
+    token = "efa1.a.1.first"
     with pytest.raises(Forbidden, match=r"lacks: create daemonsets\.apps in namespace"):
         restricted.check()
     rbac: Any = k8s.RbacAuthorizationV1Api(control_plane.api_client())
@@ -233,6 +236,13 @@ def test_rbac_exactly_what_the_driver_needs(
                     "apiGroups": [""],
                     "resources": ["pods", "events"],
                     "verbs": ["get", "list", "watch"],
+                },
+                {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+                {
+                    "apiGroups": [""],
+                    "resources": ["secrets"],
+                    "resourceNames": [objects.ARTIFACT_SECRET],
+                    "verbs": ["get", "patch"],
                 },
             ],
         },
@@ -278,6 +288,27 @@ def test_rbac_exactly_what_the_driver_needs(
     try:
         restricted.check()  # exactly these permissions are enough
         assert set(nodes) <= {n.name for n in restricted.list_nodes()}
+        # ... to create the artifact Secret too (check, as every node sync does), which
+        # the pods read their download token from, and to refresh it.
+        core: Any = k8s.CoreV1Api(control_plane.api_client())
+        secret = core.read_namespaced_secret(objects.ARTIFACT_SECRET, ns)
+        assert base64.b64decode(secret.data["token"]).decode() == "efa1.a.1.first"
+        restricted.apply("detector", {nodes[0]: spec("1.0.0")})
+        secret = core.read_namespaced_secret(objects.ARTIFACT_SECRET, ns)
+        assert base64.b64decode(secret.data["token"]).decode() == "efa1.a.1.first"
+        (ds,) = restricted.workloads("detector")
+        env = ds["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert {
+            "name": objects.ARTIFACT_TOKEN_ENV,
+            "valueFrom": {"secretKeyRef": {"name": objects.ARTIFACT_SECRET, "key": "token"}},
+        } in env
+        generation = ds["metadata"]["generation"]
+        token = "efa1.a.2.second"
+        restricted.apply("detector", {nodes[0]: spec("1.0.0")})
+        secret = core.read_namespaced_secret(objects.ARTIFACT_SECRET, ns)
+        assert base64.b64decode(secret.data["token"]).decode() == "efa1.a.2.second"
+        # A new token reaches new pods through the Secret: no DaemonSet change, no restart.
+        assert restricted.workloads("detector")[0]["metadata"]["generation"] == generation
     finally:
         rbac.delete_cluster_role_binding(name)
         rbac.delete_cluster_role(name)

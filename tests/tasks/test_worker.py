@@ -22,6 +22,8 @@ from controller.registry import samples
 from controller.settings import Settings
 from controller.tasks.celery_app import celery_app, configure
 from tests import models as packaged
+from tests.conftest import bearer
+from tests.live import stop_process_group
 
 
 @contextmanager
@@ -42,13 +44,7 @@ def worker(log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
         assert proc.poll() is None, log.read_text()
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc)
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -66,7 +62,7 @@ def queued(settings: Settings, committed: None, redis_available: None) -> Iterat
     """An API whose tasks go through Redis to a real worker (not eager)."""
     configure(settings.model_copy(update={"tasks_eager": False}))
     try:
-        with TestClient(create_app(settings)) as client:
+        with TestClient(create_app(settings), headers=bearer("admin")) as client:
             yield client
     finally:
         configure(settings)
