@@ -167,6 +167,19 @@ class Settings(BaseSettings):
         7 * 24 * 3600.0, ge=600, description="Lifetime of a cluster's artifact download token."
     )
 
+    # Crash tests: named fault points to arm (controller/faults.py reads the variable
+    # itself, at import). Checked here too, so a typo or an armed fault outside
+    # development and test stops the process at startup.
+    faults: str = Field("", description="EDGEFLEET_FAULTS: fault points to arm, tests only.")
+
+    @model_validator(mode="after")
+    def _check_faults(self) -> Settings:
+        from controller.faults import parse
+
+        if parse(self.faults) and self.environment == "production":
+            raise ValueError("EDGEFLEET_FAULTS arms fault points: never in production")
+        return self
+
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> Settings:
         if self.environment != "development" and self.secret_key.get_secret_value() == DEV_SECRET:

@@ -213,6 +213,20 @@ def committed(engine: Engine) -> Iterator[None]:
 
 
 @pytest.fixture
+def committed_client(
+    settings: Settings, committed: None, redis_available: None
+) -> Iterator[TestClient]:
+    """The API (as the run's admin, tasks eager) on real, separately committed
+    transactions: each session has a connection of its own, so row locks, SKIP LOCKED
+    and lock order really conflict, across threads and processes. Tables are emptied
+    afterwards (``committed``)."""
+    with TestClient(
+        create_app(settings), raise_server_exceptions=False, headers=bearer("admin")
+    ) as c:
+        yield c
+
+
+@pytest.fixture
 def sim_fleet(settings: Settings, redis_available: None) -> Iterator[None]:
     """Simulated clusters keep their workloads in Redis: start and end each test with
     none (the database side is rolled back by the transaction fixtures)."""

@@ -28,6 +28,7 @@ from prometheus_client import Counter
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from controller import faults
 from controller.agents import repository as repo
 from controller.agents.coalesce import Coalescer
 from controller.audit import record_event
@@ -175,6 +176,7 @@ def receive_heartbeats(
             Receipt(got, len(request.beats) - got, node.last_seq, node.benchmarks_pending)
         )
     fold.write(session)
+    faults.point("agents.heartbeat.folded")
     # Counted once the transaction is durable; a rolled-back batch was not received.
     after_commit(session, lambda: _count(accepted, duplicates))
     return outcomes

@@ -187,6 +187,9 @@ class Rollout(TimestampMixin, Base):
     message: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # When the follow-up step queued last is due: a step that finds one still ahead
+    # queues none, so extra steps (beat's tick, commands) never start a second chain.
+    next_step_at: Mapped[datetime | None]
 
     waves: Mapped[list[Wave]] = relationship(
         back_populates="rollout", order_by="Wave.index", passive_deletes=True

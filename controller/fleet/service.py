@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
+from controller import faults
 from controller.audit import record_event
 from controller.crypto import decrypt_json, encrypt_json, fingerprint
 from controller.db.base import utcnow
@@ -314,6 +315,7 @@ def ingest_heartbeats(
         else:
             result.duplicates += 1
     fold.write(session)
+    faults.point("fleet.heartbeat.folded")
     return result
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from controller import faults
 from controller.db.session import suspend_after_commit
 from controller.errors import EdgefleetError, Forbidden, InvalidInput
 from controller.fleet.service import apply_cluster
@@ -187,6 +188,7 @@ def _apply_all(
         key=lambda im: (ORDER[type(im[1]).__name__.removesuffix("Manifest")], im[0]),
     )
     outcomes: list[tuple[int, ApplyOutcome]] = []
+    faults.point("manifests.apply.validated")
     for index, manifest in ordered:
         try:
             if isinstance(manifest, ClusterManifest):
@@ -207,6 +209,7 @@ def _apply_all(
             raise
         outcomes.append((index, outcome))
         session.flush()
+        faults.point("manifests.apply.document")
     return [o for _, o in sorted(outcomes, key=lambda io: io[0])]
 
 

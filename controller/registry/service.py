@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from controller import metrics
+from controller import faults, metrics
 from controller.audit import record_event
 from controller.auth.service import Principal
 from controller.db.base import utcnow
@@ -91,6 +91,7 @@ def push_version(
     check_model_name(name)
     check_version(version)
     with store.stage(chunks) as staged:
+        faults.point("registry.push.staged")
         existing = repo.get_version(session, name, version)
         if existing is not None:
             return _same_or_conflict(existing, name, staged.sha256)
@@ -98,6 +99,7 @@ def push_version(
             session, name, version, staged.path, staged.sha256, staged.size, metadata, "Pushed"
         )
         if result.created:
+            faults.point("registry.push.before_promote")
             store.promote(staged)
     return result
 
@@ -276,6 +278,7 @@ def run_validation(version_id: int, settings: Settings) -> str | None:
     job = _claim(version_id, store)
     if job is None:
         return None
+    faults.point("registry.validate.claimed")
     request = ProbeRequest(
         path=str(job.path),
         format=job.format,
@@ -292,6 +295,7 @@ def run_validation(version_id: int, settings: Settings) -> str | None:
         result = {"validation": {"passed": False, "error": str(exc)}, "benchmark": None}
     validation = result["validation"]
     passed = bool(validation.get("passed"))
+    faults.point("registry.validate.probed")
     with session_scope() as session:
         mv = repo.get_version_by_id(session, version_id, lock=True)
         if mv is None:

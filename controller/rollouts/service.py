@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from controller import metrics
+from controller import faults, metrics
 from controller.audit import record_event
 from controller.benchmarks import repository as bench_repo
 from controller.benchmarks.service import class_of
@@ -323,6 +323,7 @@ def apply_rollout(
     session.flush()
     targets = variants.choice.by_node if variants is not None else {}
     _claim_nodes(session, rollout, model.id, waves, targets)
+    faults.point("rollout.apply.claimed")
     data: dict[str, Any] = {"changes": changes, "waves": [len(w.nodes) for w in waves]}
     if variants is not None:
         data["versions"] = variants.choice.counts([n.id for n in selected], variants.names)
@@ -337,6 +338,7 @@ def apply_rollout(
         ),
         data=data,
     )
+    faults.on_commit(session, "rollout.apply.committed")
     _queue(session, rollout.id)
     return outcome
 
@@ -391,6 +393,28 @@ def _queue(session: Session, rollout_id: int, *, countdown: float | None = None)
     enqueue(session, reconcile, rollout_id, countdown=countdown)
 
 
+def _follow_up(session: Session, rollout: Rollout, settings: Settings) -> None:
+    """Queue the rollout's next step, unless one is already queued for later. Beat's
+    tick and the commands queue extra steps; were each to queue its own follow-up, the
+    chains would add up, one more per tick, and never merge. Under the row lock, the
+    check and the write are one. A follow-up that ran, or was lost, leaves
+    ``next_step_at`` behind the clock, so the next step queues again (beat's tick is the
+    net for a lost one). Half an interval of slack: a follow-up runs at its ETA, a
+    little late or early, and two chains due closer than that merge at their next step."""
+    from controller.tasks.celery_app import celery_app
+
+    if celery_app.conf.task_always_eager:
+        return  # in-process: the ticker drives follow-ups (see _queue)
+    interval = settings.reconcile_interval_s
+    now = utcnow()
+    if rollout.next_step_at is not None and rollout.next_step_at > now + timedelta(
+        seconds=interval / 2
+    ):
+        return
+    rollout.next_step_at = now + timedelta(seconds=interval)
+    _queue(session, rollout.id, countdown=interval)
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -403,7 +427,15 @@ def _locked(session: Session, name: str) -> Rollout:
 
 def command(session: Session, name: str, action: str) -> Rollout:
     rollout = _locked(session, name)
+    faults.point("rollout.command.locked")
     if action == "pause":
+        if rollout.phase != P.PROGRESSING:
+            # Failed → Paused is onFailure: pause's own move, not a user's: a Failed
+            # rollout paused and then resumed would skip the check of its model version.
+            raise Conflict(
+                f"rollout {name} is {rollout.phase}: it cannot become Paused "
+                "(only a Progressing rollout can be paused)"
+            )
         transition(session, rollout, P.PAUSED, reason="Paused", message="paused by a user")
     elif action == "resume":
         if rollout.phase != P.PAUSED:
@@ -447,6 +479,7 @@ def command(session: Session, name: str, action: str) -> Rollout:
         _reset_for_retry(session, rollout)
     else:
         raise NotFound(f"unknown rollout command {action!r} (pause, resume, abort, undo, retry)")
+    faults.point("rollout.command.recorded")
     _queue(session, rollout.id)
     return rollout
 
@@ -535,9 +568,13 @@ class Step:
             out[row.cluster].append(row)
         return out
 
-    def push(self, rows: Sequence[Row], version_of: Any) -> list[Row]:
+    def push(
+        self, rows: Sequence[Row], version_of: Any, *, count_transient: bool = False
+    ) -> list[Row]:
         """Send each row's desired workload to its cluster. Returns the rows whose
-        cluster refused permanently; transient errors are retried next step."""
+        cluster refused permanently; transient errors are retried next step. A revert
+        passes ``count_transient``: its rows are done only where the call landed, and
+        the rows returned are retried until it does."""
         refused: list[Row] = []
         for cluster, group in self.by_cluster(rows).items():
             desired = {r.node.name: self.workload(version_of(r)) for r in group}
@@ -549,7 +586,7 @@ class Step:
                     message=f"cluster {cluster}: {exc}",
                     data={"transient": exc.transient, "nodes": len(group)},
                 )
-                if not exc.transient:
+                if count_transient or not exc.transient:
                     refused.extend(group)
         return refused
 
@@ -588,16 +625,20 @@ class Step:
                 message=f"wave {wave.index}: {wave.node_count} node(s)",
                 data={"wave": wave.index},
             )
+            faults.point("rollout.wave.started")
         opened = [r for r in self.rows if self._wave_index(r) <= self.r.current_wave]
         self.defer_offline(opened)
         if self.phase_changed():
             return
         self.admit(opened)
+        faults.point("rollout.nodes.admitted")
         applying = self.in_state(self.rows, A.APPLYING)
         refused = self.push(applying, lambda r: self.target_of(r).id)
+        faults.point("rollout.nodes.pushed")
         if refused:
             self.moved(refused, A.FAILED, "ClusterRefused")
         self.observe()
+        faults.point("rollout.observed")
         self.judge(wave)
 
     def _wave_index(self, row: Row) -> int:
@@ -717,6 +758,7 @@ class Step:
             bake_done=bake_end is not None and self.now >= bake_end,
             deadline_passed=self.now > (bake_end or started) + timedelta(seconds=deadline),
         )
+        faults.point("rollout.gate.evaluated")
         self._node_health(rows)
         if still_applying and result.decision == "pass":
             result.decision = "hold"
@@ -757,6 +799,7 @@ class Step:
             data={"wave": wave.index, "gate": result.snapshot},
         )
         self.r.current_wave += 1
+        faults.point("rollout.wave.promoted")
         if self.r.current_wave >= len(self.r.waves):
             self.r.current_wave = len(self.r.waves) - 1
             deferred = len(self.in_state(self.rows, A.DEFERRED))
@@ -768,6 +811,7 @@ class Step:
                 reason="Succeeded",
                 message=f"all {len(self.r.waves)} wave(s) passed their gates{note}",
             )
+            faults.point("rollout.succeeded")
 
     def fail(self, wave: Wave, result: gate_eval.GateResult, *, reason: str) -> None:
         wave.phase, wave.finished_at = WavePhase.FAILED, self.now
@@ -779,6 +823,7 @@ class Step:
             message=f"wave {wave.index}: {result.reason}",
             data={"wave": wave.index, "gate": result.snapshot},
         )
+        faults.point("rollout.failed")
         if self.spec.onFailure == "rollback":
             transition(
                 self.s,
@@ -790,6 +835,7 @@ class Step:
                     "touched node returns to its previous version"
                 ),
             )
+            faults.point("rollout.rolling_back")
             self.revert()
         else:
             transition(
@@ -806,12 +852,16 @@ class Step:
         rows = [r for r in self.rows if r.assignment.state != A.ROLLED_BACK]
         untouched = self.in_state(rows, A.PENDING, A.DEFERRED)
         touched = [r for r in rows if r not in untouched]
-        refused = self.push(touched, lambda r: r.assignment.previous_version_id)
+        refused = self.push(
+            touched, lambda r: r.assignment.previous_version_id, count_transient=True
+        )
+        faults.point("rollout.revert.pushed")
         done = [r for r in touched if r not in refused]
         for r in done:
             r.assignment.desired_version_id = r.assignment.previous_version_id
             r.assignment.observed_version_id = r.assignment.previous_version_id
         self.moved(untouched + done, A.ROLLED_BACK, "RolledBack")
+        faults.point("rollout.revert.recorded")
         if refused:
             self.r.message = f"revert incomplete: {len(refused)} node(s) not reached yet, retrying"
 
@@ -825,6 +875,8 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
         if rollout is None:
             return None
         step = Step(session, rollout, settings, now or utcnow())
+        faults.on_commit(session, "rollout.step.committed")
+        faults.point("rollout.step.locked")
         if rollout.phase == P.PENDING and step.target.status != VersionStatus.READY:
             if step.target.status == VersionStatus.INVALID:
                 transition(
@@ -842,7 +894,7 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
                     f"waiting for model version {step.target.version} to be validated "
                     f"({step.target.status})"
                 )
-                _queue(session, rollout.id, countdown=settings.reconcile_interval_s)
+                _follow_up(session, rollout, settings)
             return rollout.phase
         if rollout.phase == P.PENDING:
             if not rollout.waves:
@@ -851,6 +903,7 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
                 )
                 return rollout.phase
             transition(session, rollout, P.PROGRESSING, reason="Started", message="wave 0 starting")
+            faults.point("rollout.started")
         if rollout.phase == P.PROGRESSING:
             step.progress()
         elif rollout.phase in (P.ROLLED_BACK, P.ABORTED):
@@ -859,7 +912,7 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
             rollout.phase in (P.ROLLED_BACK, P.ABORTED)
             and any(r.assignment.state != A.ROLLED_BACK for r in step.rows)
         ):
-            _queue(session, rollout.id, countdown=settings.reconcile_interval_s)
+            _follow_up(session, rollout, settings)
         return rollout.phase
 
 

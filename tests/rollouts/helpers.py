@@ -13,7 +13,7 @@ import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from controller.db.models import Assignment, Node, Rollout
+from controller.db.models import Assignment, Cluster, Node, Rollout, Wave
 from controller.db.session import session_scope
 from controller.demo import RunningWorkload, report_running
 from controller.registry import samples
@@ -145,6 +145,39 @@ def node_states(name: str) -> dict[str, str]:
             .where(Rollout.name == name)
         ).all()
         return {r[0]: r[1] for r in rows}
+
+
+def wave_nodes(name: str) -> list[list[str]]:
+    """The node keys ("cluster/node") of each wave, by wave index, as the database
+    holds the plan: a test finds its canary here instead of guessing it."""
+    with session_scope() as s:
+        rows = s.execute(
+            select(Wave.index, Cluster.name, Node.name)
+            .join(Rollout, Rollout.id == Wave.rollout_id)
+            .join(Assignment, Assignment.wave_id == Wave.id)
+            .join(Node, Node.id == Assignment.node_id)
+            .join(Cluster, Cluster.id == Node.cluster_id)
+            .where(Rollout.name == name)
+            .order_by(Wave.index, Cluster.name, Node.name)
+        ).all()
+        waves: list[list[str]] = []
+        for index, cluster, node in rows:
+            while len(waves) <= index:
+                waves.append([])
+            waves[index].append(f"{cluster}/{node}")
+        return waves
+
+
+def wave_phases(name: str) -> list[str]:
+    with session_scope() as s:
+        return list(
+            s.scalars(
+                select(Wave.phase)
+                .join(Rollout, Rollout.id == Wave.rollout_id)
+                .where(Rollout.name == name)
+                .order_by(Wave.index)
+            )
+        )
 
 
 def running_versions(settings: Settings, clusters: Iterable[str]) -> dict[str, str | None]:

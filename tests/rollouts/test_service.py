@@ -22,6 +22,8 @@ from tests.rollouts.helpers import (
     rollout_doc,
     rollout_id,
     running_versions,
+    wave_nodes,
+    wave_phases,
 )
 
 CLUSTERS = ("berlin", "paris", "oslo")
@@ -80,23 +82,171 @@ def test_waves_respect_max_unavailable(fleet: TestClient, settings: Settings) ->
     assert (states.count("Running"), states.count("Pending")) == (6, 6)
 
 
+def planned_waves(resp: Any) -> list[list[str]]:
+    """The node keys of each wave as the apply response's plan shows them."""
+    assert resp.status_code == 200, resp.text
+    return [sorted(w["nodeNames"]) for w in resp.json()["results"][0]["plan"]["waves"]]
+
+
+def events_in_order(client: TestClient, name: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = client.get(
+        f"/v1/rollouts/{name}/events", params={"limit": 1000}
+    ).json()
+    assert len(events) < 1000
+    return events[::-1]  # the API lists the newest first
+
+
 def test_failing_gate_rolls_every_touched_node_back(fleet: TestClient, settings: Settings) -> None:
     assert rollout_to(fleet, settings, "d1", "1.0.0")[-1] == "Succeeded"
-    apply(fleet, rollout_doc("d2", "2.0.0"))
+    waves = planned_waves(apply(fleet, rollout_doc("d2", "2.0.0")))
+    assert wave_nodes("d2") == waves  # the plan shown is the plan stored
+    (canary,) = waves[0]
+    assert [len(w) for w in waves] == [1, 5, 6]
 
     def slow_after_canary(node: str) -> tuple[float, int]:
-        return (95.0, 0) if node != "canary" else (10.0, 0)
+        return (10.0, 0) if node == canary else (95.0, 0)
 
     phases = drive("d2", settings, metrics=slow_after_canary)
     assert phases[-1] == "RolledBack"
+    # The fast canary passed wave 0; the slow nodes of wave 1 failed it; wave 2 never began.
+    assert wave_phases("d2") == ["Passed", "Failed", "Pending"]
+    events = events_in_order(fleet, "d2")
+    (passed,) = [e for e in events if e["reason"] == "GatePassed"]
+    assert passed["data"]["wave"] == 0
+    assert (passed["data"]["gate"]["healthy"], passed["data"]["gate"]["nodes"]) == (1, 1)
+    (failed,) = [e for e in events if e["reason"] == "GateFailed"]
+    assert failed["data"]["wave"] == 1
+    gate = failed["data"]["gate"]
+    assert (gate["nodes"], gate["healthy"], gate["unhealthy"]) == (5, 0, 5)
+    assert gate["unhealthy_nodes"] == dict.fromkeys(waves[1], "p95 95.0 ms > 40.0 ms")
+    # Only waves 0 and 1 were ever sent 2.0.0, and all of them, the promoted canary
+    # included, went back; wave 2's nodes were released without being touched.
+    applying = [n for e in events if e["reason"] == "Applying" for n in e["data"]["nodes"]]
+    assert sorted(applying) == sorted(waves[0] + waves[1])
+    (rolled_back,) = [e for e in events if e["reason"] == "RolledBack"]
+    assert rolled_back["data"]["from"] == {"Healthy": 1, "Running": 5, "Pending": 6}
+    assert rolled_back["data"]["nodes"] == sorted(n for w in waves for n in w)
     assert set(node_states("d2").values()) == {"RolledBack"}
-    # Every node runs 1.0.0 again: the canary that got 2.0.0 went back.
-    assert set(running_versions(settings, CLUSTERS).values()) == {"1.0.0"}
-    events = fleet.get("/v1/rollouts/d2/events").json()
-    failed = next(e for e in events if e["reason"] == "GateFailed")
-    assert failed["data"]["gate"]["unhealthy"] == 1
-    assert "p95 95.0 ms > 40.0 ms" in str(failed["data"]["gate"]["unhealthy_nodes"])
-    assert fleet.get("/v1/rollouts/d2").json()["wave_detail"][0]["phase"] == "Failed"
+    assert running_versions(settings, CLUSTERS) == {
+        f"{c}-n{i}": "1.0.0" for c in CLUSTERS for i in range(4)
+    }
+
+
+def collapse(seq: list[str]) -> list[str]:
+    return [x for i, x in enumerate(seq) if i == 0 or seq[i - 1] != x]
+
+
+def is_subsequence(seq: list[str], of: list[str]) -> bool:
+    rest = iter(of)
+    return all(x in rest for x in seq)
+
+
+def test_gate_failing_in_a_later_wave_rolls_back_the_promoted_waves_too(
+    fleet: TestClient, settings: Settings
+) -> None:
+    """The hardest rollback: waves 0 and 1 passed and run 2.0.0 for good, then wave 2
+    fails. Every node the rollout touched, the promoted ones included, must return to
+    1.0.0. Checked against the cluster itself, the assignments, the waves and the log."""
+    everyone = {f"{c}-n{i}" for c in CLUSTERS for i in range(4)}
+    assert rollout_to(fleet, settings, "base", "1.0.0")[-1] == "Succeeded"
+    waves = planned_waves(apply(fleet, rollout_doc("up", "2.0.0")))
+    assert wave_nodes("up") == waves
+    assert [len(w) for w in waves] == [1, 5, 6]
+    late = set(waves[2])
+
+    def bad_in_wave_2(node: str) -> tuple[float, int]:
+        return (12.0, 30) if node in late else (12.0, 0)  # 30% errors > maxErrorRate 1%
+
+    # drive(), recording after every step what the database and the cluster say.
+    rid = rollout_id("up")
+    seen: list[tuple[list[str], dict[str, str | None]]] = [
+        (wave_phases("up"), running_versions(settings, CLUSTERS))
+    ]
+    for _ in range(60):
+        phase = service.reconcile(rid, settings)
+        seen.append((wave_phases("up"), running_versions(settings, CLUSTERS)))
+        if phase not in ("Pending", "Progressing"):
+            break
+        report(bad_in_wave_2)
+    assert phase == "RolledBack"
+
+    # Each wave went forward only, along Pending, Applying, Baking, then Passed or Failed.
+    for index, end in enumerate(["Passed", "Passed", "Failed"]):
+        path = collapse([phases[index] for phases, _ in seen])
+        assert path[-1] == end
+        assert is_subsequence(path, ["Pending", "Applying", "Baking", end]), path
+    # Waves 0 and 1 were promoted, and their nodes really ran 2.0.0, before wave 2 began.
+    promoted = [
+        running
+        for phases, running in seen
+        if phases[:2] == ["Passed", "Passed"] and phases[2] != "Pending"
+    ]
+    assert promoted  # wave 2 ran with both earlier waves promoted
+    first_waves = {k.split("/")[1] for k in waves[0] + waves[1]}
+    assert {n: v for n, v in promoted[0].items() if n in first_waves} == dict.fromkeys(
+        first_waves, "2.0.0"
+    )
+    # After the failure: every node runs 1.0.0 again, and the records agree.
+    assert running_versions(settings, CLUSTERS) == dict.fromkeys(everyone, "1.0.0")
+    assert node_states("up") == dict.fromkeys(everyone, "RolledBack")
+    assert wave_phases("up") == ["Passed", "Passed", "Failed"]
+    body = fleet.get("/v1/rollouts/up").json()
+    assert (body["phase"], body["states"]) == ("RolledBack", {"RolledBack": 12})
+
+    events = events_in_order(fleet, "up")
+    # The rollout's own transitions: each once, each starting where the last one ended.
+    rollout_moves = [
+        (e["reason"], e["data"]["from"], e["data"]["to"])
+        for e in events
+        if isinstance(e["data"].get("from"), str)
+    ]
+    assert rollout_moves == [
+        ("Started", "Pending", "Progressing"),
+        ("GateFailed", "Progressing", "Failed"),
+        ("RollingBack", "Failed", "RolledBack"),
+    ]
+    wave_log = [
+        (e["reason"], e["data"]["wave"])
+        for e in events
+        if e["reason"] in ("WaveStarted", "GatePassed", "GateFailed")
+    ]
+    assert wave_log == [
+        ("WaveStarted", 0),
+        ("GatePassed", 0),
+        ("WaveStarted", 1),
+        ("GatePassed", 1),
+        ("WaveStarted", 2),
+        ("GateFailed", 2),
+    ]
+    gate = next(e for e in events if e["reason"] == "GateFailed")["data"]["gate"]
+    assert (gate["nodes"], gate["healthy"], gate["unhealthy"]) == (6, 0, 6)
+    assert set(gate["unhealthy_nodes"]) == late
+    assert all(
+        why.startswith("error rate 0.3000 > 0.01") for why in gate["unhealthy_nodes"].values()
+    )
+
+    # Every node's path, replayed from the log (a claim starts it at Pending): each state
+    # entered once, in order; each event's "from" counts match the replay.
+    paths: dict[str, list[str]] = {n: ["Pending"] for w in waves for n in w}
+    for e in events:
+        if not isinstance(e["data"].get("from"), dict):
+            continue
+        nodes = e["data"]["nodes"]
+        came_from: dict[str, int] = {}
+        for n in nodes:
+            came_from[paths[n][-1]] = came_from.get(paths[n][-1], 0) + 1
+            paths[n].append(e["data"]["to"])
+        assert came_from == e["data"]["from"], e
+    promoted_path = ["Pending", "Applying", "Running", "Healthy", "RolledBack"]
+    failed_path = ["Pending", "Applying", "Running", "RolledBack"]
+    assert paths == {
+        **dict.fromkeys(waves[0] + waves[1], promoted_path),
+        **dict.fromkeys(waves[2], failed_path),
+    }
+    # The rollback came after the decision to roll back, in one batch of all 12 nodes.
+    reasons = [e["reason"] for e in events]
+    assert reasons.count("RolledBack") == 1
+    assert reasons.index("RollingBack") < reasons.index("RolledBack")
 
 
 def test_rollback_to_nothing_removes_the_workload(fleet: TestClient, settings: Settings) -> None:
@@ -246,6 +396,35 @@ def test_rollout_waits_for_validation_then_runs(fleet: TestClient, settings: Set
         assert isinstance(mv, ModelVersion)
         mv.status = VersionStatus.INVALID
     assert service.reconcile(rid, settings) == "Failed"
+
+
+def test_a_rollout_failed_by_an_invalid_version_cannot_be_paused_into_progress(
+    fleet: TestClient, settings: Settings
+) -> None:
+    """A fixed bug: pause accepted a Failed rollout (Failed → Paused is onFailure: pause's
+    own move) and resume then sent it to the reconciler, which pushed the version that
+    had failed validation to the canary."""
+    from controller.db.models import ModelVersion, VersionStatus
+    from controller.registry import repository as registry_repo
+
+    def set_status(status: VersionStatus) -> None:
+        with session_scope() as s:
+            mv = registry_repo.get_version(s, "detector", "2.0.0")
+            assert isinstance(mv, ModelVersion)
+            mv.status = status
+
+    set_status(VersionStatus.VALIDATING)
+    assert apply(fleet, rollout_doc("w", "2.0.0")).status_code == 200
+    set_status(VersionStatus.INVALID)
+    assert service.reconcile(rollout_id("w"), settings) == "Failed"
+    paused = fleet.post("/v1/rollouts/w/pause")
+    assert paused.status_code == 409
+    assert "rollout w is Failed: it cannot become Paused" in paused.json()["detail"]
+    assert fleet.post("/v1/rollouts/w/resume").status_code == 409
+    assert service.reconcile(rollout_id("w"), settings) == "Failed"
+    assert set(node_states("w").values()) == {"Pending"}
+    assert running_versions(settings, CLUSTERS) == {}
+    assert fleet.post("/v1/rollouts/w/abort").json()["phase"] == "Aborted"
 
 
 def test_container_restarts_are_folded_into_state_and_events(

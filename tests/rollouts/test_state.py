@@ -1,9 +1,14 @@
 """Every (from, to) pair of the two state machines: legal transitions happen and write
-exactly one Event; illegal ones raise IllegalTransition (409) and write nothing."""
+exactly one Event; illegal ones raise IllegalTransition (409) and write nothing.
+
+What is legal is written out below from the documented phases (README "Rollouts", DESIGN
+"Flow of one rollout", the commands' docstrings), with the cause of every move, and never
+read from controller/rollouts/state.py: a wrong entry there must fail a test here."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -21,7 +26,10 @@ from controller.db.models import (
     Rollout,
     RolloutPhase,
 )
+from controller.errors import Conflict
+from controller.rollouts import service
 from controller.rollouts.state import (
+    ACTIVE_PHASES,
     ASSIGNMENT_TRANSITIONS,
     ROLLOUT_TRANSITIONS,
     TERMINAL_PHASES,
@@ -31,6 +39,118 @@ from controller.rollouts.state import (
 )
 
 P, A = RolloutPhase, AssignmentState
+
+# ---------------------------------------------------------------- the independent tables
+
+ROLLOUT_PHASES = (
+    "Pending",
+    "Progressing",
+    "Paused",
+    "Succeeded",
+    "Failed",
+    "RolledBack",
+    "Aborted",
+)
+ASSIGNMENT_STATES = (
+    "Pending",
+    "Applying",
+    "Running",
+    "Healthy",
+    "Failed",
+    "Deferred",
+    "RolledBack",
+)
+FINISHED = {"Succeeded", "RolledBack", "Aborted"}  # finished_at is set; nodes are free again
+
+LEGAL_ROLLOUT: dict[tuple[str, str], str] = {
+    ("Pending", "Progressing"): "the reconciler starts wave 0",
+    ("Pending", "Succeeded"): "a plan without nodes has nothing to do",
+    ("Pending", "Failed"): "its model version failed validation while it waited",
+    ("Pending", "Aborted"): "abort",
+    ("Progressing", "Paused"): "pause",
+    ("Progressing", "Succeeded"): "the last wave passed its gate",
+    ("Progressing", "Failed"): "a gate failed, the progress deadline passed, too many offline",
+    ("Progressing", "Aborted"): "abort",
+    ("Paused", "Progressing"): "resume",
+    ("Paused", "Aborted"): "abort",
+    ("Failed", "RolledBack"): "onFailure: rollback",
+    ("Failed", "Paused"): "onFailure: pause",
+    ("Failed", "Pending"): "retry",
+    ("Failed", "Aborted"): "abort: a Failed rollout still holds its nodes",
+    ("Succeeded", "RolledBack"): "undo",
+    ("Succeeded", "Pending"): "apply of a changed spec",
+    ("RolledBack", "Pending"): "retry, or apply of a changed spec",
+    ("Aborted", "Pending"): "retry, or apply of a changed spec",
+}
+
+LEGAL_ASSIGNMENT: dict[tuple[str, str], str] = {
+    ("Pending", "Applying"): "admitted within maxUnavailable: the workload is pushed",
+    ("Pending", "Deferred"): "its node is offline",
+    ("Pending", "RolledBack"): "a revert releases a node it never touched",
+    ("Applying", "Running"): "the cluster runs the new version",
+    ("Applying", "Failed"): "the cluster refused it, or the workload failed",
+    ("Applying", "RolledBack"): "revert",
+    ("Running", "Healthy"): "its agent reports numbers within the gates",
+    ("Running", "Failed"): "the workload failed",
+    ("Running", "RolledBack"): "revert",
+    ("Healthy", "Running"): "its numbers left the gates",
+    ("Healthy", "Failed"): "the workload failed",
+    ("Healthy", "RolledBack"): "revert",
+    ("Failed", "RolledBack"): "revert",
+    ("Failed", "Pending"): "retry",
+    ("Deferred", "Pending"): "its node is back",
+    ("Deferred", "RolledBack"): "a revert releases a node it never touched",
+    ("RolledBack", "Pending"): "retry",
+}
+
+# command -> {phase it is accepted in: the phase it leads to}; refused (409) elsewhere.
+COMMANDS: dict[str, dict[str, str]] = {
+    "pause": {"Progressing": "Paused"},
+    "resume": {"Paused": "Progressing"},
+    "abort": dict.fromkeys(("Pending", "Progressing", "Paused", "Failed"), "Aborted"),
+    "undo": {"Succeeded": "RolledBack"},
+    "retry": dict.fromkeys(("Failed", "RolledBack", "Aborted"), "Pending"),
+}
+
+def test_the_independent_tables_agree_with_each_other() -> None:
+    assert set(P) == set(ROLLOUT_PHASES)
+    assert set(A) == set(ASSIGNMENT_STATES)
+    for table, states in ((LEGAL_ROLLOUT, ROLLOUT_PHASES), (LEGAL_ASSIGNMENT, ASSIGNMENT_STATES)):
+        assert all(src in states and dst in states and src != dst for src, dst in table)
+        # Every state is entered (claims start at Pending) and can be left.
+        assert {dst for _, dst in table} | {"Pending"} == set(states)
+        assert {src for src, _ in table} == set(states)
+    for accepted in COMMANDS.values():
+        assert all((src, dst) in LEGAL_ROLLOUT for src, dst in accepted.items())
+    # A finished rollout only starts again or is undone.
+    assert all(dst in ("Pending", "RolledBack") for src, dst in LEGAL_ROLLOUT if src in FINISHED)
+
+
+def test_finished_and_active_phases() -> None:
+    assert set(TERMINAL_PHASES) == FINISHED
+    assert set(ACTIVE_PHASES) == set(ROLLOUT_PHASES) - FINISHED
+
+
+def pairs(states: Sequence[str]) -> list[Any]:
+    return [
+        pytest.param(
+            src,
+            dst,
+            id=f"{src}->{dst}",
+        )
+        for src in states
+        for dst in states
+    ]
+
+
+@pytest.mark.parametrize(("src", "dst"), pairs(ROLLOUT_PHASES))
+def test_rollout_table_matches_the_documented_one(src: str, dst: str) -> None:
+    assert (dst in ROLLOUT_TRANSITIONS[P(src)]) == ((src, dst) in LEGAL_ROLLOUT)
+
+
+@pytest.mark.parametrize(("src", "dst"), pairs(ASSIGNMENT_STATES))
+def test_assignment_table_matches_the_documented_one(src: str, dst: str) -> None:
+    assert (dst in ASSIGNMENT_TRANSITIONS[A(src)]) == ((src, dst) in LEGAL_ASSIGNMENT)
 
 
 def make_rollout(session: Session, phase: RolloutPhase = P.PENDING) -> Rollout:
@@ -95,15 +215,12 @@ def test_the_tables_cover_every_state() -> None:
         assert ROLLOUT_TRANSITIONS[phase] <= {P.PENDING, P.ROLLED_BACK}
 
 
-ROLLOUT_PAIRS = [pytest.param(src, dst, id=f"{src}->{dst}") for src in P for dst in P]
-
-
-@pytest.mark.parametrize(("src", "dst"), ROLLOUT_PAIRS)
-def test_rollout_transition(session: Session, src: RolloutPhase, dst: RolloutPhase) -> None:
-    rollout = make_rollout(session, src)
+@pytest.mark.parametrize(("src", "dst"), pairs(ROLLOUT_PHASES))
+def test_rollout_transition(session: Session, src: str, dst: str) -> None:
+    rollout = make_rollout(session, P(src))
     before = counted(src, dst)
-    if dst in ROLLOUT_TRANSITIONS[src]:
-        transition(session, rollout, dst, reason="Tested", message="by a test", data={"k": 1})
+    if (src, dst) in LEGAL_ROLLOUT:
+        transition(session, rollout, P(dst), reason="Tested", message="by a test", data={"k": 1})
         assert rollout.phase == dst
         assert rollout.message == "by a test"
         (event,) = events_of(session, rollout)
@@ -111,11 +228,11 @@ def test_rollout_transition(session: Session, src: RolloutPhase, dst: RolloutPha
         assert (event.reason, event.message) == ("Tested", "by a test")
         assert event.data == {"from": src, "to": dst, "k": 1}
         assert counted(src, dst) == before + 1
-        assert (rollout.started_at is not None) == (dst == P.PROGRESSING)
-        assert (rollout.finished_at is not None) == (dst in TERMINAL_PHASES)
+        assert (rollout.started_at is not None) == (dst == "Progressing")
+        assert (rollout.finished_at is not None) == (dst in FINISHED)
     else:
         with pytest.raises(IllegalTransition) as info:
-            transition(session, rollout, dst, reason="Tested", message="by a test")
+            transition(session, rollout, P(dst), reason="Tested", message="by a test")
         assert info.value.status_code == 409
         assert info.value.code == "conflict"
         assert f"rollout r is {src}: it cannot become {dst}" in info.value.message
@@ -135,21 +252,20 @@ def test_started_at_is_kept_when_progressing_again(session: Session) -> None:
     assert [e.reason for e in events_of(session, rollout)] == ["Started", "Paused", "Resumed"]
 
 
-ASSIGNMENT_PAIRS = [pytest.param(src, dst, id=f"{src}->{dst}") for src in A for dst in A]
-
-
-@pytest.mark.parametrize(("src", "dst"), ASSIGNMENT_PAIRS)
-def test_assignment_move(session: Session, src: AssignmentState, dst: AssignmentState) -> None:
+@pytest.mark.parametrize(("src", "dst"), pairs(ASSIGNMENT_STATES))
+def test_assignment_move(session: Session, src: str, dst: str) -> None:
     rollout = make_rollout(session)
-    batch = make_assignments(session, rollout, [src])
+    batch = make_assignments(session, rollout, [A(src)])
     ((assignment, key),) = batch
     if src == dst:
         # Already there: a no-op, so a level-triggered reconciler can repeat itself.
-        assert move(session, rollout, batch, dst, reason="Tested") == 0
+        assert move(session, rollout, batch, A(dst), reason="Tested") == 0
         assert assignment.state == src
         assert events_of(session, rollout) == []
-    elif dst in ASSIGNMENT_TRANSITIONS[src]:
-        moved = move(session, rollout, batch, dst, reason="Tested", messages={assignment.id: "why"})
+    elif (src, dst) in LEGAL_ASSIGNMENT:
+        moved = move(
+            session, rollout, batch, A(dst), reason="Tested", messages={assignment.id: "why"}
+        )
         assert moved == 1
         assert assignment.state == dst
         assert assignment.message == "why"
@@ -162,7 +278,7 @@ def test_assignment_move(session: Session, src: AssignmentState, dst: Assignment
         assert list(event.data["reasons"].values()) == ["why"]
     else:
         with pytest.raises(IllegalTransition) as info:
-            move(session, rollout, batch, dst, reason="Tested", messages={assignment.id: "why"})
+            move(session, rollout, batch, A(dst), reason="Tested", messages={assignment.id: "why"})
         assert info.value.status_code == 409
         assert f"assignment of node {key} is {src}: it cannot become {dst}" in info.value.message
         assert assignment.state == src
@@ -219,3 +335,34 @@ def test_an_illegal_node_in_a_batch_moves_no_node(session: Session) -> None:
         move(session, rollout, batch, A.APPLYING, reason="Applying")
     assert [a.state for a, _ in batch] == [A.PENDING, A.PENDING, A.HEALTHY]
     assert events_of(session, rollout) == []
+
+
+# What each rollout's nodes would be doing in that phase, so retry and undo find rows to
+# work on.
+NODES_IN = {
+    "Pending": "Pending",
+    "Progressing": "Running",
+    "Paused": "Running",
+    "Succeeded": "Healthy",
+    "Failed": "Pending",
+    "RolledBack": "RolledBack",
+    "Aborted": "RolledBack",
+}
+
+
+@pytest.mark.parametrize("action", list(COMMANDS))
+@pytest.mark.parametrize("phase", ROLLOUT_PHASES)
+def test_command(session: Session, phase: str, action: str) -> None:
+    rollout = make_rollout(session, P(phase))
+    make_assignments(session, rollout, [A(NODES_IN[phase])])
+    expected = COMMANDS[action].get(phase)
+    if expected is not None:
+        assert service.command(session, "r", action).phase == expected
+        rollout_moves = [e.data for e in events_of(session, rollout) if "nodes" not in e.data]
+        assert rollout_moves == [{"from": phase, "to": expected}]
+    else:
+        with pytest.raises(Conflict) as info:
+            service.command(session, "r", action)
+        assert info.value.status_code == 409
+        assert rollout.phase == phase
+        assert events_of(session, rollout) == []

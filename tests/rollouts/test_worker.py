@@ -3,10 +3,8 @@ steps are queued by the worker itself, and a worker killed inside a step loses n
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,24 +78,20 @@ def test_worker_killed_mid_step_loses_nothing(
     tmp_path: Path,
 ) -> None:
     log = tmp_path / "first.log"
-    # Every apply to the clusters takes 2 s: the kill lands inside a step, with the
-    # rollout row locked and the step's transaction open.
-    with worker(log, **FAST) as proc:
-        apply(
-            queued,
-            cluster_doc("east", 3, applyLatency="2s"),
-            cluster_doc("west", 3, applyLatency="2s"),
-        )
+    # The worker kills itself (SIGKILL, its whole process group) inside its second step,
+    # right after telling the clusters to run the new version: the rollout row locked,
+    # the step's transaction open (controller/faults.py).
+    with worker(log, EDGEFLEET_FAULTS="rollout.nodes.pushed=2*kill", **FAST) as proc:
+        apply(queued, cluster_doc("east", 3), cluster_doc("west", 3))
         push_versions_async(queued, "1.0.0")
         apply(queued, rollout_doc("d", "1.0.0"))
-        wait_for(lambda: log.read_text().count("rollouts.reconcile") >= 2, 60, "a reconcile step")
-        time.sleep(0.8)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        assert proc.wait(60) == -signal.SIGKILL
+    assert "edgefleet fault point rollout.nodes.pushed: kill (hit 2)" in log.read_text()
     killed_at = reasons(engine, "d")
-    # The killed step's transaction rolled back: the rollout is where the last committed
-    # step left it (Pending if the kill hit the first step).
-    assert phase(queued, "d") in ("Pending", "Progressing")
+    # The killed step's transaction rolled back: the rollout is where the first step left it.
+    assert phase(queued, "d") == "Progressing"
+    assert ("WaveStarted", 0) in killed_at
+    assert ("GatePassed", 0) not in killed_at
 
     with worker(tmp_path / "second.log", **FAST):
         celery_app.send_task("rollouts.tick")  # what beat sends every 10 s

@@ -1,0 +1,166 @@
+"""Reconcilers that really overlap: real, separately committed transactions (the
+``committed_client`` fixture), one connection per thread, so the rollout's row lock and
+SKIP LOCKED decide who steps, not the test harness."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from controller.db.models import Event
+from controller.db.session import session_scope
+from controller.rollouts import service
+from controller.settings import Settings
+from tests.rollouts.faulty import install
+from tests.rollouts.helpers import (
+    apply,
+    cluster_doc,
+    node_states,
+    push_versions,
+    report,
+    rollout_doc,
+    rollout_id,
+)
+
+CLUSTERS = (("east", 3), ("west", 3))
+TERMINAL = ("Succeeded", "RolledBack", "Aborted", "Failed", "Paused")
+
+
+@pytest.fixture
+def fleet(committed_client: TestClient, sim_fleet: None) -> TestClient:
+    resp = apply(committed_client, *(cluster_doc(c, n) for c, n in CLUSTERS))
+    assert resp.status_code == 200, resp.text
+    push_versions(committed_client, "1.0.0")
+    return committed_client
+
+
+def rollout_events(name: str) -> list[tuple[str, dict[str, Any]]]:
+    with session_scope() as s:
+        rows = s.execute(
+            select(Event.reason, Event.data)
+            .where(Event.rollout_id == rollout_id(name))
+            .order_by(Event.id)
+        ).all()
+        return [(r[0], r[1] or {}) for r in rows]
+
+
+def test_second_reconciler_of_a_rollout_steps_aside(
+    fleet: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = {"strategy": {"steps": [{"percent": 100, "bake": "1h"}], "maxUnavailable": "100%"}}
+    assert apply(fleet, rollout_doc("d", "1.0.0", **spec)).status_code == 200
+    rid = rollout_id("d")
+    faults = install(monkeypatch)
+    inside, release = threading.Event(), threading.Event()
+    steps = Counter[str]()
+    guard = threading.Lock()
+
+    def hold_first_step(cluster: str, what: str) -> None:
+        # One observe of "east" per step: count the steps, and keep the first one inside
+        # its transaction (the rollout row locked) until the other reconciler is done.
+        if (cluster, what) != ("east", "observe"):
+            return
+        with guard:
+            steps["east"] += 1
+            first = steps["east"] == 1
+        if first:
+            inside.set()
+            assert release.wait(30)
+
+    faults.hook = hold_first_step
+    start = threading.Barrier(2)
+    results: queue.Queue[tuple[str, str | BaseException | None]] = queue.Queue()
+
+    def reconciler(name: str) -> None:
+        start.wait(10)
+        try:
+            results.put((name, service.reconcile(rid, settings)))
+        except BaseException as exc:
+            results.put((name, exc))
+
+    threads = [threading.Thread(target=reconciler, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    assert inside.wait(30), "no reconciler reached the cluster"
+    # The other one ran while the first held the lock: it returned without a step.
+    first_done = results.get(timeout=30)
+    release.set()
+    for t in threads:
+        t.join(30)
+    second_done = results.get(timeout=1)
+    assert first_done[1] is None, first_done
+    assert second_done[1] == "Progressing", second_done
+    assert steps["east"] == 1  # exactly one step ran
+
+
+def test_concurrent_reconcilers_never_step_a_rollout_together(
+    fleet: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = {
+        "strategy": {
+            "steps": [{"nodes": 1}, {"percent": 50}, {"percent": 100}],
+            "maxUnavailable": "34%",  # 2 of 6 at a time: several steps per wave
+        }
+    }
+    faults = install(monkeypatch)
+    # Every cluster call takes a little while, so steps overlap in time.
+    faults.hook = lambda cluster, what: time.sleep(0.005)
+    assert apply(fleet, rollout_doc("d", "1.0.0", **spec)).status_code == 200
+    rid = rollout_id("d")
+    done = threading.Event()
+    errors: list[BaseException] = []
+    outcomes = Counter[str]()
+    guard = threading.Lock()
+
+    def reconciler() -> None:
+        try:
+            for _ in range(400):
+                if done.is_set():
+                    return
+                phase = service.reconcile(rid, settings)
+                with guard:
+                    outcomes[phase or "skipped"] += 1
+                if phase in TERMINAL:
+                    done.set()
+        except BaseException as exc:
+            errors.append(exc)
+            done.set()
+
+    def agents() -> None:
+        try:
+            while not done.wait(0.02):
+                report()
+        except BaseException as exc:
+            errors.append(exc)
+            done.set()
+
+    threads = [threading.Thread(target=reconciler) for _ in range(8)]
+    threads.append(threading.Thread(target=agents))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert outcomes["Succeeded"] >= 1, outcomes
+    assert set(node_states("d").values()) == {"Healthy"}
+
+    events = rollout_events("d")
+    counts = Counter((reason, data.get("wave")) for reason, data in events)
+    for wave in range(3):
+        assert counts[("WaveStarted", wave)] == 1, events
+        assert counts[("GatePassed", wave)] == 1, events
+    assert counts[("Started", None)] == 1
+    assert counts[("Succeeded", None)] == 1
+    # Each node moved through each state once: no step repeated another's transition.
+    for reason in ("Applying", "WorkloadReady", "MetricsHealthy"):
+        nodes = [n for r, data in events if r == reason for n in data["nodes"]]
+        assert sorted(nodes) == sorted(set(nodes)), (reason, nodes)
+        assert len(nodes) == 6, (reason, nodes)
+    assert outcomes["skipped"] > 0, outcomes  # they did overlap: some stepped aside
