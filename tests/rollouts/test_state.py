@@ -112,6 +112,7 @@ COMMANDS: dict[str, dict[str, str]] = {
     "retry": dict.fromkeys(("Failed", "RolledBack", "Aborted"), "Pending"),
 }
 
+
 def test_the_independent_tables_agree_with_each_other() -> None:
     assert set(P) == set(ROLLOUT_PHASES)
     assert set(A) == set(ASSIGNMENT_STATES)
