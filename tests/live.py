@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -107,3 +107,27 @@ def stop_process_group(proc: subprocess.Popen[Any], *, grace_s: float = 20) -> N
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@contextmanager
+def repeating(
+    action: Callable[[], object], every_s: float, *, ignore: tuple[type[Exception], ...] = ()
+) -> Iterator[None]:
+    """Run ``action`` now and every ``every_s`` in a thread of its own while the block
+    runs (stand-in agents, beat's tick). Errors of the ``ignore`` types are dropped, as a
+    real agent drops a heartbeat that failed and sends the next one."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(*ignore):
+                action()
+            stop.wait(every_s)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)

@@ -13,7 +13,7 @@ import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from controller.db.models import Assignment, Cluster, Node, Rollout, Wave
+from controller.db.models import Assignment, Cluster, Event, Node, Rollout, Wave
 from controller.db.session import session_scope
 from controller.demo import RunningWorkload, report_running
 from controller.registry import samples
@@ -194,3 +194,15 @@ def running_versions(settings: Settings, clusters: Iterable[str]) -> dict[str, s
             out[node] = json.loads(raw)["version"]
     client.close()
     return out
+
+
+def rollout_events(name: str) -> list[tuple[str, dict[str, Any]]]:
+    """A rollout's events (reason, data), oldest first."""
+    with session_scope() as s:
+        rows = s.execute(
+            select(Event.reason, Event.data)
+            .join(Rollout, Rollout.id == Event.rollout_id)
+            .where(Rollout.name == name)
+            .order_by(Event.id)
+        ).all()
+    return [(r[0], r[1] or {}) for r in rows]

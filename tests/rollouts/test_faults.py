@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,8 +53,8 @@ from controller.settings import Settings
 from controller.tasks.celery_app import celery_app, configure
 from node_agent.contract import InferenceMetrics
 from tests.conftest import bearer
-from tests.live import free_port, stop_process_group
-from tests.rollouts.helpers import cluster_doc, drive, rollout_doc, running_versions
+from tests.live import free_port, repeating, stop_process_group
+from tests.rollouts.helpers import cluster_doc, drive, rollout_doc, rollout_events, running_versions
 from tests.tasks.test_restarts import process
 from tests.tasks.test_worker import wait_for, worker
 
@@ -215,59 +214,28 @@ def seed(settings: Settings) -> None:
 def agents(bad_version: str | None = None) -> Iterator[None]:
     """Stand-ins for the node agents: every 0.1 s, healthy numbers, except from nodes
     running ``bad_version`` (p95 far over the gate)."""
-    stop = threading.Event()
 
     def numbers(w: RunningWorkload) -> InferenceMetrics:
         p95 = 400.0 if w.version.version == bad_version else 12.0
         return InferenceMetrics(window_s=60, samples=100, errors=0, p50_ms=p95 / 2, p95_ms=p95)
 
-    def loop() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(Exception):
-                report_running(numbers, _seq)
-            stop.wait(0.1)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
+    with repeating(lambda: report_running(numbers, _seq), 0.1, ignore=(Exception,)):
         yield
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 @contextlib.contextmanager
 def beat(every_s: float = 1.0) -> Iterator[None]:
     """Beat's tick, the net for a follow-up step that died with its worker: every 10 s
     in production (twice the default step interval), every second here."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            celery_app.send_task("rollouts.tick")
-            stop.wait(every_s)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
+    with repeating(lambda: celery_app.send_task("rollouts.tick"), every_s):
         yield
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 Recorded = list[tuple[str, dict[str, Any]]]
 
 
 def events(name: str) -> Recorded:
-    with session_scope() as s:
-        rows = s.execute(
-            select(Event.reason, Event.data)
-            .join(Rollout, Rollout.id == Event.rollout_id)
-            .where(Rollout.name == name)
-            .order_by(Event.id)
-        ).all()
-    return [(r[0], r[1] or {}) for r in rows]
+    return rollout_events(name)
 
 
 def phase(name: str) -> str | None:

@@ -9,27 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import httpx
 import redis
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from controller.db.models import Event, Rollout
-from controller.db.session import session_scope
 from controller.registry import samples
 from controller.settings import Settings
 from controller.tasks.celery_app import celery_app, configure
 from tests.conftest import REDIS_URL, bearer
-from tests.live import free_port
-from tests.rollouts.helpers import apply, cluster_doc, report, rollout_doc
+from tests.live import free_port, repeating
+from tests.rollouts.helpers import apply, cluster_doc, report, rollout_doc, rollout_events
 from tests.tasks.test_restarts import process
 from tests.tasks.test_worker import wait_for
 
@@ -52,20 +47,8 @@ PAUSED = ("det-east", "cls-all")  # paused through one API, resumed through the 
 def agents() -> Iterator[None]:
     """Stand-ins for the node agents: healthy numbers every 0.2 s; like a real agent,
     one whose heartbeat failed tries again at the next beat."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.wait(0.2):
-            with contextlib.suppress(OperationalError):
-                report()
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
+    with repeating(report, 0.2, ignore=(OperationalError,)):
         yield
-    finally:
-        stop.set()
-        thread.join(5)
 
 
 @contextlib.contextmanager
@@ -74,31 +57,14 @@ def ticking(queue: str, settings: Settings) -> Iterator[None]:
     active rollout at once, beside its own follow-up, so that steps of one rollout are
     often queued together and only the row lock keeps them apart)."""
     configure(settings.model_copy(update={"tasks_eager": False, "celery_queue": queue}))
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.wait(0.25):
-            celery_app.send_task("rollouts.tick")
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
     try:
-        yield
+        with repeating(lambda: celery_app.send_task("rollouts.tick"), 0.25):
+            yield
     finally:
-        stop.set()
-        thread.join(5)
         configure(settings)
 
 
-def events(name: str) -> list[tuple[str, dict[str, Any]]]:
-    with session_scope() as s:
-        rows = s.execute(
-            select(Event.reason, Event.data)
-            .join(Rollout, Rollout.id == Event.rollout_id)
-            .where(Rollout.name == name)
-            .order_by(Event.id)
-        ).all()
-        return [(r[0], r[1] or {}) for r in rows]
+events = rollout_events
 
 
 def push(api: httpx.Client, model: str, version: str, seed: int) -> None:

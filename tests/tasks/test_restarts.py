@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -41,7 +40,7 @@ from controller.tasks.celery_app import LIVENESS_FILE_NAME, configure
 from node_agent.contract import Heartbeat
 from tests.deploy import kube
 from tests.deploy.test_controller_chart import probe_passes, worker_liveness_command
-from tests.live import free_port, stop_process_group
+from tests.live import free_port, repeating, stop_process_group
 from tests.rollouts.helpers import cluster_doc, report, rollout_doc, running_versions
 from tests.tasks.test_worker import wait_for, worker
 
@@ -256,21 +255,8 @@ def agents() -> Iterator[None]:
     """Stand-ins for the node agents: healthy numbers every 0.2 s, written to whatever
     database this process's sessions reach; like a real agent, one that fails (the
     database is down) tries again at the next beat."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(Exception):
-                report()
-            stop.wait(0.2)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
+    with repeating(report, 0.2, ignore=(Exception,)):
         yield
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def _flags(options: dict[str, str]) -> list[str]:
