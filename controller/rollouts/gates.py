@@ -30,6 +30,10 @@ class GateResult:
     decision: str  # pass | hold | fail
     reason: str
     snapshot: dict[str, Any] = field(default_factory=dict)
+    # Why a fail: "unhealthy" (too many nodes failed the limits) or "silent" (the deadline
+    # passed before enough nodes reported); the engine names a silent failure with nodes
+    # still applying for what it is, a progress deadline.
+    cause: str | None = None
 
 
 def _current(metrics: dict[str, Any], target_sha: str, since: datetime) -> bool:
@@ -105,6 +109,7 @@ def evaluate(
             f"{len(unhealthy)} of {total} node(s) unhealthy: healthy ratio can reach at most "
             f"{best:.2f} < {gates.minHealthyRatio}",
             snapshot,
+            cause="unhealthy",
         )
     if ratio >= gates.minHealthyRatio:
         if bake_done:
@@ -116,5 +121,6 @@ def evaluate(
             f"progress deadline passed with {len(silent)} node(s) still silent "
             f"(fewer than {gates.minSamples} samples on the new version)",
             snapshot,
+            cause="silent",
         )
     return GateResult("hold", f"waiting for {len(silent)} silent node(s)", snapshot)

@@ -763,11 +763,15 @@ class Step:
         if still_applying and result.decision == "pass":
             result.decision = "hold"
         metrics.GATE_EVALUATIONS.labels(result.decision).inc()
-        if result.decision == "fail":
+        if result.decision == "fail" and not (result.cause == "silent" and still_applying):
             self.fail(wave, result, reason="GateFailed")
         elif result.decision == "pass":
             self.promote(wave, result)
-        elif still_applying and self.now > started + timedelta(seconds=deadline):
+        elif still_applying and (
+            result.decision == "fail" or self.now > started + timedelta(seconds=deadline)
+        ):
+            # Also where the gate failed on silence: nodes that never got the new version
+            # running are the cause, not their numbers, and the operator is told which.
             result.reason = (
                 f"progress deadline ({self.spec.strategy.progressDeadline}) passed with "
                 f"{len(still_applying)} node(s) not running the new version"

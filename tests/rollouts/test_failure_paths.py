@@ -233,6 +233,34 @@ def test_progress_deadline_fails_a_wave_with_nodes_stuck_applying(
     assert "GatePassed" not in reasons("d")
 
 
+def test_a_node_stuck_applying_is_named_when_the_gate_fails_on_silence(
+    fleet: TestClient, faults: Faults, settings: Settings
+) -> None:
+    """With every node required healthy (the default ratio), the stuck node also makes
+    the gate fail for silence at the deadline; the failure still names the cause, the
+    node that never ran the new version, not a gate its numbers failed."""
+    faults.stuck.add("paris-n1")
+    spec = {
+        "strategy": {
+            "steps": [{"percent": 100}],
+            "maxUnavailable": "100%",
+            "progressDeadline": "2m",
+        },
+        "gates": {"maxP95LatencyMs": 40, "minSamples": 20},
+    }
+    resp = apply(fleet, rollout_doc("d", "1.0.0", onFailure="pause", **spec))
+    assert resp.status_code == 200, resp.text
+    rid = rollout_id("d")
+    for _ in range(3):
+        assert service.reconcile(rid, settings) == "Progressing"
+        report()
+    assert service.reconcile(rid, settings, now=utcnow() + timedelta(minutes=3)) == "Paused"
+    failed = [d for r, d in events(rollout="d") if r == "ProgressDeadlineExceeded"]
+    assert len(failed) == 1
+    assert failed[0]["gate"]["applying_nodes"] == ["paris/paris-n1"]
+    assert "GateFailed" not in reasons("d")
+
+
 # ---------------------------------------------------------------- silent agents
 
 
