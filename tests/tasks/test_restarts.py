@@ -30,7 +30,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from controller.db import migrate
-from controller.db.models import Event, ModelVersion, Rollout, VersionStatus
+from controller.db.models import ModelVersion, Rollout, VersionStatus
 from controller.db.session import make_engine, override_session_factory, session_scope
 from controller.manifests.service import apply_documents
 from controller.registry import samples
@@ -41,7 +41,13 @@ from node_agent.contract import Heartbeat
 from tests.deploy import kube
 from tests.deploy.test_controller_chart import probe_passes, worker_liveness_command
 from tests.live import free_port, repeating, stop_process_group
-from tests.rollouts.helpers import cluster_doc, report, rollout_doc, running_versions
+from tests.rollouts.helpers import (
+    cluster_doc,
+    report,
+    rollout_doc,
+    rollout_events,
+    running_versions,
+)
 from tests.tasks.test_worker import wait_for, worker
 
 # Production's persistence (docker-compose.yml runs --appendonly yes), every write
@@ -314,14 +320,8 @@ def phase(name: str) -> str | None:
 
 
 def events(name: str) -> list[tuple[str, object]]:
-    with session_scope() as session:
-        rows = session.execute(
-            select(Event.reason, Event.data)
-            .join(Rollout, Rollout.id == Event.rollout_id)
-            .where(Rollout.name == name)
-            .order_by(Event.id)
-        ).all()
-    return [(r[0], (r[1] or {}).get("wave")) for r in rows]
+    """The rollout's events as (reason, wave)."""
+    return [(reason, data.get("wave")) for reason, data in rollout_events(name)]
 
 
 def assert_recorded_once(name: str, before_fault: list[tuple[str, object]]) -> None:
