@@ -26,6 +26,7 @@ from controller.registry.inspect import inspect_artifact
 from controller.registry.schemas import PushMetadata, check_model_name, check_version
 from controller.registry.store import ArtifactStore
 from controller.settings import Settings
+from controller.tasks.celery_app import enqueue
 from controller.untrusted import load_json
 from node_agent.probe import ProbeFailed, ProbeLimits, ProbeRequest, probe_model
 
@@ -193,11 +194,9 @@ def _same_or_conflict(existing: ModelVersion, name: str, sha256: str) -> PushRes
 
 
 def _queue_validation(session: Session, mv: ModelVersion) -> None:
-    from controller.registry.tasks import validate_version  # tasks import this module
-    from controller.tasks.celery_app import enqueue
 
     session.flush()
-    enqueue(session, validate_version, mv.id)
+    enqueue(session, "registry.validate_version", mv.id)
 
 
 def require_model(session: Session, name: str) -> Model:
@@ -326,8 +325,6 @@ def run_validation(version_id: int, settings: Settings) -> str | None:
 
 def requeue_stuck(settings: Settings) -> list[int]:
     """Versions left Pending or Validating by a lost message or a dead worker."""
-    from controller.registry.tasks import validate_version
-    from controller.tasks.celery_app import enqueue
 
     cutoff = utcnow() - timedelta(seconds=settings.stuck_validation_s)
     with session_scope() as session:
@@ -337,7 +334,7 @@ def requeue_stuck(settings: Settings) -> list[int]:
             if mv is not None:
                 # Back to Pending so the claim works; the task is sent after commit.
                 _set_status(mv, VersionStatus.PENDING, "requeued: validation did not finish")
-                enqueue(session, validate_version, version_id)
+                enqueue(session, "registry.validate_version", version_id)
     if ids:
         log.warning("requeued %d stuck model version validations: %s", len(ids), ids)
     return ids

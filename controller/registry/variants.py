@@ -31,6 +31,7 @@ from controller.registry.service import (
 )
 from controller.registry.store import ArtifactStore
 from controller.settings import Settings
+from controller.tasks.celery_app import enqueue
 from node_agent.probe_launcher import ProbeRequest, probe_model
 from node_agent.runtimes import OnnxRunner
 
@@ -104,10 +105,8 @@ def request_variant(
     )
     session.add(job)
     session.flush()
-    from controller.registry.tasks import derive_variant
-    from controller.tasks.celery_app import enqueue
 
-    enqueue(session, derive_variant, job.id)
+    enqueue(session, "registry.derive_variant", job.id)
     return job
 
 

@@ -35,6 +35,7 @@ from controller.db.models import (
     Wave,
     WavePhase,
 )
+from controller.db.session import session_scope
 from controller.errors import Conflict, InvalidInput, NotFound
 from controller.fleet import repository as fleet_repo
 from controller.fleet.service import build_workload, cluster_driver
@@ -51,6 +52,7 @@ from controller.rollouts.durations import parse_duration
 from controller.rollouts.repository import Row
 from controller.rollouts.state import ACTIVE_PHASES, move, transition
 from controller.settings import Settings
+from controller.tasks.celery_app import celery_app, enqueue
 
 log = logging.getLogger(__name__)
 P, A = RolloutPhase, AssignmentState
@@ -385,12 +387,10 @@ def _claim_nodes(
 
 
 def _queue(session: Session, rollout_id: int, *, countdown: float | None = None) -> None:
-    from controller.rollouts.tasks import reconcile
-    from controller.tasks.celery_app import celery_app, enqueue
 
     if countdown is not None and celery_app.conf.task_always_eager:
         return  # in-process: the ticker drives follow-ups, never a recursion
-    enqueue(session, reconcile, rollout_id, countdown=countdown)
+    enqueue(session, "rollouts.reconcile", rollout_id, countdown=countdown)
 
 
 def _follow_up(session: Session, rollout: Rollout, settings: Settings) -> None:
@@ -401,8 +401,6 @@ def _follow_up(session: Session, rollout: Rollout, settings: Settings) -> None:
     ``next_step_at`` behind the clock, so the next step queues again (beat's tick is the
     net for a lost one). Half an interval of slack: a follow-up runs at its ETA, a
     little late or early, and two chains due closer than that merge at their next step."""
-    from controller.tasks.celery_app import celery_app
-
     if celery_app.conf.task_always_eager:
         return  # in-process: the ticker drives follow-ups (see _queue)
     interval = settings.reconcile_interval_s
@@ -872,7 +870,6 @@ class Step:
 
 def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = None) -> str | None:
     """One step of one rollout; returns its phase (None when another reconciler holds it)."""
-    from controller.db.session import session_scope
 
     with session_scope() as session:
         rollout = repo.try_lock(session, rollout_id)
@@ -922,14 +919,11 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
 
 def tick(settings: Settings) -> list[int]:
     """Beat's safety net: queue a step for every rollout with work left."""
-    from controller.db.session import session_scope
-    from controller.rollouts.tasks import reconcile as reconcile_task
-    from controller.tasks.celery_app import enqueue
 
     with session_scope() as session:
         ids = list(repo.to_reconcile(session))
         for rollout_id in ids:
-            enqueue(session, reconcile_task, rollout_id)
+            enqueue(session, "rollouts.reconcile", rollout_id)
     return ids
 
 

@@ -152,13 +152,20 @@ def _forget_broker_connections() -> None:
     reset()
 
 
-def enqueue(session: Session, task: Any, *args: Any, countdown: float | None = None) -> None:
-    """Send ``task`` once the session's transaction commits; never if it rolls back."""
+def enqueue(session: Session, task_name: str, *args: Any, countdown: float | None = None) -> None:
+    """Send the task named ``task_name`` once the session's transaction commits; never if
+    it rolls back. By name, so a service never imports its own ``tasks`` module (which
+    imports the service): a worker resolves the name, and so does the eager, in-process
+    mode, after importing ``TASK_MODULES``."""
 
     def send() -> None:
-        result = task.apply_async(args=args, countdown=countdown)
-        if celery_app.conf.task_always_eager and getattr(result, "failed", lambda: False)():
-            log.error("eager task %s%r failed: %s", task.name, args, result.result)
+        if not celery_app.conf.task_always_eager:
+            celery_app.send_task(task_name, args=args, countdown=countdown)
+            return
+        celery_app.loader.import_default_modules()  # registers the tasks; once per process
+        result = celery_app.tasks[task_name].apply_async(args=args, countdown=countdown)
+        if result.failed():
+            log.error("eager task %s%r failed: %s", task_name, args, result.result)
 
     after_commit(session, send)
 
