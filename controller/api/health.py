@@ -12,6 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from controller.auth.guard import METRICS
+from controller.db.gauges import refresh_state_gauges
+from controller.db.migrate import current_revision, head_revision
 from controller.db.session import get_engine
 from controller.settings import Settings
 
@@ -53,8 +55,6 @@ def _check_redis(settings: Settings) -> dict[str, Any]:
 
 
 def _schema_revision(settings: Settings) -> dict[str, Any]:
-    from controller.db.migrate import current_revision, head_revision
-
     try:
         current, head = current_revision(settings), head_revision()
     except Exception as exc:
@@ -86,34 +86,11 @@ def readyz(request: Request) -> JSONResponse:
     )
 
 
-def _refresh_state_gauges(settings: Settings) -> None:
-    from sqlalchemy import func, select
-
-    from controller import metrics as m
-    from controller.db.models import (
-        ModelVersion,
-        Node,
-        NodeHealth,
-        Rollout,
-        RolloutPhase,
-        VersionStatus,
-    )
-
-    with get_engine(settings).connect() as conn:
-        for gauge, column, values in (
-            (m.ROLLOUTS, Rollout.phase, RolloutPhase),
-            (m.NODES, Node.health, NodeHealth),
-            (m.MODEL_VERSIONS, ModelVersion.status, VersionStatus),
-        ):
-            counts = dict(conn.execute(select(column, func.count()).group_by(column)).all())
-            for value in values:
-                gauge.labels(value.value).set(counts.get(value.value, 0))
-
-
 @router.get("/metrics", include_in_schema=False, dependencies=[METRICS])
 def metrics(request: Request) -> Response:
     try:
-        _refresh_state_gauges(request.app.state.settings)
+        with get_engine(request.app.state.settings).connect() as conn:
+            refresh_state_gauges(conn)
     except Exception:  # the scrape still serves the process metrics
         log.warning("could not read fleet state for /metrics", exc_info=True)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
