@@ -1,20 +1,25 @@
 """``edgefleet``: the command line of the control plane.
 
-Client commands (``models ...``) talk to the REST API; process commands (``server``,
-``worker``, ``beat``, ``db``, ``demo``) run a part of the control plane."""
+Client commands (``apply``, ``get``, ``describe``, ``rollout``, ``models``, ``login``,
+``tokens``, ``nodes``) talk to the REST API; process commands (``server``, ``worker``,
+``beat``, ``db``, ``demo``) run a part of the control plane."""
 
 from __future__ import annotations
 
-import time
+import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from controller import __version__
-from controller.cli import access, rollouts
-from controller.cli.client import ApiClient, ApiError
-from controller.cli.output import Output, console, emit, err_console, human_bytes, make_table
+from controller.cli import access
+from controller.cli.apply import apply_manifests
+from controller.cli.describe import describe_app
+from controller.cli.get import get_app
+from controller.cli.models import models_app
+from controller.cli.output import console, err_console
+from controller.cli.rollout import rollout_app
 
 app = typer.Typer(
     name="edgefleet",
@@ -22,27 +27,17 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(help="Model registry: push, list and describe model versions.")
 db_app = typer.Typer(help="Database schema migrations (Alembic).")
+# The order of registration is the order of ``edgefleet --help``.
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
-rollouts.register(app)  # apply, get, describe, rollout
-access.register(app)  # login, tokens, nodes
-
-ApiUrl = Annotated[
-    str | None,
-    typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Controller URL."),
-]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="Output format.")]
-
-
-def _client(api_url: str | None) -> ApiClient:
-    return ApiClient(api_url)
-
-
-def _fail(exc: ApiError) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {exc.render()}", highlight=False)
-    return typer.Exit(code=1)
+app.command("apply")(apply_manifests)
+app.add_typer(get_app, name="get")
+app.add_typer(describe_app, name="describe")
+app.add_typer(rollout_app, name="rollout")
+app.command("login")(access.login)
+app.add_typer(access.tokens_app, name="tokens")
+app.add_typer(access.nodes_app, name="nodes")
 
 
 @app.command()
@@ -51,325 +46,13 @@ def version() -> None:
     console.print(__version__)
 
 
-# ---------------------------------------------------------------- models
-
-
-def _versions_table(items: list[dict[str, Any]]) -> Any:
-    return make_table(
-        ["VERSION", "FORMAT", "STATUS", "SIZE", "P50 MS", "P95 MS", "SHA256", "CREATED"],
-        [
-            [
-                v["version"],
-                v["format"],
-                v["status"],
-                human_bytes(v["size_bytes"]),
-                (v.get("benchmark") or {}).get("p50_ms"),
-                (v.get("benchmark") or {}).get("p95_ms"),
-                v["sha256"][:12],
-                v["created_at"][:19],
-            ]
-            for v in items
-        ],
-    )
-
-
-def _shape(shape: list[Any] | None) -> str:
-    if shape is None:
-        return "?"
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-def _version_text(v: dict[str, Any]) -> str:
-    sig = v.get("signature") or {}
-    lines = [
-        f"Model:       {v['model']}",
-        f"Version:     {v['version']}",
-        f"Format:      {v['format']}",
-        f"Status:      {v['status']}"
-        + (f"  ({v['status_message']})" if v["status_message"] else ""),
-        f"Size:        {human_bytes(v['size_bytes'])} ({v['size_bytes']} bytes)",
-        f"SHA256:      {v['sha256']}",
-        f"Artifact:    {v['artifact_url']}",
-        f"Created:     {v['created_at']}",
-    ]
-    if "opset" in sig:
-        lines.append("Opset:       " + ", ".join(f"{k} {n}" for k, n in sig["opset"].items()))
-    if "schema_version" in sig:
-        lines.append(f"Schema:      TFLite v{sig['schema_version']}")
-    if sig.get("parameter_count") is not None:
-        lines.append(f"Parameters:  {sig['parameter_count']:,}")
-    lines.append("Inputs:")
-    lines += [f"  {t['name']}: {t['dtype']} {_shape(t['shape'])}" for t in sig.get("inputs", [])]
-    lines.append("Outputs:")
-    lines += [f"  {t['name']}: {t['dtype']} {_shape(t['shape'])}" for t in sig.get("outputs", [])]
-    lineage = v.get("lineage")
-    if lineage:
-        lines.append(f"Variant of:  {lineage['parent']} ({lineage['method']} {lineage['params']})")
-        report = lineage.get("report") or {}
-        if report:
-            lines.append(
-                f"  compared:  size x{report['size_ratio']}, "
-                f"p50 x{report['latency_ratio']['p50']}, "
-                f"top-1 agreement {report['top1_agreement']}, "
-                f"max abs error {report['max_abs_error']} on {report['samples']} sample(s)"
-            )
-    val = v.get("validation")
-    if val:
-        verdict = "passed" if val.get("passed") else f"FAILED: {val.get('error')}"
-        lines.append(f"Validation:  {verdict}")
-        if val.get("runtime"):
-            lines.append(f"  runtime:   {val['runtime']}")
-        if val.get("input_shapes"):
-            lines.append(f"  inputs:    {val['input_shapes']}")
-    bench = v.get("benchmark")
-    if bench:
-        lines.append(
-            f"Benchmark:   p50 {bench['p50_ms']} ms, p95 {bench['p95_ms']} ms, "
-            f"p99 {bench['p99_ms']} ms over {bench['runs']} runs, {bench['threads']} thread(s)"
-        )
-        lines.append(
-            f"  memory:    model peak {human_bytes(bench['model_peak_bytes'])}, "
-            f"process peak {human_bytes(bench['peak_rss_bytes'])}"
-        )
-        lines.append(f"  machine:   {bench.get('machine')} {bench.get('cpu')}")
-    return "\n".join(lines)
-
-
-def _read_metadata(metadata: str | None) -> str | None:
-    if metadata and metadata.startswith("@"):
-        return Path(metadata[1:]).read_text()
-    return metadata
-
-
-@models_app.command("push")
-def models_push(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    name: Annotated[str, typer.Option("--name", "-n", help="Model name (DNS label).")],
-    model_version: Annotated[str, typer.Option("--version", "-v", help="Immutable version.")],
-    metadata: Annotated[
-        str | None,
-        typer.Option(help="JSON object, or @FILE: labels, description, validation hints."),
-    ] = None,
-    wait: Annotated[bool, typer.Option(help="Wait until validation and benchmark finish.")] = True,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 600.0,
-    output: OutputOpt = Output.table,
-    api_url: ApiUrl = None,
-) -> None:
-    """Push a model artifact (ONNX or TFLite) as a new immutable version."""
-    client = _client(api_url)
-    try:
-        result = client.push_version(
-            file, name=name, version=model_version, metadata=_read_metadata(metadata)
-        )
-        path = f"/v1/models/{name}/versions/{model_version}"
-        deadline = time.monotonic() + timeout
-        while wait and result["status"] in ("Pending", "Validating"):
-            if time.monotonic() > deadline:
-                err_console.print(f"still {result['status']} after {timeout:g} s")
-                raise typer.Exit(code=2)
-            time.sleep(0.5)
-            result = client.get(path)
-    except ApiError as exc:
-        raise _fail(exc) from exc
-    finally:
-        client.close()
-    emit(result, output, table=_version_text)
-    if result["status"] == "Invalid":
-        raise typer.Exit(code=1)
-
-
-@models_app.command("list")
-def models_list(output: OutputOpt = Output.table, api_url: ApiUrl = None) -> None:
-    """List registered models."""
-    client = _client(api_url)
-    try:
-        page = client.get("/v1/models", limit=1000)
-    except ApiError as exc:
-        raise _fail(exc) from exc
-    finally:
-        client.close()
-    emit(
-        page["items"],
-        output,
-        table=lambda items: make_table(
-            ["NAME", "VERSIONS", "LATEST", "CREATED"],
-            [
-                [m["name"], m["version_count"], m["latest_version"], m["created_at"][:19]]
-                for m in items
-            ],
-        ),
-    )
-
-
-@models_app.command("describe")
-def models_describe(
-    name: str,
-    model_version: Annotated[str | None, typer.Argument(metavar="[VERSION]")] = None,
-    output: OutputOpt = Output.table,
-    api_url: ApiUrl = None,
-) -> None:
-    """Describe a model (its versions) or one version (signature, validation, benchmark)."""
-    client = _client(api_url)
-    try:
-        if model_version is not None:
-            result = client.get(f"/v1/models/{name}/versions/{model_version}")
-            emit(result, output, table=_version_text)
-            return
-        model = client.get(f"/v1/models/{name}")
-        versions = client.get(f"/v1/models/{name}/versions", limit=1000)["items"]
-    except ApiError as exc:
-        raise _fail(exc) from exc
-    finally:
-        client.close()
-    emit({**model, "versions": versions}, output, table=lambda d: _versions_table(d["versions"]))
-
-
-@models_app.command("optimize")
-def models_optimize(
-    name: str,
-    model_version: Annotated[str, typer.Argument(metavar="VERSION", help="The parent version.")],
-    method: Annotated[str, typer.Option(help="dynamic-int8, static-int8, fp16 or prune.")],
-    new_version: Annotated[str, typer.Option("--as", help="Version of the variant.")],
-    params: Annotated[str | None, typer.Option(help="JSON, e.g. '{\"sparsity\": 0.5}'.")] = None,
-    samples: Annotated[
-        Path | None,
-        typer.Option(exists=True, dir_okay=False, help=".npz of sample inputs (calibration)."),
-    ] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 900.0,
-    output: OutputOpt = Output.table,
-    api_url: ApiUrl = None,
-) -> None:
-    """Derive an optimized variant and print its comparison report."""
-    client = _client(api_url)
-    try:
-        data = {"method": method, "version": new_version}
-        if params:
-            data["params"] = params
-        files = {"calibration": (samples.name, samples.read_bytes())} if samples else None
-        job = client.request(
-            "POST", f"/v1/models/{name}/versions/{model_version}/variants", data=data, files=files
-        )
-        deadline = time.monotonic() + timeout
-        while job["status"] in ("Pending", "Running"):
-            if time.monotonic() > deadline:
-                err_console.print(f"optimization still {job['status']} after {timeout:g} s")
-                raise typer.Exit(code=2)
-            time.sleep(0.5)
-            job = client.get(f"/v1/models/{name}/optimizations/{job['id']}")
-    except ApiError as exc:
-        raise _fail(exc) from exc
-    finally:
-        client.close()
-    emit(job, output, table=_optimization_text)
-    if job["status"] != "Succeeded":
-        raise typer.Exit(code=1)
-
-
-def _optimization_text(job: dict[str, Any]) -> str:
-    head = f"{job['model']} {job['parent']} -> {job['version']} ({job['method']}): {job['status']}"
-    if job["status"] != "Succeeded":
-        return f"{head}\n  {job.get('message') or ''}"
-    r = job["report"]
-    lines = [
-        head,
-        f"  size        x{r['size_ratio']} ({r['size_bytes']['original']} -> "
-        f"{r['size_bytes']['variant']} bytes), compressed x{r['compressed_size_ratio']}",
-        f"  latency     p50 x{r['latency_ratio']['p50']}, p95 x{r['latency_ratio']['p95']}",
-    ]
-    memory = r.get("peak_memory")
-    if memory:
-        lines.append(
-            f"  memory      model peak x{memory['model_peak_ratio']} "
-            f"({human_bytes(memory['original']['model_peak_bytes'])} -> "
-            f"{human_bytes(memory['variant']['model_peak_bytes'])}; process peak "
-            f"{human_bytes(memory['original']['peak_rss_bytes'])} -> "
-            f"{human_bytes(memory['variant']['peak_rss_bytes'])})"
-        )
-    lines += [
-        f"  agreement   top-1 {r['top1_agreement']}, max abs error {r['max_abs_error']}, "
-        f"allclose {r['allclose']} "
-        f"(rtol {r['tolerances']['rtol']}, atol {r['tolerances']['atol']})",
-    ]
-    lines += [
-        f"  {o}: max {v['max_abs_error']}, mean {v['mean_abs_error']}"
-        for o, v in r["outputs"].items()
-    ]
-    lines += [f"  note: {w}" for w in r.get("warnings", [])]
-    return "\n".join(lines)
-
-
-@models_app.command("benchmark")
-def models_benchmark(
-    name: str,
-    model_version: Annotated[str, typer.Argument(metavar="VERSION")],
-    selector: Annotated[
-        list[str] | None,
-        typer.Option("--selector", "-l", help="Only nodes with this label (key=value)."),
-    ] = None,
-    runs: Annotated[int, typer.Option(help="Timed inferences per benchmark.")] = 50,
-    wait: Annotated[
-        float, typer.Option(help="Seconds to wait for the results (0: do not wait).")
-    ] = 0.0,
-    list_only: Annotated[
-        bool, typer.Option("--list", help="Show the stored benchmarks, request nothing.")
-    ] = False,
-    output: OutputOpt = Output.table,
-    api_url: ApiUrl = None,
-) -> None:
-    """Measure a version on the nodes themselves: one enrolled node of each node class
-    runs it (node agent, child process) and reports p50/p95/p99 and peak memory."""
-    labels: dict[str, str] = {}
-    for item in selector or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            err_console.print(f"[red]error:[/red] --selector {item!r}: expected key=value")
-            raise typer.Exit(code=2)
-        labels[key] = value
-    path = f"/v1/models/{name}/versions/{model_version}/benchmarks"
-    client = _client(api_url)
-    try:
-        if list_only:
-            rows = client.get(path)
-        else:
-            body = {"runs": runs, "selector": {"matchLabels": labels}}
-            rows = client.post(path, json=body)
-            deadline = time.monotonic() + wait
-            while any(r["status"] in ("Pending", "Running") for r in rows):
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(1.0)
-                rows = client.get(path)
-    except ApiError as exc:
-        raise _fail(exc) from exc
-    finally:
-        client.close()
-    emit(rows, output, table=_benchmarks_table)
-
-
-def _benchmarks_table(rows: list[dict[str, Any]]) -> Any:
-    return make_table(
-        ["NODE CLASS", "NODE", "STATUS", "P50 MS", "P95 MS", "PEAK", "NOTE"],
-        [
-            [
-                r["node_class"],
-                r["node"],
-                r["status"],
-                (r.get("result") or {}).get("p50_ms", ""),
-                (r.get("result") or {}).get("p95_ms", ""),
-                human_bytes((r.get("result") or {}).get("peak_rss_bytes")),
-                r.get("message") or "",
-            ]
-            for r in rows
-        ],
-    )
-
-
 # ---------------------------------------------------------------- processes
 
 
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Migrate the database schema up to REVISION (default: head)."""
+    # Lazy, for start-up time: Alembic and SQLAlchemy take ~0.3 s that client commands skip.
     from controller.db import migrate
     from controller.settings import get_settings
 
@@ -381,6 +64,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 @db_app.command("downgrade")
 def db_downgrade(revision: str) -> None:
     """Migrate the database schema down to REVISION ('base' removes everything)."""
+    # Lazy, for start-up time: Alembic and SQLAlchemy take ~0.3 s that client commands skip.
     from controller.db import migrate
     from controller.settings import get_settings
 
@@ -392,6 +76,7 @@ def db_downgrade(revision: str) -> None:
 @db_app.command("current")
 def db_current() -> None:
     """Show the database's schema revision and the code's head revision."""
+    # Lazy, for start-up time: Alembic and SQLAlchemy take ~0.3 s that client commands skip.
     from controller.db import migrate
     from controller.settings import get_settings
 
@@ -407,6 +92,7 @@ def server(
     workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1,
 ) -> None:
     """Run the REST API (uvicorn)."""
+    # Lazy, for start-up time: uvicorn and pydantic-settings add 50-90 ms to every command.
     import uvicorn
 
     from controller.settings import get_settings
@@ -439,6 +125,7 @@ def worker(
     loglevel: Annotated[str, typer.Option()] = "INFO",
 ) -> None:
     """Run a Celery worker (validation, benchmarks, rollout reconciles)."""
+    # Lazy, for start-up time: Celery and the task modules take ~0.8 s.
     from controller.settings import get_settings
     from controller.tasks.celery_app import celery_app
 
@@ -458,8 +145,7 @@ def worker(
 @app.command()
 def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     """Run Celery beat: the schedule of periodic reconciles and sweeps (run exactly one)."""
-    import tempfile
-
+    # Lazy, for start-up time: Celery and the task modules take ~0.8 s.
     from controller.tasks.celery_app import celery_app
 
     schedule = Path(tempfile.gettempdir()) / "edgefleet-beat-schedule"
@@ -475,6 +161,7 @@ def demo(
     bake: Annotated[str, typer.Option(help="Bake time of each rollout step.")] = "3s",
 ) -> None:
     """Embedded demo: SQLite, in-process tasks, a simulated fleet, the dashboard."""
+    # Lazy, for start-up time: the demo loads the whole controller (~2 s).
     from controller.demo import run_demo
 
     result = run_demo(port=port, serve=serve, bake=bake)

@@ -1,7 +1,9 @@
+"""Where the commands write: stdout and stderr consoles, and ``-o table|json|yaml``."""
+
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -37,23 +39,3 @@ def emit(
             console.print(rendered)
     else:
         console.print(yaml.safe_dump(data, sort_keys=False), end="", markup=False, highlight=False)
-
-
-def make_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    t = Table(show_edge=False, box=None, header_style="bold", pad_edge=False)
-    for col in columns:
-        t.add_column(col)
-    for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
-    return t
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return ""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"

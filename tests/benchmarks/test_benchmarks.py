@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from controller.benchmarks.service import node_class
-from controller.cli.rollouts import _describe_view, _result_lines
+from controller.cli.apply import _result_lines
+from controller.cli.describe import _describe_view
 from controller.db.base import utcnow
 from controller.db.models import Assignment, Event, ModelVersion, Node, NodeBenchmark, NodeHealth
 from controller.db.session import session_scope

@@ -1,0 +1,151 @@
+"""``edgefleet describe rollout``: phase, spec summary, waves and events of one rollout."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group, RenderableType
+from rich.padding import Padding
+from rich.text import Text
+
+from controller.cli.client import ApiClient, ApiError
+from controller.cli.errors import fail
+from controller.cli.format import (
+    age,
+    counts,
+    duration,
+    nodes_done,
+    percent,
+    plain_table,
+    styled,
+    wave_label,
+    when,
+)
+from controller.cli.options import ApiUrl, OutputOpt
+from controller.cli.output import Output, console, emit
+
+describe_app = typer.Typer(help="Show one resource in detail.", no_args_is_help=True)
+
+
+def _selector(sel: dict[str, Any]) -> str:
+    parts = [f"{k}={v}" for k, v in (sel.get("matchLabels") or {}).items()]
+    for req in sel.get("matchExpressions") or []:
+        values = ",".join(req.get("values") or [])
+        parts.append(f"{req['key']} {req['operator']}" + (f" ({values})" if values else ""))
+    if sel.get("clusters"):
+        parts.append(f"clusters in ({', '.join(sel['clusters'])})")
+    return ", ".join(parts) or "<all nodes>"
+
+
+def _strategy(strategy: dict[str, Any]) -> str:
+    steps = []
+    for step in strategy.get("steps") or []:
+        size = f"{step['percent']}%" if "percent" in step else f"{step.get('nodes')} node(s)"
+        bake = step.get("bake", "0s")
+        steps.append(size if bake in ("0s", "0", "") else f"{size} (bake {bake})")
+    limits = ", ".join(
+        f"{k} {strategy[k]}"
+        for k in ("maxUnavailable", "maxDeferred", "progressDeadline")
+        if k in strategy
+    )
+    return " -> ".join(steps) + (f"; {limits}" if limits else "")
+
+
+def _describe_view(d: dict[str, Any]) -> Group:
+    spec = d.get("spec") or {}
+    total = sum((d.get("states") or {}).values())
+    fields: list[tuple[str, str | Text]] = [
+        ("Name", d["name"]),
+        ("Generation", str(d["generation"])),
+        ("Phase", styled(d["phase"])),
+        ("Message", d.get("message") or ""),
+        ("Model", f"{d['model']}:{d['version']}"),
+        ("Selector", _selector(spec.get("selector") or {})),
+        ("Strategy", _strategy(spec.get("strategy") or {})),
+        ("Gates", " ".join(f"{k}={v}" for k, v in (spec.get("gates") or {}).items())),
+        ("On failure", str(spec.get("onFailure", "rollback"))),
+        ("Created", when(d.get("created_at"))),
+        ("Started", when(d.get("started_at"))),
+        ("Finished", when(d.get("finished_at"))),
+        ("Wave", wave_label(d)),
+        ("Nodes", f"{total} ({counts(d.get('states'))})" if total else "0"),
+    ]
+    versions = d.get("versions") or {}
+    if len(versions) > 1 or spec.get("model", {}).get("variants"):
+        fields.insert(5, ("Variants", counts(versions)))
+    parts: list[RenderableType] = []
+    for key, value in fields:
+        line = Text(f"{key + ':':<13} ")
+        line.append(value if isinstance(value, Text) else Text(value))
+        parts.append(line)
+    parts.append(Text("Waves:"))
+    waves = plain_table(
+        ["WAVE", "PHASE", "NODES", "DONE", "BAKE", "STATES", "STARTED", "BAKED", "FINISHED"],
+        [
+            [
+                w["index"],
+                styled(w["phase"]),
+                w["nodes"],
+                f"{percent(nodes_done(w.get('states') or {}), w['nodes'])}%",
+                duration(w.get("bake_s")),
+                counts(w.get("states")),
+                age(w.get("started_at")) if w.get("started_at") else "",
+                age(w.get("baked_at")) if w.get("baked_at") else "",
+                age(w.get("finished_at")) if w.get("finished_at") else "",
+            ]
+            for w in d.get("wave_detail") or []
+        ],
+    )
+    parts.append(Padding(waves, (0, 0, 0, 2), expand=False))
+    parts.append(Text("Events:"))
+    events = d.get("events") or []
+    if events:
+        parts.append(
+            Padding(
+                plain_table(
+                    ["AGE", "TIME", "REASON", "BY", "MESSAGE"],
+                    [
+                        [
+                            age(e["time"]),
+                            str(e["time"])[:19],
+                            e["reason"],
+                            e.get("actor") or "controller",
+                            e["message"],
+                        ]
+                        for e in events
+                    ],
+                ),
+                (0, 0, 0, 2),
+                expand=False,
+            )
+        )
+    else:
+        parts.append(Text("  <none>"))
+    return Group(*parts)
+
+
+@describe_app.command("rollout")
+def describe_rollout(
+    name: Annotated[str, typer.Argument(help="Rollout name.")],
+    events: Annotated[int, typer.Option("--events", min=1, max=1000, help="Last N events.")] = 10,
+    output: OutputOpt = Output.table,
+    api_url: ApiUrl = None,
+) -> None:
+    """Describe a rollout: phase, spec summary, waves with node state counts, events."""
+    client = ApiClient(api_url)
+    try:
+        detail = client.get(f"/v1/rollouts/{name}")
+        if events != 10:
+            detail["events"] = client.get(f"/v1/rollouts/{name}/events", limit=events)
+    except ApiError as exc:
+        raise fail(exc) from exc
+    finally:
+        client.close()
+    if output is Output.table:
+        console.print(_describe_view(detail))
+    else:
+        emit(detail, output)
+
+
+describe_app.command("rollouts", hidden=True)(describe_rollout)

@@ -1,0 +1,174 @@
+"""``edgefleet get``: list rollouts, nodes, clusters and models, kubectl-style."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from controller.cli.client import ApiClient, ApiError
+from controller.cli.errors import fail
+from controller.cli.format import age, counts, plain_table, styled, wave_label
+from controller.cli.options import ApiUrl, OutputOpt
+from controller.cli.output import Output, emit, err_console
+
+get_app = typer.Typer(
+    help="List resources: rollouts, nodes, clusters, models.", no_args_is_help=True
+)
+
+
+def _collect(client: ApiClient, path: str, limit: int | None, **params: Any) -> list[Any]:
+    """Every item of a paged list (or the first ``limit``)."""
+    query = {k: v for k, v in params.items() if v is not None}
+    items: list[Any] = []
+    while limit is None or len(items) < limit:
+        size = 1000 if limit is None else min(1000, limit - len(items))
+        page = client.get(path, limit=size, offset=len(items), **query)
+        items.extend(page["items"])
+        if not page["items"] or len(items) >= page["total"]:
+            break
+    return items
+
+
+def _listing(
+    fetch: Callable[[ApiClient], list[Any]],
+    output: Output,
+    api_url: str | None,
+    table: Callable[[list[Any]], Table],
+) -> None:
+    client = ApiClient(api_url)
+    try:
+        items = fetch(client)
+    except ApiError as exc:
+        raise fail(exc) from exc
+    finally:
+        client.close()
+    if output is Output.table and not items:
+        err_console.print("No resources found.")
+        return
+    emit(items, output, table=table)
+
+
+def _rollouts_table(items: list[dict[str, Any]]) -> Table:
+    now = datetime.now(UTC)
+    return plain_table(
+        ["NAME", "PHASE", "MODEL", "VERSION", "WAVE", "AGE", "MESSAGE"],
+        [
+            [
+                r["name"],
+                styled(r["phase"]),
+                r["model"],
+                r["version"],
+                wave_label(r),
+                age(r.get("created_at"), now=now),
+                r.get("message") or "",
+            ]
+            for r in items
+        ],
+    )
+
+
+def _nodes_table(items: list[dict[str, Any]]) -> Table:
+    now = datetime.now(UTC)
+    return plain_table(
+        ["CLUSTER", "NAME", "HEALTH", "ARCH", "CPU", "MEMORY", "LAST-HEARTBEAT"],
+        [
+            [
+                n["cluster"],
+                n["name"],
+                n["health"],
+                n.get("architecture") or "",
+                (n.get("allocatable") or {}).get("cpu", ""),
+                (n.get("allocatable") or {}).get("memory", ""),
+                age(n.get("last_heartbeat_at"), now=now),
+            ]
+            for n in items
+        ],
+    )
+
+
+def _clusters_table(items: list[dict[str, Any]]) -> Table:
+    return plain_table(
+        ["NAME", "DRIVER", "STATUS", "NODES", "GENERATION"],
+        [
+            [
+                c["name"],
+                c["driver"],
+                c["status"],
+                f"{sum((c.get('nodes') or {}).values())} ({counts(c.get('nodes'))})"
+                if c.get("nodes")
+                else "0",
+                c["generation"],
+            ]
+            for c in items
+        ],
+    )
+
+
+def _models_table(items: list[dict[str, Any]]) -> Table:
+    now = datetime.now(UTC)
+    return plain_table(
+        ["NAME", "VERSIONS", "LATEST", "AGE", "DESCRIPTION"],
+        [
+            [
+                m["name"],
+                m["version_count"],
+                m.get("latest_version") or "",
+                age(m.get("created_at"), now=now),
+                m.get("description") or "",
+            ]
+            for m in items
+        ],
+    )
+
+
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", min=1, help="At most this many (default: all).")
+]
+
+
+@get_app.command("rollouts")
+def get_rollouts(
+    limit: LimitOpt = None, output: OutputOpt = Output.table, api_url: ApiUrl = None
+) -> None:
+    """List rollouts: phase, model version, current wave of all waves."""
+    _listing(lambda c: _collect(c, "/v1/rollouts", limit), output, api_url, _rollouts_table)
+
+
+@get_app.command("nodes")
+def get_nodes(
+    cluster: Annotated[
+        str | None, typer.Option("--cluster", "-c", help="Only this cluster.")
+    ] = None,
+    limit: LimitOpt = None,
+    output: OutputOpt = Output.table,
+    api_url: ApiUrl = None,
+) -> None:
+    """List the fleet's nodes: health, architecture, allocatable resources, heartbeat."""
+    _listing(
+        lambda c: _collect(c, "/v1/nodes", limit, cluster=cluster), output, api_url, _nodes_table
+    )
+
+
+@get_app.command("clusters")
+def get_clusters(output: OutputOpt = Output.table, api_url: ApiUrl = None) -> None:
+    """List clusters: driver, status, nodes by health."""
+    _listing(lambda c: list(c.get("/v1/clusters")), output, api_url, _clusters_table)
+
+
+@get_app.command("models")
+def get_models(
+    limit: LimitOpt = None, output: OutputOpt = Output.table, api_url: ApiUrl = None
+) -> None:
+    """List registered models."""
+    _listing(lambda c: _collect(c, "/v1/models", limit), output, api_url, _models_table)
+
+
+# Singular forms, as kubectl accepts them.
+get_app.command("rollout", hidden=True)(get_rollouts)
+get_app.command("node", hidden=True)(get_nodes)
+get_app.command("cluster", hidden=True)(get_clusters)
+get_app.command("model", hidden=True)(get_models)

@@ -1,0 +1,203 @@
+"""``edgefleet rollout status|pause|resume|abort|undo|retry``: watch and steer one rollout."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from controller.cli.client import ApiClient, ApiError
+from controller.cli.errors import fail
+from controller.cli.format import (
+    PHASE_STYLE,
+    counts,
+    duration,
+    nodes_done,
+    percent,
+    styled,
+    wave_label,
+)
+from controller.cli.options import ApiUrl, OutputOpt
+from controller.cli.output import Output, console, emit, err_console
+
+rollout_app = typer.Typer(
+    help="Watch and steer rollouts: status, pause, resume, abort, undo, retry.",
+    no_args_is_help=True,
+)
+
+# A rollout in one of these phases changes no more by itself (Failed is where the
+# reconciler decides between rollback and pause; Paused waits for a human).
+TERMINAL_PHASES = ("Succeeded", "RolledBack", "Aborted", "Failed")
+WATCH_STOP_PHASES = (*TERMINAL_PHASES, "Paused")
+
+
+def _progress(d: dict[str, Any]) -> tuple[int, int]:
+    waves = d.get("wave_detail") or []
+    done = sum(nodes_done(w.get("states") or {}) for w in waves)
+    return done, sum(int(w["nodes"]) for w in waves)
+
+
+def _status_line(d: dict[str, Any]) -> str:
+    done, total = _progress(d)
+    return (
+        f"rollout {d['name']}: {d['phase']}, wave {wave_label(d)}, "
+        f"{done}/{total} node(s) ({percent(done, total)}%)"
+        + (f": {d['message']}" if d.get("message") else "")
+    )
+
+
+def _status_view(d: dict[str, Any]) -> Group:
+    head = Text("rollout ")
+    head.append(d["name"], style="bold")
+    head.append(f" (generation {d['generation']}, {d['model']}:{d['version']}): ")
+    head.append(d["phase"], style=PHASE_STYLE.get(d["phase"], ""))
+    rows: list[list[Any]] = []
+    for w in d.get("wave_detail") or []:
+        nodes, done = int(w["nodes"]), nodes_done(w.get("states") or {})
+        rows.append(
+            [
+                f"wave {w['index']}",
+                styled(w["phase"]),
+                ProgressBar(total=max(nodes, 1), completed=done if nodes else 1, width=30),
+                f"{percent(done, nodes):>3}%",
+                f"{done}/{nodes}",
+                duration(w.get("bake_s")),
+                counts(w.get("states")),
+            ]
+        )
+    done, total = _progress(d)
+    rows.append(
+        [
+            "total",
+            styled(d["phase"]),
+            ProgressBar(total=max(total, 1), completed=done if total else 1, width=30),
+            f"{percent(done, total):>3}%",
+            f"{done}/{total}",
+            "",
+            counts(d.get("states")),
+        ]
+    )
+    table = Table(show_edge=False, box=None, header_style="bold", pad_edge=False)
+    for col in ("WAVE", "PHASE", "PROGRESS", "", "NODES", "BAKE", "STATES"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(v if not isinstance(v, str) else Text(v) for v in row))
+    parts: list[RenderableType] = [head, table]
+    if d.get("message"):
+        parts.append(Text(f"message: {d['message']}"))
+    return Group(*parts)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    name: Annotated[str, typer.Argument(help="Rollout name.")],
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", "-w", help="Refresh until the rollout ends or pauses; exit 0 if Succeeded."
+        ),
+    ] = False,
+    interval: Annotated[float, typer.Option(min=0.05, help="Seconds between refreshes.")] = 1.0,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="With --watch: give up after this many seconds.")
+    ] = None,
+    output: OutputOpt = Output.table,
+    api_url: ApiUrl = None,
+) -> None:
+    """Per-wave progress (Running + Healthy nodes of each wave) and the phase.
+
+    With --watch, refreshes until the phase is Succeeded, RolledBack, Aborted, Failed or
+    Paused; exits 0 only for Succeeded (1 otherwise, and on --timeout)."""
+    client = ApiClient(api_url)
+    path = f"/v1/rollouts/{name}"
+    timed_out = False
+    try:
+        detail = client.get(path)
+        if watch:
+            deadline = None if timeout is None else time.monotonic() + timeout
+
+            def step() -> bool:
+                """Wait, refresh; False when the watch is over."""
+                nonlocal detail, timed_out
+                if detail["phase"] in WATCH_STOP_PHASES:
+                    return False
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = True
+                    return False
+                pause = interval if deadline is None else min(interval, deadline - time.monotonic())
+                time.sleep(max(0.0, pause))
+                detail = client.get(path)
+                return True
+
+            if output is not Output.table:
+                while step():
+                    pass
+            elif console.is_terminal:
+                with Live(_status_view(detail), console=console, refresh_per_second=4) as live:
+                    while step():
+                        live.update(_status_view(detail))
+            else:  # a log: one line per change, then the final picture
+                last = _status_line(detail)
+                console.print(Text(last))
+                while step():
+                    line = _status_line(detail)
+                    if line != last:
+                        console.print(Text(line))
+                        last = line
+    except ApiError as exc:
+        raise fail(exc) from exc
+    finally:
+        client.close()
+    if output is Output.table:
+        if not (watch and console.is_terminal):
+            console.print(_status_view(detail))
+    else:
+        emit(detail, output)
+    if timed_out:
+        err_console.print(
+            Text(f"timed out after {timeout:g} s: rollout {name} is still {detail['phase']}")
+        )
+        raise typer.Exit(code=1)
+    if watch and detail["phase"] != "Succeeded":
+        raise typer.Exit(code=1)
+
+
+# ---------------------------------------------------------------- rollout commands
+
+COMMANDS = {
+    "pause": "Pause a rollout: the reconciler leaves it alone until resume.",
+    "resume": "Resume a paused rollout.",
+    "abort": "Abort an active rollout: touched nodes return to their previous version.",
+    "undo": "Undo a Succeeded rollout: its nodes return to their previous version.",
+    "retry": "Retry a Failed, RolledBack or Aborted rollout from its first wave.",
+}
+
+
+def _command(action: str) -> Callable[..., None]:
+    def run(
+        name: Annotated[str, typer.Argument(help="Rollout name.")],
+        output: OutputOpt = Output.table,
+        api_url: ApiUrl = None,
+    ) -> None:
+        client = ApiClient(api_url)
+        try:
+            detail = client.post(f"/v1/rollouts/{name}/{action}")
+        except ApiError as exc:
+            raise fail(exc) from exc
+        finally:
+            client.close()
+        emit(detail, output, table=lambda d: f"rollout {d['name']} {d['phase']}")
+
+    run.__name__ = f"rollout_{action}"
+    return run
+
+
+for _action, _help in COMMANDS.items():
+    rollout_app.command(_action, help=_help)(_command(_action))
