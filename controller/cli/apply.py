@@ -346,6 +346,7 @@ def run_apply(
 
 
 def _value(v: Any) -> str:
+    """A changed field's old or new value, on one line."""
     if v is None:
         return "<none>"
     if isinstance(v, str):
