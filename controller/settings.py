@@ -23,20 +23,41 @@ class Settings(BaseSettings):
         env_prefix="EDGEFLEET_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
     )
 
-    environment: Literal["development", "test", "production"] = "development"
-    database_url: str = "sqlite:///.edgefleet/edgefleet.db"
-    database_pool_size: int = Field(10, ge=1)
+    environment: Literal["development", "test", "production"] = Field(
+        "development",
+        description="Where this process runs: outside development the default secret key is "
+        "refused, and production also refuses armed fault points.",
+    )
+    database_url: str = Field(
+        "sqlite:///.edgefleet/edgefleet.db",
+        description="SQLAlchemy URL of the database; production: "
+        "postgresql+psycopg://user@host/db.",
+    )
+    database_pool_size: int = Field(
+        10, ge=1, description="Connections each process keeps in its database pool."
+    )
     # Redis is the Celery broker and the lock service. None means the embedded setup:
     # no broker, Celery tasks run eagerly in the calling process.
-    redis_url: str | None = None
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL: the Celery broker, the lock service and the simulated "
+        "clusters' state. Unset: the embedded setup, with tasks run in-process.",
+    )
     tasks_eager: bool | None = Field(
         None, description="Run Celery tasks in-process; defaults to true when redis_url is unset."
     )
-    celery_queue: str = "edgefleet"
-    secret_key: SecretStr = SecretStr(DEV_SECRET)
+    celery_queue: str = Field(
+        "edgefleet", description="Celery queue name (workers and senders must agree)."
+    )
+    secret_key: SecretStr = Field(
+        SecretStr(DEV_SECRET),
+        description="Required outside development. Encrypts cluster credentials at rest and "
+        "signs dashboard sessions and artifact tokens (rotating it revokes every artifact "
+        "token).",
+    )
 
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8080, ge=1, le=65535)
+    api_host: str = Field("127.0.0.1", description="Bind address of edgefleet server.")
+    api_port: int = Field(8080, ge=1, le=65535, description="Port of edgefleet server.")
     # Above the agents' heartbeat interval (agent_heartbeat_interval_s), so an agent
     # keeps its connection (and TLS session) from one heartbeat to the next instead of
     # opening a new one every time; above 60 s, so a load balancer's idle timeout (AWS,
@@ -44,21 +65,35 @@ class Settings(BaseSettings):
     api_keepalive_timeout_s: int = Field(
         75,
         ge=1,
-        description="Seconds uvicorn keeps an idle HTTP connection open (timeout_keep_alive).",
+        description="Seconds uvicorn keeps an idle HTTP connection open (timeout_keep_alive): "
+        "above the agents' heartbeat interval, so each agent keeps its connection, and above "
+        "a load balancer's usual 60 s idle timeout.",
     )
 
-    artifact_dir: Path = Path(".edgefleet/artifacts")
-    max_artifact_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    artifact_dir: Path = Field(
+        Path(".edgefleet/artifacts"),
+        description="Content-addressed artifact store, shared by the API and the workers.",
+    )
+    max_artifact_bytes: int = Field(
+        512 * 1024 * 1024, ge=1, description="Largest model upload (413 above it)."
+    )
 
     # Request bounds. A body over its route's limit is refused (413) as it arrives
     # (controller/api/body_limits.py): uploads have max_artifact_bytes, /v1/apply
     # max_manifest_bytes, every other route max_request_bytes. A batch of agent_max_batch
     # heartbeats of 16 workloads each, every name 63 characters long, is 5.9 MiB.
     max_request_bytes: int = Field(
-        8 * 1024 * 1024, ge=1, description="Largest request body of the other routes."
+        8 * 1024 * 1024,
+        ge=1,
+        description="Largest request body of the routes other than uploads and /v1/apply "
+        "(413 above it).",
     )
-    max_manifest_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Largest /v1/apply body.")
-    max_manifest_documents: int = Field(500, ge=1, description="Most documents one apply holds.")
+    max_manifest_bytes: int = Field(
+        4 * 1024 * 1024, ge=1, description="Largest /v1/apply body (413 above it)."
+    )
+    max_manifest_documents: int = Field(
+        500, ge=1, description="Most documents one apply holds (422 above it)."
+    )
     # At most 200: parsers and validators recurse per level, within Python's 1000 frames.
     max_nesting_depth: int = Field(
         64, ge=1, le=200, description="Deepest nesting of a JSON or YAML value in a request."
@@ -71,41 +106,67 @@ class Settings(BaseSettings):
 
     # Validation and benchmark run the model in a child process, so a runtime that
     # crashes or hangs on a hostile artifact cannot take the worker down with it.
-    probe_timeout_s: float = Field(300.0, gt=0)
+    probe_timeout_s: float = Field(
+        300.0, gt=0, description="Wall-clock limit of a validation or benchmark child, in seconds."
+    )
     # The child's limits (node_agent/probe.py, apply_limits): a model that needs more
     # is Invalid, with the setting named in the reason.
     probe_memory_limit_mb: int = Field(
-        2048, ge=256, description="Memory (RLIMIT_DATA) a validation child may map, in MiB."
+        2048,
+        ge=256,
+        description="Memory (RLIMIT_DATA) a validation or benchmark child may map, in MiB; "
+        "a model over it is Invalid.",
     )
     probe_cpu_limit_s: int = Field(
-        600, ge=1, description="CPU seconds (RLIMIT_CPU, all threads) of a validation child."
+        600,
+        ge=1,
+        description="CPU seconds (RLIMIT_CPU, all threads) of a validation or benchmark "
+        "child; a model over it is Invalid.",
     )
     probe_default_dim: int = Field(
         64, ge=1, description="Size used for a dynamic non-batch dimension with no hint."
     )
-    benchmark_runs: int = Field(50, ge=1)
-    benchmark_warmup_runs: int = Field(5, ge=0)
+    benchmark_runs: int = Field(
+        50, ge=1, description="Timed runs of the registry benchmark (p50/p95/p99)."
+    )
+    benchmark_warmup_runs: int = Field(
+        5, ge=0, description="Untimed runs before the registry benchmark."
+    )
     benchmark_threads: int = Field(1, ge=1, description="Runtime threads while benchmarking.")
     # Versions stuck in Pending/Validating longer than this (a worker died, the broker
     # lost the message) are queued again by the beat sweeper.
-    stuck_validation_s: float = Field(900.0, gt=0)
+    stuck_validation_s: float = Field(
+        900.0,
+        gt=0,
+        description="Seconds a version may stay Pending or Validating before beat's sweeper "
+        "queues its validation again.",
+    )
 
     # Fleet.
     public_url: str = Field(
         "http://127.0.0.1:8080", description="How edge nodes reach this controller (artifact URLs)."
     )
-    node_stale_s: float = Field(60.0, gt=0, description="No heartbeat for this long: Stale.")
-    node_offline_s: float = Field(300.0, gt=0, description="No heartbeat for this long: Offline.")
+    node_stale_s: float = Field(
+        60.0, gt=0, description="Seconds without a heartbeat before a node is Stale."
+    )
+    node_offline_s: float = Field(
+        300.0, gt=0, description="Seconds without a heartbeat before a node is Offline."
+    )
     inference_architectures: list[str] = Field(
         default_factory=lambda: ["amd64", "arm64"],
-        description="CPU architectures the inference image is built for.",
+        description="CPU architectures the inference image is built for; pre-flight refuses "
+        "nodes of any other.",
     )
     # Kubernetes driver.
     inference_image: str = Field(
         "ghcr.io/edgefleet/inference:0.1.0", description="Image of edgefleet-serve (multi-arch)."
     )
-    inference_port: int = Field(8500, ge=1, le=65535)
-    kube_request_timeout_s: float = Field(15.0, gt=0)
+    inference_port: int = Field(
+        8500, ge=1, le=65535, description="Port of edgefleet-serve in the workload pods."
+    )
+    kube_request_timeout_s: float = Field(
+        15.0, gt=0, description="Timeout of one Kubernetes API call, in seconds."
+    )
     kube_retry_backoff_s: list[float] = Field(
         default_factory=lambda: [0.2, 0.5, 1.0, 2.0],
         description="Waits between retries of transient Kubernetes errors (Retry-After wins).",
@@ -132,7 +193,11 @@ class Settings(BaseSettings):
     # its own answer): those that arrive while one is being written, and those within
     # this window of the oldest waiting one. 0: no waiting.
     agent_coalesce_window_ms: float = Field(
-        2.0, ge=0, le=1000, description="How long a heartbeat request waits for others to join."
+        2.0,
+        ge=0,
+        le=1000,
+        description="How long a heartbeat request waits for others to share its ingest "
+        "transaction (those arriving while one is written share it too); 0: no waiting.",
     )
     agent_coalesce_max_heartbeats: int = Field(
         2000, ge=1, description="Most heartbeats in one shared ingest transaction."
@@ -149,12 +214,14 @@ class Settings(BaseSettings):
     # Cluster credentials are applied by admins but still untrusted input: only what a
     # remote API server needs is accepted (see controller/fleet/kubeconfig.py).
     cluster_allow_insecure_tls: bool = Field(
-        False, description="Accept insecure-skip-tls-verify in Cluster credentials."
+        False,
+        description="Accept insecure-skip-tls-verify and plain http:// API servers in "
+        "Cluster manifests.",
     )
     cluster_server_allowlist: list[str] = Field(
         default_factory=list,
-        description="Hosts (exact, or *.suffix) and networks (CIDR) a Cluster's API server "
-        "may be at; empty allows any.",
+        description="Hosts (exact like k3s.lab, or *.edge.example) and networks (CIDR) a "
+        "Cluster's API server may be at; empty allows any.",
     )
     local_driver: bool = Field(
         False,
@@ -164,13 +231,20 @@ class Settings(BaseSettings):
     # Inference pods download their model with a cluster-scoped, expiring artifact token
     # (a Kubernetes Secret the driver keeps fresh; pods read it at start).
     artifact_token_ttl_s: float = Field(
-        7 * 24 * 3600.0, ge=600, description="Lifetime of a cluster's artifact download token."
+        7 * 24 * 3600.0,
+        ge=600,
+        description="Lifetime in seconds of a cluster's artifact download token (a token is "
+        "valid for half to all of it).",
     )
 
     # Crash tests: named fault points to arm (controller/faults.py reads the variable
     # itself, at import). Checked here too, so a typo or an armed fault outside
     # development and test stops the process at startup.
-    faults: str = Field("", description="EDGEFLEET_FAULTS: fault points to arm, tests only.")
+    faults: str = Field(
+        "",
+        description="Fault points to arm for crash tests (controller/faults.py), as "
+        "point=[N*]kill|exit|raise|hang,...; refused in production.",
+    )
 
     @model_validator(mode="after")
     def _check_faults(self) -> Settings:
