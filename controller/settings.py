@@ -181,7 +181,7 @@ class Settings(BaseSettings):
     # Node agents. The join token is the one secret an agent needs to enrol; each node
     # then gets its own credential. None turns enrolment off (503).
     agent_join_token: SecretStr | None = Field(
-        None, description="Shared secret node agents enrol with; unset disables enrolment."
+        None, description="Shared secret node agents enrol with; unset disables enrolment (503)."
     )
     agent_heartbeat_interval_s: float = Field(
         10.0, gt=0, description="Heartbeat interval suggested to agents at enrolment."
@@ -197,7 +197,8 @@ class Settings(BaseSettings):
         ge=0,
         le=1000,
         description="How long a heartbeat request waits for others to share its ingest "
-        "transaction (those arriving while one is written share it too); 0: no waiting.",
+        "transaction, each still with its own answer (those arriving while one is written "
+        "share it too); 0: no waiting.",
     )
     agent_coalesce_max_heartbeats: int = Field(
         2000, ge=1, description="Most heartbeats in one shared ingest transaction."
