@@ -102,6 +102,8 @@ def _human_bytes(n: int) -> str:
 
 
 def _default(name: str, field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
     if _is_secret(field.annotation):
         return SECRET
     value = field.get_default(call_default_factory=True)

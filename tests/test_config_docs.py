@@ -60,6 +60,7 @@ def test_rows_show_types_defaults_and_bounds() -> None:
         hosts: list[str] = Field(default_factory=lambda: ["a"], description="Hosts.")
         token: SecretStr = Field(SecretStr("hunter2"), description="A secret.")
         on: bool = Field(False, description="A switch.")
+        where: str = Field(description="Required.")
 
     rows = config_docs.render_settings(Example).splitlines()[2:]
     assert rows == [
@@ -68,6 +69,7 @@ def test_rows_show_types_defaults_and_bounds() -> None:
         '| `EX_HOSTS` | list of str | `["a"]` | Hosts. |',
         "| `EX_TOKEN` | secret | (set me) | A secret. |",
         "| `EX_ON` | bool | `false` | A switch. |",
+        "| `EX_WHERE` | str | required | Required. |",
     ]
 
 
