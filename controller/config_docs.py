@@ -43,9 +43,9 @@ CONTROLLER = """\
 `controller/settings.py`: read by the API, the Celery workers, beat and the CLI's
 process commands (`edgefleet server | worker | beat | demo | db | tokens create`) from
 the environment or a `.env` file in the working directory. The defaults are the embedded
-setup of `edgefleet demo` (SQLite, tasks in-process, artifacts under `./.edgefleet`).
-Production sets `EDGEFLEET_ENVIRONMENT=production`, a Postgres URL, a Redis URL and a
-real secret key: a default secret outside development refuses to start.
+setup (SQLite, tasks in-process, artifacts under `./.edgefleet`), so `edgefleet demo`
+needs no server. Production sets `EDGEFLEET_ENVIRONMENT=production`, a Postgres URL, a
+Redis URL and a real secret key: a default secret outside development refuses to start.
 """
 
 FOOTER = """\
