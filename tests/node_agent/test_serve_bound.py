@@ -22,7 +22,8 @@ from onnx import TensorProto, helper
 
 from node_agent.runtimes import OnnxBinding, OnnxRunner
 from node_agent.server import model as model_module
-from node_agent.server.app import InferenceServer, _Handler
+from node_agent.server.app import InferenceServer
+from node_agent.server.endpoints import Handler
 from node_agent.server.model import ActiveModel
 from node_agent.server.tensors import RAW_TYPE, RawAnswer, RawPlan
 from tests.node_agent.test_serve_connection import image, raw_request
@@ -148,7 +149,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Counter:
         return wrapper
 
     monkeypatch.setattr(OnnxBinding, "run", counting("bound", OnnxBinding.run))
-    monkeypatch.setattr(_Handler, "_infer_again", counting("replayed", _Handler._infer_again))
+    monkeypatch.setattr(Handler, "_infer_again", counting("replayed", Handler._infer_again))
     return counts
 
 
