@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import socket
-import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from tests.node_agent.test_serve_helpers import (
     running,
     settings_for,
     sha256,
+    wait_for,
 )
 from tests.node_agent.test_serve_wire import closed, connect, read_response
 
@@ -179,15 +179,6 @@ def check_cnn(path: Path, x: np.ndarray, answer: tuple[int, dict[str, str], byte
     np.testing.assert_allclose(
         np.frombuffer(body, np.float32).reshape(1, 10), want, rtol=1e-6, atol=1e-7
     )
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 10) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_raw_requests_run_bound_then_replayed(
