@@ -538,10 +538,10 @@ def _busy(detail: bytes) -> bytes:
 
 _BUSY = _busy(b"retry later")
 _CLIENT_BUSY = _busy(b"too many connections from this address; retry later")
-App = TypeVar("App")
+AppT = TypeVar("AppT")  # what the handlers serve
 
 
-class Listener(socketserver.ThreadingTCPServer, Generic[App]):
+class Listener(socketserver.ThreadingTCPServer, Generic[AppT]):
     """One thread per connection, at most ``max_connections`` at a time and
     ``max_connections_per_client`` from one address: one more is answered 503 and closed
     at once (each connection holds a thread and a buffer). Per connection, not per
@@ -557,7 +557,7 @@ class Listener(socketserver.ThreadingTCPServer, Generic[App]):
         self,
         address: tuple[str, int],
         handler: type[socketserver.BaseRequestHandler],
-        app: App,
+        app: AppT,
         *,
         max_connections: int,
         max_connections_per_client: int,
@@ -622,5 +622,5 @@ class Listener(socketserver.ThreadingTCPServer, Generic[App]):
             log.error("error on a connection from %s", client_address, exc_info=error)
 
 
-class Listener6(Listener[App]):
+class Listener6(Listener[AppT]):
     address_family = socket.AF_INET6
