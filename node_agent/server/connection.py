@@ -35,20 +35,32 @@ large body arriving in several receives is the hot path too), and put back after
 
 Heads are parsed as strictly as h11 where it matters for request smuggling and header
 injection, and stricter where RFC 9112 lets a server be (see :func:`parse_head`).
+
+The :class:`Listener` accepts the connections: one thread each, at most so many at a time
+and from one address.
+
+(Over 600 lines: one job, a client's connection from its accept to its last answer, and
+the one part of the server built on the stdlib alone, tested alone; the listener is the
+last hundred lines.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import mmap
 import re
 import socket
+import socketserver
 import struct
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any, Generic, TypeVar
 
 from typing_extensions import Buffer
 
@@ -85,6 +97,7 @@ _HOST = re.compile(
 )
 
 _perf = time.perf_counter
+log = logging.getLogger("node_agent.serve")
 
 
 def _timeval(seconds: float) -> bytes:
@@ -512,3 +525,102 @@ def _bad_field(line: str) -> HttpError:
     if not _TOKEN.fullmatch(name):
         return HttpError(400, f"bad header name {name[:100]!r}")
     return HttpError(400, f"control characters in the value of {name}")
+
+
+# ---------------------------------------------------------------------- the listener
+def _busy(detail: bytes) -> bytes:
+    body = b'{"error": "too_many_connections", "detail": "%s"}' % detail
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+    )
+
+
+_BUSY = _busy(b"retry later")
+_CLIENT_BUSY = _busy(b"too many connections from this address; retry later")
+AppT = TypeVar("AppT")  # what the handlers serve
+
+
+class Listener(socketserver.ThreadingTCPServer, Generic[AppT]):
+    """One thread per connection, at most ``max_connections`` at a time and
+    ``max_connections_per_client`` from one address: one more is answered 503 and closed
+    at once (each connection holds a thread and a buffer). Per connection, not per
+    request: the accepting thread counts, the connection's own thread counts it out.
+    ``app`` is what the connections' handlers serve (``self.server.app`` to them);
+    ``refused`` and ``client_refused`` count the connections turned away."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[socketserver.BaseRequestHandler],
+        app: AppT,
+        *,
+        max_connections: int,
+        max_connections_per_client: int,
+        refused: Callable[[], object],
+        client_refused: Callable[[], object],
+    ) -> None:
+        super().__init__(address, handler)
+        self.app = app
+        self.slots = threading.Semaphore(max_connections)
+        self.per_client = max_connections_per_client
+        self.clients: dict[str, int] = {}  # open connections by client address (none: absent)
+        self.clients_lock = threading.Lock()
+        self.refused = refused
+        self.client_refused = client_refused
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        client = client_address[0]
+        with self.clients_lock:
+            if (count := self.clients.get(client, 0)) < self.per_client:
+                self.clients[client] = count + 1
+        if count >= self.per_client:
+            self.client_refused()
+            self._turn_away(request, _CLIENT_BUSY)
+            return
+        if not self.slots.acquire(blocking=False):
+            self._leave(client)
+            self.refused()
+            self._turn_away(request, _BUSY)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            self._leave(client)
+            raise
+
+    def _turn_away(self, request: Any, answer: bytes) -> None:
+        with contextlib.suppress(OSError):
+            request.send(answer, socket.MSG_DONTWAIT)
+        self.shutdown_request(request)
+
+    def _leave(self, client: str) -> None:
+        with self.clients_lock:
+            if count := self.clients[client] - 1:
+                self.clients[client] = count
+            else:
+                del self.clients[client]  # (the map holds open clients only)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+            self._leave(client_address[0])
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client dropping its keep-alive connection is routine, not a traceback on stderr.
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            log.debug("connection from %s ended: %s", client_address, error)
+        else:
+            log.error("error on a connection from %s", client_address, exc_info=error)
+
+
+class Listener6(Listener[AppT]):
+    address_family = socket.AF_INET6

@@ -1,10 +1,12 @@
-"""One loaded, warmed-up model version, and how to get one from a URL or a file.
+"""One loaded, warmed-up model version, how to get one from a URL or a file, and the
+server's slot for it.
 
-An :class:`ActiveModel` is immutable once built: the server swaps a reference to it, so a
-request that picked up the old version finishes on the old version."""
+An :class:`ActiveModel` is immutable once built: the :class:`ModelSlot` swaps a reference
+to it, so a request that picked up the old version finishes on the old version."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -12,15 +14,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from node_agent.cache import ArtifactCache
+from node_agent.cache import ArtifactCache, RetryPolicy
 from node_agent.runtimes import InputHints, Runner, generate_inputs, open_runner
+from node_agent.server.metrics import ServerMetrics
+from node_agent.server.settings import ServeSettings
 from node_agent.server.tensors import RawAnswer, RawPlan
 
 log = logging.getLogger(__name__)
+_serve_log = logging.getLogger("node_agent.serve")  # swaps: a line of the server's own
+
+State = Literal["starting", "loading", "ready", "failed", "draining", "stopped"]
 
 RunnerFactory = Callable[[Path, str, int], Runner]
 """(model file, format, intra-op threads) -> Runner."""
@@ -295,3 +302,127 @@ def load_model(
         warmup_runs=warmup_runs,
         thread_safe=bool(getattr(runner, "thread_safe", fmt == "onnx")),
     )
+
+
+class SwapInProgress(RuntimeError):
+    pass
+
+
+class ModelSlot:
+    """The version being served: ``load()`` makes the first one current and the slot
+    ready, ``swap()`` replaces it while requests run. ``state`` is the server's (its
+    listener drains it)."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        metrics: ServerMetrics,
+        *,
+        cache: ArtifactCache | None = None,
+        runner_factory: RunnerFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.cache = cache or ArtifactCache(
+            settings.cache_dir,
+            retry=RetryPolicy(
+                attempts=settings.download_attempts, backoff_s=settings.download_backoff_s
+            ),
+            timeout_s=settings.download_timeout_s,
+            max_bytes=settings.max_artifact_bytes,
+            bearer_token=settings.artifact_token.get_secret_value()
+            if settings.artifact_token
+            else None,
+        )
+        providers = tuple(settings.providers)
+        self.runner_factory: RunnerFactory = runner_factory or (
+            lambda path, fmt, threads: default_runner_factory(path, fmt, threads, providers)
+        )
+        self.threads = settings.resolved_threads()
+        self.state: State = "starting"
+        self._model: ActiveModel | None = None
+        self._load_lock = threading.Lock()
+
+    @property
+    def current(self) -> ActiveModel | None:
+        return self._model
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self._model is not None
+
+    def source_from_settings(self) -> ModelSource:
+        s = self.settings
+        return ModelSource(
+            name=s.model_name,
+            version=s.model_version,
+            format=s.format,
+            url=s.model_url,
+            sha256=s.sha256,
+            path=s.model_path,
+        )
+
+    def _load(self, source: ModelSource) -> ActiveModel:
+        return load_model(
+            source,
+            self.cache,
+            threads=self.threads,
+            warmup_runs=self.settings.warmup_runs,
+            warmup_dim=self.settings.warmup_dim,
+            runner_factory=self.runner_factory,
+        )
+
+    def load(self, source: ModelSource | None = None) -> ActiveModel:
+        """Fetch, load and warm up the initial model; ready afterwards. Raises
+        ``ChecksumMismatch``, ``ArtifactUnavailable`` or ``ModelLoadError``."""
+        with self._load_lock:
+            self.state = "loading"
+            try:
+                model = self._load(source or self.source_from_settings())
+            except BaseException:
+                self.state = "failed"
+                raise
+            self._activate(model)
+            if self.state == "loading":
+                self.state = "ready"
+                self.metrics.ready.set(1)
+            return model
+
+    def swap(self, source: ModelSource) -> ActiveModel:
+        """Stage-then-activate: the new version is downloaded, loaded and warmed up beside
+        the serving one, then one reference assignment makes it current. Requests already
+        running finish on the old runner, which is freed with its last request."""
+        if not self._load_lock.acquire(blocking=False):
+            raise SwapInProgress("a model load or swap is already in progress")
+        try:
+            old = self._model
+            if old is not None and old.sha256 == source.sha256:
+                # Same bytes: only the labels change, no second copy in memory.
+                model = dataclasses.replace(old, name=source.name, version=source.version)
+            else:
+                model = self._load(source)
+            self._activate(model)
+            self.metrics.swaps.inc()
+            if self.state in ("loading", "failed", "starting"):
+                self.state = "ready"
+                self.metrics.ready.set(1)
+            _serve_log.info(
+                "swapped %s %s -> %s %s",
+                old.name if old else "-",
+                old.version if old else "-",
+                model.name,
+                model.version,
+            )
+            return model
+        finally:
+            self._load_lock.release()
+
+    def _activate(self, model: ActiveModel) -> None:
+        self._model = model
+        self.metrics.set_model(
+            model=model.name,
+            version=model.version,
+            sha256=model.sha256,
+            runtime=model.runtime,
+            provider=model.providers[0] if model.providers else "",
+        )

@@ -31,12 +31,14 @@ from tests.node_agent.test_serve_helpers import (
     Hooks,
     Models,
     Origin,
+    image,
     load_npz,
     npz_bytes,
     ort_run,
     running,
     settings_for,
     sha256,
+    wait_for,
 )
 
 NPZ = "application/x-npz"
@@ -57,10 +59,6 @@ def litert_run(path: Path, x: np.ndarray) -> np.ndarray:
     interp.invoke()
     out: np.ndarray = interp.get_tensor(interp.get_output_details()[0]["index"]).copy()
     return out
-
-
-def image(batch: int = 1, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)
 
 
 def scrape(client: httpx.Client) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -646,9 +644,7 @@ def test_concurrent_swap_is_409(models: Models, tmp_path: Path) -> None:
         body = {"model_url": url, "sha256": sha256(models.bytes("cnn_v2")), "model_version": "2"}
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(httpx.post, f"{server.url}/v1/admin/swap", json=body, timeout=30)
-            deadline = time.monotonic() + 10
-            while not origin.requests and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for(lambda: bool(origin.requests))
             second = c.post("/v1/admin/swap", json={**body, "model_version": "2b"})
             assert second.status_code == 409
             assert second.json()["error"] == "swap_in_progress"

@@ -31,6 +31,7 @@ from node_agent.server.tensors import (
 from tests.node_agent.test_serve import scrape, value
 from tests.node_agent.test_serve_helpers import (
     Models,
+    image,
     load_npz,
     npz_bytes,
     ort_run,
@@ -48,10 +49,6 @@ NPZ = "application/x-npz"
 def client(cnn_server: InferenceServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=cnn_server.url, timeout=30) as c:
         yield c
-
-
-def image(batch: int = 1, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)
 
 
 def raw_headers(array: np.ndarray, **extra: str) -> dict[str, str]:

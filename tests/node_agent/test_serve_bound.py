@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import socket
-import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,8 @@ from onnx import TensorProto, helper
 
 from node_agent.runtimes import OnnxBinding, OnnxRunner
 from node_agent.server import model as model_module
-from node_agent.server.app import InferenceServer, _Handler
+from node_agent.server.app import InferenceServer
+from node_agent.server.endpoints import Handler
 from node_agent.server.model import ActiveModel
 from node_agent.server.tensors import RAW_TYPE, RawAnswer, RawPlan
 from tests.node_agent.test_serve_connection import image, raw_request
@@ -33,6 +33,7 @@ from tests.node_agent.test_serve_helpers import (
     running,
     settings_for,
     sha256,
+    wait_for,
 )
 from tests.node_agent.test_serve_wire import closed, connect, read_response
 
@@ -148,7 +149,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Counter:
         return wrapper
 
     monkeypatch.setattr(OnnxBinding, "run", counting("bound", OnnxBinding.run))
-    monkeypatch.setattr(_Handler, "_infer_again", counting("replayed", _Handler._infer_again))
+    monkeypatch.setattr(Handler, "_infer_again", counting("replayed", Handler._infer_again))
     return counts
 
 
@@ -178,15 +179,6 @@ def check_cnn(path: Path, x: np.ndarray, answer: tuple[int, dict[str, str], byte
     np.testing.assert_allclose(
         np.frombuffer(body, np.float32).reshape(1, 10), want, rtol=1e-6, atol=1e-7
     )
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 10) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_raw_requests_run_bound_then_replayed(

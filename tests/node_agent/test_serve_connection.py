@@ -38,6 +38,7 @@ from tests.node_agent.test_serve_helpers import (
     running,
     settings_for,
     sha256,
+    wait_for,
 )
 from tests.node_agent.test_serve_wire import closed, connect, read_response
 
@@ -423,15 +424,14 @@ def test_connections_over_the_limit_are_503(models: Models, tmp_path: Path) -> N
             assert b"too_many_connections" in body
             assert closed(third)
         first.close()
-        deadline = time.monotonic() + 10
-        while True:  # the slot comes back once the server has seen the close
+
+        def healthy() -> bool:
             with connect(server) as again:
                 again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                status = read_response(again)[0]
-            if status == 200 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert status == 200
+                return read_response(again)[0] == 200
+
+        # The slot comes back once the server has seen the close.
+        assert wait_for(healthy, every_s=0.05)
         with httpx.Client(base_url=server.url) as c:
             assert value(scrape(c), CONNECTIONS_REFUSED) >= 1
         second.close()

@@ -25,7 +25,7 @@ from node_agent.server.metrics import (
 )
 from node_agent.server.settings import ServeSettings
 from tests.node_agent.test_serve import scrape, value
-from tests.node_agent.test_serve_helpers import running, settings_for
+from tests.node_agent.test_serve_helpers import running, settings_for, wait_for
 
 SLOW_CLIENT = "127.0.0.2"  # (all of 127/8 is loopback: another client address, same host)
 
@@ -123,15 +123,13 @@ def test_slow_heads_take_one_clients_share_and_get_408(tmp_path: Path) -> None:
             for sock in slow:
                 sock.close()
 
-        deadline = time.monotonic() + 10
-        while True:  # their slots come back once the server has seen them close
+        def healthy() -> bool:
             with connect_from(server, SLOW_CLIENT) as again:
                 again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                status = answer(again)[0]
-            if status == 200 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert status == 200
+                return answer(again)[0] == 200
+
+        # Their slots come back once the server has seen them close.
+        assert wait_for(healthy, every_s=0.05)
         with httpx.Client(base_url=server.url) as c:
             samples = scrape(c)
         assert value(samples, CLIENT_CONNECTIONS_REFUSED) >= 1

@@ -8,7 +8,8 @@ import hashlib
 import io
 import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,6 +85,21 @@ def ort_run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def image(batch: int = 1, seed: int = 0) -> np.ndarray:
+    """An input for the CNN."""
+    return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10, every_s: float = 0.01) -> bool:
+    """Whether ``condition`` turns true within ``timeout_s``, asked every ``every_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every_s)
+    return True
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:

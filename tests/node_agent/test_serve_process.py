@@ -75,6 +75,24 @@ def serve(*args: str, env: dict[str, str] | None = None) -> Iterator[Served]:
             proc.wait(10)
 
 
+def from_origin(url: str, sha: str, cache: Path) -> list[str]:
+    """The flags that serve the CNN from ``url``, cached in ``cache``."""
+    return [
+        "--model-url",
+        url,
+        "--sha256",
+        sha,
+        "--format",
+        "onnx",
+        "--model-name",
+        "cnn",
+        "--model-version",
+        "1",
+        "--cache-dir",
+        str(cache),
+    ]
+
+
 def wait_ready(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,20 +115,7 @@ def test_sha256_mismatch_refuses_to_start(tmp_path: Path, cnn: bytes) -> None:
     cache = tmp_path / "cache"
     with (
         Origin() as origin,
-        serve(
-            "--model-url",
-            origin.add(ARTIFACT, cnn),
-            "--sha256",
-            promised,
-            "--format",
-            "onnx",
-            "--model-name",
-            "cnn",
-            "--model-version",
-            "1",
-            "--cache-dir",
-            str(cache),
-        ) as served,
+        serve(*from_origin(origin.add(ARTIFACT, cnn), promised, cache)) as served,
     ):
         code = served.proc.wait(60)
     assert code == 3, served.log
@@ -128,20 +133,7 @@ def test_download_serve_drain_and_restart_offline(tmp_path: Path, cnn: bytes) ->
     with Origin() as origin:
         origin.gate = threading.Event()  # hold the download: the server is up, not ready
         url = origin.add(ARTIFACT, cnn)
-        args = [
-            "--model-url",
-            url,
-            "--sha256",
-            sha256(cnn),
-            "--format",
-            "onnx",
-            "--model-name",
-            "cnn",
-            "--model-version",
-            "1",
-            "--cache-dir",
-            str(cache),
-        ]
+        args = from_origin(url, sha256(cnn), cache)
         with serve(*args, env={"EDGEFLEET_CPU_LIMIT": "1500"}) as served:
             base = served.wait_for(r"listening on (http://127\.0\.0\.1:\d+)").group(1)
             assert httpx.get(f"{base}/healthz").status_code == 200
