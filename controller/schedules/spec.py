@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from cronsim import CronSim
-from pydantic import AwareDatetime, Field, field_validator, model_validator
+from pydantic import AwareDatetime, Field, ValidationInfo, field_validator, model_validator
 
 from controller.manifests.schemas import LabelKey, LabelValue, Name, Strict
 from controller.rollouts.durations import parse_duration
@@ -177,6 +177,14 @@ class FreezePeriod(Strict):
     selector: FreezeSelector = Field(default_factory=FreezeSelector)
     reason: str = Field("", max_length=500)
 
+    @field_validator("end")
+    @classmethod
+    def _after_start(cls, v: datetime | None, info: ValidationInfo) -> datetime | None:
+        start = info.data.get("start")
+        if v is not None and start is not None and v <= start:
+            raise ValueError(f"end ({v.isoformat()}) must be after start ({start.isoformat()})")
+        return v
+
     @field_validator("cron")
     @classmethod
     def _valid_cron(cls, v: str | None) -> str | None:
@@ -205,10 +213,6 @@ class FreezePeriod(Strict):
         if fixed:
             if self.start is None or self.end is None:
                 raise ValueError("a fixed freeze needs both start and end")
-            if self.end <= self.start:
-                raise ValueError(
-                    f"end ({self.end.isoformat()}) must be after start ({self.start.isoformat()})"
-                )
             if self.end - self.start > MAX_FREEZE_DURATION:
                 raise ValueError(f"a freeze lasts at most {_human(MAX_FREEZE_DURATION)}")
             if self.timeZone is not None:

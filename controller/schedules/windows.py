@@ -105,7 +105,10 @@ def parse_cron(expr: str) -> str:
         it = CronSim(normal, _EPOCH)
         next(it)
     except CronSimError as exc:
-        raise ScheduleError(f"{expr!r} is not a cron expression: {exc}") from None
+        raise ScheduleError(
+            f"{expr!r} is not a cron expression: {exc} (expected minute 0-59, hour 0-23, "
+            "day-of-month 1-31, month 1-12 or JAN-DEC, day-of-week 0-7 or SUN-SAT)"
+        ) from None
     except StopIteration:
         raise ScheduleError(f"{expr!r} never fires") from None
     return normal
