@@ -482,3 +482,73 @@ def catch_up(cal: Calendar, last: datetime, now: datetime) -> CatchUp:
         if len(missed) < MAX_MISSED:
             missed.append(interval)
     return CatchUp(opened, tuple(missed), total)
+
+
+def earliest_start(
+    cal: Calendar, t: datetime, horizon: timedelta = DEFAULT_HORIZON
+) -> datetime | None:
+    """The first instant at or after ``t`` at which the node may start work."""
+    verdict = check(cal, t, horizon)
+    if verdict.allowed:
+        return _utc(t, "t")
+    return None if verdict.next_window is None else verdict.next_window.start
+
+
+@dataclass(frozen=True)
+class WaveForecast:
+    """When a wave is expected to run: ``starts[i]`` is when the nodes of the wave's i-th
+    calendar may first start; ``finished`` when the last of them is expected done;
+    ``baked`` when its bake ends and the next wave may begin. None: not within the
+    horizon (and so nothing after it either)."""
+
+    starts: tuple[datetime | None, ...]
+    finished: datetime | None
+    baked: datetime | None
+
+
+def forecast(
+    waves: Sequence[Sequence[Calendar]],
+    bakes: Sequence[timedelta],
+    now: datetime,
+    *,
+    node_time: timedelta = timedelta(0),
+    bake_in_windows_only: bool = False,
+    horizon: timedelta = DEFAULT_HORIZON,
+) -> list[WaveForecast]:
+    """A dry-run's timeline: each wave begins when the one before it has baked; within a
+    wave, the nodes of each calendar start at its first allowed instant and take
+    ``node_time`` (an estimate: no capacity limit is modelled). With
+    ``bake_in_windows_only`` a wave's bake ends once it has run inside the windows of
+    every calendar in the wave. Give one calendar per distinct (zone, freezes) group, not
+    one per node: the cost is per calendar."""
+    if len(bakes) != len(waves):
+        raise ScheduleError(f"{len(waves)} waves but {len(bakes)} bake times")
+    out: list[WaveForecast] = []
+    begin: datetime | None = _utc(now, "now")
+    for cals, bake in zip(waves, bakes, strict=True):
+        if begin is None:
+            out.append(WaveForecast(tuple(None for _ in cals), None, None))
+            continue
+        starts = tuple(earliest_start(cal, begin, horizon) for cal in cals)
+        finished = _latest((None if s is None else s + node_time for s in starts), begin)
+        baked: datetime | None
+        if finished is None:
+            baked = None
+        elif bake_in_windows_only:
+            ends = (bake_end_in_windows(cal, finished, bake, horizon) for cal in cals)
+            baked = _latest(ends, finished if cals else finished + bake)
+        else:
+            baked = finished + bake
+        out.append(WaveForecast(starts, finished, baked))
+        begin = baked
+    return out
+
+
+def _latest(times: Iterable[datetime | None], floor: datetime) -> datetime | None:
+    """The latest of ``times`` and ``floor``; None if any of them is None."""
+    latest = floor
+    for t in times:
+        if t is None:
+            return None
+        latest = max(latest, t)
+    return latest

@@ -11,7 +11,7 @@ HDT (-09) from 8 March to 1 November; Asia/Tokyo +09 all year.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -23,6 +23,7 @@ from controller.schedules.windows import (
     Freeze,
     Interval,
     ScheduleError,
+    WaveForecast,
     Window,
     bake_end,
     bake_end_in_windows,
@@ -30,6 +31,7 @@ from controller.schedules.windows import (
     catch_up,
     check,
     current_window,
+    forecast,
     frozen_by,
     may_start,
     next_window,
@@ -466,3 +468,138 @@ def test_asked_during_the_repeated_hour() -> None:
     cal = Calendar(BERLIN, (Window("30 2 * * *", timedelta(minutes=10)),))
     assert not may_start(cal, z("2026-10-25T01:10Z"))
     assert next_window(cal, z("2026-10-25T01:10Z")) == iv("2026-10-26T01:30Z", "2026-10-26T01:40Z")
+
+
+def first_real_instant(day: date, hour: int, minute: int, zone: ZoneInfo) -> datetime:
+    """Debian cron's reading of a fixed local time, from zoneinfo alone: the first pass of
+    a repeated time (fold=0); for a skipped one, the first minute after the gap."""
+    wall = datetime.combine(day, time(hour, minute))
+    while True:
+        t = wall.replace(tzinfo=zone)
+        if t.astimezone(UTC).astimezone(zone).replace(tzinfo=None) == wall:
+            return t.astimezone(UTC)
+        wall += timedelta(minutes=1)
+
+
+@pytest.mark.parametrize(
+    "zone",
+    [
+        "Europe/Berlin",
+        "America/New_York",
+        "Pacific/Auckland",
+        "America/Adak",
+        "Pacific/Kiritimati",
+        "Australia/Lord_Howe",  # 30-minute DST shifts
+        "Pacific/Chatham",  # +12:45 / +13:45
+        "America/Santiago",
+    ],
+)
+@pytest.mark.parametrize(("hour", "minute"), [(2, 15), (1, 30), (0, 0)])
+def test_a_year_of_nightly_windows_against_zoneinfo(zone: str, hour: int, minute: int) -> None:
+    tz = ZoneInfo(zone)
+    cal = Calendar(tz, (Window(f"{minute} {hour} * * *", timedelta(minutes=20)),))
+    days = [date(2026, 1, 1) + timedelta(days=i) for i in range(365)]
+    expected = [first_real_instant(d, hour, minute, tz) for d in days]
+    got = upcoming(cal, expected[0] - timedelta(seconds=1), len(days))
+    assert [w.start for w in got] == expected
+
+
+# ---------------------------------------------------------------- dry-run forecast
+
+
+def three_site_waves(freezes: list[Freeze]) -> list[list[Calendar]]:
+    cal = {
+        name: calendar_for(labels=labels, windows=[NIGHT], freezes=freezes)
+        for name, labels in SITES.items()
+    }
+    return [
+        [cal["berlin"]],
+        [cal["new-york"], cal["tokyo"]],
+        [cal["berlin"], cal["new-york"], cal["tokyo"]],
+    ]
+
+
+BAKES = [H, 2 * H, timedelta(0)]
+NODE_TIME = timedelta(minutes=30)
+
+
+def test_forecast_three_sites() -> None:
+    got = forecast(three_site_waves([]), BAKES, z("2026-01-13T12:00Z"), node_time=NODE_TIME)
+    assert got == [
+        # Berlin's night opens 14 Jan 00:00Z; done 00:30Z, baked 01:30Z.
+        WaveForecast((z("2026-01-14T00:00Z"),), z("2026-01-14T00:30Z"), z("2026-01-14T01:30Z")),
+        # From 01:30Z: New York at 06:00Z, Tokyo at 16:00Z (its night of the 13th is over).
+        WaveForecast(
+            (z("2026-01-14T06:00Z"), z("2026-01-14T16:00Z")),
+            z("2026-01-14T16:30Z"),
+            z("2026-01-14T18:30Z"),
+        ),
+        # From 18:30Z: Tokyo is still in its night; Berlin and New York the next.
+        WaveForecast(
+            (z("2026-01-15T00:00Z"), z("2026-01-15T06:00Z"), z("2026-01-14T18:30Z")),
+            z("2026-01-15T06:30Z"),
+            z("2026-01-15T06:30Z"),
+        ),
+    ]
+
+
+def test_forecast_bake_in_windows_only() -> None:
+    got = forecast(
+        three_site_waves([]),
+        BAKES,
+        z("2026-01-13T12:00Z"),
+        node_time=NODE_TIME,
+        bake_in_windows_only=True,
+    )
+    # Wave 1 finishes 14 Jan 16:30Z: two window hours are 16:30-18:30Z in Tokyo but
+    # 06:00-08:00Z on the 15th in New York; the later counts.
+    assert [(w.finished, w.baked) for w in got] == [
+        (z("2026-01-14T00:30Z"), z("2026-01-14T01:30Z")),
+        (z("2026-01-14T16:30Z"), z("2026-01-15T08:00Z")),
+        (z("2026-01-16T00:30Z"), z("2026-01-16T00:30Z")),
+    ]
+    assert got[2].starts == (z("2026-01-16T00:00Z"), z("2026-01-15T08:00Z"), z("2026-01-15T16:00Z"))
+
+
+def test_forecast_with_freeze_and_beyond_horizon() -> None:
+    freeze = Freeze("release-freeze", iv("2026-01-14T00:00Z", "2026-01-15T00:00Z"))
+    got = forecast(three_site_waves([freeze]), BAKES, z("2026-01-13T12:00Z"), node_time=NODE_TIME)
+    assert [w.starts for w in got] == [
+        (z("2026-01-15T00:00Z"),),
+        (z("2026-01-15T06:00Z"), z("2026-01-15T16:00Z")),
+        (z("2026-01-16T00:00Z"), z("2026-01-16T06:00Z"), z("2026-01-15T18:30Z")),
+    ]
+    frozen = Freeze("forever", iv("2026-01-01T00:00Z", "2027-06-01T00:00Z"))
+    got = forecast(three_site_waves([frozen]), BAKES, z("2026-01-13T12:00Z"))
+    assert got[0] == WaveForecast((None,), None, None)
+    assert got[2] == WaveForecast((None, None, None), None, None)
+
+
+def run_with_clock(
+    waves: list[list[Calendar]], bakes: list[timedelta], now: datetime, step: timedelta
+) -> list[tuple[datetime, ...]]:
+    """A toy engine driven by an injected clock, asking only may_start: each node group
+    starts at the first tick it may, takes NODE_TIME, and the next wave begins after the
+    bake. Returns when each group of each wave started."""
+    out: list[tuple[datetime, ...]] = []
+    t = now
+    for cals, bake in zip(waves, bakes, strict=True):
+        started: dict[int, datetime] = {}
+        while len(started) < len(cals):
+            ready = [i for i, cal in enumerate(cals) if i not in started and may_start(cal, t)]
+            started |= dict.fromkeys(ready, t)
+            t += step
+        finished = max(started.values()) + NODE_TIME
+        t = max(t, finished + bake)
+        out.append(tuple(started[i] for i in range(len(cals))))
+    return out
+
+
+@pytest.mark.parametrize(
+    "freezes", [[], [Freeze("f", iv("2026-01-14T00:00Z", "2026-01-15T00:00Z"))]]
+)
+def test_a_clock_driven_run_matches_the_forecast(freezes: list[Freeze]) -> None:
+    waves = three_site_waves(freezes)
+    now = z("2026-01-13T12:00Z")
+    predicted = forecast(waves, BAKES, now, node_time=NODE_TIME)
+    assert run_with_clock(waves, BAKES, now, timedelta(minutes=5)) == [w.starts for w in predicted]
