@@ -5,7 +5,7 @@ size and count is bounded. ``to_windows`` and ``to_freeze`` turn them into the v
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
@@ -16,11 +16,13 @@ from controller.manifests.schemas import LabelKey, LabelValue, Name, Strict
 from controller.rollouts.durations import parse_duration
 from controller.schedules.windows import (
     TIMEZONE_LABEL,
+    Calendar,
     Freeze,
     Interval,
     ScheduleError,
     Selector,
     Window,
+    calendar_for,
     parse_cron,
     zone_named,
 )
@@ -154,6 +156,20 @@ class Schedule(Strict):
 def to_windows(schedule: Schedule) -> tuple[Window, ...]:
     return tuple(
         Window(w.cron, timedelta(seconds=parse_duration(w.duration))) for w in schedule.windows
+    )
+
+
+def to_calendar(
+    schedule: Schedule, labels: Mapping[str, str], freezes: Iterable[Freeze] = ()
+) -> Calendar:
+    """The calendar of one node under ``schedule``: ScheduleError if neither the schedule
+    nor the node's label gives it a zone."""
+    return calendar_for(
+        labels=labels,
+        windows=to_windows(schedule),
+        zone=None if schedule.timeZone is None else zone_named(schedule.timeZone),
+        start_at=schedule.startAt,
+        freezes=freezes,
     )
 
 

@@ -27,8 +27,9 @@ Overlapping or touching windows merge into one interval. A freeze cuts the inter
 which work may start; a wave already running when a freeze or a window's end arrives
 stops starting nodes and keeps the ones already moved (the engine's business, not this
 module's). Nothing beyond ``horizon`` (by default about 13 months, so a yearly window is
-still found) is looked at: searches return ``None`` past it, and an interval still open at
-the horizon is reported as ending there only if no window is open-ended.
+still found) is looked at: no window opening after it is found (searches return None),
+overlapping windows stop merging there, and a schedule without windows is open-ended
+(``end`` None) after the last freeze within it.
 
 Cost: each query walks the cron starts between its ``since`` and the first answer, a few
 per day for a real maintenance window (the manifest refuses windows that open more than

@@ -15,10 +15,11 @@ from controller.schedules.spec import (
     MAX_WINDOWS,
     FreezePeriod,
     Schedule,
+    to_calendar,
     to_freeze,
     to_windows,
 )
-from controller.schedules.windows import Interval, Window
+from controller.schedules.windows import TIMEZONE_LABEL, Interval, ScheduleError, Window, check
 
 
 def error(model: type[Schedule] | type[FreezePeriod], data: dict[str, Any]) -> tuple[Any, str]:
@@ -48,6 +49,35 @@ def test_schedule_accepted_and_converted() -> None:
         Window("0 22 * * SAT", timedelta(minutes=90)),
     )
     assert Schedule.model_validate({}).windows == []
+
+
+def test_schedule_to_calendar() -> None:
+    schedule = Schedule.model_validate({"startAt": "2026-01-14T00:00:00Z", "windows": [NIGHT]})
+    freeze = to_freeze(
+        FreezePeriod.model_validate(
+            {
+                "name": "lab-freeze",
+                "start": "2026-01-01T00:00:00Z",
+                "end": "2026-02-01T00:00:00Z",
+                "selector": {"matchLabels": {"tier": "lab"}},
+            }
+        )
+    )
+    tokyo = {TIMEZONE_LABEL: "Asia.Tokyo", "tier": "retail"}
+    cal = to_calendar(schedule, tokyo, [freeze])
+    assert (cal.zone, cal.freezes) == (ZoneInfo("Asia/Tokyo"), ())
+    # Tokyo's night of the 14th, 01:00-05:00 JST, is 13 Jan 16:00Z-20:00Z: before the start.
+    verdict = check(cal, datetime(2026, 1, 13, 17, tzinfo=UTC))
+    assert (verdict.allowed, verdict.reason) == (False, "before-start")
+    assert verdict.next_window == Interval(
+        datetime(2026, 1, 14, 16, tzinfo=UTC), datetime(2026, 1, 14, 20, tzinfo=UTC)
+    )
+    lab = to_calendar(schedule, {**tokyo, "tier": "lab"}, [freeze])
+    assert lab.freezes == (freeze,)
+    with pytest.raises(ScheduleError, match="no timeZone"):
+        to_calendar(schedule, {"tier": "retail"})
+    berlin = Schedule.model_validate({"timeZone": "Europe/Berlin", "windows": [NIGHT]})
+    assert to_calendar(berlin, tokyo).zone == ZoneInfo("Europe/Berlin")
 
 
 @pytest.mark.parametrize(
