@@ -38,12 +38,13 @@ per day for a real maintenance window (the manifest refuses windows that open mo
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from cronsim import CronSim, CronSimError
 
@@ -115,15 +116,23 @@ def parse_cron(expr: str) -> str:
     return normal
 
 
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    # The IANA names only: ZoneInfo alone would also open posixrules, right/... and
+    # posix/... files that only some systems ship.
+    return frozenset(available_timezones())
+
+
 def zone_named(name: str) -> ZoneInfo:
     """The IANA zone ``name`` (``Europe/Berlin``); ScheduleError for anything else."""
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ScheduleError(
-            f"{name!r} is not an IANA time zone name (examples: UTC, Europe/Berlin, "
-            "America/New_York)"
-        ) from None
+    if name in _zone_names():
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    raise ScheduleError(
+        f"{name!r} is not an IANA time zone name (examples: UTC, Europe/Berlin, America/New_York)"
+    )
 
 
 def zone_from_label(value: str) -> ZoneInfo:

@@ -123,7 +123,20 @@ def test_window_duration_bounds_are_inclusive() -> None:
         Schedule.model_validate({"windows": [{"cron": "0 1 * * *", "duration": duration}]})
 
 
-@pytest.mark.parametrize("zone", ["Mars/Olympus_Mons", "", "../../etc/passwd", "europe/berlin"])
+@pytest.mark.parametrize(
+    "zone",
+    [
+        "Mars/Olympus_Mons",
+        "",
+        "../../etc/passwd",
+        "europe/berlin",
+        "Europe",
+        "zone.tab",
+        "posixrules",
+        "right/UTC",
+        "posix/Europe/Berlin",
+    ],
+)
 def test_unknown_time_zone(zone: str) -> None:
     loc, msg = error(Schedule, {"timeZone": zone})
     assert loc == ("timeZone",)
