@@ -91,6 +91,9 @@ def test_schedule_to_calendar() -> None:
         ("0 0 1 * * *", "has 6 fields; a cron expression has 5"),
         ("@daily", "has 1 fields"),
         ("*/5 * * * *", "opens more than 48 times a day"),
+        ("*/5 * * 12 *", "opens more than 48 times a day"),  # only in December
+        ("*/5 * 29 2 *", "opens more than 48 times a day"),  # only on 29 February
+        ("*/29 * * * *", "opens more than 48 times a day"),  # 0, 29, 58: 72 a day
     ],
 )
 def test_bad_cron(cron: str, says: str) -> None:
@@ -100,7 +103,8 @@ def test_bad_cron(cron: str, says: str) -> None:
 
 
 def test_every_half_hour_is_the_densest_window() -> None:
-    Schedule.model_validate({"windows": [{"cron": "*/30 * * * *", "duration": "10m"}]})
+    for cron in ("*/30 * * * *", "*/5 1-4 * * *", "0 0 29 2 *"):
+        Schedule.model_validate({"windows": [{"cron": cron, "duration": "10m"}]})
 
 
 @pytest.mark.parametrize(
