@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
 
 from controller.api.deps import API_V1, SessionDep, SettingsDep
 from controller.api.params import IdPath
 from controller.auth.guard import OPERATOR, VIEWER
-from controller.db.models import ModelVersion
+from controller.db.models import ModelVersion, Optimization
 from controller.optimizations import service
 from controller.optimizations.schemas import OptimizationOut
 from controller.registry.endpoints import StoreDep
@@ -17,7 +17,7 @@ from controller.registry.endpoints import StoreDep
 router = APIRouter(prefix=f"{API_V1}/models", tags=["models"])
 
 
-def _job_out(session: SessionDep, name: str, job: Any) -> OptimizationOut:
+def _job_out(session: SessionDep, name: str, job: Optimization) -> OptimizationOut:
     parent = session.get(ModelVersion, job.parent_version_id)
     return OptimizationOut(
         id=job.id,
