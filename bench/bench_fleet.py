@@ -41,6 +41,7 @@ from controller.db.session import dispose_engines, session_scope  # noqa: E402
 from controller.demo import RunningWorkload, report_running  # noqa: E402
 from controller.manifests.service import apply_documents  # noqa: E402
 from controller.registry import samples, service  # noqa: E402
+from controller.registry.store import artifact_store  # noqa: E402
 from controller.rollouts import repository as rollout_repo  # noqa: E402
 from controller.rollouts import service as rollouts  # noqa: E402
 from controller.settings import get_settings  # noqa: E402
@@ -108,7 +109,7 @@ def main() -> None:
         settings = get_settings()
         configure(settings)
         migrate.upgrade(settings)
-        store = service.artifact_store(settings)
+        store = artifact_store(settings)
         with session_scope() as s:
             service.push_version(
                 s,

@@ -54,8 +54,10 @@ from controller.db.models import (
 from controller.db.session import dispose_engines, session_scope
 from controller.fleet.service import ingest_heartbeats
 from controller.manifests.service import apply_documents
+from controller.optimizations import service as optimizations
 from controller.registry import repository as repo
-from controller.registry import samples, service, variants
+from controller.registry import samples, service
+from controller.registry.store import artifact_store
 from controller.registry.tflite_builder import build_tflite_mlp
 from controller.rollouts import service as rollouts
 from controller.settings import Settings, get_settings
@@ -142,7 +144,7 @@ def _rollout(name: str, version: str, gate_ms: float, bake: str) -> dict[str, An
 
 
 def seed_models(settings: Settings) -> None:
-    store = service.artifact_store(settings)
+    store = artifact_store(settings)
     for name, version, build, meta in SEED:
         with session_scope() as session:
             if repo.get_version(session, name, version) is None:
@@ -298,7 +300,7 @@ class Scenario:
                 s,
                 list(docs),
                 self.settings,
-                service.artifact_store(self.settings),
+                artifact_store(self.settings),
                 dry_run=False,
                 may_apply_clusters=True,  # the demo is its own admin
             ):
@@ -338,10 +340,10 @@ class Scenario:
     def derive_and_benchmark(self) -> None:
         """An int8 variant of 1.1.0 (a real quantization job), then benchmarks of both on
         every node class."""
-        store = service.artifact_store(self.settings)
+        store = artifact_store(self.settings)
         with session_scope() as s:
             if repo.get_version(s, "detector", VARIANT) is None:
-                variants.request_variant(
+                optimizations.request_variant(
                     s,
                     store,
                     name="detector",

@@ -22,7 +22,8 @@ from controller.db.models import ModelVersion, Node
 from controller.db.session import session_scope
 from controller.fleet.service import ingest_heartbeats
 from controller.registry import samples
-from controller.registry.service import artifact_store, push_version
+from controller.registry.service import push_version
+from controller.registry.store import artifact_store
 from controller.settings import Settings
 from node_agent.contract import Heartbeat
 from tests.rollouts.helpers import apply, cluster_doc

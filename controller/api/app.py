@@ -16,6 +16,7 @@ from controller.benchmarks import endpoints as benchmarks
 from controller.dashboard import endpoints as dashboard
 from controller.fleet import endpoints as fleet
 from controller.manifests import endpoints as manifests
+from controller.optimizations import endpoints as optimizations
 from controller.registry import endpoints as registry
 from controller.rollouts import endpoints as rollouts
 from controller.settings import Settings, get_settings
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (
         agents.router,
         registry.router,
+        optimizations.router,
         manifests.router,
         rollouts.router,
         fleet.router,

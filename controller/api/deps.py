@@ -7,8 +7,6 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from controller.db.session import session_scope
-from controller.registry.service import artifact_store
-from controller.registry.store import ArtifactStore
 from controller.settings import Settings
 
 API_V1 = "/v1"
@@ -31,10 +29,3 @@ def get_session() -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
-
-
-def get_store(settings: SettingsDep) -> ArtifactStore:
-    return artifact_store(settings)
-
-
-StoreDep = Annotated[ArtifactStore, Depends(get_store)]

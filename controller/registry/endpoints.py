@@ -1,20 +1,27 @@
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
-from controller.api.deps import API_V1, SessionDep, SettingsDep, StoreDep
+from controller.api.deps import API_V1, SessionDep, SettingsDep
 from controller.api.pagination import Page, PageDep
-from controller.api.params import IdPath
 from controller.auth.guard import ARTIFACT_READER, OPERATOR, VIEWER
 from controller.auth.service import Principal
-from controller.db.models import ModelVersion
 from controller.registry import repository as repo
-from controller.registry import service, variants
-from controller.registry.schemas import ModelOut, ModelVersionOut, OptimizationOut
-from controller.registry.store import iter_file
+from controller.registry import service
+from controller.registry.schemas import ModelOut, ModelVersionOut
+from controller.registry.store import ArtifactStore, artifact_store, iter_file
+
+
+def get_store(settings: SettingsDep) -> ArtifactStore:
+    return artifact_store(settings)
+
+
+# The artifact store of a request; the handlers that take uploads or serve artifacts
+# (here, optimizations, manifests) declare it.
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 router = APIRouter(prefix=f"{API_V1}/models", tags=["models"])
 
@@ -88,63 +95,6 @@ def get_version(name: str, version: str, session: SessionDep) -> ModelVersionOut
 )
 def revalidate(name: str, version: str, session: SessionDep) -> ModelVersionOut:
     return ModelVersionOut.of(service.revalidate(session, name, version), name)
-
-
-def _job_out(session: SessionDep, name: str, job: Any) -> OptimizationOut:
-    parent = session.get(ModelVersion, job.parent_version_id)
-    return OptimizationOut(
-        id=job.id,
-        model=name,
-        parent=parent.version if parent is not None else "",
-        version=job.target_version,
-        method=job.method,
-        params=job.params,
-        status=job.status,
-        stage=job.stage,
-        message=job.message,
-        report=job.report,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
-    )
-
-
-@router.post(
-    "/{name}/versions/{version}/variants",
-    response_model=OptimizationOut,
-    status_code=status.HTTP_202_ACCEPTED,
-    dependencies=[OPERATOR],
-)
-def derive_variant(
-    name: str,
-    version: str,
-    session: SessionDep,
-    store: StoreDep,
-    settings: SettingsDep,
-    method: Annotated[str, Form(description="dynamic-int8, static-int8, fp16 or prune")],
-    variant_version: Annotated[str, Form(alias="version", description="the new version")],
-    params: Annotated[str | None, Form(description="JSON object of method parameters")] = None,
-    calibration: Annotated[
-        UploadFile | None, File(description=".npz of sample inputs (leading axis = samples)")
-    ] = None,
-) -> OptimizationOut:
-    """Derive an optimized variant (a new immutable version) and its comparison report."""
-    job = variants.request_variant(
-        session,
-        store,
-        name=name,
-        parent=version,
-        version=variant_version,
-        method=method,
-        params_json=params,
-        calibration=calibration.file.read() if calibration is not None else None,
-        settings=settings,
-    )
-    return _job_out(session, name, job)
-
-
-@router.get("/{name}/optimizations/{job_id}", response_model=OptimizationOut, dependencies=[VIEWER])
-def get_optimization(name: str, job_id: IdPath, session: SessionDep) -> OptimizationOut:
-    return _job_out(session, name, variants.get_job(session, name, job_id))
 
 
 @router.get(

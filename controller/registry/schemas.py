@@ -115,18 +115,3 @@ class ValidationHints(BaseModel):
 
 
 PushMetadata.model_rebuild()
-
-
-class OptimizationOut(BaseModel):
-    id: int
-    model: str
-    parent: str
-    version: str
-    method: str
-    params: dict[str, Any]
-    status: str
-    stage: str | None
-    message: str | None
-    report: dict[str, Any] | None
-    created_at: datetime
-    updated_at: datetime

@@ -24,17 +24,13 @@ from controller.manifests.schemas import ModelVersionManifest
 from controller.registry import repository as repo
 from controller.registry.inspect import inspect_artifact
 from controller.registry.schemas import PushMetadata, check_model_name, check_version
-from controller.registry.store import ArtifactStore
+from controller.registry.store import ArtifactStore, artifact_store
 from controller.settings import Settings
 from controller.tasks.celery_app import enqueue
 from controller.untrusted import load_json
 from node_agent.probe import ProbeFailed, ProbeLimits, ProbeRequest, probe_model
 
 log = logging.getLogger(__name__)
-
-
-def artifact_store(settings: Settings) -> ArtifactStore:
-    return ArtifactStore(settings.artifact_dir, max_bytes=settings.max_artifact_bytes)
 
 
 def probe_limits(settings: Settings) -> ProbeLimits:
@@ -96,7 +92,7 @@ def push_version(
         existing = repo.get_version(session, name, version)
         if existing is not None:
             return _same_or_conflict(existing, name, staged.sha256)
-        result = _record_version(
+        result = record_version(
             session, name, version, staged.path, staged.sha256, staged.size, metadata, "Pushed"
         )
         if result.created:
@@ -105,7 +101,7 @@ def push_version(
     return result
 
 
-def _record_version(
+def record_version(
     session: Session,
     name: str,
     version: str,
@@ -116,7 +112,9 @@ def _record_version(
     reason: str,
 ) -> PushResult:
     """Inspect the artifact at ``path`` and insert the version (status Pending), its event
-    and its validation task. Raises ArtifactRejected for a file that is not a model."""
+    and its validation task. Raises ArtifactRejected for a file that is not a model.
+    Every way a version comes in goes through here: a push, a ModelVersion manifest, and
+    a variant the optimizations domain derived."""
     fmt, signature = inspect_artifact(path)
     model = repo.get_or_create_model(session, name, metadata.get("description"))
     mv = ModelVersion(
@@ -175,7 +173,7 @@ def apply_model_version(
         metadata["description"] = spec.description
     if spec.validation is not None:
         metadata["validation"] = spec.validation.model_dump()
-    _record_version(
+    record_version(
         session, spec.model, spec.version, path, sha, path.stat().st_size, metadata, "Applied"
     )
     return ApplyOutcome("ModelVersion", label, "created")

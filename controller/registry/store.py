@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from controller.errors import NotFound, PayloadTooLarge
+from controller.settings import Settings
 
 CHUNK = 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -87,6 +88,10 @@ class ArtifactStore:
         finally:
             os.close(dir_fd)
         return final
+
+
+def artifact_store(settings: Settings) -> ArtifactStore:
+    return ArtifactStore(settings.artifact_dir, max_bytes=settings.max_artifact_bytes)
 
 
 def iter_file(fileobj: BinaryIO, chunk_size: int = CHUNK) -> Iterator[bytes]:

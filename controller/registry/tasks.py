@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from controller.registry import service, variants
+from controller.registry import service
 from controller.settings import get_settings
 from controller.tasks.celery_app import celery_app
 
@@ -13,8 +13,3 @@ def validate_version(version_id: int) -> str | None:
 @celery_app.task(name="registry.requeue_stuck")
 def requeue_stuck() -> int:
     return len(service.requeue_stuck(get_settings()))
-
-
-@celery_app.task(name="registry.derive_variant")
-def derive_variant(job_id: int) -> str | None:
-    return variants.run_job(job_id, get_settings())

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 TASK_MODULES = [
     "controller.registry.tasks",
+    "controller.optimizations.tasks",
     "controller.rollouts.tasks",
     "controller.fleet.tasks",
 ]

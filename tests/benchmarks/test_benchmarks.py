@@ -20,7 +20,7 @@ from controller.db.session import session_scope
 from controller.fleet.service import set_node_health
 from controller.registry import samples
 from controller.settings import Settings
-from tests.registry.test_variants import CNN, calibration_npz, derive, finished, push
+from tests.optimizations.test_variants import CNN, calibration_npz, derive, finished, push
 from tests.rollouts.helpers import apply, cluster_doc, drive, rollout_doc, running_versions
 
 CLASS = "edgefleet.io/node-class"

@@ -45,7 +45,7 @@ from controller.db.models import (
 from controller.db.session import session_scope
 from controller.demo import RunningWorkload, report_running
 from controller.manifests.service import apply_documents
-from controller.registry.service import artifact_store
+from controller.registry.store import artifact_store
 from controller.rollouts import repository as rollout_repo
 from controller.rollouts import service
 from controller.rollouts.state import ASSIGNMENT_TRANSITIONS, ROLLOUT_TRANSITIONS

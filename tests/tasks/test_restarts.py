@@ -34,7 +34,8 @@ from controller.db.models import ModelVersion, Rollout, VersionStatus
 from controller.db.session import make_engine, override_session_factory, session_scope
 from controller.manifests.service import apply_documents
 from controller.registry import samples
-from controller.registry.service import artifact_store, push_version
+from controller.registry.service import push_version
+from controller.registry.store import artifact_store
 from controller.settings import Settings
 from controller.tasks.celery_app import LIVENESS_FILE_NAME, configure
 from node_agent.contract import Heartbeat

@@ -12,24 +12,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.audit import record_event
 from controller.db.models import Model, ModelVersion, Optimization, OptimizationStatus
 from controller.db.session import session_scope
 from controller.errors import Conflict, InvalidInput, NotFound
-from controller.registry import optimize
-from controller.registry import repository as repo
+from controller.optimizations import optimize
+from controller.optimizations import repository as repo
+from controller.registry import repository as registry_repo
 from controller.registry.schemas import check_version
 from controller.registry.service import (
-    _record_version,
-    artifact_store,
     json_object_field,
     probe_limits,
+    record_version,
     require_version,
 )
-from controller.registry.store import ArtifactStore
+from controller.registry.store import ArtifactStore, artifact_store
 from controller.settings import Settings
 from controller.tasks.celery_app import enqueue
 from node_agent.probe_launcher import ProbeRequest, probe_model
@@ -86,7 +85,7 @@ def request_variant(
             raise InvalidInput(
                 "sparsity must be a number between 0 and 1", loc=("body", "params", "sparsity")
             )
-    if repo.get_version(session, name, version) is not None:
+    if registry_repo.get_version(session, name, version) is not None:
         raise Conflict(f"model {name} already has a version {version!r}; name the variant anew")
     calibration_sha = None
     if calibration:
@@ -111,9 +110,7 @@ def request_variant(
 
 
 def get_job(session: Session, name: str, job_id: int) -> Optimization:
-    job = session.scalar(
-        select(Optimization).join(Model).where(Optimization.id == job_id, Model.name == name)
-    )
+    job = repo.get_job(session, name, job_id)
     if job is None:
         raise NotFound(f"model {name!r} has no optimization {job_id}")
     return job
@@ -232,7 +229,7 @@ def run_job(job_id: int, settings: Settings) -> str | None:
         assert job is not None
         metadata = {"labels": {"variant-of": lineage_base["parent"], "method": method}}
         try:
-            result = _record_version(
+            result = record_version(
                 session,
                 model_name,
                 target,
