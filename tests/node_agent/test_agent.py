@@ -15,8 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
-from node_agent import agent as agent_module
-from node_agent.agent import Agent, AgentSettings, Backoff, ControllerClient, write_secret
+from node_agent.agent import cli
+from node_agent.agent.backoff import Backoff
+from node_agent.agent.client import ControllerClient
+from node_agent.agent.credentials import write_secret
+from node_agent.agent.loop import Agent
+from node_agent.agent.settings import AgentSettings
 from tests.agents.fakes import FakeClock
 
 TOKEN = "join-token"
@@ -177,7 +181,7 @@ def test_main_explains_a_missing_setting(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("EDGEFLEET_CLUSTER", "c")
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:
-        agent_module.main()
+        cli.main()
     assert exc.value.code == 2
     assert "EDGEFLEET_CONTROLLER_URL: Field required" in caplog.text
     assert "NODE_NAME: Field required" in caplog.text

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from controller.registry import samples
-from node_agent.agent import SHUTDOWN_GRACE_S, Agent, AgentSettings
+from node_agent.agent.loop import SHUTDOWN_GRACE_S, Agent
+from node_agent.agent.settings import AgentSettings
 from node_agent.contract import BenchmarkResult
 
 TOKEN = "join-token"
@@ -428,7 +429,7 @@ def test_shutdown_does_not_wait_for_a_running_benchmark_and_a_restart_runs_it(
 
 def test_importing_the_agent_loads_no_numpy_nor_runtime() -> None:
     code = (
-        "import sys, node_agent.agent; "
+        "import sys, node_agent.agent.cli; "
         "print(','.join(m for m in ('numpy', 'onnxruntime', 'ai_edge_litert', "
         "'tflite_runtime', 'node_agent.probe', 'node_agent.runtimes') if m in sys.modules))"
     )

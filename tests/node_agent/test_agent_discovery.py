@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from node_agent.agent import Agent, AgentSettings
+from node_agent.agent.loop import Agent
+from node_agent.agent.settings import AgentSettings
 from node_agent.discovery import (
     DiscoveryError,
     PodDiscovery,
