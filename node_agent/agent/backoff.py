@@ -3,6 +3,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from node_agent.agent.clock import Clock
+
 
 class Backoff:
     """When to try the controller next. Temporary failures wait longer each time (from
@@ -13,7 +15,7 @@ class Backoff:
         self,
         base_s: float,
         max_s: float,
-        clock: Callable[[], float],
+        clock: Clock,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.base_s, self.max_s, self.clock, self.rng = base_s, max_s, clock, rng
@@ -21,7 +23,7 @@ class Backoff:
         self.retry_at = 0.0
 
     def ready(self) -> bool:
-        return self.clock() >= self.retry_at
+        return self.clock.monotonic() >= self.retry_at
 
     def success(self) -> None:
         self.failures, self.retry_at = 0, 0.0
@@ -32,5 +34,5 @@ class Backoff:
         delay *= 0.5 + self.rng() / 2
         if at_least_s is not None:
             delay = max(delay, at_least_s)
-        self.retry_at = self.clock() + delay
+        self.retry_at = self.clock.monotonic() + delay
         return delay

@@ -5,10 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -16,6 +13,7 @@ from pydantic import ValidationError
 
 from node_agent.agent.backoff import Backoff
 from node_agent.agent.client import ControllerClient, Refused, Unreachable, artifact_url
+from node_agent.agent.clock import SYSTEM_CLOCK, Clock
 from node_agent.agent.credentials import ControllerAuth, write_secret
 from node_agent.agent.settings import AgentSettings, discovery_for
 from node_agent.benchmarks import BenchmarkWorker, Finished, failed
@@ -63,14 +61,12 @@ class Agent:
         settings: AgentSettings,
         *,
         client: ControllerClient | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Clock = SYSTEM_CLOCK,
         proc_root: Path = Path("/proc"),
         sys_root: Path = Path("/sys"),
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.wall_clock = wall_clock
         self.version = agent_version()
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.credential_path = settings.state_dir / "credential"
@@ -84,8 +80,10 @@ class Agent:
         )
         # Local servers only: no proxy from the environment.
         self._scrape_http = httpx.Client(timeout=settings.scrape_timeout_s, trust_env=False)
-        self.discovery = discovery_for(settings, clock)
-        self.metrics = MetricsReader(self.discovery, client=self._scrape_http, clock=clock)
+        self.discovery = discovery_for(settings, clock.monotonic)
+        self.metrics = MetricsReader(
+            self.discovery, client=self._scrape_http, clock=clock.monotonic
+        )
         self.system = SystemProbe(
             settings.state_dir, agent_version=self.version, proc_root=proc_root, sys_root=sys_root
         )
@@ -200,7 +198,7 @@ class Agent:
         """Build this interval's heartbeat and put it in the outbox. Returns its seq."""
         status = self.system.status()
         workloads = self.metrics.read()
-        sent_at = self.wall_clock()
+        sent_at = self.clock.now()
         s = self.settings
 
         def build(seq: int) -> str:
@@ -342,7 +340,7 @@ class Agent:
             # Ask again later whatever the count says: a lost answer may have handed the
             # jobs out already (the controller then counts them fetched).
             self._jobs_checked = False
-            self._next_jobs_fetch_at = self.clock() + self.settings.retry_max_s
+            self._next_jobs_fetch_at = self.clock.monotonic() + self.settings.retry_max_s
             return
         except Refused as exc:  # e.g. a controller without on-node benchmarks
             log.log(
@@ -351,7 +349,7 @@ class Agent:
                 exc,
             )
             self._jobs_checked = True
-            self._next_jobs_fetch_at = self.clock() + self.settings.retry_max_s
+            self._next_jobs_fetch_at = self.clock.monotonic() + self.settings.retry_max_s
             return
         self._jobs_checked = True
         jobs: list[BenchmarkJob] = []
@@ -375,7 +373,7 @@ class Agent:
             self.benchmarks.start(jobs)
         elif self.benchmarks_pending > 0 and not self._unsent_results:
             # The heartbeat said some wait but there is none: do not ask every interval.
-            self._next_jobs_fetch_at = self.clock() + self.settings.retry_max_s
+            self._next_jobs_fetch_at = self.clock.monotonic() + self.settings.retry_max_s
 
     def benchmark_step(self) -> None:
         """After a heartbeat got through: post what finished, then, when the controller
@@ -387,7 +385,7 @@ class Agent:
             (self.benchmarks_pending > 0 or not self._jobs_checked)
             and not self.benchmarks.busy()
             and not self._unsent_results
-            and self.clock() >= self._next_jobs_fetch_at
+            and self.clock.monotonic() >= self._next_jobs_fetch_at
         ):
             self.fetch_benchmarks()
 
@@ -418,17 +416,17 @@ class Agent:
             s.controller_url,
             servers,
         )
-        next_at = self.clock()
+        next_at = self.clock.monotonic()
         while not stop.is_set():
             try:
                 self.cycle()
             except Exception:  # a bug in one cycle must not end the agent
                 log.exception("heartbeat cycle failed")
             next_at += self.interval_s
-            delay = next_at - self.clock()
+            delay = next_at - self.clock.monotonic()
             if delay < 0:  # fell behind (suspended, slow disk): no burst to catch up
-                next_at, delay = self.clock(), 0.0
-            stop.wait(delay)
+                next_at, delay = self.clock.monotonic(), 0.0
+            self.clock.wait(stop, delay)
         # Shutting down (SIGTERM): a running benchmark is killed, not waited for (the
         # controller lists it again, and the next start fetches it); one last attempt to
         # empty the outbox and to post the results that are ready.
