@@ -19,7 +19,11 @@ def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         name = str(err["loc"][0]) if err["loc"] else "?"
-        env = "NODE_NAME" if name == "node_name" else f"EDGEFLEET_{name.upper()}"
+        # A field read through aliases is located by its first alias, not its name.
+        if name in ("node_name", "EDGEFLEET_NODE_NAME"):
+            env = "NODE_NAME"  # as the chart sets it
+        else:
+            env = f"EDGEFLEET_{name.upper()}"
         lines.append(f"  {env}: {err['msg']}")
     return "\n".join(lines)
 

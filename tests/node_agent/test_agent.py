@@ -201,8 +201,9 @@ def test_main_explains_a_missing_setting(
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 2
-    assert "EDGEFLEET_CONTROLLER_URL: Field required" in caplog.text
-    assert "NODE_NAME: Field required" in caplog.text
+    lines = {line.strip() for line in caplog.text.splitlines()}
+    assert "EDGEFLEET_CONTROLLER_URL: Field required" in lines
+    assert "NODE_NAME: Field required" in lines
 
 
 def test_enrolls_once_and_keeps_the_credential_private(
