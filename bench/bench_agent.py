@@ -159,7 +159,7 @@ def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
 def heavy_imports() -> str:
     """What importing the agent pulls in, checked in a clean interpreter."""
     code = (
-        "import sys, node_agent.agent; "
+        "import sys, node_agent.agent.cli; "
         "print(','.join(m for m in ('numpy', 'onnxruntime', 'sqlalchemy', 'fastapi', "
         "'celery', 'controller') if m in sys.modules) or 'none')"
     )

@@ -319,8 +319,10 @@ def ingest_heartbeats(
     return result
 
 
-def mark_silent_nodes(session: Session, settings: Settings) -> int:
-    now = utcnow()
+def mark_silent_nodes(session: Session, settings: Settings, *, now: datetime | None = None) -> int:
+    """Nodes whose agent has been silent longer than ``node_stale_s`` turn Stale, longer
+    than ``node_offline_s`` Offline, as of ``now`` (default: the current time)."""
+    now = now or utcnow()
     return repo.mark_silent_nodes(
         session,
         stale_before=now - timedelta(seconds=settings.node_stale_s),

@@ -4,14 +4,17 @@ can be stopped and started again on the same address."""
 
 from __future__ import annotations
 
+import heapq
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from node_agent.agent.clock import Clock
 from node_agent.contract import ERRORS_TOTAL, INFERENCE_LATENCY, REQUESTS_TOTAL
 from tests.live import LiveController, live_controller
 
@@ -19,6 +22,9 @@ __all__ = ["JOIN_TOKEN", "LiveController", "live_controller"]
 
 # The join token the agent tests enroll with (tests/conftest.py's join_token fixture).
 JOIN_TOKEN = "join-0123456789abcdef"
+
+# Where a FakeClock's wall time starts unless told.
+WALL_START = datetime(2026, 1, 1, tzinfo=UTC)
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -107,14 +113,41 @@ def inference_server() -> Iterator[FakeInferenceServer]:
         server.close()
 
 
-class FakeClock:
-    """A monotonic clock the test moves: an hour of 10 s intervals in no time."""
+class FakeClock(Clock):
+    """Time the test moves: an hour of 10 s intervals in no time. ``wait`` lets the time
+    pass at once (each wait recorded in ``waits``) and runs what ``at`` scheduled for
+    the instants it passes; an agent's ``run`` on this clock ends at ``stop_at``, as if
+    SIGTERM came then, so a test drives the loop itself without a thread or a sleep."""
 
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
+    def __init__(self, start: float = 1000.0, *, wall: datetime = WALL_START) -> None:
+        self.start = self.now_s = start
+        self.wall = wall
+        self.waits: list[float] = []
+        self.stop_at: float | None = None
+        self._actions: list[tuple[float, int, Callable[[], None]]] = []
 
-    def __call__(self) -> float:
-        return self.now
+    def monotonic(self) -> float:
+        return self.now_s
+
+    def now(self) -> datetime:
+        return self.wall + timedelta(seconds=self.now_s - self.start)
 
     def advance(self, seconds: float) -> None:
-        self.now += seconds
+        self.now_s += seconds
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        """Run ``action`` when a wait passes ``when`` (monotonic seconds)."""
+        heapq.heappush(self._actions, (when, len(self._actions), action))
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        self.waits.append(seconds)
+        until = self.now_s + max(0.0, seconds)
+        if self.stop_at is not None and until > self.stop_at:
+            until = max(self.now_s, self.stop_at)
+            stop.set()
+        while self._actions and self._actions[0][0] <= until:
+            when, _, action = heapq.heappop(self._actions)
+            self.now_s = max(self.now_s, when)
+            action()
+        self.now_s = until
+        return stop.is_set()

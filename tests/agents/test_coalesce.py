@@ -109,10 +109,12 @@ def test_arrivals_during_a_transaction_form_the_next_batch(
 
     async def run() -> list[str]:
         first = asyncio.ensure_future(c.submit("first"))
-        while not handle.entered.is_set():
-            await asyncio.sleep(0.001)
+        assert await asyncio.to_thread(handle.entered.wait, 5)  # "first" is being written
         rest = [asyncio.ensure_future(c.submit(f"n{i}")) for i in range(5)]
-        await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while len(c._queue) < 5:  # all five queued behind it
+            assert time.monotonic() < deadline, "the submissions did not queue"
+            await asyncio.sleep(0)
         assert handle.gate is not None
         handle.gate.set()
         return [await first, *[await r for r in rest]]

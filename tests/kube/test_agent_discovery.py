@@ -26,7 +26,8 @@ from kubernetes import client as k8s
 from controller.kube.client import KubernetesDriver
 from controller.kube.driver import WorkloadSpec
 from controller.registry import samples
-from node_agent.agent import Agent, AgentSettings
+from node_agent.agent.loop import Agent
+from node_agent.agent.settings import AgentSettings
 from node_agent.discovery import DiscoveryError, PodDiscovery
 from tests.deploy.kube import objects, render
 from tests.kube.apply import ORDER, applied

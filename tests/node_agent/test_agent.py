@@ -9,14 +9,20 @@ import logging
 import stat
 import threading
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from node_agent import agent as agent_module
-from node_agent.agent import Agent, AgentSettings, Backoff, ControllerClient, write_secret
+from node_agent.agent import cli
+from node_agent.agent.backoff import Backoff
+from node_agent.agent.client import ControllerClient
+from node_agent.agent.clock import SYSTEM_CLOCK
+from node_agent.agent.credentials import write_secret
+from node_agent.agent.loop import Agent
+from node_agent.agent.settings import AgentSettings
 from tests.agents.fakes import FakeClock
 
 TOKEN = "join-token"
@@ -25,12 +31,21 @@ TOKEN = "join-token"
 class FakeController:
     """Just enough of /v1/agents: per-node credentials and last_seq, duplicates by seq."""
 
-    def __init__(self, *, interval_s: float = 10.0, max_batch: int = 1000) -> None:
+    def __init__(
+        self, clock: FakeClock, *, interval_s: float = 10.0, max_batch: int = 1000
+    ) -> None:
+        self.clock = clock
         self.interval_s = interval_s
+        self.token = TOKEN
+        self.enroll_attempts: list[float] = []  # when, on the agent's clock
+        self.beat_attempts: list[float] = []  # heartbeat requests, also those that failed
+        self.slow_s = 0.0  # each heartbeat request takes that long
+        self.beat = threading.Event()  # set by every heartbeat request that got in
         self.max_batch = max_batch
         self.credentials: dict[str, str] = {}  # credential -> node
         self.last_seq: dict[str, int] = {}
         self.received: list[int] = []  # accepted seqs, in arrival order
+        self.sent_at: list[datetime] = []  # of the accepted heartbeats, in arrival order
         self.batches: list[int] = []  # sizes of the heartbeat requests
         self.enrollments = 0
         self.down = False
@@ -41,6 +56,11 @@ class FakeController:
         self.benchmarks_pending: int | None = None  # None: a controller without benchmarks
 
     def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/agents/enroll":
+            self.enroll_attempts.append(self.clock.monotonic())
+        elif request.url.path == "/v1/agents/heartbeat":
+            self.beat_attempts.append(self.clock.monotonic())
+            self.clock.advance(self.slow_s)
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
         if request.method == "GET" and request.url.path == "/v1/agents/benchmarks":
@@ -51,7 +71,7 @@ class FakeController:
             return httpx.Response(200, json=[])  # (tests/node_agent/test_agent_benchmarks.py)
         body = json.loads(request.content)
         if request.url.path == "/v1/agents/enroll":
-            if body["join_token"] != TOKEN:
+            if body["join_token"] != self.token:
                 return httpx.Response(401, json={"error": "unauthorized", "detail": "bad"})
             node = body["node"]
             self.credentials = {c: n for c, n in self.credentials.items() if n != node}
@@ -85,10 +105,12 @@ class FakeController:
             else:
                 self.last_seq[node] = beat["seq"]
                 self.received.append(beat["seq"])
+                self.sent_at.append(datetime.fromisoformat(beat["sent_at"]))
                 accepted += 1
         if self.lose_next_response:
             self.lose_next_response = False
             raise httpx.ReadTimeout("response lost", request=request)
+        self.beat.set()
         ack = {"accepted": accepted, "duplicates": duplicates, "last_seq": self.last_seq[node]}
         if self.benchmarks_pending is not None:
             ack["benchmarks_pending"] = self.benchmarks_pending
@@ -96,13 +118,13 @@ class FakeController:
 
 
 @pytest.fixture
-def controller() -> FakeController:
-    return FakeController()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def controller(clock: FakeClock) -> FakeController:
+    return FakeController(clock)
 
 
 AgentFactory = Callable[..., Agent]
@@ -177,10 +199,11 @@ def test_main_explains_a_missing_setting(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("EDGEFLEET_CLUSTER", "c")
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:
-        agent_module.main()
+        cli.main()
     assert exc.value.code == 2
-    assert "EDGEFLEET_CONTROLLER_URL: Field required" in caplog.text
-    assert "NODE_NAME: Field required" in caplog.text
+    lines = {line.strip() for line in caplog.text.splitlines()}
+    assert "EDGEFLEET_CONTROLLER_URL: Field required" in lines
+    assert "NODE_NAME: Field required" in lines
 
 
 def test_enrolls_once_and_keeps_the_credential_private(
@@ -235,7 +258,7 @@ def test_without_a_join_token_a_rejected_credential_keeps_the_outbox(
     run_cycles(agent, clock, 3)
     assert controller.enrollments == 1
     assert len(agent.queue) == 3
-    assert agent.backoff.retry_at > clock()
+    assert agent.backoff.retry_at > clock.monotonic()
 
 
 def test_enrolment_continues_above_the_controllers_sequence(
@@ -352,7 +375,7 @@ def test_a_refusal_backs_off_to_the_maximum(
     run_cycles(agent, clock, 1)
     agent.settings.node_name = "n2"  # misconfigured: speaks for a node not its own
     agent.cycle()
-    assert agent.backoff.retry_at - clock() >= 30  # max_s 60 with jitter
+    assert agent.backoff.retry_at - clock.monotonic() >= 30  # max_s 60 with jitter
     assert len(agent.queue) == 1
 
 
@@ -367,25 +390,95 @@ def test_backoff_grows_and_resets() -> None:
     assert b.failure(at_least_s=90) == 90
 
 
-def test_run_stops_on_request_and_flushes(
+def run_until(agent: Agent, clock: FakeClock, at: float) -> None:
+    """The agent's own loop, on the fake clock, until it is stopped at ``at``."""
+    clock.stop_at = at
+    agent.run(threading.Event())
+
+
+def test_run_keeps_the_schedule_and_does_not_burst_after_falling_behind(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    t0 = clock.monotonic()
+    agent = make_agent()
+    run_until(agent, clock, t0 + 100)
+    assert [t - t0 for t in controller.beat_attempts] == [10.0 * i for i in range(11)]
+    assert clock.waits == [10.0] * 11
+    assert controller.received == list(range(1, 12))
+    # Each heartbeat says when it was made, on the same clock.
+    assert controller.sent_at == [clock.wall + timedelta(seconds=10 * i) for i in range(11)]
+    agent.close()
+    # A heartbeat request that takes 25 s (two and a half intervals): the next beat goes
+    # at once, then every interval again; the two missed ones are not made up in a burst.
+    again = make_agent()
+    t1 = clock.monotonic()
+    clock.at(t1 + 25, lambda: setattr(controller, "slow_s", 25.0))
+    clock.at(t1 + 35, lambda: setattr(controller, "slow_s", 0.0))
+    run_until(again, clock, t1 + 80)
+    assert [t - t1 for t in controller.beat_attempts[11:]] == [0, 10, 20, 30, 55, 65, 75]
+
+
+def test_run_backs_off_while_the_controller_is_down_then_replays(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    t0 = clock.monotonic()
+    agent = make_agent()
+    agent.backoff.rng = lambda: 1.0  # no jitter: the waits are exactly 10, 20, 40, 60
+    clock.at(t0 + 5, lambda: setattr(controller, "down", True))
+    clock.at(t0 + 150, lambda: setattr(controller, "down", False))
+    run_until(agent, clock, t0 + 200)
+    assert [t - t0 for t in controller.beat_attempts] == [0, 10, 20, 40, 80, 140, 200]
+    assert controller.received == list(range(1, 22))
+    assert controller.batches[-1] == 20  # everything since t0 + 10, in one request
+    assert len(agent.queue) == 0
+
+
+def test_run_enrolls_again_on_its_schedule(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    t0 = clock.monotonic()
+    controller.token = "the operator has not set it yet"
+    agent = make_agent()
+    agent.backoff.rng = lambda: 1.0
+    clock.at(t0 + 100, lambda: setattr(controller, "token", TOKEN))
+    # A rejected credential: enrolled again in the same cycle, nothing lost.
+    clock.at(t0 + 145, lambda: controller.credentials.clear())
+    run_until(agent, clock, t0 + 160)
+    # A refused join token waits the longest retry (60 s) before the next try.
+    assert [t - t0 for t in controller.enroll_attempts] == [0, 60, 120, 150]
+    assert controller.enrollments == 2
+    assert [t - t0 for t in controller.beat_attempts] == [120, 130, 140, 150, 150, 160]
+    assert controller.batches[0] == 13  # the beats of t0 .. t0 + 120, kept meanwhile
+    assert controller.received == list(range(1, 18))
+
+
+def test_stopping_sends_the_outbox_without_waiting_for_the_backoff(
+    make_agent: AgentFactory, controller: FakeController, clock: FakeClock
+) -> None:
+    t0 = clock.monotonic()
+    agent = make_agent()
+    agent.backoff.rng = lambda: 1.0
+    clock.at(t0 + 5, lambda: setattr(controller, "down", True))
+    clock.at(t0 + 45, lambda: setattr(controller, "down", False))
+    run_until(agent, clock, t0 + 55)  # next try due at t0 + 80
+    assert [t - t0 for t in controller.beat_attempts] == [0, 10, 20, 40, 55]
+    assert controller.received == list(range(1, 7))
+    assert len(agent.queue) == 0
+
+
+def test_stop_ends_the_real_wait_at_once(
     make_agent: AgentFactory, controller: FakeController
 ) -> None:
-    import time
-
-    agent = make_agent(heartbeat_interval_s=0.01)
-    agent.clock = time.monotonic
-    agent.backoff.clock = time.monotonic
+    agent = make_agent(heartbeat_interval_s=3600.0)
+    agent.clock = agent.backoff.clock = SYSTEM_CLOCK
     stop = threading.Event()
-    thread = threading.Thread(target=agent.run, args=(stop,))
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 5
-    while len(controller.received) < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert controller.beat.wait(10)  # the first beat: the loop now waits an hour
     stop.set()
-    thread.join(5)
+    thread.join(10)
     assert not thread.is_alive()
-    assert len(controller.received) >= 5
-    assert controller.received == sorted(controller.received)
+    assert controller.received == [1]
 
 
 def test_benchmark_jobs_are_fetched_once_after_a_start_then_when_told(

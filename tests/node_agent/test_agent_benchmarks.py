@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from controller.registry import samples
-from node_agent.agent import SHUTDOWN_GRACE_S, Agent, AgentSettings
+from node_agent.agent.loop import SHUTDOWN_GRACE_S, Agent
+from node_agent.agent.settings import AgentSettings
 from node_agent.contract import BenchmarkResult
 
 TOKEN = "join-token"
@@ -226,6 +227,13 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
         time.sleep(0.02)
 
 
+def more_cycles(controller: FakeController, n: int) -> None:
+    """Until the agent has sent ``n`` more heartbeats (a cycle sends one)."""
+    with controller.lock:
+        seen = len(controller.heartbeats)
+    wait_for(lambda: len(controller.heartbeats) >= seen + n, 30, f"{n} more heartbeats")
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -327,7 +335,7 @@ def test_a_lost_result_post_is_retried_later_without_measuring_again(
     agent = make_agent()
     with running(agent):
         wait_for(lambda: 5 in controller.results, 60, "the benchmark result")
-        time.sleep(10 * INTERVAL_S)  # a few more cycles: nothing else happens
+        more_cycles(controller, 10)  # nothing else happens
     assert [job for _, job in controller.result_posts] == [5, 5]
     first, second = (t for t, _ in controller.result_posts)
     assert any(first < t < second for t in controller.heartbeats)  # a later cycle
@@ -348,7 +356,7 @@ def test_a_withdrawn_or_answered_job_drops_its_result(
     agent = make_agent()
     with running(agent):
         wait_for(lambda: bool(controller.result_posts), 60, "the result post")
-        time.sleep(10 * INTERVAL_S)
+        more_cycles(controller, 10)
     assert len(controller.result_posts) == 1  # not retried
     assert agent.benchmarks.completed == 1
     assert agent.stats.benchmark_results_posted == 0
@@ -407,7 +415,8 @@ def test_shutdown_does_not_wait_for_a_running_benchmark_and_a_restart_runs_it(
     agent = make_agent()
     with running(agent) as stop:
         wait_for(lambda: bool(_probe_children()), 60, "the benchmark's child process")
-        time.sleep(0.5)
+        more_cycles(controller, 3)  # the child measures; the loop goes on meanwhile
+        assert _probe_children()
         stopped_at = time.monotonic()
         stop.set()
     assert time.monotonic() - stopped_at < SHUTDOWN_GRACE_S + 2
@@ -428,7 +437,7 @@ def test_shutdown_does_not_wait_for_a_running_benchmark_and_a_restart_runs_it(
 
 def test_importing_the_agent_loads_no_numpy_nor_runtime() -> None:
     code = (
-        "import sys, node_agent.agent; "
+        "import sys, node_agent.agent.cli; "
         "print(','.join(m for m in ('numpy', 'onnxruntime', 'ai_edge_litert', "
         "'tflite_runtime', 'node_agent.probe', 'node_agent.runtimes') if m in sys.modules))"
     )

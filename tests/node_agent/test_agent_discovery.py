@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from node_agent.agent import Agent, AgentSettings
+from node_agent.agent.loop import Agent
+from node_agent.agent.settings import AgentSettings
 from node_agent.discovery import (
     DiscoveryError,
     PodDiscovery,
@@ -103,7 +104,7 @@ def discovery(api: FakeApi, tmp_path: Path, clock: FakeClock) -> PodDiscovery:
         token_file=token,
         ca_file=None,
         refresh_s=60,
-        clock=clock,
+        clock=clock.monotonic,
         transport=httpx.MockTransport(api.handle),
     )
 
@@ -181,7 +182,7 @@ def test_a_removed_server_is_forgotten_a_failing_one_reported(
     clock = FakeClock()
     found = Switchable([server.url])
     with httpx.Client(timeout=2) as http:
-        reader = MetricsReader(found, client=http, clock=clock)
+        reader = MetricsReader(found, client=http, clock=clock.monotonic)
         server.set_model("cnn", "1", SHA1)
         assert [r.state for r in reader.read()] == ["Ready"]
         # Still listed but not answering: a failing workload (after one re-list).

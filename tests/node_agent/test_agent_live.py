@@ -20,7 +20,9 @@ from controller.api.app import create_app
 from controller.db.models import Assignment, AssignmentState, ModelVersion, Node
 from controller.db.session import session_scope
 from controller.settings import Settings
-from node_agent.agent import Agent, AgentSettings, ControllerClient
+from node_agent.agent.client import ControllerClient
+from node_agent.agent.loop import Agent
+from node_agent.agent.settings import AgentSettings
 from tests.agents.fakes import (
     JOIN_TOKEN,
     FakeClock,

@@ -107,7 +107,7 @@ def test_reader_against_a_prometheus_client_exposition(
     server: FakeInferenceServer, http: httpx.Client
 ) -> None:
     clock = FakeClock()
-    reader = MetricsReader([server.url], client=http, clock=clock)
+    reader = MetricsReader([server.url], client=http, clock=clock.monotonic)
     assert reader.read() == []  # no model loaded yet: nothing to report
     server.set_model("detector", "1.0.0", SHA1)
     server.serve(500, 0.003)  # before the first scrape: not this agent's window
@@ -139,7 +139,7 @@ def test_reader_against_a_prometheus_client_exposition(
 
 def test_reader_after_a_server_restart(server: FakeInferenceServer, http: httpx.Client) -> None:
     clock = FakeClock()
-    reader = MetricsReader([server.url], client=http, clock=clock)
+    reader = MetricsReader([server.url], client=http, clock=clock.monotonic)
     server.set_model("detector", "1.0.0", SHA1)
     server.serve(1000, 0.003)
     reader.read()
@@ -157,7 +157,7 @@ def test_a_hot_swap_does_not_mix_two_versions_into_one_window(
     server: FakeInferenceServer, http: httpx.Client
 ) -> None:
     clock = FakeClock()
-    reader = MetricsReader([server.url], client=http, clock=clock)
+    reader = MetricsReader([server.url], client=http, clock=clock.monotonic)
     server.set_model("detector", "1.0.0", SHA1)
     reader.read()
     server.serve(50, 0.2)  # slow old version...
@@ -176,7 +176,7 @@ def test_a_hot_swap_does_not_mix_two_versions_into_one_window(
 
 def test_a_model_still_loading_is_starting(server: FakeInferenceServer, http: httpx.Client) -> None:
     server.set_model("detector", "1.0.0", SHA1, ready=False)
-    reader = MetricsReader([server.url], client=http, clock=FakeClock())
+    reader = MetricsReader([server.url], client=http, clock=FakeClock().monotonic)
     assert [r.state for r in reader.read()] == ["Starting"]
 
 
@@ -184,7 +184,9 @@ def test_an_unreachable_server_reports_its_workload_failed(
     server: FakeInferenceServer, http: httpx.Client
 ) -> None:
     clock = FakeClock()
-    reader = MetricsReader([server.url, "http://127.0.0.1:9/metrics"], client=http, clock=clock)
+    reader = MetricsReader(
+        [server.url, "http://127.0.0.1:9/metrics"], client=http, clock=clock.monotonic
+    )
     server.set_model("detector", "1.0.0", SHA1)
     assert [r.state for r in reader.read()] == ["Ready"]  # the never-seen one: nothing
     server.fail = True

@@ -1,0 +1,3 @@
+from node_agent.agent.cli import main
+
+main()
