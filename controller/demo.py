@@ -57,7 +57,7 @@ from controller.manifests.service import apply_documents
 from controller.registry import repository as repo
 from controller.registry import samples, service, variants
 from controller.registry.tflite_builder import build_tflite_mlp
-from controller.rollouts import service as rollouts
+from controller.rollouts import reconciler as rollouts
 from controller.settings import Settings, get_settings
 from controller.tasks.celery_app import configure
 from node_agent.contract import BenchmarkResult, Heartbeat, InferenceMetrics, WorkloadReport
