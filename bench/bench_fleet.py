@@ -42,8 +42,8 @@ from controller.demo import RunningWorkload, report_running  # noqa: E402
 from controller.manifests.service import apply_documents  # noqa: E402
 from controller.registry import samples, service  # noqa: E402
 from controller.registry.store import artifact_store  # noqa: E402
+from controller.rollouts import reconciler as rollouts  # noqa: E402
 from controller.rollouts import repository as rollout_repo  # noqa: E402
-from controller.rollouts import service as rollouts  # noqa: E402
 from controller.settings import get_settings  # noqa: E402
 from controller.tasks.celery_app import configure  # noqa: E402
 from node_agent.contract import InferenceMetrics  # noqa: E402

@@ -59,7 +59,7 @@ from controller.registry import repository as repo
 from controller.registry import samples, service
 from controller.registry.store import artifact_store
 from controller.registry.tflite_builder import build_tflite_mlp
-from controller.rollouts import service as rollouts
+from controller.rollouts import reconciler as rollouts
 from controller.settings import Settings, get_settings
 from controller.tasks.celery_app import configure
 from node_agent.contract import BenchmarkResult, Heartbeat, InferenceMetrics, WorkloadReport

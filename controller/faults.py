@@ -38,10 +38,10 @@ Points, in the order a rollout meets them (``(c)`` marks a point after the commi
     manifests.apply.document    after each document is written and flushed (N*: the N-th)
     rollout.apply.claimed       rollout, waves and node claims flushed, no Applied event
     rollout.apply.committed     (c) the apply committed, its first reconcile not sent
-  commands: pause, resume, abort, undo, retry (controller/rollouts/service.py: command)
+  commands: pause, resume, abort, undo, retry (controller/rollouts/commands.py: command)
     rollout.command.locked      the rollout row locked, nothing changed
     rollout.command.recorded    the transition recorded (flushed), no step sent, no commit
-  reconcile step (controller/rollouts/service.py: reconcile, Step)
+  reconcile step (controller/rollouts/reconciler.py: reconcile, Step)
     rollout.step.locked         the rollout row locked and its rows read, nothing changed
     rollout.started             Pending -> Progressing recorded, not committed
     rollout.wave.started        WaveStarted recorded (the wave Applying), no node admitted
@@ -89,22 +89,22 @@ POINTS: dict[str, str] = {
     "manifests.apply.document": "controller/manifests/service.py _apply_all",
     "rollout.apply.claimed": "controller/rollouts/service.py apply_rollout",
     "rollout.apply.committed": "controller/rollouts/service.py apply_rollout",
-    "rollout.command.locked": "controller/rollouts/service.py command",
-    "rollout.command.recorded": "controller/rollouts/service.py command",
-    "rollout.step.locked": "controller/rollouts/service.py reconcile",
-    "rollout.step.committed": "controller/rollouts/service.py reconcile",
-    "rollout.started": "controller/rollouts/service.py reconcile",
-    "rollout.wave.started": "controller/rollouts/service.py Step.progress",
-    "rollout.nodes.admitted": "controller/rollouts/service.py Step.progress",
-    "rollout.nodes.pushed": "controller/rollouts/service.py Step.progress",
-    "rollout.observed": "controller/rollouts/service.py Step.progress",
-    "rollout.gate.evaluated": "controller/rollouts/service.py Step.judge",
-    "rollout.wave.promoted": "controller/rollouts/service.py Step.promote",
-    "rollout.succeeded": "controller/rollouts/service.py Step.promote",
-    "rollout.failed": "controller/rollouts/service.py Step.fail",
-    "rollout.rolling_back": "controller/rollouts/service.py Step.fail",
-    "rollout.revert.pushed": "controller/rollouts/service.py Step.revert",
-    "rollout.revert.recorded": "controller/rollouts/service.py Step.revert",
+    "rollout.command.locked": "controller/rollouts/commands.py command",
+    "rollout.command.recorded": "controller/rollouts/commands.py command",
+    "rollout.step.locked": "controller/rollouts/reconciler.py reconcile",
+    "rollout.step.committed": "controller/rollouts/reconciler.py reconcile",
+    "rollout.started": "controller/rollouts/reconciler.py reconcile",
+    "rollout.wave.started": "controller/rollouts/reconciler.py Step.progress",
+    "rollout.nodes.admitted": "controller/rollouts/reconciler.py Step.progress",
+    "rollout.nodes.pushed": "controller/rollouts/reconciler.py Step.progress",
+    "rollout.observed": "controller/rollouts/reconciler.py Step.progress",
+    "rollout.gate.evaluated": "controller/rollouts/reconciler.py Step.judge",
+    "rollout.wave.promoted": "controller/rollouts/reconciler.py Step.promote",
+    "rollout.succeeded": "controller/rollouts/reconciler.py Step.promote",
+    "rollout.failed": "controller/rollouts/reconciler.py Step.fail",
+    "rollout.rolling_back": "controller/rollouts/reconciler.py Step.fail",
+    "rollout.revert.pushed": "controller/rollouts/reconciler.py Step.revert",
+    "rollout.revert.recorded": "controller/rollouts/reconciler.py Step.revert",
     "fleet.heartbeat.folded": "controller/fleet/service.py ingest_heartbeats",
     "agents.heartbeat.folded": "controller/agents/service.py receive_heartbeats",
     "registry.push.staged": "controller/registry/service.py push_version",

@@ -30,7 +30,7 @@ from controller.auth import repository as repo
 from controller.db.base import utcnow
 from controller.db.models import ApiToken, Role
 from controller.errors import Conflict, InvalidInput, NotFound
-from controller.rollouts.durations import parse_duration
+from controller.kit.durations import parse_duration
 
 TOKEN_PREFIX = "eft_"
 # How stale last_used_at may get before a request writes it again: a token used by CI

@@ -6,7 +6,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from controller.db.models import NodeBenchmark
-from controller.manifests.schemas import Selector
+from controller.rollouts.spec import Selector
 
 
 class BenchmarkRequestIn(BaseModel):

@@ -29,7 +29,7 @@ from controller.cli.errors import client_error, fail
 from controller.cli.format import SEVERITY_STYLE, duration, human_bytes
 from controller.cli.options import ApiUrl, OutputOpt
 from controller.cli.output import Output, console, emit, err_console
-from controller.manifests.schemas import ModelVersionManifest
+from controller.registry.spec import ModelVersionManifest
 
 
 class ManifestError(Exception):

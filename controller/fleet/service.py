@@ -27,12 +27,12 @@ from controller.db.models import (
 )
 from controller.errors import InvalidInput, NotFound
 from controller.fleet import repository as repo
+from controller.fleet.spec import ClusterManifest
+from controller.kit.diff import diff
+from controller.kit.outcome import ApplyOutcome
 from controller.kube.driver import ClusterDriver, DriverError, NodeInventory, WorkloadSpec
 from controller.kube.factory import driver_for
 from controller.kube.kubeconfig import parse_kubeconfig, server_allowed
-from controller.manifests.diff import diff
-from controller.manifests.outcome import ApplyOutcome
-from controller.manifests.schemas import ClusterManifest
 from controller.settings import Settings
 from node_agent.contract import Heartbeat
 

@@ -14,8 +14,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from controller.kit.durations import parse_duration
 from controller.kube.driver import NodeInventory, ObservedWorkload, WorkloadSpec
-from controller.rollouts.durations import parse_duration
 
 
 class SimState(Protocol):

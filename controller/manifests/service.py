@@ -13,18 +13,15 @@ from controller import faults
 from controller.db.session import suspend_after_commit
 from controller.errors import EdgefleetError, Forbidden, InvalidInput
 from controller.fleet.service import apply_cluster
-from controller.manifests.outcome import ApplyOutcome
-from controller.manifests.schemas import (
-    API_VERSION,
-    KINDS,
-    ClusterManifest,
-    ModelVersionManifest,
-    RolloutManifest,
-    Strict,
-)
+from controller.fleet.spec import ClusterManifest
+from controller.kit.manifest import API_VERSION
+from controller.kit.outcome import ApplyOutcome
+from controller.manifests.schemas import KINDS, Manifest
 from controller.registry.service import apply_model_version
+from controller.registry.spec import ModelVersionManifest
 from controller.registry.store import ArtifactStore
 from controller.rollouts.service import apply_rollout
+from controller.rollouts.spec import RolloutManifest
 from controller.settings import Settings
 from controller.untrusted import DOCUMENTS_SETTING, load_json, load_yaml_documents
 
@@ -76,9 +73,9 @@ def _expected(err: dict[str, Any]) -> str:
     return str(err["msg"])
 
 
-def validate_documents(docs: list[Any]) -> list[Strict]:
+def validate_documents(docs: list[Any]) -> list[Manifest]:
     errors: list[dict[str, Any]] = []
-    parsed: list[Strict] = []
+    parsed: list[Manifest] = []
     if not docs:
         raise InvalidInput("no documents to apply", loc=("body",))
     names: dict[tuple[str, str], int] = {}
@@ -121,7 +118,7 @@ def validate_documents(docs: list[Any]) -> list[Strict]:
                     }
                 )
             continue
-        key = (kind, manifest.metadata.name)  # type: ignore[attr-defined]
+        key = (kind, manifest.metadata.name)
         if key in names:
             errors.append(
                 {
@@ -177,7 +174,7 @@ def apply_documents(
 
 def _apply_all(
     session: Session,
-    manifests: list[Strict],
+    manifests: list[Manifest],
     settings: Settings,
     store: ArtifactStore,
     *,
@@ -185,7 +182,7 @@ def _apply_all(
 ) -> list[ApplyOutcome]:
     ordered = sorted(
         enumerate(manifests),
-        key=lambda im: (ORDER[type(im[1]).__name__.removesuffix("Manifest")], im[0]),
+        key=lambda im: (ORDER[im[1].kind], im[0]),
     )
     outcomes: list[tuple[int, ApplyOutcome]] = []
     faults.point("manifests.apply.validated")

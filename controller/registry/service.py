@@ -19,11 +19,11 @@ from controller.db.base import utcnow
 from controller.db.models import Model, ModelVersion, VersionStatus
 from controller.db.session import session_scope
 from controller.errors import Conflict, Forbidden, InvalidInput, NotFound
-from controller.manifests.outcome import ApplyOutcome
-from controller.manifests.schemas import ModelVersionManifest
+from controller.kit.outcome import ApplyOutcome
 from controller.registry import repository as repo
 from controller.registry.inspect import inspect_artifact
 from controller.registry.schemas import PushMetadata, check_model_name, check_version
+from controller.registry.spec import ModelVersionManifest
 from controller.registry.store import ArtifactStore, artifact_store
 from controller.settings import Settings
 from controller.tasks.celery_app import enqueue

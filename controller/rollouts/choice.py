@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.manifests.schemas import Gates
+from controller.rollouts.spec import Gates
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from fastapi import APIRouter, Query, status
 from controller.api.deps import API_V1, SessionDep
 from controller.api.pagination import Page, PageDep
 from controller.auth.guard import OPERATOR, VIEWER
+from controller.rollouts import commands, service
 from controller.rollouts import repository as repo
-from controller.rollouts import service
 from controller.rollouts.schemas import EventOut, RolloutOut, RolloutSummary, WaveOut, summary
 
 router = APIRouter(prefix=f"{API_V1}/rollouts", tags=["rollouts"])
@@ -77,6 +77,6 @@ def rollout_events(
 def rollout_command(
     name: str, action: Literal["pause", "resume", "abort", "undo", "retry"], session: SessionDep
 ) -> RolloutOut:
-    service.command(session, name, action)
+    commands.command(session, name, action)
     session.flush()
     return _detail(session, name)

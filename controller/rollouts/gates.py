@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from controller.db.models import AssignmentState
-from controller.manifests.schemas import Gates
+from controller.rollouts.spec import Gates
 
 
 @dataclass(frozen=True)

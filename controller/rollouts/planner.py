@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.kube.quantity import cpu_millis, memory_bytes
-from controller.manifests.schemas import PERCENT, RolloutSpec, Selector, Strategy
-from controller.rollouts.durations import parse_duration
+from controller.kit.durations import parse_duration
+from controller.kit.quantity import cpu_millis, memory_bytes
+from controller.rollouts.spec import PERCENT, RolloutSpec, Selector, Strategy
 
 
 @dataclass(frozen=True)

@@ -1,60 +1,43 @@
-"""Rollouts: apply (plan + claim nodes), the reconciler (one step at a time) and the
-commands (pause, resume, abort, undo, retry).
-
-The reconciler is level-triggered: every step reads the rows, pushes the desired state
-to the clusters again, observes, and moves states forward. A worker killed anywhere in
-a step loses nothing: its transaction rolls back, the driver calls it made are repeated
-(they are idempotent), and the next step picks up from the database."""
+"""Rollouts: apply (plan, pre-flight checks, claim nodes), also as a dry-run plan.
+The commands are in ``commands.py``, the reconcile step in ``reconciler.py``."""
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from controller import faults, metrics
+from controller import faults
 from controller.audit import record_event
 from controller.benchmarks import repository as bench_repo
 from controller.benchmarks.service import class_of
-from controller.db.base import utcnow
 from controller.db.models import (
     Assignment,
     AssignmentState,
-    Cluster,
     Model,
     ModelVersion,
-    NodeHealth,
     Rollout,
     RolloutPhase,
     VersionStatus,
     Wave,
     WavePhase,
 )
-from controller.db.session import session_scope
 from controller.errors import Conflict, InvalidInput, NotFound
 from controller.fleet import repository as fleet_repo
-from controller.fleet.service import build_workload, cluster_driver
-from controller.kube.driver import ClusterDriver, DriverError, WorkloadSpec
-from controller.kube.quantity import memory_bytes
-from controller.manifests.diff import diff
-from controller.manifests.outcome import ApplyOutcome
-from controller.manifests.schemas import RolloutManifest, RolloutSpec
+from controller.kit.diff import diff
+from controller.kit.outcome import ApplyOutcome
+from controller.kit.quantity import memory_bytes
 from controller.rollouts import choice as choice_mod
-from controller.rollouts import gates as gate_eval
 from controller.rollouts import planner
 from controller.rollouts import repository as repo
-from controller.rollouts.durations import parse_duration
-from controller.rollouts.repository import Row
-from controller.rollouts.state import ACTIVE_PHASES, move, transition
+from controller.rollouts.reconciler import queue_step
+from controller.rollouts.spec import RolloutManifest, RolloutSpec
+from controller.rollouts.state import transition
 from controller.settings import Settings
-from controller.tasks.celery_app import celery_app, enqueue
 
-log = logging.getLogger(__name__)
 P, A = RolloutPhase, AssignmentState
 
 
@@ -70,9 +53,6 @@ class PreflightFailed(InvalidInput):
             }
             for p in problems
         ]
-
-
-# ---------------------------------------------------------------- apply
 
 
 def _node_views(session: Session) -> list[planner.NodeView]:
@@ -341,7 +321,7 @@ def apply_rollout(
         data=data,
     )
     faults.on_commit(session, "rollout.apply.committed")
-    _queue(session, rollout.id)
+    queue_step(session, rollout.id)
     return outcome
 
 
@@ -384,547 +364,6 @@ def _claim_nodes(
             a.message = None
             a.metrics = {}
     session.flush()
-
-
-def _queue(session: Session, rollout_id: int, *, countdown: float | None = None) -> None:
-
-    if countdown is not None and celery_app.conf.task_always_eager:
-        return  # in-process: the ticker drives follow-ups, never a recursion
-    enqueue(session, "rollouts.reconcile", rollout_id, countdown=countdown)
-
-
-def _follow_up(session: Session, rollout: Rollout, settings: Settings) -> None:
-    """Queue the rollout's next step, unless one is already queued for later. Beat's
-    tick and the commands queue extra steps; were each to queue its own follow-up, the
-    chains would add up, one more per tick, and never merge. Under the row lock, the
-    check and the write are one. A follow-up that ran, or was lost, leaves
-    ``next_step_at`` behind the clock, so the next step queues again (beat's tick is the
-    net for a lost one). Half an interval of slack: a follow-up runs at its ETA, a
-    little late or early, and two chains due closer than that merge at their next step."""
-    if celery_app.conf.task_always_eager:
-        return  # in-process: the ticker drives follow-ups (see _queue)
-    interval = settings.reconcile_interval_s
-    now = utcnow()
-    if rollout.next_step_at is not None and rollout.next_step_at > now + timedelta(
-        seconds=interval / 2
-    ):
-        return
-    rollout.next_step_at = now + timedelta(seconds=interval)
-    _queue(session, rollout.id, countdown=interval)
-
-
-# ---------------------------------------------------------------- commands
-
-
-def _locked(session: Session, name: str) -> Rollout:
-    rollout = repo.lock(session, name)
-    if rollout is None:
-        raise NotFound(f"rollout {name!r} not found")
-    return rollout
-
-
-def command(session: Session, name: str, action: str) -> Rollout:
-    rollout = _locked(session, name)
-    faults.point("rollout.command.locked")
-    if action == "pause":
-        if rollout.phase != P.PROGRESSING:
-            # Failed → Paused is onFailure: pause's own move, not a user's: a Failed
-            # rollout paused and then resumed would skip the check of its model version.
-            raise Conflict(
-                f"rollout {name} is {rollout.phase}: it cannot become Paused "
-                "(only a Progressing rollout can be paused)"
-            )
-        transition(session, rollout, P.PAUSED, reason="Paused", message="paused by a user")
-    elif action == "resume":
-        if rollout.phase != P.PAUSED:
-            raise Conflict(f"rollout {name} is {rollout.phase}, not Paused: nothing to resume")
-        transition(session, rollout, P.PROGRESSING, reason="Resumed", message="resumed by a user")
-    elif action == "abort":
-        if rollout.phase not in ACTIVE_PHASES:
-            raise Conflict(
-                f"rollout {name} is {rollout.phase}: only an active rollout can be aborted"
-            )
-        transition(
-            session,
-            rollout,
-            P.ABORTED,
-            reason="Aborted",
-            message="aborted by a user: touched nodes return to their previous version",
-        )
-    elif action == "undo":
-        if rollout.phase != P.SUCCEEDED:
-            raise Conflict(
-                f"rollout {name} is {rollout.phase}: only a Succeeded rollout can be undone"
-            )
-        if not repo.rows_of(session, rollout.id):
-            raise Conflict(
-                f"rollout {name} no longer owns any node: later rollouts of the same model took "
-                "them over; undo or retry those instead"
-            )
-        transition(
-            session,
-            rollout,
-            P.ROLLED_BACK,
-            reason="Undone",
-            message="undone by a user: nodes return to their previous version",
-        )
-    elif action == "retry":
-        if rollout.phase not in (P.FAILED, P.ROLLED_BACK, P.ABORTED):
-            raise Conflict(
-                f"rollout {name} is {rollout.phase}: only Failed, RolledBack or Aborted "
-                "rollouts can be retried"
-            )
-        _reset_for_retry(session, rollout)
-    else:
-        raise NotFound(f"unknown rollout command {action!r} (pause, resume, abort, undo, retry)")
-    faults.point("rollout.command.recorded")
-    _queue(session, rollout.id)
-    return rollout
-
-
-def _reset_for_retry(session: Session, rollout: Rollout) -> None:
-    rows = repo.rows_of(session, rollout.id)
-    transition(session, rollout, P.PENDING, reason="Retried", message="retried by a user")
-    for wave in rollout.waves:
-        wave.phase, wave.started_at, wave.baked_at, wave.finished_at = (
-            WavePhase.PENDING,
-            None,
-            None,
-            None,
-        )
-    rollout.current_wave = 0
-    rollout.started_at = rollout.finished_at = None
-    retry = [(r.assignment, r.key) for r in rows if r.assignment.state != A.PENDING]
-    move(session, rollout, retry, A.PENDING, reason="Retried")
-    for r in rows:
-        r.assignment.metrics = {}
-
-
-# ---------------------------------------------------------------- reconcile
-
-
-class Step:
-    """One reconcile step of one rollout, inside its row lock."""
-
-    def __init__(
-        self, session: Session, rollout: Rollout, settings: Settings, now: datetime
-    ) -> None:
-        self.s = session
-        self.r = rollout
-        self.settings = settings
-        self.now = now
-        self.spec = RolloutSpec.model_validate(rollout.spec)
-        self.rows = repo.rows_of(session, rollout.id)
-        self.target: ModelVersion = session.get(ModelVersion, rollout.model_version_id)  # type: ignore[assignment]
-        self._drivers: dict[str, ClusterDriver] = {}
-        self._versions: dict[int, ModelVersion] = {self.target.id: self.target}
-        chosen = {r.assignment.target_version_id for r in self.rows} - {None, self.target.id}
-        self._versions.update(repo.versions_by_id(session, {v for v in chosen if v is not None}))
-
-    def target_of(self, row: Row) -> ModelVersion:
-        """The version this rollout plans for the row's node: the rollout's own, or the
-        variant chosen for the node's class."""
-        chosen = row.assignment.target_version_id
-        return self._versions[chosen] if chosen is not None else self.target
-
-    # -- plumbing
-
-    def event(self, *, reason: str, message: str, data: dict[str, Any] | None = None) -> None:
-        record_event(
-            self.s,
-            kind="Rollout",
-            name=self.r.name,
-            rollout_id=self.r.id,
-            reason=reason,
-            message=message,
-            data=data,
-        )
-
-    def driver(self, cluster: str) -> ClusterDriver:
-        if cluster not in self._drivers:
-            row = fleet_repo.get_cluster(self.s, cluster)
-            assert isinstance(row, Cluster)
-            self._drivers[cluster] = cluster_driver(row, self.settings)
-        return self._drivers[cluster]
-
-    def workload(self, version_id: int | None) -> WorkloadSpec | None:
-        if version_id is None:
-            return None
-        if version_id not in self._versions:
-            self._versions.update(repo.versions_by_id(self.s, {version_id}))
-        return build_workload(
-            self.spec.model.name,
-            self._versions[version_id],
-            self.settings,
-            rollout=self.r.name,
-            resources=self.spec.resources.model_dump(mode="json", exclude_none=True),
-        )
-
-    def by_cluster(self, rows: Iterable[Row]) -> dict[str, list[Row]]:
-        out: dict[str, list[Row]] = defaultdict(list)
-        for row in rows:
-            out[row.cluster].append(row)
-        return out
-
-    def push(
-        self, rows: Sequence[Row], version_of: Any, *, count_transient: bool = False
-    ) -> list[Row]:
-        """Send each row's desired workload to its cluster. Returns the rows whose
-        cluster refused permanently; transient errors are retried next step. A revert
-        passes ``count_transient``: its rows are done only where the call landed, and
-        the rows returned are retried until it does."""
-        refused: list[Row] = []
-        for cluster, group in self.by_cluster(rows).items():
-            desired = {r.node.name: self.workload(version_of(r)) for r in group}
-            try:
-                self.driver(cluster).apply(self.spec.model.name, desired)
-            except DriverError as exc:
-                self.event(
-                    reason="DriverError",
-                    message=f"cluster {cluster}: {exc}",
-                    data={"transient": exc.transient, "nodes": len(group)},
-                )
-                if count_transient or not exc.transient:
-                    refused.extend(group)
-        return refused
-
-    def wave_rows(self, index: int) -> list[Row]:
-        wave_id = self.r.waves[index].id
-        return [r for r in self.rows if r.assignment.wave_id == wave_id]
-
-    def in_state(self, rows: Iterable[Row], *states: str) -> list[Row]:
-        return [r for r in rows if r.assignment.state in states]
-
-    def moved(
-        self,
-        rows: Iterable[Row],
-        to: AssignmentState,
-        reason: str,
-        messages: dict[int, str] | None = None,
-    ) -> None:
-        move(
-            self.s,
-            self.r,
-            [(r.assignment, r.key) for r in rows],
-            to,
-            reason=reason,
-            messages=messages,
-        )
-
-    # -- progressing
-
-    def progress(self) -> None:
-        wave = self.r.waves[self.r.current_wave]
-        if wave.phase == WavePhase.PENDING:
-            wave.phase = WavePhase.APPLYING
-            wave.started_at = self.now
-            self.event(
-                reason="WaveStarted",
-                message=f"wave {wave.index}: {wave.node_count} node(s)",
-                data={"wave": wave.index},
-            )
-            faults.point("rollout.wave.started")
-        opened = [r for r in self.rows if self._wave_index(r) <= self.r.current_wave]
-        self.defer_offline(opened)
-        if self.phase_changed():
-            return
-        self.admit(opened)
-        faults.point("rollout.nodes.admitted")
-        applying = self.in_state(self.rows, A.APPLYING)
-        refused = self.push(applying, lambda r: self.target_of(r).id)
-        faults.point("rollout.nodes.pushed")
-        if refused:
-            self.moved(refused, A.FAILED, "ClusterRefused")
-        self.observe()
-        faults.point("rollout.observed")
-        self.judge(wave)
-
-    def _wave_index(self, row: Row) -> int:
-        for wave in self.r.waves:
-            if wave.id == row.assignment.wave_id:
-                return wave.index
-        return len(self.r.waves)
-
-    def defer_offline(self, opened: list[Row]) -> None:
-        offline = (NodeHealth.OFFLINE, NodeHealth.STALE, NodeHealth.NOT_READY)
-        self.moved(
-            [r for r in self.in_state(opened, A.PENDING) if r.node.health in offline],
-            A.DEFERRED,
-            "NodeOffline",
-        )
-        self.moved(
-            [r for r in self.in_state(opened, A.DEFERRED) if r.node.health == NodeHealth.READY],
-            A.PENDING,
-            "NodeBack",
-        )
-        wave = self.r.waves[self.r.current_wave]
-        deferred = self.in_state(self.wave_rows(wave.index), A.DEFERRED)
-        budget = planner.max_deferred(self.spec.strategy, wave.node_count)
-        if len(deferred) > budget:
-            self.fail(
-                wave,
-                gate_eval.GateResult(
-                    "fail",
-                    f"{len(deferred)} node(s) of wave {wave.index} are offline, over the "
-                    f"maxDeferred budget of {budget}",
-                    {"deferred_nodes": [r.key for r in deferred][:100]},
-                ),
-                reason="TooManyOfflineNodes",
-            )
-
-    def phase_changed(self) -> bool:
-        return self.r.phase != P.PROGRESSING
-
-    def admit(self, opened: list[Row]) -> None:
-        budget = planner.max_unavailable(self.spec.strategy, len(self.rows))
-        room = budget - len(self.in_state(self.rows, A.APPLYING))
-        if room <= 0:
-            return
-        pending = sorted(
-            self.in_state(opened, A.PENDING), key=lambda r: (self._wave_index(r), r.key)
-        )
-        admitted = pending[:room]
-        for r in admitted:
-            r.assignment.desired_version_id = self.target_of(r).id
-        self.moved(admitted, A.APPLYING, "Applying")
-
-    def observe(self) -> None:
-        watched = self.in_state(self.rows, A.APPLYING, A.RUNNING, A.HEALTHY)
-        ready, failed = [], []
-        reasons: dict[int, str] = {}
-        restarted: dict[str, int] = {}
-        for cluster, group in self.by_cluster(watched).items():
-            try:
-                seen = self.driver(cluster).observe(
-                    self.spec.model.name, [r.node.name for r in group]
-                )
-            except DriverError as exc:
-                log.warning("observe %s failed: %s", cluster, exc)
-                continue
-            for r in group:
-                obs = seen.get(r.node.name)
-                if obs is None:
-                    continue
-                before = int((r.assignment.metrics or {}).get("restarts", 0))
-                if obs.restarts > before:
-                    restarted[r.key] = obs.restarts
-                    r.assignment.metrics = {
-                        **(r.assignment.metrics or {}),
-                        "restarts": obs.restarts,
-                    }
-                    r.assignment.message = f"{obs.restarts} container restart(s)"
-                if obs.phase == "Failed":
-                    failed.append(r)
-                    note = f" after {obs.restarts} restart(s)" if obs.restarts else ""
-                    reasons[r.assignment.id] = f"{obs.reason or 'failed'}{note}"
-                elif obs.phase == "Ready" and obs.sha256 == self.target_of(r).sha256:
-                    r.assignment.observed_version_id = self.target_of(r).id
-                    if r.assignment.state == A.APPLYING:
-                        ready.append(r)
-        self.moved(ready, A.RUNNING, "WorkloadReady")
-        self.moved(failed, A.FAILED, "WorkloadFailed", reasons)
-        if restarted:
-            self.event(
-                reason="WorkloadRestarted",
-                message=f"{len(restarted)} node(s) restarted their inference container",
-                data={"restarts": dict(sorted(restarted.items())[:100])},
-            )
-
-    def samples(self, rows: Iterable[Row]) -> list[gate_eval.NodeSample]:
-        return [
-            gate_eval.NodeSample(
-                r.key, r.assignment.state, r.assignment.metrics or {}, self.target_of(r).sha256
-            )
-            for r in rows
-            if r.assignment.state != A.DEFERRED
-        ]
-
-    def judge(self, wave: Wave) -> None:
-        rows = self.wave_rows(wave.index)
-        started = wave.started_at or self.now
-        deadline = parse_duration(self.spec.strategy.progressDeadline)
-        still_applying = self.in_state(rows, A.PENDING, A.APPLYING)
-        if not still_applying and wave.phase == WavePhase.APPLYING:
-            wave.phase = WavePhase.BAKING
-            wave.baked_at = self.now + timedelta(seconds=wave.bake_s)
-        bake_end = wave.baked_at
-        result = gate_eval.evaluate(
-            self.samples(rows),
-            self.spec.gates,
-            target_sha=self.target.sha256,
-            since=started,
-            bake_done=bake_end is not None and self.now >= bake_end,
-            deadline_passed=self.now > (bake_end or started) + timedelta(seconds=deadline),
-        )
-        faults.point("rollout.gate.evaluated")
-        self._node_health(rows)
-        if still_applying and result.decision == "pass":
-            result.decision = "hold"
-        metrics.GATE_EVALUATIONS.labels(result.decision).inc()
-        if result.decision == "fail" and not (result.cause == "silent" and still_applying):
-            self.fail(wave, result, reason="GateFailed")
-        elif result.decision == "pass":
-            self.promote(wave, result)
-        elif still_applying and (
-            result.decision == "fail" or self.now > started + timedelta(seconds=deadline)
-        ):
-            # Also where the gate failed on silence: nodes that never got the new version
-            # running are the cause, not their numbers, and the operator is told which.
-            result.reason = (
-                f"progress deadline ({self.spec.strategy.progressDeadline}) passed with "
-                f"{len(still_applying)} node(s) not running the new version"
-            )
-            result.snapshot["applying_nodes"] = [r.key for r in still_applying][:100]
-            self.fail(wave, result, reason="ProgressDeadlineExceeded")
-
-    def _node_health(self, rows: list[Row]) -> None:
-        healthy, unhealthy = [], []
-        for r in self.in_state(rows, A.RUNNING, A.HEALTHY):
-            verdict, _ = gate_eval._node_verdict(
-                gate_eval.NodeSample(r.key, r.assignment.state, r.assignment.metrics or {}),
-                self.spec.gates,
-                self.target_of(r).sha256,
-                self.r.waves[self._wave_index(r)].started_at or self.now,
-            )
-            if verdict == "healthy" and r.assignment.state == A.RUNNING:
-                healthy.append(r)
-            elif verdict == "unhealthy" and r.assignment.state == A.HEALTHY:
-                unhealthy.append(r)
-        self.moved(healthy, A.HEALTHY, "MetricsHealthy")
-        self.moved(unhealthy, A.RUNNING, "MetricsUnhealthy")
-
-    def promote(self, wave: Wave, result: gate_eval.GateResult) -> None:
-        wave.phase, wave.finished_at = WavePhase.PASSED, self.now
-        self.event(
-            reason="GatePassed",
-            message=f"wave {wave.index}: {result.reason}",
-            data={"wave": wave.index, "gate": result.snapshot},
-        )
-        self.r.current_wave += 1
-        faults.point("rollout.wave.promoted")
-        if self.r.current_wave >= len(self.r.waves):
-            self.r.current_wave = len(self.r.waves) - 1
-            deferred = len(self.in_state(self.rows, A.DEFERRED))
-            note = f"; {deferred} offline node(s) deferred" if deferred else ""
-            transition(
-                self.s,
-                self.r,
-                P.SUCCEEDED,
-                reason="Succeeded",
-                message=f"all {len(self.r.waves)} wave(s) passed their gates{note}",
-            )
-            faults.point("rollout.succeeded")
-
-    def fail(self, wave: Wave, result: gate_eval.GateResult, *, reason: str) -> None:
-        wave.phase, wave.finished_at = WavePhase.FAILED, self.now
-        transition(
-            self.s,
-            self.r,
-            P.FAILED,
-            reason=reason,
-            message=f"wave {wave.index}: {result.reason}",
-            data={"wave": wave.index, "gate": result.snapshot},
-        )
-        faults.point("rollout.failed")
-        if self.spec.onFailure == "rollback":
-            transition(
-                self.s,
-                self.r,
-                P.ROLLED_BACK,
-                reason="RollingBack",
-                message=(
-                    f"wave {wave.index} failed ({result.reason}); onFailure: rollback, every "
-                    "touched node returns to its previous version"
-                ),
-            )
-            faults.point("rollout.rolling_back")
-            self.revert()
-        else:
-            transition(
-                self.s,
-                self.r,
-                P.PAUSED,
-                reason="WaitingForHuman",
-                message=f"onFailure: pause ({result.reason}); resume, retry or abort",
-            )
-
-    # -- reverting (rollback, abort, undo)
-
-    def revert(self) -> None:
-        rows = [r for r in self.rows if r.assignment.state != A.ROLLED_BACK]
-        untouched = self.in_state(rows, A.PENDING, A.DEFERRED)
-        touched = [r for r in rows if r not in untouched]
-        refused = self.push(
-            touched, lambda r: r.assignment.previous_version_id, count_transient=True
-        )
-        faults.point("rollout.revert.pushed")
-        done = [r for r in touched if r not in refused]
-        for r in done:
-            r.assignment.desired_version_id = r.assignment.previous_version_id
-            r.assignment.observed_version_id = r.assignment.previous_version_id
-        self.moved(untouched + done, A.ROLLED_BACK, "RolledBack")
-        faults.point("rollout.revert.recorded")
-        if refused:
-            self.r.message = f"revert incomplete: {len(refused)} node(s) not reached yet, retrying"
-
-
-def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = None) -> str | None:
-    """One step of one rollout; returns its phase (None when another reconciler holds it)."""
-
-    with session_scope() as session:
-        rollout = repo.try_lock(session, rollout_id)
-        if rollout is None:
-            return None
-        step = Step(session, rollout, settings, now or utcnow())
-        faults.on_commit(session, "rollout.step.committed")
-        faults.point("rollout.step.locked")
-        if rollout.phase == P.PENDING and step.target.status != VersionStatus.READY:
-            if step.target.status == VersionStatus.INVALID:
-                transition(
-                    session,
-                    rollout,
-                    P.FAILED,
-                    reason="ModelVersionInvalid",
-                    message=(
-                        f"model version {step.target.version} failed validation: "
-                        f"{step.target.status_message}"
-                    ),
-                )
-            else:
-                rollout.message = (
-                    f"waiting for model version {step.target.version} to be validated "
-                    f"({step.target.status})"
-                )
-                _follow_up(session, rollout, settings)
-            return rollout.phase
-        if rollout.phase == P.PENDING:
-            if not rollout.waves:
-                transition(
-                    session, rollout, P.SUCCEEDED, reason="Succeeded", message="no nodes to update"
-                )
-                return rollout.phase
-            transition(session, rollout, P.PROGRESSING, reason="Started", message="wave 0 starting")
-            faults.point("rollout.started")
-        if rollout.phase == P.PROGRESSING:
-            step.progress()
-        elif rollout.phase in (P.ROLLED_BACK, P.ABORTED):
-            step.revert()
-        if rollout.phase == P.PROGRESSING or (
-            rollout.phase in (P.ROLLED_BACK, P.ABORTED)
-            and any(r.assignment.state != A.ROLLED_BACK for r in step.rows)
-        ):
-            _follow_up(session, rollout, settings)
-        return rollout.phase
-
-
-def tick(settings: Settings) -> list[int]:
-    """Beat's safety net: queue a step for every rollout with work left."""
-
-    with session_scope() as session:
-        ids = list(repo.to_reconcile(session))
-        for rollout_id in ids:
-            enqueue(session, "rollouts.reconcile", rollout_id)
-    return ids
 
 
 def require(session: Session, name: str) -> Rollout:

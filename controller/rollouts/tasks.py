@@ -4,7 +4,7 @@ import logging
 from typing import Any
 
 from controller.db.session import database_unavailable
-from controller.rollouts import service
+from controller.rollouts import reconciler
 from controller.settings import get_settings
 from controller.tasks.celery_app import OUTAGE_MAX_RETRIES, celery_app, outage_countdown_s
 
@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 @celery_app.task(name="rollouts.reconcile", bind=True, max_retries=OUTAGE_MAX_RETRIES)
 def reconcile(self: Any, rollout_id: int) -> str | None:
     try:
-        return service.reconcile(rollout_id, get_settings())
+        return reconciler.reconcile(rollout_id, get_settings())
     except Exception as exc:
         # The step is one transaction, so a database that went away rolled it back
         # whole: run it again once the database is back, rather than leave the rollout
@@ -33,4 +33,4 @@ def reconcile(self: Any, rollout_id: int) -> str | None:
 
 @celery_app.task(name="rollouts.tick")
 def tick() -> int:
-    return len(service.tick(get_settings()))
+    return len(reconciler.tick(get_settings()))

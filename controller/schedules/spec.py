@@ -12,8 +12,8 @@ from typing import Annotated
 from cronsim import CronSim
 from pydantic import AwareDatetime, Field, ValidationInfo, field_validator, model_validator
 
-from controller.manifests.schemas import LabelKey, LabelValue, Name, Strict
-from controller.rollouts.durations import parse_duration
+from controller.kit.durations import parse_duration
+from controller.kit.manifest import LabelKey, LabelValue, Name, Strict
 from controller.schedules.windows import (
     TIMEZONE_LABEL,
     Calendar,

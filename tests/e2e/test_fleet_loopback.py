@@ -33,7 +33,7 @@ from pydantic import SecretStr
 from controller.api.app import create_app
 from controller.kube.local import stop_all
 from controller.registry import samples
-from controller.rollouts import service
+from controller.rollouts import reconciler
 from controller.settings import Settings, get_settings
 from tests.conftest import bearer
 from tests.live import LiveController, free_port, free_port_run
@@ -244,7 +244,7 @@ def drive(controller: Controller, name: str, timeout_s: float = 150) -> str:
 
     def settled() -> bool:
         nonlocal phase
-        phase = service.reconcile(rid, controller.settings) or phase
+        phase = reconciler.reconcile(rid, controller.settings) or phase
         return phase not in ("Pending", "Progressing")
 
     wait_until(

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from controller.db.models import Assignment, Node
 from controller.db.session import session_scope
 from controller.fleet.service import ingest_heartbeats
-from controller.rollouts import service
+from controller.rollouts import reconciler
 from controller.settings import Settings
 from node_agent.contract import Heartbeat, InferenceMetrics, WorkloadReport
 from tests.rollouts.helpers import apply, cluster_doc, push_versions, rollout_doc, rollout_id
@@ -31,7 +31,7 @@ def test_replayed_old_windows_are_not_fresh_evidence(
     push_versions(client, "1.0.0")
     apply(client, rollout_doc("d", "1.0.0", strategy={"steps": [{"percent": 100}]}))
     sha = client.get("/v1/models/detector/versions/1.0.0").json()["sha256"]
-    service.reconcile(rollout_id("d"), settings)  # the node runs the new version now
+    reconciler.reconcile(rollout_id("d"), settings)  # the node runs the new version now
     an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
     in_the_future = datetime.now(UTC) + timedelta(hours=1)
     with session_scope() as s:
@@ -43,11 +43,11 @@ def test_replayed_old_windows_are_not_fresh_evidence(
         assert datetime.fromisoformat(metrics["reported_at"]) == an_hour_ago
     # Replayed numbers from before the wave started do not pass the gate.
     for _ in range(3):
-        assert service.reconcile(rollout_id("d"), settings) == "Progressing"
+        assert reconciler.reconcile(rollout_id("d"), settings) == "Progressing"
     with session_scope() as s:
         ingest_heartbeats(s, [beat("site-n0", 2, in_the_future, sha, "1.0.0")])
         metrics = s.scalars(
             select(Assignment.metrics).join(Node).where(Node.name == "site-n0")
         ).one()
         assert datetime.fromisoformat(metrics["reported_at"]) <= datetime.now(UTC)
-    assert service.reconcile(rollout_id("d"), settings) == "Succeeded"
+    assert reconciler.reconcile(rollout_id("d"), settings) == "Succeeded"

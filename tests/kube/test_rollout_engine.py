@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from controller.rollouts import service
+from controller.rollouts import reconciler
 from controller.settings import Settings
 from tests.kube.controlplane import ControlPlane, make_node
 from tests.kube.kubelet import eventually, finalize_terminating_pods, settle
@@ -112,7 +112,7 @@ def run(
     rid = rollout_id(name)
     phases: list[str] = []
     for _ in range(steps):
-        phase = service.reconcile(rid, settings)
+        phase = reconciler.reconcile(rid, settings)
         assert phase is not None
         phases.append(phase)
         if phase not in ("Pending", "Progressing"):
@@ -147,7 +147,7 @@ def test_rollout_and_rollback_on_two_real_clusters(
     seen_waves: list[int] = []
     rid = rollout_id("v1")
     for _ in range(80):
-        phase = service.reconcile(rid, settings)
+        phase = reconciler.reconcile(rid, settings)
         running = sum(len(s.pods()) for s in sites)
         if not seen_waves or running != seen_waves[-1]:
             seen_waves.append(running)
@@ -165,7 +165,7 @@ def test_rollout_and_rollback_on_two_real_clusters(
 
     # Undo: the nodes had nothing before v1, so nothing is left, on either cluster.
     assert client.post("/v1/rollouts/v1/undo").status_code == 202
-    assert service.reconcile(rid, settings) == "RolledBack"
+    assert reconciler.reconcile(rid, settings) == "RolledBack"
     for site in sites:
         eventually(site.empty, what=f"{site.name}: no workloads at all", beat=site.finalize)
         assert not site.model_labels()

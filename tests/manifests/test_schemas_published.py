@@ -1,6 +1,7 @@
 """The committed ``schemas/*.json`` are exactly what the code generates, and accept the
-documented examples. After a change of ``controller/manifests/schemas.py``, run
-``python scripts/gen_schemas.py`` and commit the result."""
+documented examples. After a change of a manifest kind's model (``controller/kit/manifest.py``,
+``controller/{fleet,registry,rollouts}/spec.py``), run ``python scripts/gen_schemas.py`` and
+commit the result."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from controller.db.models import Assignment, Cluster, Event, Node, Rollout, Wave
 from controller.db.session import session_scope
 from controller.demo import RunningWorkload, report_running
 from controller.registry import samples
-from controller.rollouts import service
+from controller.rollouts import reconciler
 from controller.settings import Settings
 from node_agent.contract import InferenceMetrics
 
@@ -127,7 +127,7 @@ def drive(
     rid = rollout_id(name)
     phases: list[str] = []
     for _ in range(max_steps):
-        phase = service.reconcile(rid, settings)
+        phase = reconciler.reconcile(rid, settings)
         assert phase is not None
         phases.append(phase)
         if phase not in ("Pending", "Progressing"):

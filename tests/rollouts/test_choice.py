@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from controller.manifests.schemas import Gates
 from controller.rollouts.choice import Candidate, Measured, choose
+from controller.rollouts.spec import Gates
 
 REF = Candidate(1, "1", reference=True)
 INT8 = Candidate(2, "1-int8", reference=False)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from controller.db.models import Event
 from controller.db.session import session_scope
-from controller.rollouts import service
+from controller.rollouts.reconciler import reconcile
 from controller.settings import Settings
 from tests.rollouts.faulty import install
 from tests.rollouts.helpers import (
@@ -81,7 +81,7 @@ def test_second_reconciler_of_a_rollout_steps_aside(
     def reconciler(name: str) -> None:
         start.wait(10)
         try:
-            results.put((name, service.reconcile(rid, settings)))
+            results.put((name, reconcile(rid, settings)))
         except BaseException as exc:
             results.put((name, exc))
 
@@ -124,7 +124,7 @@ def test_concurrent_reconcilers_never_step_a_rollout_together(
             for _ in range(400):
                 if done.is_set():
                     return
-                phase = service.reconcile(rid, settings)
+                phase = reconcile(rid, settings)
                 with guard:
                     outcomes[phase or "skipped"] += 1
                 if phase in TERMINAL:

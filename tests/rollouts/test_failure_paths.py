@@ -20,7 +20,7 @@ from controller.db.models import Event, Node
 from controller.db.session import session_scope
 from controller.fleet import service as fleet_service
 from controller.kube.driver import DriverError
-from controller.rollouts import service
+from controller.rollouts import reconciler
 from controller.settings import Settings
 from node_agent.contract import Heartbeat
 from tests.rollouts.faulty import Faults, install, permanent, transient
@@ -84,7 +84,7 @@ def test_transient_apply_error_keeps_nodes_applying_and_retries(
 ) -> None:
     faults.apply["paris"] = transient()
     apply(fleet, rollout_doc("d", "1.0.0", **ONE_WAVE))  # the eager first step
-    service.reconcile(rollout_id("d"), settings)
+    reconciler.reconcile(rollout_id("d"), settings)
     states = node_states("d")
     # Berlin moved on; Paris is retried, not failed.
     assert {n: s for n, s in states.items() if n in PARIS} == dict.fromkeys(PARIS, "Applying")
@@ -126,7 +126,7 @@ def test_observe_error_holds_the_nodes_until_the_cluster_answers(
     faults.observe["paris"] = permanent("connection refused")
     apply(fleet, rollout_doc("d", "1.0.0", **ONE_WAVE))
     for _ in range(3):
-        assert service.reconcile(rollout_id("d"), settings) == "Progressing"
+        assert reconciler.reconcile(rollout_id("d"), settings) == "Progressing"
         report()
     states = node_states("d")
     # The workload was applied, but nobody saw it Ready: not Running, and not Failed
@@ -149,7 +149,7 @@ def _failed_rollout_reverting(fleet: TestClient, faults: Faults, settings: Setti
     apply(fleet, rollout_doc("d1", "1.0.0", **ONE_WAVE))
     assert drive("d1", settings)[-1] == "Succeeded"
     apply(fleet, rollout_doc("d2", "2.0.0", **ONE_WAVE))
-    service.reconcile(rollout_id("d2"), settings)  # every node runs 2.0.0 now
+    reconciler.reconcile(rollout_id("d2"), settings)  # every node runs 2.0.0 now
     assert set(running_versions(settings, CLUSTERS).values()) == {"2.0.0"}
     report(lambda n: (10.0, 50))  # 50 % errors: the gate fails
 
@@ -161,7 +161,7 @@ def test_incomplete_revert_is_retried_until_every_node_is_back(
     _failed_rollout_reverting(fleet, faults, settings)
     faults.apply["paris"] = error
     rid = rollout_id("d2")
-    assert service.reconcile(rid, settings) == "RolledBack"
+    assert reconciler.reconcile(rid, settings) == "RolledBack"
     states = node_states("d2")
     # Only what really went back says so: Paris still runs 2.0.0.
     assert {n: states[n] for n in states if n not in PARIS} == dict.fromkeys(
@@ -180,11 +180,11 @@ def test_incomplete_revert_is_retried_until_every_node_is_back(
 
         assert rid in repo.to_reconcile(s)  # beat's tick keeps retrying it
 
-    assert service.reconcile(rid, settings) == "RolledBack"  # still refused: no harm
+    assert reconciler.reconcile(rid, settings) == "RolledBack"  # still refused: no harm
     assert {node_states("d2")[n] for n in PARIS} != {"RolledBack"}
 
     faults.apply.clear()
-    assert service.reconcile(rid, settings) == "RolledBack"
+    assert reconciler.reconcile(rid, settings) == "RolledBack"
     assert set(node_states("d2").values()) == {"RolledBack"}
     assert set(running_versions(settings, CLUSTERS).values()) == {"1.0.0"}
     with session_scope() as s:
@@ -216,15 +216,17 @@ def test_progress_deadline_fails_a_wave_with_nodes_stuck_applying(
     apply(fleet, rollout_doc("d", "1.0.0", onFailure="pause", **spec))
     rid = rollout_id("d")
     for _ in range(3):
-        assert service.reconcile(rid, settings) == "Progressing"
+        assert reconciler.reconcile(rid, settings) == "Progressing"
         report()
     assert node_states("d")["paris-n1"] == "Applying"
     # Still within the deadline: the wave holds (3 of 4 healthy is enough for 0.5, but a
     # wave passes only once none of its nodes is still applying).
-    assert service.reconcile(rid, settings, now=utcnow() + timedelta(seconds=90)) == "Progressing"
+    assert (
+        reconciler.reconcile(rid, settings, now=utcnow() + timedelta(seconds=90)) == "Progressing"
+    )
     assert "ProgressDeadlineExceeded" not in reasons("d")
 
-    assert service.reconcile(rid, settings, now=utcnow() + timedelta(minutes=3)) == "Paused"
+    assert reconciler.reconcile(rid, settings, now=utcnow() + timedelta(minutes=3)) == "Paused"
     failed = [d for r, d in events(rollout="d") if r == "ProgressDeadlineExceeded"]
     assert len(failed) == 1
     assert failed[0]["gate"]["applying_nodes"] == ["paris/paris-n1"]
@@ -252,9 +254,9 @@ def test_a_node_stuck_applying_is_named_when_the_gate_fails_on_silence(
     assert resp.status_code == 200, resp.text
     rid = rollout_id("d")
     for _ in range(3):
-        assert service.reconcile(rid, settings) == "Progressing"
+        assert reconciler.reconcile(rid, settings) == "Progressing"
         report()
-    assert service.reconcile(rid, settings, now=utcnow() + timedelta(minutes=3)) == "Paused"
+    assert reconciler.reconcile(rid, settings, now=utcnow() + timedelta(minutes=3)) == "Paused"
     failed = [d for r, d in events(rollout="d") if r == "ProgressDeadlineExceeded"]
     assert len(failed) == 1
     assert failed[0]["gate"]["applying_nodes"] == ["paris/paris-n1"]

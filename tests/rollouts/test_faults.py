@@ -46,8 +46,8 @@ from controller.db.session import session_scope
 from controller.demo import RunningWorkload, report_running
 from controller.manifests.service import apply_documents
 from controller.registry.store import artifact_store
+from controller.rollouts import commands
 from controller.rollouts import repository as rollout_repo
-from controller.rollouts import service
 from controller.rollouts.state import ASSIGNMENT_TRANSITIONS, ROLLOUT_TRANSITIONS
 from controller.settings import Settings
 from controller.tasks.celery_app import celery_app, configure
@@ -198,7 +198,7 @@ def apply_docs(settings: Settings, *docs: dict[str, Any]) -> None:
 
 def command(name: str, action: str) -> None:
     with session_scope() as s:
-        service.command(s, name, action)
+        commands.command(s, name, action)
 
 
 def seed(settings: Settings) -> None:

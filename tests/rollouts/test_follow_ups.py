@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import redis
 from fastapi.testclient import TestClient
 
-from controller.rollouts import service
+from controller.rollouts import reconciler
 from controller.settings import Settings
 from controller.tasks.celery_app import configure
 from tests.conftest import REDIS_URL
@@ -85,7 +85,7 @@ def run_like_a_worker(messages: list[Message], settings: Settings) -> None:
         assert m.task == "rollouts.reconcile", m
         if m.eta is not None:
             time.sleep(max(0.0, (m.eta - datetime.now(UTC)).total_seconds()))
-        service.reconcile(int(str(m.args[0])), settings)
+        reconciler.reconcile(int(str(m.args[0])), settings)
 
 
 def test_ticks_do_not_multiply_follow_up_chains(
@@ -102,10 +102,10 @@ def test_ticks_do_not_multiply_follow_up_chains(
     configure(settings.model_copy(update={"tasks_eager": False, "celery_queue": name}))
     try:
         rid = rollout_id("d")
-        assert service.reconcile(rid, fast) == "Progressing"  # the first chain's step
+        assert reconciler.reconcile(rid, fast) == "Progressing"  # the first chain's step
         per_round = []
         for _ in range(6):
-            assert service.tick(fast) == [rid]  # what beat sends every 10 s
+            assert reconciler.tick(fast) == [rid]  # what beat sends every 10 s
             messages = broker.take_all()
             per_round.append(len(messages))
             run_like_a_worker(messages, fast)

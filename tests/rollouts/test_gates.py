@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from controller.manifests.schemas import Gates
 from controller.rollouts.gates import GateResult, NodeSample, evaluate
+from controller.rollouts.spec import Gates
 
 TARGET = "f" * 64
 OLD = "0" * 64

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from controller.manifests.schemas import RolloutSpec, Selector, Strategy
 from controller.rollouts.planner import (
     NodeView,
     PlannedWave,
@@ -22,6 +21,7 @@ from controller.rollouts.planner import (
     select_nodes,
     selector_matches,
 )
+from controller.rollouts.spec import RolloutSpec, Selector, Strategy
 
 _ids = iter(range(1, 1_000_000))
 

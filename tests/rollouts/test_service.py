@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from controller.db.models import NodeHealth
 from controller.db.session import session_scope
 from controller.fleet.service import set_node_health
-from controller.rollouts import service
+from controller.rollouts import reconciler
 from controller.settings import Settings
 from tests.rollouts.helpers import (
     apply,
@@ -77,7 +77,7 @@ def test_waves_respect_max_unavailable(fleet: TestClient, settings: Settings) ->
     # frees their slots for the next step.
     states = list(node_states("d").values())
     assert (states.count("Running"), states.count("Pending")) == (3, 9)
-    service.reconcile(rollout_id("d"), settings)
+    reconciler.reconcile(rollout_id("d"), settings)
     states = list(node_states("d").values())
     assert (states.count("Running"), states.count("Pending")) == (6, 6)
 
@@ -163,7 +163,7 @@ def test_gate_failing_in_a_later_wave_rolls_back_the_promoted_waves_too(
         (wave_phases("up"), running_versions(settings, CLUSTERS))
     ]
     for _ in range(60):
-        phase = service.reconcile(rid, settings)
+        phase = reconciler.reconcile(rid, settings)
         seen.append((wave_phases("up"), running_versions(settings, CLUSTERS)))
         if phase not in ("Pending", "Progressing"):
             break
@@ -266,7 +266,7 @@ def test_failing_gate_with_pause_waits_for_a_human(fleet: TestClient, settings: 
     resp = fleet.post("/v1/rollouts/p/abort")
     assert resp.status_code == 202
     assert resp.json()["phase"] == "Aborted"
-    assert service.reconcile(rollout_id("p"), settings) == "Aborted"
+    assert reconciler.reconcile(rollout_id("p"), settings) == "Aborted"
     assert running_versions(settings, CLUSTERS) == {}
 
 
@@ -274,7 +274,7 @@ def test_silent_nodes_never_pass(fleet: TestClient, settings: Settings) -> None:
     apply(fleet, rollout_doc("quiet", "1.0.0"))
     rid = rollout_id("quiet")
     for _ in range(5):
-        service.reconcile(rid, settings)
+        reconciler.reconcile(rid, settings)
         report(samples_per_node=5)  # below minSamples (20)
     body = fleet.get("/v1/rollouts/quiet").json()
     assert body["phase"] == "Progressing"
@@ -342,9 +342,9 @@ def test_second_active_rollout_on_same_nodes_is_a_409(fleet: TestClient) -> None
 def test_pause_resume(fleet: TestClient, settings: Settings) -> None:
     apply(fleet, rollout_doc("d", "1.0.0"))
     rid = rollout_id("d")
-    service.reconcile(rid, settings)
+    reconciler.reconcile(rid, settings)
     assert fleet.post("/v1/rollouts/d/pause").json()["phase"] == "Paused"
-    assert service.reconcile(rid, settings) == "Paused"  # the reconciler leaves it alone
+    assert reconciler.reconcile(rid, settings) == "Paused"  # the reconciler leaves it alone
     again = fleet.post("/v1/rollouts/d/pause")
     assert again.status_code == 409
     assert "cannot become Paused" in again.json()["detail"]
@@ -359,7 +359,7 @@ def test_undo_and_retry(fleet: TestClient, settings: Settings) -> None:
 
     resp = fleet.post("/v1/rollouts/up/undo")
     assert resp.status_code == 202
-    assert service.reconcile(rollout_id("up"), settings) == "RolledBack"
+    assert reconciler.reconcile(rollout_id("up"), settings) == "RolledBack"
     assert set(running_versions(settings, CLUSTERS).values()) == {"1.0.0"}
     assert fleet.post("/v1/rollouts/up/undo").status_code == 409
 
@@ -389,13 +389,13 @@ def test_rollout_waits_for_validation_then_runs(fleet: TestClient, settings: Set
     assert resp.status_code == 200
     assert resp.json()["results"][0]["problems"][0]["code"] == "ModelVersionNotReady"
     rid = rollout_id("w")
-    assert service.reconcile(rid, settings) == "Pending"
+    assert reconciler.reconcile(rid, settings) == "Pending"
     assert "waiting for model version" in fleet.get("/v1/rollouts/w").json()["message"]
     with session_scope() as s:
         mv = registry_repo.get_version(s, "detector", "2.0.0")
         assert isinstance(mv, ModelVersion)
         mv.status = VersionStatus.INVALID
-    assert service.reconcile(rid, settings) == "Failed"
+    assert reconciler.reconcile(rid, settings) == "Failed"
 
 
 def test_a_rollout_failed_by_an_invalid_version_cannot_be_paused_into_progress(
@@ -416,12 +416,12 @@ def test_a_rollout_failed_by_an_invalid_version_cannot_be_paused_into_progress(
     set_status(VersionStatus.VALIDATING)
     assert apply(fleet, rollout_doc("w", "2.0.0")).status_code == 200
     set_status(VersionStatus.INVALID)
-    assert service.reconcile(rollout_id("w"), settings) == "Failed"
+    assert reconciler.reconcile(rollout_id("w"), settings) == "Failed"
     paused = fleet.post("/v1/rollouts/w/pause")
     assert paused.status_code == 409
     assert "rollout w is Failed: it cannot become Paused" in paused.json()["detail"]
     assert fleet.post("/v1/rollouts/w/resume").status_code == 409
-    assert service.reconcile(rollout_id("w"), settings) == "Failed"
+    assert reconciler.reconcile(rollout_id("w"), settings) == "Failed"
     assert set(node_states("w").values()) == {"Pending"}
     assert running_versions(settings, CLUSTERS) == {}
     assert fleet.post("/v1/rollouts/w/abort").json()["phase"] == "Aborted"

@@ -27,7 +27,7 @@ from controller.db.models import (
     RolloutPhase,
 )
 from controller.errors import Conflict
-from controller.rollouts import service
+from controller.rollouts import commands
 from controller.rollouts.state import (
     ACTIVE_PHASES,
     ASSIGNMENT_TRANSITIONS,
@@ -358,12 +358,12 @@ def test_command(session: Session, phase: str, action: str) -> None:
     make_assignments(session, rollout, [A(NODES_IN[phase])])
     expected = COMMANDS[action].get(phase)
     if expected is not None:
-        assert service.command(session, "r", action).phase == expected
+        assert commands.command(session, "r", action).phase == expected
         rollout_moves = [e.data for e in events_of(session, rollout) if "nodes" not in e.data]
         assert rollout_moves == [{"from": phase, "to": expected}]
     else:
         with pytest.raises(Conflict) as info:
-            service.command(session, "r", action)
+            commands.command(session, "r", action)
         assert info.value.status_code == 409
         assert rollout.phase == phase
         assert events_of(session, rollout) == []

@@ -1,5 +1,5 @@
-"""Kubernetes quantities and Go-style durations, the two value syntaxes of manifests
-(controller/kube/quantity.py, controller/rollouts/durations.py)."""
+"""Kubernetes quantities (controller/kit/quantity.py), one of the two value syntaxes of
+manifests; tests/kit/test_durations.py covers the other."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from controller.kube.quantity import cpu_millis, memory_bytes, parse_quantity
-from controller.rollouts.durations import parse_duration
+from controller.kit.quantity import cpu_millis, memory_bytes, parse_quantity
 
 KI, MI, GI = 2**10, 2**20, 2**30
 
@@ -124,51 +123,3 @@ def test_memory_comparisons_the_planner_makes() -> None:
     assert memory_bytes("1Gi") > memory_bytes("1G")
     assert memory_bytes("1000Mi") < memory_bytes("1Gi")
     assert cpu_millis("1") == cpu_millis("1000m")
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("30s", 30.0),
-        ("90s", 90.0),
-        ("10m", 600.0),
-        ("1h", 3600.0),
-        ("1d", 86400.0),
-        ("1h30m", 5400.0),
-        ("1h30m15s", 5415.0),
-        ("2m30s", 150.0),
-        ("1.5h", 5400.0),
-        ("250ms", 0.25),
-        ("1m500ms", 60.5),
-        ("0s", 0.0),
-        ("0", 0.0),
-        ("", 0.0),
-        (" 10m ", 600.0),
-    ],
-)
-def test_parse_duration(text: str, seconds: float) -> None:
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "10 minutes",
-        "10",
-        "m",
-        "-5s",
-        "1h 30m",
-        "10M",
-        "1w",
-        "1y",
-        "1m1",
-        "s10",
-        "1.5.5m",
-        "PT10M",
-        "10min",
-        "soon",
-    ],
-)
-def test_parse_duration_rejects(text: str) -> None:
-    with pytest.raises(ValueError, match=r"is not a duration \(examples: 30s, 10m, 1h30m\)"):
-        parse_duration(text)

@@ -1,3 +1,6 @@
+"""Go-style durations ("30s", "10m", "1h30m"): the manifests validate them, the planner
+and the reconciler wait by them."""
+
 from __future__ import annotations
 
 import re
