@@ -34,11 +34,11 @@ os.environ.update(
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
+from controller.agents.simulated import RunningWorkload, report_running  # noqa: E402
 from controller.benchmarks.service import node_class  # noqa: E402
 from controller.db import migrate  # noqa: E402
 from controller.db.models import AssignmentState, BenchmarkStatus, NodeBenchmark  # noqa: E402
 from controller.db.session import dispose_engines, session_scope  # noqa: E402
-from controller.demo import RunningWorkload, report_running  # noqa: E402
 from controller.manifests.service import apply_documents  # noqa: E402
 from controller.registry import samples, service  # noqa: E402
 from controller.registry.store import artifact_store  # noqa: E402

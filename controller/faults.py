@@ -78,6 +78,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from controller.kit.transactions import after_commit
+
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
@@ -172,8 +174,6 @@ def on_commit(session: Session, name: str) -> None:
     """A fault point that fires once ``session``'s transaction has committed, before the
     work registered after this call (sending the next task) runs."""
     if _armed and name in _armed:
-        from controller.db.session import after_commit
-
         after_commit(session, lambda: _hit(name))
 
 

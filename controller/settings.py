@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from controller.faults import parse as parse_faults
+
 DEV_SECRET = "edgefleet-development-secret-do-not-use"
 
 
@@ -79,7 +81,7 @@ class Settings(BaseSettings):
     )
 
     # Request bounds. A body over its route's limit is refused (413) as it arrives
-    # (controller/api/body_limits.py): uploads have max_artifact_bytes, /v1/apply
+    # (controller/web/body_limits.py): uploads have max_artifact_bytes, /v1/apply
     # max_manifest_bytes, every other route max_request_bytes. A batch of agent_max_batch
     # heartbeats of 16 workloads each, every name 63 characters long, is 5.9 MiB.
     max_request_bytes: int = Field(
@@ -249,9 +251,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_faults(self) -> Settings:
-        from controller.faults import parse
-
-        if parse(self.faults) and self.environment == "production":
+        if parse_faults(self.faults) and self.environment == "production":
             raise ValueError("EDGEFLEET_FAULTS arms fault points: never in production")
         return self
 

@@ -34,7 +34,7 @@ from controller.agents.coalesce import Coalescer
 from controller.audit import record_event
 from controller.db.base import utcnow
 from controller.db.models import Node
-from controller.db.session import after_commit, session_scope
+from controller.db.session import session_scope
 from controller.errors import (
     Conflict,
     EdgefleetError,
@@ -47,6 +47,7 @@ from controller.errors import (
 from controller.fleet import repository as fleet_repo
 from controller.fleet.repository import IngestNode
 from controller.fleet.service import HeartbeatFold
+from controller.kit.transactions import after_commit
 from controller.settings import Settings
 from node_agent.contract import Heartbeat
 

@@ -9,8 +9,6 @@ from controller import __version__, metrics
 from controller.agents import endpoints as agents
 from controller.agents.service import HeartbeatIntake
 from controller.api import health
-from controller.api.body_limits import LimitRequestBodies
-from controller.api.errors import install_error_handlers
 from controller.auth import endpoints as auth
 from controller.benchmarks import endpoints as benchmarks
 from controller.dashboard import endpoints as dashboard
@@ -20,6 +18,8 @@ from controller.optimizations import endpoints as optimizations
 from controller.registry import endpoints as registry
 from controller.rollouts import endpoints as rollouts
 from controller.settings import Settings, get_settings
+from controller.web.body_limits import LimitRequestBodies
+from controller.web.errors import install_error_handlers
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

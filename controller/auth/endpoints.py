@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from controller.api.deps import API_V1, SessionDep
 from controller.auth import repository as repo
 from controller.auth import service
 from controller.auth.guard import Admin, Viewer
 from controller.auth.schemas import TokenCreated, TokenIn, TokenOut, WhoAmI
 from controller.db.base import utcnow
+from controller.web.deps import API_V1, SessionDep
 
 router = APIRouter(prefix=API_V1, tags=["access"])
 

@@ -2,14 +2,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from controller.agents.endpoints import AgentDep
-from controller.api.deps import API_V1, SessionDep, SettingsDep
-from controller.api.params import IdPath
+from controller.agents.deps import AgentDep
 from controller.auth.guard import OPERATOR, VIEWER
 from controller.benchmarks import repository as repo
 from controller.benchmarks import service
 from controller.benchmarks.schemas import BenchmarkOut, BenchmarkRequestIn
 from controller.registry.service import require_version
+from controller.web.deps import API_V1, SessionDep, SettingsDep
+from controller.web.params import IdPath
 from node_agent.contract import BenchmarkJob, BenchmarkResult
 
 router = APIRouter(prefix=API_V1, tags=["benchmarks"])

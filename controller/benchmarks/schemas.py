@@ -6,7 +6,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from controller.db.models import NodeBenchmark
-from controller.rollouts.spec import Selector
+from controller.fleet.selectors import Selector
 
 
 class BenchmarkRequestIn(BaseModel):

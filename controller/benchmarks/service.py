@@ -36,8 +36,8 @@ from controller.db.models import (
     VersionStatus,
 )
 from controller.errors import Conflict, InvalidInput, NotFound
+from controller.fleet.selectors import selector_matches
 from controller.fleet.service import artifact_url
-from controller.rollouts.planner import selector_matches
 from controller.settings import Settings
 from node_agent.contract import BenchmarkJob, BenchmarkResult
 

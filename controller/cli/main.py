@@ -162,7 +162,7 @@ def demo(
 ) -> None:
     """Embedded demo: SQLite, in-process tasks, a simulated fleet, the dashboard."""
     # Lazy, for start-up time: the demo loads the whole controller (~2 s).
-    from controller.demo import run_demo
+    from controller.cli.demo import run_demo
 
     result = run_demo(port=port, serve=serve, bake=bake)
     expected = {

@@ -10,12 +10,12 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from controller.api.deps import SessionDep, SettingsDep
 from controller.auth.guard import DASHBOARD, SESSION_COOKIE, open_session
 from controller.auth.service import SESSION_TTL_S
 from controller.fleet import repository as fleet_repo
 from controller.registry import repository as registry_repo
 from controller.rollouts import repository as rollout_repo
+from controller.web.deps import SessionDep, SettingsDep
 
 router = APIRouter(include_in_schema=False)
 

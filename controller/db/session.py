@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,6 @@ from controller.settings import Settings, get_settings
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
-_AFTER_COMMIT = "edgefleet.after_commit"
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
@@ -108,34 +107,6 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
-
-
-def after_commit(session: Session, callback: Callable[[], None]) -> None:
-    """Run ``callback`` once the session's current transaction commits (never if it rolls
-    back). Used to send Celery tasks only for state that is durably stored."""
-    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
-
-
-@contextmanager
-def suspend_after_commit(session: Session) -> Iterator[None]:
-    """Drop the after-commit work registered inside this block (a dry-run's tasks)."""
-    saved = list(session.info.get(_AFTER_COMMIT, []))
-    try:
-        yield
-    finally:
-        session.info[_AFTER_COMMIT] = saved
-
-
-@event.listens_for(Session, "after_commit")
-def _run_after_commit(session: Session) -> None:
-    callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])
-    for callback in callbacks:
-        callback()
-
-
-@event.listens_for(Session, "after_rollback")
-def _drop_after_commit(session: Session) -> None:
-    session.info.pop(_AFTER_COMMIT, None)
 
 
 # SQLSTATE classes of a database that went away rather than a statement that was wrong:

@@ -4,13 +4,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from controller.api.deps import API_V1, SessionDep, SettingsDep
-from controller.api.pagination import Page, PageDep
 from controller.auth.guard import ADMIN, OPERATOR, VIEWER
 from controller.errors import NotFound
 from controller.fleet import repository as repo
 from controller.fleet import service
 from controller.fleet.schemas import ClusterOut, NodeOut
+from controller.web.deps import API_V1, SessionDep, SettingsDep
+from controller.web.pagination import Page, PageDep
 
 router = APIRouter(prefix=API_V1, tags=["fleet"])
 

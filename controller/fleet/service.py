@@ -24,6 +24,7 @@ from controller.db.models import (
     ModelVersion,
     Node,
     NodeHealth,
+    Rollout,
 )
 from controller.errors import InvalidInput, NotFound
 from controller.fleet import repository as repo
@@ -470,8 +471,6 @@ def build_workload(
 def _workload_for(
     session: Session, model: str, version: ModelVersion, settings: Settings, assignment: Assignment
 ) -> WorkloadSpec:
-    from controller.db.models import Rollout
-
     rollout = session.get(Rollout, assignment.rollout_id) if assignment.rollout_id else None
     return build_workload(
         model,

@@ -45,7 +45,7 @@ def driver_for(
                 "(EDGEFLEET_LOCAL_DRIVER=true enables it, for development only)",
                 loc=("body", "spec", "driver"),
             )
-        from controller.kube.local import LocalDriver
+        from controller.kube.local import LocalDriver  # lazy: development only
 
         return LocalDriver(name, spec.get("local") or {}, artifact_token=artifact_token)
     if driver == "simulated":
@@ -58,6 +58,8 @@ def driver_for(
                 "driver 'kubernetes' needs credentials (token or kubeconfig)",
                 loc=("body", "spec", "credentials"),
             )
+        # Lazy: the kubernetes library is a large import, and only processes
+        # that talk to a real cluster need it.
         from controller.kube.client import KubernetesDriver, cached_driver
 
         # Any change of the applied spec (server, namespace, credentials) is a new client.

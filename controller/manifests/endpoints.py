@@ -5,14 +5,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from controller.api.body_limits import read_body
-from controller.api.deps import API_V1, SessionDep, SettingsDep
 from controller.auth.guard import VIEWER, Operator
 from controller.db.models import Role
 from controller.errors import InvalidInput, NotFound
 from controller.manifests import service
 from controller.manifests.schemas import KINDS
-from controller.registry.endpoints import StoreDep
+from controller.registry.deps import StoreDep
+from controller.web.body_limits import read_body
+from controller.web.deps import API_V1, SessionDep, SettingsDep
 
 router = APIRouter(prefix=API_V1, tags=["manifests"])
 

@@ -10,12 +10,12 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from controller import faults
-from controller.db.session import suspend_after_commit
 from controller.errors import EdgefleetError, Forbidden, InvalidInput
 from controller.fleet.service import apply_cluster
 from controller.fleet.spec import ClusterManifest
 from controller.kit.manifest import API_VERSION
 from controller.kit.outcome import ApplyOutcome
+from controller.kit.transactions import suspend_after_commit
 from controller.manifests.schemas import KINDS, Manifest
 from controller.registry.service import apply_model_version
 from controller.registry.spec import ModelVersionManifest

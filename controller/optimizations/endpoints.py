@@ -4,13 +4,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
 
-from controller.api.deps import API_V1, SessionDep, SettingsDep
-from controller.api.params import IdPath
 from controller.auth.guard import OPERATOR, VIEWER
 from controller.db.models import ModelVersion, Optimization
 from controller.optimizations import service
 from controller.optimizations.schemas import OptimizationOut
-from controller.registry.endpoints import StoreDep
+from controller.registry.deps import StoreDep
+from controller.web.deps import API_V1, SessionDep, SettingsDep
+from controller.web.params import IdPath
 
 # Under the models' prefix and tag: a variant is derived from a model version and
 # becomes one.

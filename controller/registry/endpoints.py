@@ -2,26 +2,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
-from controller.api.deps import API_V1, SessionDep, SettingsDep
-from controller.api.pagination import Page, PageDep
 from controller.auth.guard import ARTIFACT_READER, OPERATOR, VIEWER
 from controller.auth.service import Principal
 from controller.registry import repository as repo
 from controller.registry import service
+from controller.registry.deps import StoreDep
 from controller.registry.schemas import ModelOut, ModelVersionOut
-from controller.registry.store import ArtifactStore, artifact_store, iter_file
-
-
-def get_store(settings: SettingsDep) -> ArtifactStore:
-    return artifact_store(settings)
-
-
-# The artifact store of a request; the handlers that take uploads or serve artifacts
-# (here, optimizations, manifests) declare it.
-StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+from controller.registry.store import iter_file
+from controller.web.deps import API_V1, SessionDep, SettingsDep
+from controller.web.pagination import Page, PageDep
 
 router = APIRouter(prefix=f"{API_V1}/models", tags=["models"])
 

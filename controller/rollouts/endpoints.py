@@ -4,12 +4,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, status
 
-from controller.api.deps import API_V1, SessionDep
-from controller.api.pagination import Page, PageDep
 from controller.auth.guard import OPERATOR, VIEWER
 from controller.rollouts import commands, service
 from controller.rollouts import repository as repo
 from controller.rollouts.schemas import EventOut, RolloutOut, RolloutSummary, WaveOut, summary
+from controller.web.deps import API_V1, SessionDep
+from controller.web.pagination import Page, PageDep
 
 router = APIRouter(prefix=f"{API_V1}/rollouts", tags=["rollouts"])
 

@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.fleet.selectors import selector_matches
 from controller.kit.durations import parse_duration
 from controller.kit.quantity import cpu_millis, memory_bytes
-from controller.rollouts.spec import PERCENT, RolloutSpec, Selector, Strategy
+from controller.rollouts.spec import PERCENT, RolloutSpec, Strategy
 
 
 @dataclass(frozen=True)
@@ -59,27 +60,6 @@ class Problem:
             out["nodes"] = self.nodes[:50]
             out["nodeCount"] = len(self.nodes)
         return out
-
-
-def selector_matches(selector: Selector, cluster: str, labels: Mapping[str, str]) -> bool:
-    """Kubernetes label-selector semantics: every matchLabels pair and every expression
-    must hold (NotIn and DoesNotExist also hold when the key is absent)."""
-    if selector.clusters and cluster not in selector.clusters:
-        return False
-    for key, wanted in selector.matchLabels.items():
-        if labels.get(key) != wanted:
-            return False
-    for req in selector.matchExpressions:
-        value = labels.get(req.key)
-        if req.operator == "In" and (value is None or value not in req.values):
-            return False
-        if req.operator == "NotIn" and value is not None and value in req.values:
-            return False
-        if req.operator == "Exists" and value is None:
-            return False
-        if req.operator == "DoesNotExist" and value is not None:
-            return False
-    return True
 
 
 def count_of(value: int | str, total: int, *, round_up: bool) -> int:

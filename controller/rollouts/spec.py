@@ -8,12 +8,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
+from controller.fleet.selectors import Selector
 from controller.kit.durations import parse_duration
 from controller.kit.manifest import (
     Document,
     Duration,
-    LabelKey,
-    LabelValue,
     Name,
     Quantity,
     Strict,
@@ -103,28 +102,6 @@ class ModelRef(Strict):
             if info.data.get("version") in v:
                 raise ValueError("the version itself is always a candidate: list variants only")
         return v
-
-
-class Requirement(Strict):
-    key: LabelKey
-    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: list[LabelValue] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _values(self) -> Requirement:
-        if self.operator in ("In", "NotIn") and not self.values:
-            raise ValueError(f"operator {self.operator} needs a non-empty values list")
-        if self.operator in ("Exists", "DoesNotExist") and self.values:
-            raise ValueError(f"operator {self.operator} takes no values")
-        return self
-
-
-class Selector(Strict):
-    matchLabels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
-    matchExpressions: list[Requirement] = Field(default_factory=list)
-    clusters: list[Name] = Field(
-        default_factory=list, description="only nodes of these clusters (default: all)"
-    )
 
 
 class Step(Strict):

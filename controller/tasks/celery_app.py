@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from sqlalchemy.orm import Session
 
-from controller.db.session import after_commit
+from controller.kit.transactions import after_commit
 from controller.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

@@ -22,16 +22,16 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from controller.api.app import create_app
-from controller.api.body_limits import (
+from controller.db.models import ModelVersion
+from controller.errors import PayloadTooLarge
+from controller.settings import Settings
+from controller.web.body_limits import (
     MULTIPART_ALLOWANCE,
     UPLOADS,
     LimitRequestBodies,
     body_limit,
     read_body,
 )
-from controller.db.models import ModelVersion
-from controller.errors import PayloadTooLarge
-from controller.settings import Settings
 from node_agent.contract import Heartbeat, InferenceMetrics, NodeStatus, WorkloadReport
 from tests.conftest import bearer
 from tests.live import live_controller

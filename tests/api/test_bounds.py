@@ -14,10 +14,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from controller.api.app import create_app
-from controller.api.params import BIGINT_MAX
 from controller.db.models import Model, ModelVersion, Optimization
 from controller.registry import samples
 from controller.settings import Settings
+from controller.web.params import BIGINT_MAX
 from tests.rollouts.helpers import apply, cluster_doc
 
 PAST_BIGINT = BIGINT_MAX + 1

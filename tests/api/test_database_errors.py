@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, exc
 
-from controller.api.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
+from controller.web.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
 from tests.live import free_port
 
 PORT = free_port()

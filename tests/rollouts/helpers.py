@@ -13,9 +13,9 @@ import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from controller.agents.simulated import RunningWorkload, report_running
 from controller.db.models import Assignment, Cluster, Event, Node, Rollout, Wave
 from controller.db.session import session_scope
-from controller.demo import RunningWorkload, report_running
 from controller.registry import samples
 from controller.rollouts import reconciler
 from controller.settings import Settings

@@ -31,6 +31,7 @@ import pytest
 import yaml
 from sqlalchemy import func, select
 
+from controller.agents.simulated import RunningWorkload, report_running
 from controller.db.models import (
     Assignment,
     Cluster,
@@ -43,7 +44,6 @@ from controller.db.models import (
     Wave,
 )
 from controller.db.session import session_scope
-from controller.demo import RunningWorkload, report_running
 from controller.manifests.service import apply_documents
 from controller.registry.store import artifact_store
 from controller.rollouts import commands

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from controller.fleet.selectors import Selector, selector_matches
 from controller.rollouts.planner import (
     NodeView,
     PlannedWave,
@@ -19,9 +20,8 @@ from controller.rollouts.planner import (
     plan_waves,
     preflight,
     select_nodes,
-    selector_matches,
 )
-from controller.rollouts.spec import RolloutSpec, Selector, Strategy
+from controller.rollouts.spec import RolloutSpec, Strategy
 
 _ids = iter(range(1, 1_000_000))
 

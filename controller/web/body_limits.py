@@ -17,10 +17,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from controller.api.deps import API_V1
-from controller.api.errors import error_body
 from controller.errors import PayloadTooLarge
 from controller.settings import Settings
+from controller.web.deps import API_V1
+from controller.web.errors import error_body
 
 # Room beside the artifact for an upload's other form fields (Starlette caps each at
 # 1 MiB; a variant request has three) and the multipart headers and boundaries.

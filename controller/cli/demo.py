@@ -22,9 +22,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from controller.agents import service as agents
+from controller.agents.simulated import RunningWorkload, report_running
 from controller.audit import acting_as
 from controller.auth.service import create_token
 from controller.benchmarks import service as benchmarks
@@ -40,19 +39,14 @@ from controller.cli.config import save_context
 from controller.cli.output import console
 from controller.db import migrate
 from controller.db.models import (
-    Assignment,
-    AssignmentState,
     BenchmarkStatus,
     Cluster,
-    Model,
-    ModelVersion,
     Node,
     NodeBenchmark,
     Role,
     Rollout,
 )
 from controller.db.session import dispose_engines, session_scope
-from controller.fleet.service import ingest_heartbeats
 from controller.manifests.service import apply_documents
 from controller.optimizations import service as optimizations
 from controller.registry import repository as repo
@@ -62,7 +56,7 @@ from controller.registry.tflite_builder import build_tflite_mlp
 from controller.rollouts import reconciler as rollouts
 from controller.settings import Settings, get_settings
 from controller.tasks.celery_app import configure
-from node_agent.contract import BenchmarkResult, Heartbeat, InferenceMetrics, WorkloadReport
+from node_agent.contract import BenchmarkResult, InferenceMetrics
 
 log = logging.getLogger("edgefleet.demo")
 
@@ -159,60 +153,6 @@ def _p95(version: str) -> float:
         if mv is None or not mv.benchmark:
             raise RuntimeError(f"detector {version} has no benchmark (validation failed?)")
         return float(mv.benchmark["p95_ms"])
-
-
-@dataclass(frozen=True)
-class RunningWorkload:
-    cluster: str
-    node: str
-    architecture: str | None
-    model: str
-    version: ModelVersion
-
-    @property
-    def key(self) -> str:
-        return f"{self.cluster}/{self.node}"
-
-
-LIVE_STATES = (AssignmentState.RUNNING, AssignmentState.HEALTHY)
-
-
-def report_running(
-    metrics_for: Callable[[RunningWorkload], InferenceMetrics],
-    seq: Iterator[int],
-    *,
-    states: Sequence[str] = LIVE_STATES,
-) -> int:
-    """Stand in for the node agents: one heartbeat per node running a workload (with the
-    numbers ``metrics_for`` gives it), ingested exactly as the agents' are. The demo, the
-    tests and the fleet bench report through here."""
-    with session_scope() as s:
-        rows = s.execute(
-            select(Node.name, Node.architecture, Cluster.name, Model.name, ModelVersion)
-            .join(Cluster, Cluster.id == Node.cluster_id)
-            .join(Assignment, Assignment.node_id == Node.id)
-            .join(Model, Model.id == Assignment.model_id)
-            .join(ModelVersion, ModelVersion.id == Assignment.observed_version_id)
-            .where(Assignment.state.in_(states))
-        ).all()
-        now = datetime.now(UTC)
-        beats = []
-        for node, arch, cluster, model, version in rows:
-            workload = RunningWorkload(cluster, node, arch, model, version)
-            report = WorkloadReport(
-                model=model,
-                version=version.version,
-                sha256=version.sha256,
-                state="Ready",
-                metrics=metrics_for(workload),
-            )
-            beats.append(
-                Heartbeat(
-                    cluster=cluster, node=node, seq=next(seq), sent_at=now, workloads=[report]
-                )
-            )
-        ingest_heartbeats(s, beats)
-    return len(beats)
 
 
 class SimulatedAgents:
@@ -433,7 +373,7 @@ def run_demo(
     console.print(f"  API       {url}/docs")
     console.print(f"  CLI       edgefleet get rollouts  (context 'demo' saved to {config})")
     console.print(f"  token     {token}  (admin, this demo's database only)", highlight=False)
-    import uvicorn
+    import uvicorn  # lazy: --no-serve never starts a server
 
     from controller.api.app import create_app
 

@@ -5,7 +5,7 @@ from typing import Annotated, Generic, TypeVar
 from fastapi import Depends, Query
 from pydantic import BaseModel
 
-from controller.api.params import OffsetQuery
+from controller.web.params import OffsetQuery
 
 T = TypeVar("T")
 
