@@ -10,7 +10,7 @@ from controller.db.models import AssignmentState, Rollout, RolloutPhase, WavePha
 from controller.errors import Conflict, NotFound
 from controller.rollouts import repository as repo
 from controller.rollouts.reconciler import queue_step
-from controller.rollouts.state import ACTIVE_PHASES, move, transition
+from controller.rollouts.state import ACTIVE_PHASES, advance_wave, move, transition
 
 P, A = RolloutPhase, AssignmentState
 
@@ -73,6 +73,18 @@ def command(session: Session, name: str, action: str) -> Rollout:
                 f"rollout {name} is {rollout.phase}: only Failed, RolledBack or Aborted "
                 "rollouts can be retried"
             )
+        reverting = [
+            r.key
+            for r in repo.rows_of(session, rollout.id)
+            if rollout.phase != P.FAILED and r.assignment.state != A.ROLLED_BACK
+        ]
+        if reverting:
+            raise Conflict(
+                f"rollout {name} is {rollout.phase} but still reverting: {len(reverting)} "
+                f"node(s) not back on their previous version yet ({', '.join(reverting[:5])}"
+                f"{', ...' if len(reverting) > 5 else ''}); retry once the revert has "
+                "finished (edgefleet rollout status shows it)"
+            )
         _reset_for_retry(session, rollout)
     else:
         raise NotFound(f"unknown rollout command {action!r} (pause, resume, abort, undo, retry)")
@@ -85,12 +97,8 @@ def _reset_for_retry(session: Session, rollout: Rollout) -> None:
     rows = repo.rows_of(session, rollout.id)
     transition(session, rollout, P.PENDING, reason="Retried", message="retried by a user")
     for wave in rollout.waves:
-        wave.phase, wave.started_at, wave.baked_at, wave.finished_at = (
-            WavePhase.PENDING,
-            None,
-            None,
-            None,
-        )
+        advance_wave(rollout, wave, WavePhase.PENDING)
+        wave.started_at = wave.baked_at = wave.finished_at = None
     rollout.current_wave = 0
     rollout.started_at = rollout.finished_at = None
     retry = [(r.assignment, r.key) for r in rows if r.assignment.state != A.PENDING]

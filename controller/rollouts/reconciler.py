@@ -40,7 +40,7 @@ from controller.rollouts import planner
 from controller.rollouts import repository as repo
 from controller.rollouts.repository import Row
 from controller.rollouts.spec import RolloutSpec
-from controller.rollouts.state import move, transition
+from controller.rollouts.state import advance_wave, move, transition
 from controller.settings import Settings
 from controller.tasks.celery_app import celery_app, enqueue
 
@@ -89,6 +89,7 @@ class Step:
         self.rows = repo.rows_of(session, rollout.id)
         self.target: ModelVersion = session.get(ModelVersion, rollout.model_version_id)  # type: ignore[assignment]
         self._drivers: dict[str, ClusterDriver] = {}
+        self.unobserved: dict[str, str] = {}  # cluster -> why this step could not observe it
         self._versions: dict[int, ModelVersion] = {self.target.id: self.target}
         chosen = {r.assignment.target_version_id for r in self.rows} - {None, self.target.id}
         self._versions.update(repo.versions_by_id(session, {v for v in chosen if v is not None}))
@@ -188,8 +189,9 @@ class Step:
     def progress(self) -> None:
         wave = self.r.waves[self.r.current_wave]
         if wave.phase == WavePhase.PENDING:
-            wave.phase = WavePhase.APPLYING
+            advance_wave(self.r, wave, WavePhase.APPLYING)
             wave.started_at = self.now
+            self.r.message = f"wave {wave.index} of {len(self.r.waves)} applying"
             self.event(
                 reason="WaveStarted",
                 message=f"wave {wave.index}: {wave.node_count} node(s)",
@@ -271,7 +273,17 @@ class Step:
                     self.spec.model.name, [r.node.name for r in group]
                 )
             except DriverError as exc:
+                # An unanswered observe says nothing about the nodes: they hold where
+                # they are, the next step observes again and the progress deadline bounds
+                # the wait. The error is recorded, and a deadline that fails the wave
+                # names it, so the operator sees why the nodes never showed up Ready.
                 log.warning("observe %s failed: %s", cluster, exc)
+                self.unobserved[cluster] = str(exc)
+                self.event(
+                    reason="DriverError",
+                    message=f"cluster {cluster}: observe failed: {exc}",
+                    data={"transient": exc.transient, "nodes": len(group), "call": "observe"},
+                )
                 continue
             for r in group:
                 obs = seen.get(r.node.name)
@@ -317,7 +329,8 @@ class Step:
         deadline = parse_duration(self.spec.strategy.progressDeadline)
         still_applying = self.in_state(rows, A.PENDING, A.APPLYING)
         if not still_applying and wave.phase == WavePhase.APPLYING:
-            wave.phase = WavePhase.BAKING
+            advance_wave(self.r, wave, WavePhase.BAKING)
+            self.r.message = f"wave {wave.index} of {len(self.r.waves)} baking"
             wave.baked_at = self.now + timedelta(seconds=wave.bake_s)
         bake_end = wave.baked_at
         result = gate_eval.evaluate(
@@ -347,6 +360,12 @@ class Step:
                 f"{len(still_applying)} node(s) not running the new version"
             )
             result.snapshot["applying_nodes"] = [r.key for r in still_applying][:100]
+            blind = sorted({r.cluster for r in still_applying} & self.unobserved.keys())
+            if blind:
+                result.reason += "; could not observe " + "; ".join(
+                    f"cluster {c} ({self.unobserved[c]})" for c in blind
+                )
+                result.snapshot["unobserved_clusters"] = {c: self.unobserved[c] for c in blind}
             self.fail(wave, result, reason="ProgressDeadlineExceeded")
 
     def _node_health(self, rows: list[Row]) -> None:
@@ -366,7 +385,9 @@ class Step:
         self.moved(unhealthy, A.RUNNING, "MetricsUnhealthy")
 
     def promote(self, wave: Wave, result: gate_eval.GateResult) -> None:
-        wave.phase, wave.finished_at = WavePhase.PASSED, self.now
+        advance_wave(self.r, wave, WavePhase.PASSED)
+        wave.finished_at = self.now
+        self.r.message = f"wave {wave.index} of {len(self.r.waves)} passed its gate"
         self.event(
             reason="GatePassed",
             message=f"wave {wave.index}: {result.reason}",
@@ -388,7 +409,8 @@ class Step:
             faults.point("rollout.succeeded")
 
     def fail(self, wave: Wave, result: gate_eval.GateResult, *, reason: str) -> None:
-        wave.phase, wave.finished_at = WavePhase.FAILED, self.now
+        advance_wave(self.r, wave, WavePhase.FAILED)
+        wave.finished_at = self.now
         transition(
             self.s,
             self.r,

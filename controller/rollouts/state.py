@@ -12,10 +12,10 @@ from sqlalchemy.orm import Session
 from controller import metrics
 from controller.audit import record_event
 from controller.db.base import utcnow
-from controller.db.models import Assignment, AssignmentState, Rollout, RolloutPhase
+from controller.db.models import Assignment, AssignmentState, Rollout, RolloutPhase, Wave, WavePhase
 from controller.errors import Conflict
 
-P, A = RolloutPhase, AssignmentState
+P, A, W = RolloutPhase, AssignmentState, WavePhase
 
 ROLLOUT_TRANSITIONS: dict[str, set[str]] = {
     P.PENDING: {P.PROGRESSING, P.SUCCEEDED, P.FAILED, P.ABORTED},
@@ -37,6 +37,19 @@ ASSIGNMENT_TRANSITIONS: dict[str, set[str]] = {
     A.FAILED: {A.ROLLED_BACK, A.PENDING},
     A.DEFERRED: {A.PENDING, A.ROLLED_BACK},
     A.ROLLED_BACK: {A.PENDING},
+}
+
+
+# A wave starts (Applying) when it becomes current, bakes once none of its nodes is still
+# being applied, and ends Passed or Failed by its gate, its progress deadline or its
+# offline budget. A Failed wave of a rollout paused by onFailure: pause passes when the
+# rollout is resumed and its gate then holds. A retry starts every wave over.
+WAVE_TRANSITIONS: dict[str, set[str]] = {
+    W.PENDING: {W.APPLYING},
+    W.APPLYING: {W.BAKING, W.FAILED, W.PENDING},
+    W.BAKING: {W.PASSED, W.FAILED, W.PENDING},
+    W.PASSED: {W.PENDING},
+    W.FAILED: {W.PASSED, W.PENDING},
 }
 
 
@@ -121,3 +134,17 @@ def move(
             },
         )
     return total
+
+
+def advance_wave(rollout: Rollout, wave: Wave, to: WavePhase) -> None:
+    """Move ``wave`` to ``to`` (nothing when it is there already), refusing a move the
+    table does not list: a wave that passed never starts applying again but by a retry."""
+    if wave.phase == to:
+        return
+    if to not in WAVE_TRANSITIONS.get(wave.phase, set()):
+        allowed = ", ".join(sorted(WAVE_TRANSITIONS.get(wave.phase, set()))) or "none"
+        raise IllegalTransition(
+            f"wave {wave.index} of rollout {rollout.name} is {wave.phase}: it cannot become "
+            f"{to} (from {wave.phase} it can become: {allowed})"
+        )
+    wave.phase = to

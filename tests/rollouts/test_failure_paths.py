@@ -134,10 +134,35 @@ def test_observe_error_holds_the_nodes_until_the_cluster_answers(
     assert {states[n] for n in PARIS} == {"Applying"}
     assert {s for n, s in states.items() if n not in PARIS} == {"Healthy"}
     assert ("paris", "observe") in faults.calls
+    blind = [d for r, d in events(rollout="d") if r == "DriverError"]
+    assert blind
+    assert all(d["call"] == "observe" and d["nodes"] == 2 for d in blind)
 
     faults.observe.clear()
     assert drive("d", settings)[-1] == "Succeeded"
     assert set(node_states("d").values()) == {"Healthy"}
+
+
+def test_progress_deadline_names_the_cluster_that_could_not_be_observed(
+    fleet: TestClient, faults: Faults, settings: Settings
+) -> None:
+    faults.observe["paris"] = permanent("403 Forbidden: pods is forbidden")
+    spec = {"strategy": {**ONE_WAVE["strategy"], "progressDeadline": "2m"}}
+    apply(fleet, rollout_doc("d", "1.0.0", onFailure="pause", **spec))
+    rid = rollout_id("d")
+    report()
+    assert reconciler.reconcile(rid, settings, now=utcnow() + timedelta(minutes=3)) == "Paused"
+    failed = [d for r, d in events(rollout="d") if r == "ProgressDeadlineExceeded"]
+    assert len(failed) == 1
+    assert sorted(failed[0]["gate"]["applying_nodes"]) == sorted(f"paris/{n}" for n in PARIS)
+    assert failed[0]["gate"]["unobserved_clusters"] == {"paris": "403 Forbidden: pods is forbidden"}
+    with session_scope() as s:
+        message = s.scalars(
+            select(Event.message).where(
+                Event.rollout_id == rid, Event.reason == "ProgressDeadlineExceeded"
+            )
+        ).one()
+    assert "could not observe cluster paris (403 Forbidden: pods is forbidden)" in message
 
 
 # ---------------------------------------------------------------- reverting
@@ -182,6 +207,13 @@ def test_incomplete_revert_is_retried_until_every_node_is_back(
 
     assert reconciler.reconcile(rid, settings) == "RolledBack"  # still refused: no harm
     assert {node_states("d2")[n] for n in PARIS} != {"RolledBack"}
+    # A retry now would start over on nodes still running 2.0.0: refused, saying why.
+    early = fleet.post("/v1/rollouts/d2/retry")
+    assert early.status_code == 409
+    detail = early.json()["detail"]
+    assert "still reverting: 2 node(s) not back on their previous version" in detail
+    assert "paris/paris-n0" in detail
+    assert phase_of(fleet, "d2") == "RolledBack"
 
     faults.apply.clear()
     assert reconciler.reconcile(rid, settings) == "RolledBack"
@@ -196,6 +228,8 @@ def test_incomplete_revert_is_retried_until_every_node_is_back(
     assert sorted(n for d in rolled for n in d["nodes"]) == sorted(
         f"{c}/{c}-n{i}" for c in CLUSTERS for i in range(2)
     )
+    assert fleet.post("/v1/rollouts/d2/retry").status_code == 202  # the revert has finished
+    assert phase_of(fleet, "d2") != "RolledBack"
 
 
 # ---------------------------------------------------------------- progress deadline

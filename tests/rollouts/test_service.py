@@ -70,6 +70,30 @@ def test_rollout_across_clusters_succeeds(fleet: TestClient, settings: Settings)
     assert gate["data"]["gate"]["healthy"] == gate["data"]["gate"]["nodes"]  # the evidence
 
 
+def test_the_rollout_message_follows_its_waves(fleet: TestClient, settings: Settings) -> None:
+    """What `get rollouts` and the dashboard show: the current wave, not wave 0's start
+    for the whole rollout."""
+    assert apply(fleet, rollout_doc("m", "1.0.0")).status_code == 200
+    rid = rollout_id("m")
+    seen: list[str] = []
+    for _ in range(60):
+        phase = reconciler.reconcile(rid, settings)
+        seen.append(fleet.get("/v1/rollouts/m").json()["message"])
+        if phase != "Progressing":
+            break
+        report()
+    # In order, without repeats. The simulated nodes run the new version at once, so each
+    # wave starts applying and starts baking within one step.
+    assert list(dict.fromkeys(seen)) == [
+        "wave 0 of 3 baking",
+        "wave 0 of 3 passed its gate",
+        "wave 1 of 3 baking",
+        "wave 1 of 3 passed its gate",
+        "wave 2 of 3 baking",
+        "all 3 wave(s) passed their gates",
+    ]
+
+
 def test_waves_respect_max_unavailable(fleet: TestClient, settings: Settings) -> None:
     spec = {"strategy": {"steps": [{"percent": 100}], "maxUnavailable": 3}}
     apply(fleet, rollout_doc("d", "1.0.0", **spec))  # the eager task ran step 1 at commit

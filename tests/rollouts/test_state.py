@@ -25,6 +25,8 @@ from controller.db.models import (
     Node,
     Rollout,
     RolloutPhase,
+    Wave,
+    WavePhase,
 )
 from controller.errors import Conflict
 from controller.rollouts import commands
@@ -33,7 +35,9 @@ from controller.rollouts.state import (
     ASSIGNMENT_TRANSITIONS,
     ROLLOUT_TRANSITIONS,
     TERMINAL_PHASES,
+    WAVE_TRANSITIONS,
     IllegalTransition,
+    advance_wave,
     move,
     transition,
 )
@@ -101,6 +105,21 @@ LEGAL_ASSIGNMENT: dict[tuple[str, str], str] = {
     ("Deferred", "Pending"): "its node is back",
     ("Deferred", "RolledBack"): "a revert releases a node it never touched",
     ("RolledBack", "Pending"): "retry",
+}
+
+WAVE_PHASES = ("Pending", "Applying", "Baking", "Passed", "Failed")
+
+LEGAL_WAVE: dict[tuple[str, str], str] = {
+    ("Pending", "Applying"): "the wave becomes the current one: its nodes are admitted",
+    ("Applying", "Baking"): "none of its nodes is still being applied: the bake starts",
+    ("Applying", "Failed"): "progress deadline, too many offline nodes, or a failed gate",
+    ("Baking", "Passed"): "the bake is over and the gate passes: the next wave starts",
+    ("Baking", "Failed"): "the gate fails",
+    ("Failed", "Passed"): "resumed after onFailure: pause, and the gate now passes",
+    ("Applying", "Pending"): "retry",
+    ("Baking", "Pending"): "retry",
+    ("Passed", "Pending"): "retry",
+    ("Failed", "Pending"): "retry",
 }
 
 # command -> {phase it is accepted in: the phase it leads to}; refused (409) elsewhere.
@@ -367,3 +386,28 @@ def test_command(session: Session, phase: str, action: str) -> None:
         assert info.value.status_code == 409
         assert rollout.phase == phase
         assert events_of(session, rollout) == []
+
+
+def test_the_wave_table_is_the_documented_one() -> None:
+    assert set(WavePhase) == set(WAVE_PHASES)
+    assert set(WAVE_TRANSITIONS) == set(WavePhase)
+    for src in WAVE_PHASES:
+        for dst in WAVE_PHASES:
+            assert (dst in WAVE_TRANSITIONS[WavePhase(src)]) == ((src, dst) in LEGAL_WAVE), (
+                f"{src} -> {dst}"
+            )
+
+
+@pytest.mark.parametrize(("src", "dst"), pairs(WAVE_PHASES))
+def test_advance_wave(session: Session, src: str, dst: str) -> None:
+    rollout = make_rollout(session, P.PROGRESSING)
+    wave = Wave(rollout_id=rollout.id, index=2, phase=src, node_count=1)
+    if src == dst or (src, dst) in LEGAL_WAVE:
+        advance_wave(rollout, wave, WavePhase(dst))
+        assert wave.phase == dst
+    else:
+        with pytest.raises(IllegalTransition) as info:
+            advance_wave(rollout, wave, WavePhase(dst))
+        assert info.value.status_code == 409
+        assert f"wave 2 of rollout r is {src}: it cannot become {dst}" in info.value.message
+        assert wave.phase == src
