@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -199,11 +200,36 @@ def test_main_explains_a_missing_setting(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("EDGEFLEET_CLUSTER", "c")
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:
-        cli.main()
+        cli.main([])
     assert exc.value.code == 2
     lines = {line.strip() for line in caplog.text.splitlines()}
     assert "EDGEFLEET_CONTROLLER_URL: Field required" in lines
     assert "NODE_NAME: Field required" in lines
+
+
+def test_help_lists_every_setting_without_needing_any(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in (
+        "NODE_NAME",
+        "EDGEFLEET_NODE_NAME",
+        "EDGEFLEET_CONTROLLER_URL",
+        "EDGEFLEET_CLUSTER",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    # "  NAME  (default ...)", each followed by its description, indented further.
+    listed = {line.split()[0] for line in out.splitlines() if re.match(r"  [A-Z]", line)}
+    expected = {"NODE_NAME"} | {
+        f"EDGEFLEET_{name.upper()}" for name in AgentSettings.model_fields if name != "node_name"
+    }
+    assert listed == expected
+    assert "  EDGEFLEET_CONTROLLER_URL  (required)" in out.splitlines()
+    assert "  EDGEFLEET_HEARTBEAT_INTERVAL_S  (default 10.0)" in out.splitlines()
+    assert "EDGEFLEET_EDGEFLEET" not in out
 
 
 def test_enrolls_once_and_keeps_the_credential_private(
