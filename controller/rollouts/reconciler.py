@@ -55,7 +55,7 @@ def queue_step(session: Session, rollout_id: int, *, countdown: float | None = N
     enqueue(session, "rollouts.reconcile", rollout_id, countdown=countdown)
 
 
-def _follow_up(session: Session, rollout: Rollout, settings: Settings) -> None:
+def _follow_up(session: Session, rollout: Rollout, settings: Settings, now: datetime) -> None:
     """Queue the rollout's next step, unless one is already queued for later. Beat's
     tick and the commands queue extra steps; were each to queue its own follow-up, the
     chains would add up, one more per tick, and never merge. Under the row lock, the
@@ -66,7 +66,6 @@ def _follow_up(session: Session, rollout: Rollout, settings: Settings) -> None:
     if celery_app.conf.task_always_eager:
         return  # in-process: the ticker drives follow-ups (see queue_step)
     interval = settings.reconcile_interval_s
-    now = utcnow()
     if rollout.next_step_at is not None and rollout.next_step_at > now + timedelta(
         seconds=interval / 2
     ):
@@ -489,7 +488,7 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
                     f"waiting for model version {step.target.version} to be validated "
                     f"({step.target.status})"
                 )
-                _follow_up(session, rollout, settings)
+                _follow_up(session, rollout, settings, step.now)
             return rollout.phase
         if rollout.phase == P.PENDING:
             if not rollout.waves:
@@ -507,7 +506,7 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
             rollout.phase in (P.ROLLED_BACK, P.ABORTED)
             and any(r.assignment.state != A.ROLLED_BACK for r in step.rows)
         ):
-            _follow_up(session, rollout, settings)
+            _follow_up(session, rollout, settings, step.now)
         return rollout.phase
 
 

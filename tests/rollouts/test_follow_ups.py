@@ -1,19 +1,25 @@
 """Follow-up steps of an active rollout stay one chain, whatever else queues steps for
 it (beat's tick, commands): the reconcile messages are read off a private Celery queue
-on real Redis and run the way a worker would (each at its ETA), tick after tick."""
+on real Redis and run the way a worker would (each when it is due), tick after tick.
+
+Time is the engine's injected clock, not the wall clock: a step runs at the instant its
+message is due (a follow-up at the ``next_step_at`` its step wrote, a tick's step between
+two follow-ups), so a loaded machine cannot turn a late step into an extra chain."""
 
 from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import redis
 from fastapi.testclient import TestClient
 
+from controller.db.base import utcnow
+from controller.db.models import Rollout
+from controller.db.session import session_scope
 from controller.rollouts import reconciler
 from controller.settings import Settings
 from controller.tasks.celery_app import configure
@@ -79,13 +85,25 @@ class Broker:
         self.redis.close()
 
 
-def run_like_a_worker(messages: list[Message], settings: Settings) -> None:
-    """Each reconcile at its ETA, in ETA order (the worker holds ETA messages until due)."""
+def run_like_a_worker(
+    messages: list[Message], settings: Settings, rid: int, tick_at: datetime
+) -> datetime:
+    """Each reconcile when it is due, in that order: the tick's step (no ETA) at
+    ``tick_at``, a follow-up (an ETA) at the ``next_step_at`` its step wrote. Returns the
+    instant of the last follow-up step run."""
+    chain_at = tick_at
     for m in sorted(messages, key=lambda m: m.eta or datetime.min.replace(tzinfo=UTC)):
         assert m.task == "rollouts.reconcile", m
-        if m.eta is not None:
-            time.sleep(max(0.0, (m.eta - datetime.now(UTC)).total_seconds()))
-        reconciler.reconcile(int(str(m.args[0])), settings)
+        assert int(str(m.args[0])) == rid
+        if m.eta is None:
+            reconciler.reconcile(rid, settings, now=tick_at)
+            continue
+        with session_scope() as s:
+            due = s.get(Rollout, rid).next_step_at  # type: ignore[union-attr]
+        assert due is not None
+        reconciler.reconcile(rid, settings, now=due)
+        chain_at = due
+    return chain_at
 
 
 def test_ticks_do_not_multiply_follow_up_chains(
@@ -102,13 +120,17 @@ def test_ticks_do_not_multiply_follow_up_chains(
     configure(settings.model_copy(update={"tasks_eager": False, "celery_queue": name}))
     try:
         rid = rollout_id("d")
-        assert reconciler.reconcile(rid, fast) == "Progressing"  # the first chain's step
+        chain_at = utcnow()
+        # The first chain's step.
+        assert reconciler.reconcile(rid, fast, now=chain_at) == "Progressing"
         per_round = []
         for _ in range(6):
             assert reconciler.tick(fast) == [rid]  # what beat sends every 10 s
             messages = broker.take_all()
             per_round.append(len(messages))
-            run_like_a_worker(messages, fast)
+            # The tick lands between two steps of the chain.
+            tick_at = chain_at + timedelta(seconds=INTERVAL_S / 4)
+            chain_at = run_like_a_worker(messages, fast, rid, tick_at)
             report()
     finally:
         configure(settings)
