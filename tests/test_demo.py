@@ -41,6 +41,17 @@ def test_demo_plays_the_scenario(tmp_path: Path) -> None:
     assert "'detector-1-1-auto': 'Succeeded'" in out
     assert (tmp_path / ".edgefleet" / "demo.db").is_file()
     assert list((tmp_path / ".edgefleet" / "artifacts" / "sha256").rglob("*"))
+    # The story, one line per decision, and not buried under a line per Celery task.
+    story = [line.split()[1:3] for line in proc.stdout.splitlines() if line[:2].isdigit()]
+    assert ["detector-1-1", "Succeeded"] in story
+    assert ["detector-1-2", "GateFailed"] in story
+    assert ["detector-1-2", "RollingBack"] in story
+    assert ["detector:1.1.0-int8", "VariantDerived"] in story
+    assert story.index(["detector-1-2", "GateFailed"]) < story.index(
+        ["detector-1-2", "RollingBack"]
+    )
+    assert "celery" not in proc.stdout + proc.stderr
+    assert len((proc.stdout + proc.stderr).splitlines()) < 80
 
 
 def test_demo_serves_the_dashboard(tmp_path: Path) -> None:

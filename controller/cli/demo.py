@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from controller.agents import service as agents
 from controller.agents.simulated import RunningWorkload, report_running
@@ -41,6 +41,7 @@ from controller.db import migrate
 from controller.db.models import (
     BenchmarkStatus,
     Cluster,
+    Event,
     Node,
     NodeBenchmark,
     Role,
@@ -224,11 +225,53 @@ class SimulatedAgents:
         return answered
 
 
+# The events that tell the demo's story, one line each; the rest (every node batch's
+# move, every benchmark) stays in the event log and `edgefleet describe rollout`.
+STORY = (
+    "Applied",
+    "Validated",
+    "ValidationFailed",
+    "Started",
+    "WaveStarted",
+    "GatePassed",
+    "GateFailed",
+    "ProgressDeadlineExceeded",
+    "RollingBack",
+    "Succeeded",
+    "VariantDerived",
+)
+
+
+class Narrator:
+    """Prints the story as it happens: each new event of the kinds in STORY, in order."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def tell(self) -> None:
+        with session_scope() as s:
+            rows = s.execute(
+                select(Event.created_at, Event.object_name, Event.reason, Event.message, Event.data)
+                .where(Event.id > self.seen, Event.reason.in_(STORY))
+                .order_by(Event.id)
+            ).all()
+            last = s.scalar(select(func.max(Event.id)))
+        for at, name, reason, message, data in rows:
+            mix = (data or {}).get("versions")
+            if mix:  # a rollout with variants: which version each node class got
+                message += "; versions chosen: " + ", ".join(f"{v} x{n}" for v, n in mix.items())
+            console.print(
+                f"{at:%H:%M:%S}  {name:<20} {reason:<18} {message}", highlight=False, soft_wrap=True
+            )
+        self.seen = last or self.seen
+
+
 class Scenario:
     def __init__(self, settings: Settings, *, bake: str) -> None:
         self.settings = settings
         self.bake = bake
         self.agents = SimulatedAgents()
+        self.narrator = Narrator()
         self.stage = 0
         # A gate the light network passes on every architecture and the heavy one
         # misses by far: both numbers were measured when the versions were validated.
@@ -236,15 +279,15 @@ class Scenario:
 
     def apply(self, *docs: dict[str, Any]) -> None:
         with session_scope() as s:
-            for outcome in apply_documents(
+            # The Narrator tells what was applied, from the Applied events.
+            apply_documents(
                 s,
                 list(docs),
                 self.settings,
                 artifact_store(self.settings),
                 dry_run=False,
                 may_apply_clusters=True,  # the demo is its own admin
-            ):
-                log.info("%s %s %s", outcome.kind, outcome.name, outcome.action)
+            )
 
     def phase(self, name: str) -> str | None:
         with session_scope() as s:
@@ -275,6 +318,7 @@ class Scenario:
                 doc["spec"]["model"]["variants"] = "auto"
                 self.apply(doc)
                 self.stage = 4
+        self.narrator.tell()
         return not (self.stage == 4 and self.phase("detector-1-1-auto") in TERMINAL)
 
     def derive_and_benchmark(self) -> None:
@@ -338,7 +382,9 @@ def _admin_context(url: str) -> tuple[str, Path]:
 def run_demo(
     *, port: int, serve: bool, fresh: bool = True, bake: str = "3s"
 ) -> dict[str, str | None]:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The story is printed by the Narrator; logs are for what goes wrong (every eager
+    # Celery task would otherwise log a line of its own).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = _embedded_settings()
     db = settings.database_url.removeprefix("sqlite:///")
     if fresh and settings.database_url.startswith("sqlite:///") and Path(db).exists():
