@@ -8,7 +8,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from controller import __version__, metrics
 from controller.agents import endpoints as agents
 from controller.agents.service import HeartbeatIntake
-from controller.api import health
+from controller.api import events, health
 from controller.auth import endpoints as auth
 from controller.benchmarks import endpoints as benchmarks
 from controller.dashboard import endpoints as dashboard
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for router in routers:
         app.include_router(router)
+    app.include_router(events.router)
     app.include_router(health.router)
 
     app.add_middleware(LimitRequestBodies, settings=settings)  # within ObserveRequests

@@ -16,6 +16,7 @@ from controller import __version__
 from controller.cli import access
 from controller.cli.apply import apply_manifests
 from controller.cli.describe import describe_app
+from controller.cli.events import events
 from controller.cli.get import get_app
 from controller.cli.models import models_app
 from controller.cli.output import console, err_console
@@ -34,6 +35,7 @@ app.add_typer(db_app, name="db")
 app.command("apply")(apply_manifests)
 app.add_typer(get_app, name="get")
 app.add_typer(describe_app, name="describe")
+app.command("events")(events)
 app.add_typer(rollout_app, name="rollout")
 app.command("login")(access.login)
 app.add_typer(access.tokens_app, name="tokens")
