@@ -1,4 +1,4 @@
-"""``edgefleet describe rollout``: phase, spec summary, waves and events of one rollout."""
+"""``edgefleet describe rollout|cluster|node``: one resource in detail, with its events."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.padding import Padding
 from rich.text import Text
 
 from controller.cli.client import ApiClient, ApiError
-from controller.cli.errors import fail
+from controller.cli.errors import client_error, fail
 from controller.cli.format import (
     age,
     counts,
@@ -74,11 +74,7 @@ def _describe_view(d: dict[str, Any]) -> Group:
     versions = d.get("versions") or {}
     if len(versions) > 1 or spec.get("model", {}).get("variants"):
         fields.insert(5, ("Variants", counts(versions)))
-    parts: list[RenderableType] = []
-    for key, value in fields:
-        line = Text(f"{key + ':':<13} ")
-        line.append(value if isinstance(value, Text) else Text(value))
-        parts.append(line)
+    parts = _field_lines(fields)
     parts.append(Text("Waves:"))
     waves = plain_table(
         ["WAVE", "PHASE", "NODES", "DONE", "BAKE", "STATES", "STARTED", "BAKED", "FINISHED"],
@@ -98,31 +94,37 @@ def _describe_view(d: dict[str, Any]) -> Group:
         ],
     )
     parts.append(Padding(waves, (0, 0, 0, 2), expand=False))
-    parts.append(Text("Events:"))
-    events = d.get("events") or []
-    if events:
-        parts.append(
-            Padding(
-                plain_table(
-                    ["AGE", "TIME", "REASON", "BY", "MESSAGE"],
-                    [
-                        [
-                            age(e["time"]),
-                            str(e["time"])[:19],
-                            e["reason"],
-                            e.get("actor") or "controller",
-                            e["message"],
-                        ]
-                        for e in events
-                    ],
-                ),
-                (0, 0, 0, 2),
-                expand=False,
-            )
-        )
-    else:
-        parts.append(Text("  <none>"))
+    parts.extend(_events_lines(d.get("events") or []))
     return Group(*parts)
+
+
+def _field_lines(fields: list[tuple[str, str | Text]]) -> list[RenderableType]:
+    lines: list[RenderableType] = []
+    for key, value in fields:
+        line = Text(f"{key + ':':<13} ")
+        line.append(value if isinstance(value, Text) else Text(value))
+        lines.append(line)
+    return lines
+
+
+def _events_lines(events: list[dict[str, Any]]) -> list[RenderableType]:
+    """The events table, newest first, as the API lists them."""
+    if not events:
+        return [Text("Events:"), Text("  <none>")]
+    table = plain_table(
+        ["AGE", "TIME", "REASON", "BY", "MESSAGE"],
+        [
+            [
+                age(e["time"]),
+                str(e["time"])[:19],
+                e["reason"],
+                e.get("actor") or "controller",
+                e["message"],
+            ]
+            for e in events
+        ],
+    )
+    return [Text("Events:"), Padding(table, (0, 0, 0, 2), expand=False)]
 
 
 @describe_app.command("rollout")
@@ -149,3 +151,82 @@ def describe_rollout(
 
 
 describe_app.command("rollouts", hidden=True)(describe_rollout)
+
+
+def _labels(labels: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((labels or {}).items())) or "<none>"
+
+
+def _fetch(api_url: str | None, path: str, kind: str, name: str, events: int) -> dict[str, Any]:
+    client = ApiClient(api_url)
+    try:
+        found: dict[str, Any] = client.get(path)
+        found["events"] = client.get("/v1/events", kind=kind, name=name, limit=events)
+    except ApiError as exc:
+        raise fail(exc) from exc
+    finally:
+        client.close()
+    return found
+
+
+@describe_app.command("cluster")
+def describe_cluster(
+    name: Annotated[str, typer.Argument(help="Cluster name.")],
+    events: Annotated[int, typer.Option("--events", min=1, max=1000, help="Last N events.")] = 10,
+    output: OutputOpt = Output.table,
+    api_url: ApiUrl = None,
+) -> None:
+    """Describe a cluster: driver, status, node health, its events."""
+    c = _fetch(api_url, f"/v1/clusters/{name}", "Cluster", name, events)
+    if output is not Output.table:
+        emit(c, output)
+        return
+    total = sum((c.get("nodes") or {}).values())
+    fields: list[tuple[str, str | Text]] = [
+        ("Name", c["name"]),
+        ("Driver", c["driver"]),
+        ("Generation", str(c["generation"])),
+        ("Status", styled(c["status"])),
+        ("Message", c.get("message") or ""),
+        ("Labels", _labels(c.get("labels"))),
+        ("Server", c.get("server") or "<none>"),
+        ("Namespace", c.get("namespace") or "<none>"),
+        ("Credentials", "yes" if c.get("has_credentials") else "no"),
+        ("Nodes", f"{total} ({counts(c.get('nodes'))})" if total else "0"),
+        ("Last sync", when(c.get("last_sync_at"))),
+        ("Created", when(c.get("created_at"))),
+    ]
+    console.print(Group(*_field_lines(fields), *_events_lines(c["events"])))
+
+
+@describe_app.command("node")
+def describe_node(
+    target: Annotated[str, typer.Argument(help="CLUSTER/NODE.")],
+    events: Annotated[int, typer.Option("--events", min=1, max=1000, help="Last N events.")] = 10,
+    output: OutputOpt = Output.table,
+    api_url: ApiUrl = None,
+) -> None:
+    """Describe a node: health, last heartbeat, architecture, resources, runtimes, events."""
+    cluster, sep, node = target.partition("/")
+    if not sep or not cluster or not node:
+        raise client_error(f"{target!r} is not CLUSTER/NODE (e.g. berlin/berlin-n0)")
+    n = _fetch(api_url, f"/v1/clusters/{cluster}/nodes/{node}", "Node", target, events)
+    if output is not Output.table:
+        emit(n, output)
+        return
+    runtimes = ", ".join(
+        str(r.get("name", r)) if isinstance(r, dict) else str(r) for r in n.get("runtimes") or []
+    )
+    fields: list[tuple[str, str | Text]] = [
+        ("Name", f"{n['cluster']}/{n['name']}"),
+        ("Health", styled(n["health"])),
+        (
+            "Heartbeat",
+            age(n["last_heartbeat_at"]) + " ago" if n.get("last_heartbeat_at") else "never",
+        ),
+        ("Architecture", n.get("architecture") or "<unknown>"),
+        ("Labels", _labels(n.get("labels"))),
+        ("Allocatable", _labels(n.get("allocatable"))),
+        ("Runtimes", runtimes or "<none reported>"),
+    ]
+    console.print(Group(*_field_lines(fields), *_events_lines(n["events"])))

@@ -48,6 +48,14 @@ def list_nodes(
     )
 
 
+@router.get("/clusters/{cluster}/nodes/{node}", response_model=NodeOut, dependencies=[VIEWER])
+def get_node(cluster: str, node: str, session: SessionDep) -> NodeOut:
+    found = repo.get_node(session, cluster, node)
+    if found is None:
+        raise NotFound(f"node {cluster}/{node} not found")
+    return NodeOut.of(found, cluster)
+
+
 @router.post("/clusters/{cluster}/nodes/{node}/reset", response_model=NodeOut, dependencies=[ADMIN])
 def reset_node(cluster: str, node: str, session: SessionDep) -> NodeOut:
     """Revoke the node's agent credential so it may enrol again (a reinstalled node, or a

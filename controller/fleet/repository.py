@@ -54,6 +54,13 @@ def list_nodes(
     return [(r[0], r[1]) for r in rows], session.scalar(count) or 0
 
 
+def get_node(session: Session, cluster: str, node: str) -> Node | None:
+    """One node by its cluster's name and its own (read only, no lock)."""
+    return session.scalar(
+        select(Node).join(Cluster).where(Cluster.name == cluster, Node.name == node)
+    )
+
+
 def nodes_by_key(session: Session, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Node]:
     wanted = set(keys)
     if not wanted:

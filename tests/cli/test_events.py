@@ -1,4 +1,5 @@
-"""``GET /v1/events`` and ``edgefleet events KIND/NAME``: the audit log of clusters,
+"""``GET /v1/events``, ``edgefleet events KIND/NAME`` and ``describe cluster|node``: the audit
+log and details of clusters,
 nodes, model versions and rollouts, for a viewer."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from sqlalchemy import Connection
 
 from controller.api.app import create_app
 from controller.settings import Settings
-from tests.cli.test_rollouts import cli
+from tests.cli.test_rollouts import cli, data
 from tests.conftest import bearer
 from tests.live import serve
 from tests.rollouts.helpers import apply, cluster_doc, push_versions
@@ -79,3 +80,40 @@ def test_cli_refuses_a_target_that_is_not_kind_slash_name(api_url: str) -> None:
     result = cli(api_url, "events", "berlin")
     assert result.exit_code == 1
     assert "is not KIND/NAME" in result.output
+
+
+def test_describe_cluster_and_node(api_url: str) -> None:
+    result = cli(api_url, "describe", "cluster", "berlin")
+    assert result.exit_code == 0, result.output
+    lines = [line.split(":", 1) for line in result.stdout.splitlines() if ":" in line]
+    fields = {k.strip(): v.strip() for k, v in lines}
+    assert fields["Driver"] == "simulated"
+    assert fields["Nodes"].startswith("2 (")
+    assert "Applied" in result.stdout  # its events
+    node = data(api_url, "describe", "node", "berlin/berlin-n0")
+    assert (node["cluster"], node["name"]) == ("berlin", "berlin-n0")
+    assert isinstance(node["events"], list)
+    result = cli(api_url, "describe", "node", "berlin/berlin-n0")
+    assert result.exit_code == 0, result.output
+    assert "Health:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("describe", "node", "berlin-n0"), "is not CLUSTER/NODE"),
+        (("describe", "node", "berlin/nowhere"), "node berlin/nowhere not found"),
+        (("describe", "cluster", "nowhere"), "cluster 'nowhere' not found"),
+    ],
+)
+def test_describe_names_what_is_missing(api_url: str, args: tuple[str, ...], message: str) -> None:
+    result = cli(api_url, *args)
+    assert result.exit_code == 1
+    assert message in result.output
+
+
+def test_get_node_route(fleet: TestClient) -> None:
+    resp = fleet.get("/v1/clusters/berlin/nodes/berlin-n1", headers=bearer("viewer"))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["name"] == "berlin-n1"
+    assert fleet.get("/v1/clusters/berlin/nodes/none").status_code == 404
