@@ -1,5 +1,5 @@
 """How light is edgefleet-agent? One real agent process against a tiny fake controller
-and a fake inference server (prometheus_client exposition), both in this process.
+and a fake inference server (the tests' stand-in of its /metrics), both in this process.
 
 It measures the agent's resident memory and the CPU time one heartbeat cycle costs
 (read /proc and /sys, scrape /metrics, build the heartbeat, one SQLite transaction, one
@@ -11,7 +11,6 @@ Run: python bench/bench_agent.py [--cycles 60] [--interval 0.1]"""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -20,13 +19,14 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+import _env  # noqa: F401  (first: this checkout on sys.path, for the tests' stand-ins)
 
-from node_agent.contract import ERRORS_TOTAL, INFERENCE_LATENCY, REQUESTS_TOTAL
+from tests.agents.fakes import FakeInferenceServer
+from tests.http_fake import FakeHTTPServer, read_json, reply_json
 
 GOAL_RSS_MIB = 60.0
 GOAL_CPU_PERCENT = 1.0
@@ -63,75 +63,23 @@ class FakeController:
             }
 
 
-def serve(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def controller_server(fake: FakeController) -> FakeHTTPServer:
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        if h.command == "POST":
+            reply_json(h, 200, fake.handle(h.path, read_json(h)))
+            return
+        with fake.lock:  # GET /v1/agents/benchmarks, once after the start: none
+            fake.requests += 1
+        reply_json(h, 200, [])
+
+    return FakeHTTPServer(handle, keep_alive=True)  # keep-alive, as the agent's client uses it
+
+
+def inference_server() -> FakeInferenceServer:
+    """The model's /metrics, with 20 inferences of 4 ms between scrapes."""
+    server = FakeInferenceServer(on_scrape=lambda s: s.serve(20, 0.004), keep_alive=True)
+    server.set_model("detector", "1.0.0", "a" * 64)
     return server
-
-
-def controller_server(fake: FakeController) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as the agent's client uses it
-
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", "0"))
-            body = json.loads(self.rfile.read(length))
-            out = json.dumps(fake.handle(self.path, body)).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def do_GET(self) -> None:  # /v1/agents/benchmarks, once after the start: none
-            with fake.lock:
-                fake.requests += 1
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"[]")
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    return serve(Handler)
-
-
-def inference_server() -> tuple[ThreadingHTTPServer, Histogram, Counter]:
-    registry = CollectorRegistry()
-    latency = Histogram(INFERENCE_LATENCY, "x", registry=registry)
-    requests = Counter(REQUESTS_TOTAL.removesuffix("_total"), "x", registry=registry)
-    Counter(ERRORS_TOTAL.removesuffix("_total"), "x", registry=registry)
-    Gauge("edgefleet_model_ready", "x", registry=registry).set(1)
-    Info("edgefleet_model", "x", registry=registry).info(
-        {
-            "model": "detector",
-            "version": "1.0.0",
-            "sha256": "a" * 64,
-            "runtime": "onnxruntime",
-            "provider": "CPUExecutionProvider",
-        }
-    )
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            for _ in range(20):  # traffic between scrapes
-                latency.observe(0.004)
-            requests.inc(20)
-            body = generate_latest(registry)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    return serve(Handler), latency, requests
 
 
 def cpu_seconds(pid: int) -> float:
@@ -176,17 +124,17 @@ def main() -> None:
 
     fake = FakeController()
     controller = controller_server(fake)
-    inference, _, _ = inference_server()
+    inference = inference_server()
     state = tempfile.mkdtemp(prefix="edgefleet-agent-bench-")
     env = {
         "PATH": os.environ.get("PATH", ""),
         "NODE_NAME": "bench-node",
         "EDGEFLEET_CLUSTER": "bench",
-        "EDGEFLEET_CONTROLLER_URL": f"http://127.0.0.1:{controller.server_address[1]}",
+        "EDGEFLEET_CONTROLLER_URL": controller.url,
         "EDGEFLEET_JOIN_TOKEN": "bench-token",
         "EDGEFLEET_STATE_DIR": state,
         "EDGEFLEET_HEARTBEAT_INTERVAL_S": str(args.interval),
-        "EDGEFLEET_INFERENCE_URLS": f"http://127.0.0.1:{inference.server_address[1]}/metrics",
+        "EDGEFLEET_INFERENCE_URLS": inference.url,
         "EDGEFLEET_LOG_LEVEL": "WARNING",
     }
     started = time.perf_counter()
@@ -204,8 +152,8 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(15)
-        controller.shutdown()
-        inference.shutdown()
+        controller.close()
+        inference.close()
         shutil.rmtree(state, ignore_errors=True)
 
     cycles = beats1 - beats0

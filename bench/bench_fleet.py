@@ -12,80 +12,37 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import os
 import resource
 import statistics
 import time
-import uuid
 
-PG = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
-DB = f"edgefleet_bench_{uuid.uuid4().hex[:8]}"
-os.environ.update(
-    {
-        "EDGEFLEET_ENVIRONMENT": "test",
-        "EDGEFLEET_SECRET_KEY": "bench-secret",
-        "EDGEFLEET_DATABASE_URL": f"{PG}/{DB}",
-        "EDGEFLEET_REDIS_URL": os.environ.get("EDGEFLEET_TEST_REDIS", "redis://127.0.0.1:6379/0"),
-        "EDGEFLEET_TASKS_EAGER": "true",
-        "EDGEFLEET_ARTIFACT_DIR": f"/tmp/{DB}/artifacts",
-        "EDGEFLEET_BENCHMARK_RUNS": "5",
-    }
-)
+import _env
+from sqlalchemy import text
 
-from sqlalchemy import create_engine, text  # noqa: E402
+from controller.agents.simulated import RunningWorkload, report_running
+from controller.benchmarks.service import node_class
+from controller.db import migrate
+from controller.db.models import AssignmentState, BenchmarkStatus, NodeBenchmark
+from controller.db.session import session_scope
+from controller.manifests.builders import fleet, rollout
+from controller.manifests.service import apply_documents
+from controller.registry import samples, service
+from controller.registry.store import artifact_store
+from controller.rollouts import reconciler as rollouts
+from controller.rollouts import repository as rollout_repo
+from controller.settings import get_settings
+from controller.tasks.celery_app import configure
+from node_agent.contract import InferenceMetrics
 
-from controller.agents.simulated import RunningWorkload, report_running  # noqa: E402
-from controller.benchmarks.service import node_class  # noqa: E402
-from controller.db import migrate  # noqa: E402
-from controller.db.models import AssignmentState, BenchmarkStatus, NodeBenchmark  # noqa: E402
-from controller.db.session import dispose_engines, session_scope  # noqa: E402
-from controller.manifests.service import apply_documents  # noqa: E402
-from controller.registry import samples, service  # noqa: E402
-from controller.registry.store import artifact_store  # noqa: E402
-from controller.rollouts import reconciler as rollouts  # noqa: E402
-from controller.rollouts import repository as rollout_repo  # noqa: E402
-from controller.settings import get_settings  # noqa: E402
-from controller.tasks.celery_app import configure  # noqa: E402
-from node_agent.contract import InferenceMetrics  # noqa: E402
-
-
-def admin(sql: str) -> None:
-    engine = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(sql))
-    engine.dispose()
-
-
-def cluster(name: str, count: int) -> dict[str, object]:
-    return {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "Cluster",
-        "metadata": {"name": name},
-        "spec": {
-            "driver": "simulated",
-            "simulated": {
-                "count": count,
-                "prefix": f"{name}-n",
-                "template": {"labels": {"tier": "retail", "site": name}},
-            },
-        },
-    }
-
-
-ROLLOUT = {
-    "apiVersion": "edgefleet.io/v1",
-    "kind": "Rollout",
-    "metadata": {"name": "bench"},
-    "spec": {
-        "model": {"name": "detector", "version": "1.0.0"},
-        "selector": {"matchLabels": {"tier": "retail"}},
-        "strategy": {
-            "steps": [{"nodes": 1}, {"percent": 10}, {"percent": 50}, {"percent": 100}],
-            "maxUnavailable": "100%",
-        },
-        "gates": {"maxP95LatencyMs": 50, "minHealthyRatio": 0.99, "minSamples": 10},
+ROLLOUT = rollout(
+    "bench",
+    "1.0.0",
+    strategy={
+        "steps": [{"nodes": 1}, {"percent": 10}, {"percent": 50}, {"percent": 100}],
+        "maxUnavailable": "100%",
     },
-}
+    gates={"maxP95LatencyMs": 50, "minHealthyRatio": 0.99, "minSamples": 10},
+)
 
 _seq = itertools.count(1)
 
@@ -104,8 +61,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--clusters", type=int, default=10)
     args = parser.parse_args()
-    admin(f'CREATE DATABASE "{DB}"')
-    try:
+    with _env.database():
         settings = get_settings()
         configure(settings)
         migrate.upgrade(settings)
@@ -124,7 +80,7 @@ def main() -> None:
         with session_scope() as s:
             apply_documents(
                 s,
-                [cluster(f"site{i}", per) for i in range(args.clusters)],
+                [fleet(f"site{i}", per) for i in range(args.clusters)],
                 settings,
                 store,
                 dry_run=False,
@@ -160,7 +116,7 @@ def main() -> None:
                     )
                 )
         choosing = copy.deepcopy(ROLLOUT)
-        choosing["spec"]["model"]["variants"] = ["1.0.0-b"]  # type: ignore[index]
+        choosing["spec"]["model"]["variants"] = ["1.0.0-b"]
         t0 = time.perf_counter()
         with session_scope() as s:
             got = apply_documents(
@@ -220,9 +176,6 @@ def main() -> None:
         rate = beats_total / max(ingest_total, 1e-9)
         print(f"  heartbeats ingested {beats_total} in {ingest_total:.2f} s ({rate:.0f}/s)")
         print(f"  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    finally:
-        dispose_engines()
-        admin(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

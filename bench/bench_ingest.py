@@ -31,28 +31,16 @@ import hashlib
 import os
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-PG = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
-DB = f"edgefleet_bench_{uuid.uuid4().hex[:8]}"
-os.environ.update(
-    {
-        "EDGEFLEET_ENVIRONMENT": "test",
-        "EDGEFLEET_SECRET_KEY": "bench-secret",
-        "EDGEFLEET_DATABASE_URL": f"{PG}/{DB}",
-        "EDGEFLEET_TASKS_EAGER": "true",
-        "EDGEFLEET_ARTIFACT_DIR": f"/tmp/{DB}/artifacts",
-    }
-)
+import _env
+from sqlalchemy import func, insert, select
 
-from sqlalchemy import create_engine, func, insert, select, text  # noqa: E402
-
-from controller.db import migrate  # noqa: E402
-from controller.db.models import (  # noqa: E402
+from controller.db import migrate
+from controller.db.models import (
     Assignment,
     AssignmentState,
     Cluster,
@@ -60,10 +48,10 @@ from controller.db.models import (  # noqa: E402
     ModelVersion,
     Node,
 )
-from controller.db.session import dispose_engines, session_scope  # noqa: E402
-from controller.fleet.service import ingest_heartbeats  # noqa: E402
-from controller.settings import get_settings  # noqa: E402
-from node_agent.contract import (  # noqa: E402
+from controller.db.session import session_scope
+from controller.fleet.service import ingest_heartbeats
+from controller.settings import get_settings
+from node_agent.contract import (
     Heartbeat,
     InferenceMetrics,
     NodeStatus,
@@ -72,13 +60,6 @@ from node_agent.contract import (  # noqa: E402
 
 SHA = "b" * 64
 NODES_PER_CLUSTER = 500
-
-
-def admin(sql: str) -> None:
-    engine = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(sql))
-    engine.dispose()
 
 
 def credential(name: str) -> str:
@@ -405,8 +386,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--mode", choices=["all", "request"], default="all")
     args = parser.parse_args()
-    admin(f'CREATE DATABASE "{DB}"')
-    try:
+    with _env.database():
         migrate.upgrade(get_settings())
         keys = populate(args.nodes)
         n = len(keys)
@@ -444,9 +424,6 @@ def main() -> None:
         with session_scope() as s:
             last = s.scalar(select(func.min(Node.last_seq)))
         assert last == seq, (last, seq)
-    finally:
-        dispose_engines()
-        admin(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

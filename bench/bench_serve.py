@@ -58,6 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _env  # noqa: F401  (first: this checkout on sys.path)
 import numpy as np
 import onnxruntime as ort
 from prometheus_client.parser import text_string_to_metric_families

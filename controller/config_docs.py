@@ -2,6 +2,10 @@
 cannot drift from the code: ``python -m controller.config_docs > docs/configuration.md``
 (tests/test_config_docs.py fails while the committed page differs).
 
+Three classes, one section each: the controller's ``Settings``, the node agent's
+``AgentSettings`` and the inference server's ``ServeSettings`` (the controller may import
+the edge side; the edge side never imports the controller).
+
 Only the classes' declarations are read (names, annotations, defaults, constraints,
 descriptions); nothing is instantiated, so the page does not depend on the environment
 or a ``.env`` file of the machine that renders it.
@@ -22,6 +26,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from controller.settings import Settings
+from node_agent.agent.settings import AgentSettings
+from node_agent.server.settings import ServeSettings
 
 COMMAND = "python -m controller.config_docs > docs/configuration.md"
 SECRET = "(set me)"
@@ -48,10 +54,34 @@ needs no server. Production sets `EDGEFLEET_ENVIRONMENT=production`, a Postgres 
 Redis URL and a real secret key: a default secret outside development refuses to start.
 """
 
-FOOTER = """\
-The node agent (`edgefleet-agent`), the inference server (`edgefleet-serve`) and the CLI
-read settings of their own: see [edge.md](edge.md) and [operations.md](operations.md).
+AGENT = """\
+## Node agent
+
+`node_agent/agent/settings.py`: read by `edgefleet-agent` from the environment only (no
+`.env` file). The chart (`helm/edgefleet-agent`) sets the node's name, the cluster, the
+controller's URL, the join token and `EDGEFLEET_DISCOVERY=kubernetes`. What the agent does
+with them: [edge.md](edge.md#the-node-agent).
 """
+
+SERVE = """\
+## Inference server
+
+`node_agent/server/settings.py`: read by `edgefleet-serve` from its flags first (the
+common settings have one, named after the setting: `--max-body-bytes`; `edgefleet-serve
+--help` lists them), then the environment, then the defaults below. Give
+`EDGEFLEET_SERVE_MODEL_URL` with `EDGEFLEET_SERVE_SHA256`, or `EDGEFLEET_SERVE_MODEL_PATH`.
+What the server does with them: [edge.md](edge.md#the-inference-server).
+"""
+
+FOOTER = """\
+The CLI (`edgefleet`) reads settings of its own: see [operations.md](operations.md).
+"""
+
+SECTIONS: list[tuple[str, type[BaseSettings]]] = [
+    (CONTROLLER, Settings),
+    (AGENT, AgentSettings),
+    (SERVE, ServeSettings),
+]
 
 
 def _type_name(annotation: Any) -> str:
@@ -104,11 +134,11 @@ def _human_bytes(n: int) -> str:
 def _default(name: str, field: FieldInfo) -> str:
     if field.is_required():
         return "required"
-    if _is_secret(field.annotation):
-        return SECRET
     value = field.get_default(call_default_factory=True)
     if value is None:
         return "unset"
+    if _is_secret(field.annotation):
+        return SECRET
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     if isinstance(value, enum.Enum):
@@ -167,7 +197,8 @@ def render_settings(cls: type[BaseSettings]) -> str:
 
 
 def render() -> str:
-    return "\n".join([HEADER, CONTROLLER, render_settings(Settings), FOOTER])
+    sections = [part for intro, cls in SECTIONS for part in (intro, render_settings(cls))]
+    return "\n".join([HEADER, *sections, FOOTER])
 
 
 def main() -> None:

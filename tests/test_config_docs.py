@@ -1,5 +1,6 @@
 """docs/configuration.md is exactly what ``controller.config_docs.render()`` gives, so the
-page cannot drift from ``Settings``. After a change of ``controller/settings.py``, run
+page cannot drift from the settings classes (the controller's ``Settings``, the agent's
+``AgentSettings``, the inference server's ``ServeSettings``). After a change of one, run
 ``python -m controller.config_docs > docs/configuration.md`` and commit the result."""
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from controller import config_docs
 from controller.settings import DEV_SECRET, Settings
+from node_agent.agent.settings import AgentSettings
+from node_agent.server.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configuration.md"
@@ -36,12 +39,30 @@ def test_the_module_prints_the_page() -> None:
     assert out.stdout == config_docs.render()
 
 
-def test_every_setting_is_on_the_page_with_its_description() -> None:
+@pytest.mark.parametrize(
+    ("cls", "prefix"),
+    [(Settings, "EDGEFLEET_"), (AgentSettings, "EDGEFLEET_"), (ServeSettings, "EDGEFLEET_SERVE_")],
+)
+def test_every_setting_is_on_the_page_with_its_description(
+    cls: type[BaseSettings], prefix: str
+) -> None:
     page = config_docs.render()
-    for name, field in Settings.model_fields.items():
-        assert f"`EDGEFLEET_{name.upper()}`" in page, name
-        assert field.description, f"Settings.{name} needs a description"
+    for name, field in cls.model_fields.items():
+        assert f"`{prefix}{name.upper()}`" in page, name
+        assert field.description, f"{cls.__name__}.{name} needs a description"
         assert " ".join(field.description.split()).replace("|", "\\|") in page, name
+
+
+def test_an_alias_is_shown_beside_the_variable() -> None:
+    row = next(line for line in config_docs.render().splitlines() if "`NODE_NAME`" in line)
+    assert row.startswith("| `EDGEFLEET_NODE_NAME` or `NODE_NAME` | str | required |")
+
+
+def test_edge_md_links_to_the_page_instead_of_copying_it() -> None:
+    edge = (ROOT / "docs" / "edge.md").read_text()
+    assert "configuration.md#node-agent" in edge
+    assert "configuration.md#inference-server" in edge
+    assert "| `EDGEFLEET_" not in edge
 
 
 def test_secrets_never_show_their_value() -> None:
@@ -59,6 +80,7 @@ def test_rows_show_types_defaults_and_bounds() -> None:
         url: str | None = Field(None, description="Maybe | a URL.")
         hosts: list[str] = Field(default_factory=lambda: ["a"], description="Hosts.")
         token: SecretStr = Field(SecretStr("hunter2"), description="A secret.")
+        maybe: SecretStr | None = Field(None, description="An optional secret.")
         on: bool = Field(False, description="A switch.")
         where: str = Field(description="Required.")
 
@@ -68,6 +90,7 @@ def test_rows_show_types_defaults_and_bounds() -> None:
         "| `EX_URL` | str or unset | unset | Maybe \\| a URL. |",
         '| `EX_HOSTS` | list of str | `["a"]` | Hosts. |',
         "| `EX_TOKEN` | secret | (set me) | A secret. |",
+        "| `EX_MAYBE` | secret or unset | unset | An optional secret. |",
         "| `EX_ON` | bool | `false` | A switch. |",
         "| `EX_WHERE` | str | required | Required. |",
     ]

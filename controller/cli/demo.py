@@ -48,6 +48,7 @@ from controller.db.models import (
     Rollout,
 )
 from controller.db.session import dispose_engines, session_scope
+from controller.manifests.builders import RESOURCES, fleet, rollout
 from controller.manifests.service import apply_documents
 from controller.optimizations import service as optimizations
 from controller.registry import repository as repo
@@ -86,56 +87,32 @@ TERMINAL = ("RolledBack", "Succeeded", "Failed", "Aborted")
 
 
 def _cluster(name: str, nodes: int, arch: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "Cluster",
-        "metadata": {"name": name, "labels": {"region": "eu"}},
-        "spec": {
-            "driver": "simulated",
-            "simulated": {
-                "count": nodes,
-                "prefix": f"{name}-node",
-                "template": {
-                    "architecture": arch,
-                    "cpu": "4",
-                    "memory": "4Gi",
-                    "labels": {"tier": "retail", "site": name},
-                },
-            },
-        },
-    }
+    node = {"architecture": arch, "cpu": "4", "memory": "4Gi"}
+    return fleet(name, nodes, prefix=f"{name}-node", node=node, labels={"region": "eu"})
 
 
 def _rollout(name: str, version: str, gate_ms: float, bake: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "Rollout",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"name": "detector", "version": version},
-            "selector": {"matchLabels": {"tier": "retail"}},
-            "resources": {
-                "requests": {"cpu": "250m", "memory": "256Mi"},
-                "limits": {"cpu": "1", "memory": "512Mi"},
-            },
-            "strategy": {
-                "steps": [
-                    {"nodes": 1, "bake": bake},
-                    {"percent": 25, "bake": bake},
-                    {"percent": 60, "bake": bake},
-                    {"percent": 100},
-                ],
-                "maxUnavailable": "25%",
-            },
-            "gates": {
-                "maxP95LatencyMs": round(gate_ms, 3),
-                "maxErrorRate": 0.01,
-                "minHealthyRatio": 0.9,
-                "minSamples": 20,
-            },
-            "onFailure": "rollback",
+    return rollout(
+        name,
+        version,
+        resources=RESOURCES,
+        strategy={
+            "steps": [
+                {"nodes": 1, "bake": bake},
+                {"percent": 25, "bake": bake},
+                {"percent": 60, "bake": bake},
+                {"percent": 100},
+            ],
+            "maxUnavailable": "25%",
         },
-    }
+        gates={
+            "maxP95LatencyMs": round(gate_ms, 3),
+            "maxErrorRate": 0.01,
+            "minHealthyRatio": 0.9,
+            "minSamples": 20,
+        },
+        onFailure="rollback",
+    )
 
 
 def seed_models(settings: Settings) -> None:

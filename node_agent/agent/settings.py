@@ -32,14 +32,21 @@ class AgentSettings(BaseSettings):
     join_token: SecretStr | None = Field(
         None, description="Fleet join token; needed to enrol (and to re-enrol on a 401)."
     )
-    # The chart sets NODE_NAME from the downward API (spec.nodeName).
     node_name: str = Field(
-        min_length=1, validation_alias=AliasChoices("EDGEFLEET_NODE_NAME", "NODE_NAME")
+        min_length=1,
+        validation_alias=AliasChoices("EDGEFLEET_NODE_NAME", "NODE_NAME"),
+        description="This node's name; the chart sets NODE_NAME from the downward API.",
     )
     cluster: str = Field(min_length=1, description="The cluster's name in the controller.")
-    state_dir: Path = Path("/var/lib/edgefleet/agent")
+    state_dir: Path = Field(
+        Path("/var/lib/edgefleet/agent"),
+        description="The agent's credential (mode 0600) and its heartbeat outbox.",
+    )
     heartbeat_interval_s: float = Field(
-        10.0, gt=0, description="Unless set, the controller's suggestion at enrolment wins."
+        10.0,
+        gt=0,
+        description="How often to report, in seconds; unless set, the controller's "
+        "suggestion at enrolment wins.",
     )
     queue_max: int = Field(
         10_000, ge=1, description="Heartbeats kept while offline (10,000 x 10 s = 27 h)."
@@ -64,10 +71,23 @@ class AgentSettings(BaseSettings):
         None,
         description="The API server; in a pod it defaults to KUBERNETES_SERVICE_HOST/PORT.",
     )
-    kubernetes_token_file: Path = SERVICE_ACCOUNT_DIR / "token"
-    kubernetes_ca_file: Path | None = SERVICE_ACCOUNT_DIR / "ca.crt"
-    request_timeout_s: float = Field(10.0, gt=0)
-    scrape_timeout_s: float = Field(2.0, gt=0)
+    kubernetes_token_file: Path = Field(
+        SERVICE_ACCOUNT_DIR / "token",
+        description="The service account token the pod list is read with (kubernetes discovery).",
+    )
+    kubernetes_ca_file: Path | None = Field(
+        SERVICE_ACCOUNT_DIR / "ca.crt",
+        description="The API server's CA bundle; unset: the system's CAs.",
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="Timeout of a request to the controller, in seconds."
+    )
+    scrape_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="Timeout of a scrape of an inference server's /metrics (and of the pod "
+        "list), in seconds.",
+    )
     retry_max_s: float = Field(
         60.0, gt=0, description="Longest wait between attempts to reach the controller."
     )
@@ -88,7 +108,7 @@ class AgentSettings(BaseSettings):
     benchmark_cpu_limit_s: int = Field(
         600, ge=1, description="CPU seconds (RLIMIT_CPU, all threads) of a benchmark's child."
     )
-    log_level: str = "INFO"
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @field_validator("inference_urls", mode="before")
     @classmethod

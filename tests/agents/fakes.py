@@ -9,13 +9,13 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import BaseHTTPRequestHandler
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from node_agent.agent.clock import Clock
 from node_agent.contract import ERRORS_TOTAL, INFERENCE_LATENCY, REQUESTS_TOTAL
+from tests.http_fake import FakeHTTPServer, reply
 from tests.live import LiveController, live_controller
 
 __all__ = ["JOIN_TOKEN", "LiveController", "live_controller"]
@@ -32,39 +32,34 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 class FakeInferenceServer:
     """What ``edgefleet-serve`` exports: unlabelled series, one model per server, the
     model named by ``edgefleet_model_info``. ``restart()`` starts the counters over, as a
-    new server process would."""
+    new server process would; ``on_scrape`` runs before each scrape is answered (the
+    traffic since the last one, say); ``keep_alive`` keeps the scraper's connection open."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        on_scrape: Callable[[FakeInferenceServer], None] | None = None,
+        keep_alive: bool = False,
+    ) -> None:
         self._lock = threading.Lock()
         self.scrapes = 0
         self.fail = False
+        self._on_scrape = on_scrape
         self.restart()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with fake._lock:
-                    fake.scrapes += 1
-                    body = generate_latest(fake.registry)
-                    status = 500 if fake.fail else 200
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
+        self.http = FakeHTTPServer(self._scrape, keep_alive=keep_alive)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/metrics"
+        return f"{self.http.url}/metrics"
+
+    def _scrape(self, h: BaseHTTPRequestHandler) -> None:
+        if self._on_scrape is not None:
+            self._on_scrape(self)
+        with self._lock:
+            self.scrapes += 1
+            body = generate_latest(self.registry)
+            status = 500 if self.fail else 200
+        reply(h, status, body, content_type="text/plain; version=0.0.4")
 
     def restart(self) -> None:
         with self._lock:
@@ -100,8 +95,7 @@ class FakeInferenceServer:
                 self.errors.inc(errors)
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
 
 
 @contextmanager

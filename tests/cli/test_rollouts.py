@@ -14,6 +14,7 @@ from typer.testing import CliRunner, Result
 
 from controller.api.app import create_app
 from controller.cli.main import app
+from controller.manifests.builders import model_version
 from controller.registry import samples
 from controller.settings import Settings
 from tests.live import serve
@@ -50,18 +51,9 @@ def data(api_url: str, *args: str) -> Any:
 
 
 def model_doc(version: str, path: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "ModelVersion",
-        "metadata": {"name": f"detector-{version.replace('.', '-')}", "labels": {"team": "vision"}},
-        "spec": {
-            "model": "detector",
-            "version": version,
-            "artifact": {"path": path},
-            "description": "object detector",
-            **spec,
-        },
-    }
+    return model_version(
+        version, {"path": path}, labels={"team": "vision"}, description="object detector", **spec
+    )
 
 
 def rollout(name: str, *, bake: str = "0s", **spec: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from pydantic import SecretStr
 
 from controller.api.app import create_app
 from controller.kube.local import stop_all
+from controller.manifests import builders
 from controller.registry import samples
 from controller.rollouts import reconciler
 from controller.settings import Settings, get_settings
@@ -148,21 +149,14 @@ def _fleet(controller: Controller, tmp_path: Path) -> Iterator[dict[str, Any]]:
     agents: list[subprocess.Popen[bytes]] = []
     traffic = Traffic(ports)
     try:
-        cluster = {
-            "apiVersion": "edgefleet.io/v1",
-            "kind": "Cluster",
-            "metadata": {"name": "loop"},
-            "spec": {
-                "driver": "local",
-                "local": {
-                    "count": NODES,
-                    "prefix": "edge",
-                    "template": {"labels": {"tier": "retail"}},
-                    "basePort": base,
-                    "cacheDir": str(tmp_path / "nodes"),
-                },
-            },
-        }
+        cluster = builders.fleet(
+            "loop",
+            NODES,
+            driver="local",
+            prefix="edge",
+            basePort=base,
+            cacheDir=str(tmp_path / "nodes"),
+        )
         resp = apply(controller.http, cluster)
         assert resp.status_code == 200, resp.text
         for i in range(NODES):
@@ -208,21 +202,16 @@ def push(http: httpx.Client, version: str, data: bytes) -> None:
 
 
 def rollout(name: str, version: str, *, gate_ms: float) -> dict[str, Any]:
-    return {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "Rollout",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"name": "detector", "version": version},
-            "selector": {"matchLabels": {"tier": "retail"}},
-            "strategy": {
-                "steps": [{"nodes": 1, "bake": "2s"}, {"percent": 100, "bake": "2s"}],
-                "maxUnavailable": "100%",
-                "progressDeadline": "90s",
-            },
-            "gates": {"maxP95LatencyMs": gate_ms, "maxErrorRate": 0.05, "minSamples": 5},
+    return builders.rollout(
+        name,
+        version,
+        strategy={
+            "steps": [{"nodes": 1, "bake": "2s"}, {"percent": 100, "bake": "2s"}],
+            "maxUnavailable": "100%",
+            "progressDeadline": "90s",
         },
-    }
+        gates={"maxP95LatencyMs": gate_ms, "maxErrorRate": 0.05, "minSamples": 5},
+    )
 
 
 def wait_until(

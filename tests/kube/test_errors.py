@@ -3,11 +3,10 @@ loopback that answers like an overloaded API server (429 with Retry-After, then 
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 import pytest
 
@@ -19,38 +18,32 @@ from controller.kube.client import (
     TooManyRequests,
     with_retries,
 )
+from tests.http_fake import FakeHTTPServer, reply_json
 
 
-class Flaky(BaseHTTPRequestHandler):
-    script: list[tuple[int, dict[str, str]]] = []
-    seen: list[float] = []
+class Flaky:
+    """Answers from ``script`` (status, headers) in order, then 200; ``seen`` holds when
+    each request came."""
 
-    def do_GET(self) -> None:
-        Flaky.seen.append(time.monotonic())
-        status, headers = Flaky.script.pop(0) if Flaky.script else (200, {})
-        body = json.dumps(
+    def __init__(self) -> None:
+        self.script: list[tuple[int, dict[str, str]]] = []
+        self.seen: list[float] = []
+        self.http = FakeHTTPServer(self.handle)
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        self.seen.append(time.monotonic())
+        status, headers = self.script.pop(0) if self.script else (200, {})
+        body: dict[str, Any] = (
             {"items": []} if status == 200 else {"kind": "Status", "message": f"answer {status}"}
-        ).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        return None
+        )
+        reply_json(h, status, body, headers=headers)
 
 
 @pytest.fixture
-def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    Flaky.seen = []
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+def flaky() -> Iterator[Flaky]:
+    server = Flaky()
+    yield server
+    server.http.close()
 
 
 def driver(url: str, backoff: tuple[float, ...]) -> KubernetesDriver:
@@ -66,30 +59,32 @@ def driver(url: str, backoff: tuple[float, ...]) -> KubernetesDriver:
     )
 
 
-def test_retry_after_is_honoured(server: str) -> None:
-    Flaky.script = [(429, {"Retry-After": "1"}), (503, {}), (200, {})]
-    d = driver(server, backoff=(0.05, 0.05, 0.05))
+def test_retry_after_is_honoured(flaky: Flaky) -> None:
+    flaky.script = [(429, {"Retry-After": "1"}), (503, {}), (200, {})]
+    d = driver(flaky.http.url, backoff=(0.05, 0.05, 0.05))
     assert d.list_nodes() == []
-    gaps = [b - a for a, b in zip(Flaky.seen, Flaky.seen[1:], strict=False)]
-    assert len(Flaky.seen) == 3
+    gaps = [b - a for a, b in zip(flaky.seen, flaky.seen[1:], strict=False)]
+    assert len(flaky.seen) == 3
     assert gaps[0] >= 0.95  # the server asked for 1 s; the backoff step was 0.05 s
     assert gaps[1] < 0.5  # a 503 without Retry-After waits the backoff step only
 
 
-def test_transient_errors_give_up_after_the_backoff_list(server: str) -> None:
-    Flaky.script = [(500, {})] * 5
+def test_transient_errors_give_up_after_the_backoff_list(flaky: Flaky) -> None:
+    flaky.script = [(500, {})] * 5
     with pytest.raises(ServerError, match="500 answer 500") as info:
-        driver(server, backoff=(0.01, 0.01)).list_nodes()
+        driver(flaky.http.url, backoff=(0.01, 0.01)).list_nodes()
     assert info.value.transient is True
-    assert len(Flaky.seen) == 3  # first try + one per backoff step
+    assert len(flaky.seen) == 3  # first try + one per backoff step
 
 
 @pytest.mark.parametrize(("status", "error"), [(403, Forbidden), (404, NotFound)])
-def test_permanent_errors_are_not_retried(server: str, status: int, error: type[Exception]) -> None:
-    Flaky.script = [(status, {})] * 3
+def test_permanent_errors_are_not_retried(
+    flaky: Flaky, status: int, error: type[Exception]
+) -> None:
+    flaky.script = [(status, {})] * 3
     with pytest.raises(error):
-        driver(server, backoff=(0.01, 0.01)).list_nodes()
-    assert len(Flaky.seen) == 1
+        driver(flaky.http.url, backoff=(0.01, 0.01)).list_nodes()
+    assert len(flaky.seen) == 1
 
 
 def test_with_retries_translates_connection_errors() -> None:

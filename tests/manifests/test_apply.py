@@ -27,6 +27,8 @@ from controller.db.models import (
     Wave,
 )
 from controller.db.session import session_scope
+from controller.manifests import builders
+from controller.manifests.builders import document
 from controller.registry import repository as registry_repo
 from controller.settings import Settings
 from tests.manifests.examples import design_rollout
@@ -85,21 +87,11 @@ def rollout() -> dict[str, Any]:
 
 
 def cluster(**spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "Cluster",
-        "metadata": {"name": "paris"},
-        "spec": spec,
-    }
+    return document("Cluster", "paris", spec)
 
 
 def model_version(**artifact: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "ModelVersion",
-        "metadata": {"name": "detector-1"},
-        "spec": {"model": "detector", "version": "1.0.0", "artifact": artifact},
-    }
+    return builders.model_version("1.0.0", artifact, name="detector-1")
 
 
 SHA = "a" * 64
@@ -649,16 +641,9 @@ def test_spec_change_mid_flight_is_a_409_until_aborted(client: TestClient, sim_f
 
 def _kube_cluster(token: str) -> dict[str, Any]:
     # Port 1 refuses at once: the cluster is stored as Unreachable, which is all we need.
-    return {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "Cluster",
-        "metadata": {"name": "k3s-lab"},
-        "spec": {
-            "driver": "kubernetes",
-            "server": "https://127.0.0.1:1",
-            "credentials": {"token": token, "caData": "-----BEGIN CERTIFICATE-----"},
-        },
-    }
+    credentials = {"token": token, "caData": "-----BEGIN CERTIFICATE-----"}
+    spec = {"driver": "kubernetes", "server": "https://127.0.0.1:1", "credentials": credentials}
+    return document("Cluster", "k3s-lab", spec)
 
 
 def test_credential_changes_are_detected_but_never_returned(client: TestClient) -> None:

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 
 from controller.kube.client import _configuration
 from controller.kube.kubeconfig import KubeconfigRefused, parse_kubeconfig, server_allowed
+from controller.manifests.builders import document
 from controller.settings import Settings
 from tests.rollouts.helpers import apply
 
@@ -52,12 +53,7 @@ def kubeconfig(**user: Any) -> dict[str, Any]:
 
 def cluster(config: dict[str, Any] | None = None, **credentials: Any) -> dict[str, Any]:
     creds = credentials or {"kubeconfig": yaml.safe_dump(config)}
-    return {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "Cluster",
-        "metadata": {"name": "remote"},
-        "spec": {"driver": "kubernetes", "credentials": creds},
-    }
+    return document("Cluster", "remote", {"driver": "kubernetes", "credentials": creds})
 
 
 class Canaries:
@@ -234,12 +230,9 @@ def test_allow_list_matching() -> None:
 
 
 def test_the_local_driver_is_off_unless_enabled(client: TestClient, settings: Settings) -> None:
-    doc = {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "Cluster",
-        "metadata": {"name": "here"},
-        "spec": {"driver": "local", "local": {"count": 1, "cacheDir": "/etc"}},
-    }
+    doc = document(
+        "Cluster", "here", {"driver": "local", "local": {"count": 1, "cacheDir": "/etc"}}
+    )
     resp = apply(client, doc, dry_run=True)
     assert resp.status_code == 422
     assert resp.json()["detail"][0]["loc"] == ["body", 0, "spec", "driver"]

@@ -5,7 +5,6 @@ records the results. The models run in onnxruntime, in the agent's child process
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from controller.registry import samples
 from node_agent.agent.loop import SHUTDOWN_GRACE_S, Agent
 from node_agent.agent.settings import AgentSettings
 from node_agent.contract import BenchmarkResult
+from tests.http_fake import FakeHTTPServer, read_json, reply, reply_json
 
 TOKEN = "join-token"
 INTERVAL_S = 0.05
@@ -49,31 +49,20 @@ class FakeController:
         self.result_posts: list[tuple[float, int]] = []  # every attempt that arrived
         self.drop_result_posts = 0  # that many posts: connection closed, no answer
         self.refuse_results_with: int | None = None  # 404 (withdrawn) or 409 (answered)
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                fake.get(self)
-
-            def do_POST(self) -> None:
-                fake.post(self)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
+        self.http = FakeHTTPServer(self.handle)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return self.http.url
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        if h.command == "POST":
+            self.post(h)
+        else:
+            self.get(h)
 
     def add_job(self, job_id: int, artifact: str, sha256: str, **fields: Any) -> None:
         self.jobs[job_id] = {
@@ -91,19 +80,10 @@ class FakeController:
         }
         self.unfetched.add(job_id)
 
-    @staticmethod
-    def reply(h: BaseHTTPRequestHandler, status: int, body: Any) -> None:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-
     def authorized(self, h: BaseHTTPRequestHandler) -> bool:
         if h.headers.get("Authorization") == f"Bearer {self.credential}":
             return True
-        self.reply(h, 401, {"error": "unauthorized", "detail": "unknown credential"})
+        reply_json(h, 401, {"error": "unauthorized", "detail": "unknown credential"})
         return False
 
     def get(self, h: BaseHTTPRequestHandler) -> None:
@@ -113,26 +93,22 @@ class FakeController:
                 self.artifact_gets.append((now, h.headers.get("Authorization")))
                 data = self.artifacts.get(h.path.removeprefix("/artifacts/"))
             if data is None:
-                self.reply(h, 404, {"error": "not_found", "detail": h.path})
+                reply_json(h, 404, {"error": "not_found", "detail": h.path})
                 return
-            h.send_response(200)
-            h.send_header("Content-Type", "application/octet-stream")
-            h.send_header("Content-Length", str(len(data)))
-            h.end_headers()
-            h.wfile.write(data)
+            reply(h, 200, data, content_type="application/octet-stream")
         elif h.path == "/v1/agents/benchmarks" and self.authorized(h):
             with self.lock:
                 self.job_fetches.append(now)
                 jobs = list(self.jobs.values())
                 self.unfetched.clear()
-            self.reply(h, 200, jobs)
+            reply_json(h, 200, jobs)
 
     def post(self, h: BaseHTTPRequestHandler) -> None:
         now = time.monotonic()
-        body = json.loads(h.rfile.read(int(h.headers.get("Content-Length", "0"))))
+        body = read_json(h)
         if h.path == "/v1/agents/enroll":
             assert body["join_token"] == TOKEN
-            self.reply(
+            reply_json(
                 h,
                 200,
                 {"credential": self.credential, "heartbeat_interval_s": 10, "last_seq": 0},
@@ -151,7 +127,7 @@ class FakeController:
                     "last_seq": self.last_seq,
                     "benchmarks_pending": len(self.unfetched),
                 }
-                self.reply(h, 200, answer)
+                reply_json(h, 200, answer)
                 return
             job_id = int(h.path.rsplit("/", 1)[1])
             self.result_posts.append((now, job_id))
@@ -162,15 +138,15 @@ class FakeController:
             if self.refuse_results_with is not None:
                 self.jobs.pop(job_id, None)
                 status = self.refuse_results_with
-                self.reply(h, status, {"error": "gone", "detail": f"job {job_id}"})
+                reply_json(h, status, {"error": "gone", "detail": f"job {job_id}"})
                 return
             if job_id not in self.jobs:
-                self.reply(h, 409 if job_id in self.results else 404, {"detail": "no"})
+                reply_json(h, 409 if job_id in self.results else 404, {"detail": "no"})
                 return
             BenchmarkResult.model_validate(body)  # the wire shape, exactly
             self.results[job_id] = body
             del self.jobs[job_id]
-            self.reply(h, 200, {"id": job_id, "status": "Done"})
+            reply_json(h, 200, {"id": job_id, "status": "Done"})
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
-from sqlalchemy import Connection, select
+from sqlalchemy import select
 
-from controller.api.app import create_app
 from controller.db.models import Assignment, AssignmentState, ModelVersion, Node
 from controller.db.session import session_scope
 from controller.settings import Settings
@@ -29,25 +27,9 @@ from tests.agents.fakes import (
     FakeInferenceServer,
     LiveController,
     inference_server,
-    live_controller,
 )
 from tests.rollouts import helpers
-from tests.rollouts.helpers import apply, cluster_doc, drive, push_versions, rollout_doc
-
-
-@pytest.fixture
-def controller(
-    settings: Settings, connection: Connection, redis_available: None, join_token: str
-) -> Iterator[LiveController]:
-    with live_controller(create_app(settings)) as c:
-        yield c
-
-
-@pytest.fixture
-def edge(client: TestClient, sim_fleet: None) -> TestClient:
-    """Cluster ``edge``: nodes edge-n0, edge-n1, edge-n2."""
-    assert apply(client, cluster_doc("edge", 3)).status_code == 200
-    return client
+from tests.rollouts.helpers import apply, drive, push_versions, rollout_doc
 
 
 class RecordingTransport(httpx.HTTPTransport):
@@ -95,12 +77,10 @@ def counted(result: str) -> float:
     return REGISTRY.get_sample_value("edgefleet_heartbeats_total", {"result": result}) or 0.0
 
 
-def test_enrol_and_report(controller: LiveController, edge: TestClient, tmp_path: Path) -> None:
+def test_enrol_and_report(live: LiveController, edge: TestClient, tmp_path: Path) -> None:
     with inference_server() as inference:
         inference.set_model("detector", "1.0.0", "a" * 64)
-        agent, _ = make_agent(
-            controller.url, tmp_path / "n0", "edge-n0", inference_urls=[inference.url]
-        )
+        agent, _ = make_agent(live.url, tmp_path / "n0", "edge-n0", inference_urls=[inference.url])
         try:
             agent.cycle()
             credential = tmp_path / "n0" / "credential"
@@ -118,14 +98,12 @@ def test_enrol_and_report(controller: LiveController, edge: TestClient, tmp_path
             agent.close()
 
 
-def test_impersonation_is_refused(
-    controller: LiveController, edge: TestClient, tmp_path: Path
-) -> None:
-    honest, _ = make_agent(controller.url, tmp_path / "state", "edge-n0")
+def test_impersonation_is_refused(live: LiveController, edge: TestClient, tmp_path: Path) -> None:
+    honest, _ = make_agent(live.url, tmp_path / "state", "edge-n0")
     honest.cycle()
     honest.close()
     # Same state directory (edge-n0's credential), configured as another node.
-    liar, _ = make_agent(controller.url, tmp_path / "state", "edge-n1")
+    liar, _ = make_agent(live.url, tmp_path / "state", "edge-n1")
     try:
         liar.cycle()
         assert liar.stats.failures == 1
@@ -138,25 +116,25 @@ def test_impersonation_is_refused(
 
 
 def test_controller_down_for_an_hour_then_back(
-    controller: LiveController, edge: TestClient, tmp_path: Path
+    live: LiveController, edge: TestClient, tmp_path: Path
 ) -> None:
     clock = FakeClock()
     accepted_before, duplicates_before = counted("accepted"), counted("duplicate")
-    agent, transport = make_agent(controller.url, tmp_path / "n2", "edge-n2", clock=clock)
+    agent, transport = make_agent(live.url, tmp_path / "n2", "edge-n2", clock=clock)
     try:
         for _ in range(5):
             agent.cycle()
             clock.advance(10)
         assert node_row("edge-n2").last_seq == 5
 
-        controller.stop()
+        live.stop()
         for _ in range(360):  # an hour at 10 s
             agent.cycle()
             clock.advance(10)
         assert len(agent.queue) == 360
         assert node_row("edge-n2").last_seq == 5
 
-        controller.start()
+        live.start()
         cycles = 0
         while len(agent.queue) and cycles < 7:  # the longest retry wait is 60 s
             agent.cycle()
@@ -175,7 +153,7 @@ def test_controller_down_for_an_hour_then_back(
         agent.close()
 
     # A restart keeps counting from where it was.
-    again, _ = make_agent(controller.url, tmp_path / "n2", "edge-n2", clock=clock)
+    again, _ = make_agent(live.url, tmp_path / "n2", "edge-n2", clock=clock)
     try:
         again.cycle()
         assert node_row("edge-n2").last_seq == total + 1
@@ -184,7 +162,7 @@ def test_controller_down_for_an_hour_then_back(
 
 
 def test_gates_read_the_numbers_agents_report(
-    controller: LiveController,
+    live: LiveController,
     edge: TestClient,
     settings: Settings,
     tmp_path: Path,
@@ -196,8 +174,7 @@ def test_gates_read_the_numbers_agents_report(
     nodes = ["edge-n0", "edge-n1", "edge-n2"]
     servers = {n: FakeInferenceServer() for n in nodes}
     agents = {
-        n: make_agent(controller.url, tmp_path / n, n, inference_urls=[servers[n].url])[0]
-        for n in nodes
+        n: make_agent(live.url, tmp_path / n, n, inference_urls=[servers[n].url])[0] for n in nodes
     }
 
     def report(*_args: Any, **_kwargs: Any) -> int:

@@ -7,16 +7,14 @@ and not a moment before; a rollout then defers the node."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Connection, select
+from sqlalchemy import select
 
 from controller.agents import service as agents_service
-from controller.api.app import create_app
 from controller.db.base import utcnow
 from controller.db.models import Node
 from controller.db.session import session_scope
@@ -24,10 +22,9 @@ from controller.fleet import service as fleet_service
 from controller.settings import Settings
 from node_agent.agent.loop import Agent
 from node_agent.agent.settings import AgentSettings
-from tests.agents.fakes import JOIN_TOKEN, FakeClock, LiveController, live_controller
+from tests.agents.fakes import JOIN_TOKEN, FakeClock, LiveController
 from tests.rollouts.helpers import (
     apply,
-    cluster_doc,
     drive,
     node_states,
     push_versions,
@@ -38,21 +35,6 @@ from tests.rollouts.helpers import (
 INTERVAL_S = 10.0
 # Postgres keeps microseconds: one millisecond is well past the boundary, either side.
 TICK = timedelta(milliseconds=1)
-
-
-@pytest.fixture
-def controller(
-    settings: Settings, connection: Connection, redis_available: None, join_token: str
-) -> Iterator[LiveController]:
-    with live_controller(create_app(settings)) as c:
-        yield c
-
-
-@pytest.fixture
-def edge(client: TestClient, sim_fleet: None) -> TestClient:
-    """Cluster ``edge``: nodes edge-n0, edge-n1, edge-n2."""
-    assert apply(client, cluster_doc("edge", 3)).status_code == 200
-    return client
 
 
 def node(name: str) -> Node:
@@ -71,7 +53,7 @@ def mark_silent(settings: Settings, at: datetime) -> str:
 
 
 def test_an_agent_that_stops_beating_is_marked_silent_then_deferred(
-    controller: LiveController,
+    live: LiveController,
     edge: TestClient,
     settings: Settings,
     tmp_path: Path,
@@ -83,7 +65,7 @@ def test_an_agent_that_stops_beating_is_marked_silent_then_deferred(
     monkeypatch.setattr(agents_service, "utcnow", clock.now)
     agent = Agent(
         AgentSettings(
-            controller_url=controller.url,
+            controller_url=live.url,
             join_token=JOIN_TOKEN,
             node_name="edge-n0",
             cluster="edge",

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from node_agent.runtimes import Runner, TensorSpec, open_runner
 from node_agent.server.app import InferenceServer
 from node_agent.server.model import RunnerFactory
 from node_agent.server.settings import ServeSettings
+from tests.http_fake import FakeHTTPServer, reply
 
 SENTINEL = 42.0  # an input whose first element is this blocks in HookedRunner.run
 
@@ -224,33 +225,10 @@ class Origin:
         self.fail_times = 0
         self.gate: threading.Event | None = None
         self._lock = threading.Lock()
-        origin = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                try:
-                    origin.handle(self)
-                except (BrokenPipeError, ConnectionResetError):
-                    self.close_connection = True  # the client gave up mid-body: its choice
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # clients that drop connections are what some tests do on purpose
-
-        self._httpd = Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._http: FakeHTTPServer | None = None
 
     def __enter__(self) -> Origin:
-        self._thread.start()
+        self._http = FakeHTTPServer(self.handle, keep_alive=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -259,12 +237,13 @@ class Origin:
     def stop(self) -> None:
         if self.gate is not None:
             self.gate.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        if self._http is not None:
+            self._http.close()
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        assert self._http is not None, "use the Origin as a context manager"
+        return self._http.port
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
@@ -284,11 +263,11 @@ class Origin:
         if self.gate is not None:
             self.gate.wait(30)
         if fail:
-            self._send(h, 503, b"busy")
+            reply(h, 503, b"busy")
             return
         data = self.files.get(h.path)
         if data is None:
-            self._send(h, 404, b"no such artifact")
+            reply(h, 404, b"no such artifact")
             return
         etag = f'"{sha256(data)}"'
         headers = {"ETag": etag, "Accept-Ranges": "bytes"}
@@ -300,7 +279,7 @@ class Origin:
             end = int(match.group(2)) if match.group(2) else len(data) - 1
             if start >= len(data):
                 headers["Content-Range"] = f"bytes */{len(data)}"
-                self._send(h, 416, b"", headers)
+                reply(h, 416, b"", headers=headers)
                 return
             status, body = 206, data[start : end + 1]
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
@@ -315,15 +294,4 @@ class Origin:
             h.wfile.flush()
             h.close_connection = True
             return
-        self._send(h, status, body, headers)
-
-    @staticmethod
-    def _send(
-        h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None
-    ) -> None:
-        h.send_response(status)
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body)
+        reply(h, status, body, headers=headers)

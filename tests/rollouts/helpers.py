@@ -16,6 +16,7 @@ from sqlalchemy import select
 from controller.agents.simulated import RunningWorkload, report_running
 from controller.db.models import Assignment, Cluster, Event, Node, Rollout, Wave
 from controller.db.session import session_scope
+from controller.manifests.builders import RESOURCES, document, rollout, site_labels
 from controller.registry import samples
 from controller.rollouts import reconciler
 from controller.settings import Settings
@@ -27,29 +28,22 @@ _seq = itertools.count(1)
 def cluster_doc(
     name: str, nodes: int, *, labels: dict[str, str] | None = None, **extra: Any
 ) -> dict[str, Any]:
-    sim: dict[str, Any] = {
-        "nodes": [
-            {"name": f"{name}-n{i}", "labels": {"tier": "retail", "site": name, **(labels or {})}}
-            for i in range(nodes)
-        ]
-    }
-    sim.update(extra)
-    return {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "Cluster",
-        "metadata": {"name": name, "labels": {"region": "eu"}},
-        "spec": {"driver": "simulated", "simulated": sim},
-    }
+    """Simulated cluster ``name`` of nodes listed one by one, ``<name>-n0``, ``<name>-n1``...
+    (the names the tests use), retail nodes of site ``name`` (and ``labels``); ``extra``
+    adds to the simulated section (``failures``, ``restarts``, ``applyLatency``)."""
+    listed = [
+        {"name": f"{name}-n{i}", "labels": site_labels(name, **(labels or {}))}
+        for i in range(nodes)
+    ]
+    spec = {"driver": "simulated", "simulated": {"nodes": listed, **extra}}
+    return document("Cluster", name, spec, labels={"region": "eu"})
 
 
 def rollout_doc(name: str, version: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": {"name": "detector", "version": version},
-        "selector": {"matchLabels": {"tier": "retail"}},
-        "resources": {
-            "requests": {"cpu": "250m", "memory": "256Mi"},
-            "limits": {"cpu": "1", "memory": "512Mi"},
-        },
+    """Three waves (one node, half, all) behind gates a good node passes; ``spec``
+    replaces any field."""
+    defaults = {
+        "resources": RESOURCES,
         "strategy": {
             "steps": [{"nodes": 1}, {"percent": 50}, {"percent": 100}],
             "maxUnavailable": "50%",
@@ -61,13 +55,7 @@ def rollout_doc(name: str, version: str, **spec: Any) -> dict[str, Any]:
             "minSamples": 20,
         },
     }
-    body.update(spec)
-    return {
-        "apiVersion": "edgefleet.io/v1",
-        "kind": "Rollout",
-        "metadata": {"name": name},
-        "spec": body,
-    }
+    return rollout(name, version, **{**defaults, **spec})
 
 
 def apply(client: httpx.Client, *docs: dict[str, Any], dry_run: bool = False) -> Any:
