@@ -15,6 +15,7 @@ import httpx
 import yaml
 
 from tests.live import free_port
+from tests.test_dashboard import Page
 
 
 def embedded_env(home: Path) -> dict[str, str]:
@@ -102,10 +103,14 @@ def test_demo_serves_the_dashboard(tmp_path: Path) -> None:
         browser = httpx.Client(base_url=url, timeout=5)
         login = browser.post("/login", data={"token": context["token"]})
         assert (login.status_code, login.headers["location"]) == (303, "/")
-        page = browser.get("/").text
-        assert '<tr class="p-Succeeded"><td>detector-1-1</td>' in page, page[-3000:]
-        assert '<tr class="p-RolledBack"><td>detector-1-2</td>' in page
-        assert "<td>oslo</td><td>simulated</td>" in page
+        page = Page(browser.get("/").text)
+        phases = {r["Name"]: r["Phase"] for r in page.rows("rollouts")}
+        assert (phases["detector-1-1"], phases["detector-1-2"]) == ("Succeeded", "RolledBack")
+        assert {r["Name"]: r["Driver"] for r in page.rows("clusters")}["oslo"] == "simulated"
+        assert {r["Site"] for r in page.rows("sites")} == {"berlin", "paris", "oslo"}
+        detail = Page(browser.get("/rollouts/detector-1-2").text)
+        assert detail.rows("waves")[0]["Phase"] == "Failed"
+        assert any(e.get("class") == "limit" for e in detail.elements["line"])
         health = httpx.get(f"{url}/healthz", timeout=5)
         assert health.status_code == 200
         assert "embedded" in health.json()["checks"]["redis"]["mode"]

@@ -1,5 +1,6 @@
-"""A small server-rendered dashboard: fleet, models and rollouts at a glance. No
-JavaScript build, no assets: one HTML page that refreshes itself."""
+"""A small server-rendered dashboard: the fleet by site, rollouts, model versions, and a
+page per rollout (waves, the gate's evidence against its thresholds, the events). No
+JavaScript build, no assets: HTML pages that refresh themselves (controller/dashboard/pages.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,17 @@ from starlette.concurrency import run_in_threadpool
 
 from controller.auth.guard import DASHBOARD, SESSION_COOKIE, open_session
 from controller.auth.service import SESSION_TTL_S
+from controller.dashboard.pages import (
+    PAGE_HEADERS,
+    STYLE,
+    EventView,
+    WaveView,
+    rollout_link,
+    rollout_page,
+    sites,
+    tag,
+)
+from controller.errors import NotFound
 from controller.fleet import repository as fleet_repo
 from controller.registry import repository as registry_repo
 from controller.rollouts import repository as rollout_repo
@@ -19,27 +31,12 @@ from controller.web.deps import SessionDep, SettingsDep
 
 router = APIRouter(include_in_schema=False)
 
-STYLE = """
-body{font-family:system-ui,sans-serif;margin:2rem;color:#1d2330;background:#f6f7f9}
-h1{margin:0 0 .2rem}h2{margin-top:2rem}table{border-collapse:collapse;width:100%;background:#fff}
-td,th{padding:.4rem .6rem;border-bottom:1px solid #e3e6ea;text-align:left;font-size:.9rem}
-th{background:#eef0f3}.bar{background:#e3e6ea;height:.8rem;width:12rem;border-radius:.4rem;overflow:hidden}
-.fill{background:#2f9e44;height:100%}.p-RolledBack .fill,.p-Failed .fill,.p-Aborted .fill{background:#e03131}
-.tag{padding:.1rem .45rem;border-radius:.6rem;font-size:.8rem;background:#e7f5ff}
-.p-Succeeded .tag{background:#d3f9d8}.p-RolledBack .tag,.p-Failed .tag{background:#ffe3e3}
-.muted{color:#6b7280;font-size:.85rem}td:first-child,td:nth-child(2){white-space:nowrap}
-"""
-
-
-def _tag(text: str) -> str:
-    return f'<span class="tag">{escape(text)}</span>'
-
 
 @router.get("/", response_class=HTMLResponse, dependencies=[DASHBOARD])
 def dashboard(session: SessionDep) -> HTMLResponse:
     counts = fleet_repo.node_counts(session)
     clusters = "".join(
-        f"<tr><td>{escape(c.name)}</td><td>{escape(c.driver)}</td><td>{_tag(c.status)}</td>"
+        f"<tr><td>{escape(c.name)}</td><td>{escape(c.driver)}</td><td>{tag(c.status)}</td>"
         f"<td>{sum(counts.get(c.id, {}).values())}</td>"
         f"<td>{escape(', '.join(f'{k} {v}' for k, v in sorted(counts.get(c.id, {}).items())))}</td></tr>"
         for c in fleet_repo.list_clusters(session)
@@ -52,7 +49,7 @@ def dashboard(session: SessionDep) -> HTMLResponse:
             bench = v.benchmark or {}
             versions += (
                 f"<tr><td>{escape(m.name)}</td><td>{escape(v.version)}</td><td>{escape(v.format)}</td>"
-                f"<td>{_tag(v.status)}</td><td>{bench.get('p50_ms', '')}</td>"
+                f"<td>{tag(v.status)}</td><td>{bench.get('p50_ms', '')}</td>"
                 f"<td>{bench.get('p95_ms', '')}</td><td class=muted>{v.sha256[:12]}</td></tr>"
             )
     rollouts_html = ""
@@ -74,8 +71,8 @@ def dashboard(session: SessionDep) -> HTMLResponse:
             or "nodes now held by a later rollout"
         )
         rollouts_html += (
-            f'<tr class="p-{escape(r.phase)}"><td>{escape(r.name)}</td>'
-            f"<td>{escape(model)}:{escape(version)}</td><td>{_tag(r.phase)}</td>"
+            f'<tr class="p-{escape(r.phase)}"><td>{rollout_link(r.name)}</td>'
+            f"<td>{escape(model)}:{escape(version)}</td><td>{tag(r.phase)}</td>"
             f"<td>{r.current_wave + 1}/{len(r.waves)}</td>"
             f'<td><div class="bar"><div class="fill" style="width:{pct}%"></div></div>'
             f"<span class=muted>{promoted}/{planned} nodes promoted · {escape(live)}</span></td>"
@@ -84,10 +81,41 @@ def dashboard(session: SessionDep) -> HTMLResponse:
     html = f"""<!doctype html><html><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="2"><title>edgefleet</title><style>{STYLE}</style></head><body>
 <h1>edgefleet</h1><div class=muted>refreshes every 2 s · <a href="/docs">API</a> · <a href="/metrics">metrics</a></div>
-<h2>Rollouts</h2><table><tr><th>Name</th><th>Model</th><th>Phase</th><th>Wave</th><th>Progress</th><th>Message</th></tr>{rollouts_html}</table>
-<h2>Clusters</h2><table><tr><th>Name</th><th>Driver</th><th>Status</th><th>Nodes</th><th>Health</th></tr>{clusters}</table>
-<h2>Model versions</h2><table><tr><th>Model</th><th>Version</th><th>Format</th><th>Status</th><th>p50 ms</th><th>p95 ms</th><th>sha256</th></tr>{versions}</table>
+<h2>Rollouts</h2><table id="rollouts"><tr><th>Name</th><th>Model</th><th>Phase</th><th>Wave</th><th>Progress</th><th>Message</th></tr>{rollouts_html}</table>
+<h2>Sites</h2>{sites(fleet_repo.site_health(session))}
+<h2>Clusters</h2><table id="clusters"><tr><th>Name</th><th>Driver</th><th>Status</th><th>Nodes</th><th>Health</th></tr>{clusters}</table>
+<h2>Model versions</h2><table id="versions"><tr><th>Model</th><th>Version</th><th>Format</th><th>Status</th><th>p50 ms</th><th>p95 ms</th><th>sha256</th></tr>{versions}</table>
 </body></html>"""
+    return HTMLResponse(html, headers=PAGE_HEADERS)
+
+
+@router.get("/rollouts/{name}", response_class=HTMLResponse, dependencies=[DASHBOARD])
+def rollout_detail(name: str, session: SessionDep) -> HTMLResponse:
+    """One rollout: its waves and their nodes' states, the gate's evidence at each
+    decision against its thresholds, the variant mix, and the events with their evidence."""
+    r = rollout_repo.get(session, name)
+    if r is None:
+        raise NotFound(f"rollout {name!r} not found")
+    model, version = rollout_repo.model_version_label(session, r.model_version_id)
+    states = rollout_repo.state_counts(session, r.id)
+    waves = [
+        WaveView(w.index, w.phase, w.node_count, states.get(w.id, {}), w.started_at, w.finished_at)
+        for w in r.waves
+    ]
+    events = [
+        EventView(e.created_at, e.reason, e.message, e.actor, e.data or {})
+        for e in rollout_repo.events(session, r.id, limit=200)
+    ]
+    html = rollout_page(
+        name=r.name,
+        model=model,
+        version=version,
+        phase=r.phase,
+        message=r.message,
+        waves=waves,
+        versions=rollout_repo.target_counts(session, r),
+        events=events,
+    )
     return HTMLResponse(html, headers=PAGE_HEADERS)
 
 
@@ -97,11 +125,6 @@ _SIGN_IN = """<!doctype html><html><head><meta charset="utf-8"><title>edgefleet:
 <code>~/.config/edgefleet/config.yaml</code>).</p>{error}
 <form method="post" action="/login"><input type="password" name="token" size="60" autocomplete="off"
 autofocus placeholder="eft_..."> <button type="submit">Sign in</button></form></body></html>"""
-
-
-# Pages are never framed (clickjacking), and the session cookie never leaves for http in
-# production even behind a TLS-terminating proxy that forwards plain http.
-PAGE_HEADERS = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}
 
 
 def _same_origin(request: Request) -> bool:

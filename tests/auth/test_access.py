@@ -128,6 +128,7 @@ def test_an_anonymous_call_to_any_non_health_route_is_refused(
     assert len(refused) > 25
     # The dashboard sends a browser to its sign-in page; every other route is a 401.
     assert refused.pop("GET /") == 303
+    assert refused.pop("GET /rollouts/{name}") == 303
     assert set(refused.values()) == {401}, {k: v for k, v in refused.items() if v != 401}
     resp = client.get("/v1/rollouts", headers=NO_TOKEN)
     assert resp.headers["www-authenticate"] == "Bearer"
