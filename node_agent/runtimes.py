@@ -18,6 +18,26 @@ import numpy as np
 
 Dim = int | str | None
 
+UNNAMED_DIMS = frozenset({"", "?", "None", "-1"})
+"""``dim_param`` values that exporters write for "any size" (tf2onnx and paddle2onnx
+write ``?``): each such dim is its own, tied to no other dim, as an unset one is."""
+
+
+def shared_dim(dim: Dim) -> str | None:
+    """The name that ties ``dim`` to every other dim of that name, in this input and in
+    the model's other inputs (``batch``, ``height``), or ``None``: a fixed size, or an
+    unnamed dynamic dim (unset, a negative size, or one of :data:`UNNAMED_DIMS`), whose
+    size is independent of every other dim's. (A ``dim_value`` of 0 is a fixed size:
+    onnxruntime refuses anything else for it.)"""
+    if isinstance(dim, str) and dim.strip() not in UNNAMED_DIMS:
+        return dim
+    return None
+
+
+def fixed_dim(dim: Dim) -> int | None:
+    """The size a dim fixes, or ``None`` where it is dynamic (named or not)."""
+    return dim if isinstance(dim, int) and dim >= 0 else None
+
 
 class RuntimeUnavailable(RuntimeError):
     pass
@@ -27,7 +47,9 @@ class RuntimeUnavailable(RuntimeError):
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "float32", "int64", ...
-    shape: tuple[Dim, ...]  # int for fixed dims, str for named dynamic dims, None if unnamed
+    # int for fixed dims, str for named dynamic dims (see shared_dim: "?" names nothing),
+    # None if unnamed
+    shape: tuple[Dim, ...]
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -292,7 +314,8 @@ def open_runner(
 @dataclass(frozen=True)
 class InputHints:
     """What a user may tell the probe about a model's inputs: concrete sizes for named
-    dynamic dims, whole shapes, and constant values (e.g. a sample-rate scalar)."""
+    dynamic dims (``dims``: by name, so an unnamed ``?`` dim takes none; give the whole
+    shape instead), whole shapes, and constant values (e.g. a sample-rate scalar)."""
 
     dims: Mapping[str, int]
     shapes: Mapping[str, Sequence[int]]
@@ -311,16 +334,18 @@ class InputHints:
 def concrete_shape(
     spec: TensorSpec, hints: InputHints, *, default_dim: int, unknown_dim: int | None = None
 ) -> tuple[int, ...]:
-    """A concrete shape for ``spec``: hints first, then 1 for a leading (batch) dim and
-    ``default_dim`` (or ``unknown_dim`` for every dynamic dim, when given) elsewhere."""
+    """A concrete shape for ``spec``: hints first (a dim's size only for a shared name,
+    see :func:`shared_dim`), then 1 for a leading (batch) dim and ``default_dim`` (or
+    ``unknown_dim`` for every dynamic dim, when given) elsewhere."""
     if spec.name in hints.shapes:
         return tuple(int(d) for d in hints.shapes[spec.name])
     out = []
     for index, dim in enumerate(spec.shape):
-        if isinstance(dim, int) and dim >= 0:
-            out.append(dim)
-        elif isinstance(dim, str) and dim in hints.dims:
-            out.append(int(hints.dims[dim]))
+        name = shared_dim(dim)
+        if (size := fixed_dim(dim)) is not None:
+            out.append(size)
+        elif name is not None and name in hints.dims:
+            out.append(int(hints.dims[name]))
         elif unknown_dim is not None:
             out.append(unknown_dim)
         else:

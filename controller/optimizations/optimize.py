@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import numpy_helper, version_converter
 
-from node_agent.runtimes import InputHints, OnnxRunner, TensorSpec, generate_inputs
+from node_agent.runtimes import InputHints, OnnxRunner, TensorSpec, fixed_dim, generate_inputs
 
 METHODS = ("dynamic-int8", "static-int8", "fp16", "prune")
 Feeds = dict[str, np.ndarray]
@@ -44,8 +44,15 @@ class Variant:
 
 
 def load_samples(npz: bytes, specs: Sequence[TensorSpec]) -> list[Feeds]:
-    """Sample inputs uploaded as an ``.npz`` of arrays named like the model's inputs,
-    each with a leading sample axis: ``image: [N, 1, 3, 32, 32]`` gives N feeds."""
+    """Sample inputs uploaded as an ``.npz`` of arrays named like the model's inputs. For
+    an input ``[batch, 3, 32, 32]`` an array may be laid out either way:
+
+    - one axis more than the input, leading axis = samples: ``(N, 1, 3, 32, 32)`` gives
+      N feeds of ``(1, 3, 32, 32)``;
+    - the input's own rank, when its leading dim is dynamic or 1: ``(N, 3, 32, 32)`` is
+      split along the batch axis into N feeds of ``(1, 3, 32, 32)``.
+
+    Float arrays are cast to the input's float type (``np.random`` gives float64)."""
     try:
         arrays = dict(np.load(io.BytesIO(npz), allow_pickle=False))
     except Exception as exc:
@@ -57,15 +64,75 @@ def load_samples(npz: bytes, specs: Sequence[TensorSpec]) -> list[Feeds]:
             f"calibration .npz lacks input(s) {missing}; it has {sorted(arrays)} "
             "(one array per model input, leading axis = samples)"
         )
+    split = {spec.name: _sample_axis(arrays[spec.name], spec) for spec in specs}
+    for spec in specs:
+        if spec.dtype != "str" and arrays[spec.name].dtype != np.dtype(spec.dtype):
+            arrays[spec.name] = arrays[spec.name].astype(spec.dtype)
     counts = {n: arrays[n].shape[0] for n in names}
     if len(set(counts.values())) != 1:
         raise OptimizationError(f"calibration arrays disagree on the sample count: {counts}")
     n = next(iter(counts.values()))
-    return [{name: np.ascontiguousarray(arrays[name][i]) for name in names} for i in range(n)]
+    # (np.array, not ascontiguousarray, which would turn a scalar input's samples 1-d)
+    return [
+        {
+            name: np.array(arrays[name][i : i + 1] if split[name] else arrays[name][i], order="C")
+            for name in names
+        }
+        for i in range(n)
+    ]
 
 
-def generated_samples(specs: Sequence[TensorSpec], count: int, default_dim: int) -> list[Feeds]:
-    hints = InputHints(dims={}, shapes={}, values={})
+def _tuple(dims: Sequence[str]) -> str:
+    return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+
+
+def _layouts(spec: TensorSpec) -> str:
+    dims = ["?" if fixed_dim(d) is None else str(d) for d in spec.shape]
+    layouts = [f"{_tuple(['N', *dims])} (N samples of the input's shape)"]
+    if dims and fixed_dim(spec.shape[0]) in (None, 1):
+        layouts.append(f"{_tuple(['N', *dims[1:]])} (N samples along the batch axis)")
+    return " or ".join(layouts)
+
+
+def _signature(spec: TensorSpec) -> str:
+    return f"{spec.name!r} [{', '.join('?' if d is None else str(d) for d in spec.shape)}]"
+
+
+def _sample_axis(array: np.ndarray, spec: TensorSpec) -> bool:
+    """Whether the samples lie along ``spec``'s own batch axis (rank = the input's),
+    rather than along an extra leading axis (rank = the input's + 1). Checks the array's
+    sizes against the input's fixed dims and its dtype's kind."""
+    rank = len(spec.shape)
+    if array.ndim == rank + 1:
+        sample_shape, split = array.shape[1:], False
+    elif array.ndim == rank and rank and fixed_dim(spec.shape[0]) in (None, 1):
+        sample_shape, split = (1, *array.shape[1:]), True
+    else:
+        raise OptimizationError(
+            f"calibration array {spec.name!r} has shape {list(array.shape)}; for the input "
+            f"{_signature(spec)} the accepted layouts are {_layouts(spec)}"
+        )
+    for axis, (dim, size) in enumerate(zip(spec.shape, sample_shape, strict=True)):
+        if (want := fixed_dim(dim)) is not None and size != want:
+            raise OptimizationError(
+                f"calibration array {spec.name!r} has shape {list(array.shape)}: dim {axis} "
+                f"of the input {_signature(spec)} must be {want} (accepted layouts: "
+                f"{_layouts(spec)})"
+            )
+    if spec.dtype != "str" and np.dtype(spec.dtype).kind != array.dtype.kind:
+        raise OptimizationError(
+            f"calibration array {spec.name!r} is {array.dtype}; the input {spec.name!r} "
+            f"is {spec.dtype}"
+        )
+    return split
+
+
+def generated_samples(
+    specs: Sequence[TensorSpec], count: int, default_dim: int, hints: InputHints | None = None
+) -> list[Feeds]:
+    """``count`` generated feeds, sized by the version's validation ``hints`` where it
+    has them (as the probe sizes its inputs)."""
+    hints = hints or InputHints(dims={}, shapes={}, values={})
     return [generate_inputs(specs, hints, default_dim=default_dim, seed=i) for i in range(count)]
 
 
@@ -90,9 +157,130 @@ class _Reader:
         self._it = iter(self.samples)
 
 
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+QUANT_FORMATS = ("qoperator", "qdq")
+CPU = "CPUExecutionProvider"
+CPU_FAST_INT8 = ("Conv", "MatMul", "Gemm", "Add", "Relu", "Clip", "MaxPool", "GlobalAveragePool")
+"""The operator types static int8 quantizes for the CPU provider: the bulk of the compute,
+which onnxruntime's CPU kernels run in int8 (QLinearConv, QLinearMatMul, QGemm); the
+residual Add and the pools between them, which keep the chain in int8; Relu and Clip,
+which cost nothing (folded into the range of the tensor before them). The rest stays
+fp32: in mobile CNNs mostly activations (hard-swish is Add, Clip, Mul, Div; sigmoid),
+where int8 adds a requantization per operator and saves no compute. Measured with
+bench/bench_quantize.py's models, p50 ratio to the parent: the Constant-weights CNN
+x0.6 with this set against x1.1 with Conv, MatMul and Gemm alone; the PP-OCR direction
+classifier x1.3 against x1.6, its detector x0.8 either way (2-vCPU x86 VM)."""
+
+
+def constants_to_initializers(proto: onnx.ModelProto) -> int:
+    """Move the main graph's ``Constant`` tensors (weights as some exporters, paddle2onnx
+    among them, write them) into initializers under the same name, so the quantizers,
+    which quantize initializers only, see them as weights. Returns how many moved."""
+    kept: list[onnx.NodeProto] = []
+    moved = 0
+    taken = {t.name for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        attrs = list(node.attribute)
+        if (
+            node.op_type == "Constant"
+            and node.domain in ("", "ai.onnx")
+            and len(attrs) == 1
+            and attrs[0].name == "value"
+            and len(node.output) == 1
+            and node.output[0] not in taken
+        ):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attrs[0].t)
+            tensor.name = node.output[0]
+            proto.graph.initializer.append(tensor)
+            taken.add(tensor.name)
+            moved += 1
+        else:
+            kept.append(node)
+    if moved:
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept)
+    return moved
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def prepare(model: bytes, *, per_channel: bool) -> tuple[bytes, list[str], bool]:
+    """The graph as the quantizer should see it: Constant weights as initializers, the
+    opset per-channel scales need (13), then onnxruntime's ``quant_pre_process`` (shape
+    inference, BatchNormalization folded into Conv, constant folding), with a fallback
+    at each step that fails. Returns the model, what was done (for the report), and
+    whether per-channel weights remain possible."""
+    # (onnxruntime.quantization is imported where used, as in quantize: only the worker
+    # deriving variants needs it, not every process importing this module)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    steps: list[str] = []
+    proto = onnx.load_from_string(model)
+    moved = constants_to_initializers(proto)
+    if moved:
+        steps.append(f"moved {moved} Constant tensor(s) to initializers")
+    if per_channel and _opset(proto) < 13:
+        before = _opset(proto)
+        try:
+            proto = version_converter.convert_version(proto, 13)
+            steps.append(f"opset {before} -> 13 (per-channel scales need it)")
+        except Exception as exc:
+            per_channel = False
+            steps.append(f"per-tensor weights: opset {before} could not be raised to 13 ({exc})")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx"
+        src.write_bytes(proto.SerializeToString())
+        failures: list[str] = []
+        # Symbolic shape inference needs sympy; without it (or where it fails on the
+        # graph) onnx's shape inference and onnxruntime's optimizer still apply.
+        for skip_symbolic in (False, True):
+            try:
+                quant_pre_process(src, dst, skip_symbolic_shape=skip_symbolic)
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            how = "with" if not skip_symbolic else "without"
+            steps.append(f"quant_pre_process ({how} symbolic shape inference)")
+            if failures:
+                steps.append(f"symbolic shape inference failed: {failures[0]}")
+            return dst.read_bytes(), steps, per_channel
+    steps.append(f"quant_pre_process failed ({'; '.join(failures)}): onnx shape inference only")
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto)
+    except Exception as exc:
+        steps.append(f"onnx shape inference failed too: {exc}")
+    return proto.SerializeToString(), steps, per_channel
+
+
+def _strip(model: bytes) -> bytes:
+    """Drop what only the quantizer needed: the inferred shapes of intermediate tensors
+    (onnxruntime infers them again at load) and doc strings."""
+    proto = onnx.load_from_string(model)
+    del proto.graph.value_info[:]
+    for node in proto.graph.node:
+        node.doc_string = ""
+    return bytes(proto.SerializeToString())
+
+
 def quantize(
-    model: bytes, method: str, *, samples: list[Feeds] | None, per_channel: bool
+    model: bytes,
+    method: str,
+    *,
+    samples: list[Feeds] | None,
+    per_channel: bool | None = None,
+    target: str = CPU,
+    quant_format: str | None = None,
+    calibration: str = "minmax",
+    op_types: Sequence[str] | None = None,
 ) -> Variant:
+    """``per_channel`` ``None``: per-channel weights where static int8 meets a Conv.
+    ``quant_format`` ``None``: QOperator on the CPU provider (fused int8 kernels, and the
+    smaller file), QDQ for every other provider (the format accelerators' providers
+    consume). ``op_types`` ``None``: :data:`CPU_FAST_INT8` on the CPU, else the
+    quantizer's own list."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -101,24 +289,66 @@ def quantize(
         quantize_static,
     )
 
+    if per_channel is None:  # (dynamic int8 stays per-tensor unless asked, as it was)
+        graph = onnx.load_from_string(model).graph
+        per_channel = method == "static-int8" and any(n.op_type == "Conv" for n in graph.node)
+    wanted_per_channel = per_channel
+    prepared, steps, per_channel_ok = prepare(model, per_channel=wanted_per_channel)
+    details: dict[str, Any] = {"preparation": steps}
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        src.write_bytes(model)
+        src.write_bytes(prepared)
         if method == "dynamic-int8":
-            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=per_channel)
+            quantize_dynamic(
+                src,
+                dst,
+                weight_type=QuantType.QInt8,
+                per_channel=wanted_per_channel and per_channel_ok,
+            )
+            details["per_channel"] = wanted_per_channel and per_channel_ok
         else:
             assert samples is not None
+            fmt = quant_format or ("qoperator" if target == CPU else "qdq")
+            if fmt not in QUANT_FORMATS:
+                raise OptimizationError(
+                    f"unknown format {fmt!r}: expected one of {', '.join(QUANT_FORMATS)}"
+                )
+            if calibration not in CALIBRATION_METHODS:
+                raise OptimizationError(
+                    f"unknown calibration {calibration!r}: expected one of "
+                    f"{', '.join(CALIBRATION_METHODS)}"
+                )
+            ops = (
+                list(op_types)
+                if op_types is not None
+                else (list(CPU_FAST_INT8) if target == CPU else None)
+            )
+            qoperator = fmt == "qoperator"
             quantize_static(
                 src,
                 dst,
                 _Reader(samples),
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8,
+                quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
+                op_types_to_quantize=ops,
+                # u8 activations with s8 weights: the pair onnxruntime's x86 and ARM
+                # QLinear kernels are fastest at; QDQ for accelerators wants s8/s8.
+                activation_type=QuantType.QUInt8 if qoperator else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
-                per_channel=per_channel,
-                calibrate_method=CalibrationMethod.MinMax,
+                per_channel=wanted_per_channel and per_channel_ok,
+                calibrate_method={
+                    "minmax": CalibrationMethod.MinMax,
+                    "percentile": CalibrationMethod.Percentile,
+                    "entropy": CalibrationMethod.Entropy,
+                }[calibration],
             )
-        return Variant(dst.read_bytes(), {"per_channel": per_channel}, [])
+            details.update(
+                per_channel=wanted_per_channel and per_channel_ok,
+                format=fmt,
+                target=target,
+                calibration=calibration,
+                op_types=ops or "all the quantizer supports",
+            )
+        return Variant(_strip(dst.read_bytes()), details, [])
 
 
 def to_fp16(model: bytes) -> Variant:
@@ -163,6 +393,7 @@ def prune(model: bytes, *, sparsity: float, scope: str, min_elements: int = 16) 
     if not 0 < sparsity < 1:
         raise OptimizationError("sparsity must be between 0 and 1 (exclusive), e.g. 0.5")
     proto = onnx.load_from_string(model)
+    constants_to_initializers(proto)  # Constant weights are weights too
     targets = [
         t
         for t in proto.graph.initializer
@@ -223,8 +454,17 @@ def derive(
     samples: list[Feeds] | None,
 ) -> Variant:
     if method in ("dynamic-int8", "static-int8"):
+        per_channel = params.get("per_channel")
+        op_types = params.get("op_types")
         return quantize(
-            model, method, samples=samples, per_channel=bool(params.get("per_channel", False))
+            model,
+            method,
+            samples=samples,
+            per_channel=None if per_channel is None else bool(per_channel),
+            target=str(params.get("target", CPU)),
+            quant_format=None if params.get("format") is None else str(params["format"]),
+            calibration=str(params.get("calibration", "minmax")),
+            op_types=None if op_types is None else [str(o) for o in op_types],
         )
     if method == "fp16":
         return to_fp16(model)
@@ -245,6 +485,44 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return float(np.percentile(arr, 50)), float(np.percentile(arr, 95))
 
 
+MIN_AGREEMENT = 0.99
+"""The top-1 agreement below which the report calls a variant not worth shipping (a
+rollout's ``spec.comparison`` may ask for more, or less)."""
+LATENCY_NOISE = 0.05
+"""How much slower (p50) than its parent a variant may measure and still count as not
+slower: side-by-side runs on a shared machine differ by a few percent between two runs
+of the same model."""
+
+
+def verdict(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Whether the variant of this comparison ``report`` is worth shipping in place of
+    its parent (smaller, not slower, agreeing), and every reason it is not."""
+    reasons: list[str] = []
+    size = report["size_ratio"]
+    if size >= 1:
+        reasons.append(f"it is bigger than its parent (size x{size})")
+    p50 = report["latency_ratio"]["p50"]
+    if p50 > 1 + LATENCY_NOISE:
+        reasons.append(f"it is slower than its parent on this machine (p50 x{p50})")
+    agreement = report.get("top1_agreement")
+    if agreement is not None and agreement < MIN_AGREEMENT:
+        reasons.append(
+            f"its top-1 predictions agree with its parent's on {agreement} of the samples "
+            f"(below {MIN_AGREEMENT})"
+        )
+    elif agreement is None and not report["allclose"]:
+        reasons.append(
+            f"its outputs differ from its parent's beyond the tolerances (max abs error "
+            f"{report['max_abs_error']})"
+        )
+    return {
+        "recommended": not reasons,
+        "bigger": size >= 1,
+        "slower": p50 > 1 + LATENCY_NOISE,
+        "reasons": reasons,
+    }
+
+
 def compare(
     original: bytes,
     variant: bytes,
@@ -255,7 +533,8 @@ def compare(
     latency_runs: int = 30,
 ) -> dict[str, Any]:
     """Both models on the same inputs, in this process. Latency is measured side by side,
-    alternating runs, so both see the same machine state."""
+    alternating runs, so both see the same machine state. The report ends with its
+    :func:`verdict`: a variant bigger or slower than its parent says so."""
     a, b = OnnxRunner(original, threads=1), OnnxRunner(variant, threads=1)
     outputs: dict[str, dict[str, Any]] = {}
     agree = classified = 0
@@ -297,7 +576,7 @@ def compare(
         lat_b.append((t2 - t1) / 1e6)
     pa50, pa95 = _percentiles(lat_a)
     pb50, pb95 = _percentiles(lat_b)
-    return {
+    report = {
         "samples": len(samples),
         "tolerances": {"rtol": rtol, "atol": atol},
         "outputs": report_outputs,
@@ -313,3 +592,5 @@ def compare(
         },
         "latency_ratio": {"p50": round(pb50 / pa50, 4), "p95": round(pb95 / pa95, 4)},
     }
+    report["verdict"] = verdict(report)
+    return report

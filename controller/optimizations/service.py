@@ -32,12 +32,12 @@ from controller.registry.store import ArtifactStore, artifact_store
 from controller.settings import Settings
 from controller.tasks.celery_app import enqueue
 from node_agent.probe_launcher import ProbeRequest, probe_model
-from node_agent.runtimes import OnnxRunner
+from node_agent.runtimes import InputHints, OnnxRunner
 
 log = logging.getLogger(__name__)
 PARAMS = {
     "dynamic-int8": {"per_channel"},
-    "static-int8": {"per_channel", "samples"},
+    "static-int8": {"per_channel", "samples", "target", "format", "calibration", "op_types"},
     "fp16": set(),
     "prune": {"sparsity", "scope"},
 }
@@ -85,6 +85,7 @@ def request_variant(
             raise InvalidInput(
                 "sparsity must be a number between 0 and 1", loc=("body", "params", "sparsity")
             )
+    _check_quantization(params)
     if registry_repo.get_version(session, name, version) is not None:
         raise Conflict(f"model {name} already has a version {version!r}; name the variant anew")
     calibration_sha = None
@@ -107,6 +108,29 @@ def request_variant(
 
     enqueue(session, "registry.derive_variant", job.id)
     return job
+
+
+def _check_quantization(params: dict[str, Any]) -> None:
+    """Static int8's choices, refused at the request rather than in the job."""
+    choices = {"format": optimize.QUANT_FORMATS, "calibration": optimize.CALIBRATION_METHODS}
+    for key, allowed in choices.items():
+        if key in params and params[key] not in allowed:
+            raise InvalidInput(
+                f"{key} must be one of {', '.join(allowed)}", loc=("body", "params", key)
+            )
+    if "target" in params and not (isinstance(params["target"], str) and params["target"]):
+        raise InvalidInput(
+            "target is the execution provider the variant is for, e.g. CPUExecutionProvider",
+            loc=("body", "params", "target"),
+        )
+    ops = params.get("op_types")
+    if ops is not None and not (
+        isinstance(ops, list) and ops and all(isinstance(o, str) for o in ops)
+    ):
+        raise InvalidInput(
+            'op_types is a list of operator types, e.g. ["Conv", "MatMul"]',
+            loc=("body", "params", "op_types"),
+        )
 
 
 def get_job(session: Session, name: str, job_id: int) -> Optimization:
@@ -199,7 +223,10 @@ def run_job(job_id: int, settings: Settings) -> str | None:
             samples = optimize.load_samples(calibration, specs)
         else:
             samples = optimize.generated_samples(
-                specs, int(params.get("samples", 32)), settings.probe_default_dim
+                specs,
+                int(params.get("samples", 32)),
+                settings.probe_default_dim,
+                InputHints.from_metadata(parent_meta),
             )
             notes.append(
                 "no sample inputs uploaded: calibration and comparison used generated random "
@@ -255,8 +282,14 @@ def run_job(job_id: int, settings: Settings) -> str | None:
             reason="VariantDerived",
             message=(
                 f"{method} of {lineage_base['parent']}: size x{report['size_ratio']}, "
+                f"p50 x{report['latency_ratio']['p50']}, "
                 f"top-1 agreement {report['top1_agreement']}, "
-                f"max abs error {report['max_abs_error']}"
+                f"max abs error {report['max_abs_error']}; "
+                + (
+                    "recommended"
+                    if report["verdict"]["recommended"]
+                    else "not recommended: " + "; ".join(report["verdict"]["reasons"])
+                )
             ),
             data={"lineage": lineage_base},
         )

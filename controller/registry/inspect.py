@@ -66,12 +66,12 @@ def _onnx_value_info(value: Any) -> dict[str, Any]:
     if tensor.HasField("shape"):
         shape = []
         for dim in tensor.shape.dim:
-            if dim.HasField("dim_value"):
+            if dim.HasField("dim_value") and dim.dim_value >= 0:
                 shape.append(int(dim.dim_value))
             elif dim.HasField("dim_param"):
                 shape.append(dim.dim_param)
-            else:
-                shape.append(None)
+            else:  # unset or negative (-1, as paddle2onnx writes it): any size, as
+                shape.append(None)  # onnxruntime reports it
     return {"name": value.name, "dtype": dtype, "shape": shape}
 
 

@@ -14,9 +14,9 @@ def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(array, name)
 
 
-def _finish(graph: onnx.GraphProto, producer: str) -> bytes:
+def _finish(graph: onnx.GraphProto, producer: str, opset: int = OPSET) -> bytes:
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=producer
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=producer
     )
     model.ir_version = 8  # readable by every onnxruntime of the last few years
     onnx.checker.check_model(model, full_check=True)
@@ -56,6 +56,69 @@ def build_cnn(*, classes: int = 10, channels: int = 8, size: int = 32, seed: int
         inits,
     )
     return _finish(graph, "edgefleet.samples.cnn")
+
+
+def build_constant_cnn(
+    *, classes: int = 10, channels: int = 32, blocks: int = 2, seed: int = 0
+) -> bytes:
+    """A mobile-style CNN written the way paddle2onnx writes one: every weight is a
+    ``Constant`` node (no initializers), opset 11, and the input ``x`` float32
+    ``[?, 3, ?, ?]`` (an unset batch dim and two unnamed ``?`` dims: any height and
+    width, independently). Conv-BatchNorm-Relu stem, then ``blocks`` residual blocks
+    (depthwise Conv, pointwise Conv, BatchNorm, Add), GlobalAveragePool, Flatten, Gemm,
+    Softmax; output ``probabilities`` [?, classes]."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, array: np.ndarray) -> str:
+        nodes.append(
+            helper.make_node(
+                "Constant", [], [name], value=numpy_helper.from_array(array.astype(f32), name)
+            )
+        )
+        return name
+
+    def conv_bn(x: str, out: str, c_in: int, c_out: int, k: int, group: int = 1) -> str:
+        w = const(
+            f"{out}_w",
+            rng.standard_normal((c_out, c_in // group, k, k)) * (2 / (c_in * k * k / group)) ** 0.5,
+        )
+        conv = f"{out}_conv"
+        nodes.append(helper.make_node("Conv", [x, w], [conv], pads=[k // 2] * 4, group=group))
+        bn = [
+            const(f"{out}_scale", 1 + rng.standard_normal(c_out) * 0.1),
+            const(f"{out}_bias", rng.standard_normal(c_out) * 0.1),
+            const(f"{out}_mean", rng.standard_normal(c_out) * 0.1),
+            const(f"{out}_var", 1 + rng.random(c_out) * 0.1),
+        ]
+        nodes.append(helper.make_node("BatchNormalization", [conv, *bn], [out]))
+        return out
+
+    h = conv_bn("x", "stem", 3, channels, 3)
+    nodes.append(helper.make_node("Relu", [h], ["stem_r"]))
+    h = "stem_r"
+    for b in range(blocks):
+        d = conv_bn(h, f"b{b}_dw", channels, channels, 3, group=channels)
+        nodes.append(helper.make_node("Relu", [d], [f"b{b}_dwr"]))
+        p = conv_bn(f"b{b}_dwr", f"b{b}_pw", channels, channels, 1)
+        nodes.append(helper.make_node("Add", [h, p], [f"b{b}_add"]))
+        nodes.append(helper.make_node("Relu", [f"b{b}_add"], [f"b{b}_out"]))
+        h = f"b{b}_out"
+    nodes.append(helper.make_node("GlobalAveragePool", [h], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    fc_w = const("fc_w", rng.standard_normal((channels, classes)) * (1 / channels) ** 0.5)
+    fc_b = const("fc_b", rng.standard_normal(classes) * 0.1)
+    nodes.append(helper.make_node("Gemm", ["flat", fc_w, fc_b], ["logits"]))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+    image = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, "?", "?"])
+    graph = helper.make_graph(
+        nodes,
+        "edgefleet-constant-cnn",
+        [image],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, classes])],
+    )
+    return _finish(graph, "edgefleet.samples.constant_cnn", opset=11)
 
 
 def cnn_parameter_count(*, classes: int = 10, channels: int = 8) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from node_agent.runtimes import Dim, TensorSpec
+from node_agent.runtimes import Dim, TensorSpec, shared_dim
 from node_agent.server import npz
 from node_agent.server.npz import Body
 
@@ -446,7 +446,9 @@ def validate(
     arrays: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]
 ) -> dict[str, np.ndarray]:
     """The feeds for the runtime: every input present, of the model's dtype and rank,
-    fixed dims equal, a named dynamic dim the same size in every input that has it."""
+    fixed dims equal, a named dynamic dim the same size wherever it appears (in every
+    input that has it). Unnamed dynamic dims (``?``, see ``shared_dim``) are each free:
+    an input ``[?, 3, ?, ?]`` takes a 48x192 image."""
     _check_names(arrays, specs)
     named: dict[str, tuple[int, str]] = {}
     feeds: dict[str, np.ndarray] = {}
@@ -477,6 +479,8 @@ def validate(
                         "wrong_shape",
                     )
                 continue
+            if shared_dim(dim) is None:
+                continue  # "?": any size, whatever the other dims are
             seen = named.setdefault(dim, (size, spec.name))
             if seen[0] != size:
                 raise _invalid(

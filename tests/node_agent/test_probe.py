@@ -44,3 +44,17 @@ def test_timeout_is_a_probe_failure(tmp_path: Path) -> None:
     req = ProbeRequest(path=_write(tmp_path, samples.build_cnn()), format="onnx", runs=10_000_000)
     with pytest.raises(ProbeFailed, match="did not finish within"):
         probe_model(req, timeout_s=3)
+
+
+def test_probe_runs_a_model_with_question_mark_dims(tmp_path: Path) -> None:
+    """Input [?, 3, ?, ?] and every weight a Constant node (as paddle2onnx writes them):
+    validated at the default sizes, and at a whole shape the metadata gives."""
+    path = _write(tmp_path, samples.build_constant_cnn())
+    result = probe_model(ProbeRequest(path=path, format="onnx", benchmark=False), timeout_s=120)
+    assert result["validation"]["passed"] is True, result["validation"]
+    assert result["validation"]["input_shapes"] == {"x": [1, 3, 64, 64]}
+    meta = {"validation": {"shapes": {"x": [1, 3, 48, 192]}}}
+    req = ProbeRequest(path=path, format="onnx", metadata=meta, benchmark=False)
+    result = probe_model(req, timeout_s=120)
+    assert result["validation"]["input_shapes"] == {"x": [1, 3, 48, 192]}
+    assert result["validation"]["output_shapes"] == {"probabilities": [1, 10]}

@@ -93,6 +93,16 @@ def test_concrete_shapes_follow_hints_then_defaults() -> None:
     assert concrete_shape(spec, hints, default_dim=64) == (2, 3, 4, 4)
 
 
+def test_a_question_mark_dim_takes_no_named_hint() -> None:
+    """``?`` names no dim: a ``dims`` hint for "?" would size every unnamed dim of every
+    input alike, the very tie issue #17 removed; such a model is sized by ``shapes``."""
+    spec = TensorSpec("x", "float32", (None, 3, "?", "?"))
+    hints = InputHints(dims={"?": 48}, shapes={}, values={})
+    assert concrete_shape(spec, hints, default_dim=64) == (1, 3, 64, 64)
+    hints = InputHints(dims={}, shapes={"x": [1, 3, 48, 192]}, values={})
+    assert concrete_shape(spec, hints, default_dim=64) == (1, 3, 48, 192)
+
+
 def test_generated_inputs_respect_dtypes_and_values() -> None:
     specs = [
         TensorSpec("f", "float16", (2, 3)),
