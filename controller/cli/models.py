@@ -258,6 +258,13 @@ def _optimization_text(job: dict[str, Any]) -> str:
         for o, v in r["outputs"].items()
     ]
     lines += [f"  note: {w}" for w in r.get("warnings", [])]
+    verdict = r.get("verdict")
+    if verdict:
+        lines.append(
+            "  verdict     recommended"
+            if verdict.get("recommended")
+            else "  verdict     not recommended: " + "; ".join(verdict.get("reasons") or [])
+        )
     return "\n".join(lines)
 
 
