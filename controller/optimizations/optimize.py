@@ -500,7 +500,8 @@ def verdict(report: Mapping[str, Any]) -> dict[str, Any]:
     reasons: list[str] = []
     size = report["size_ratio"]
     if size >= 1:
-        reasons.append(f"it is bigger than its parent (size x{size})")
+        what = "bigger than" if size > 1 else "no smaller than"
+        reasons.append(f"it is {what} its parent (size x{size})")
     p50 = report["latency_ratio"]["p50"]
     if p50 > 1 + LATENCY_NOISE:
         reasons.append(f"it is slower than its parent on this machine (p50 x{p50})")

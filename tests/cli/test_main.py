@@ -115,7 +115,7 @@ def test_optimize_prints_the_comparison(api_url: str, tmp_path: Path) -> None:
     assert "memory      model peak x" in out
     assert "note: no sample inputs uploaded" in out
     # Unstructured sparsity keeps the weights dense on disk: nothing gained, and said so.
-    assert "  verdict     not recommended: it is bigger than its parent (size x1.0)" in out
+    assert "  verdict     not recommended: it is no smaller than its parent (size x1.0)" in out
     code, out = cli(api_url, "models", "describe", "cam", "1-sparse")
     assert code == 0, out
     assert "Variant of:  1 (prune {'sparsity': 0.5})" in out
