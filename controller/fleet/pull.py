@@ -233,20 +233,22 @@ async def wait_for_desired(
 def receive_report(
     session: Session, settings: Settings, cluster: str, report: ObservedReport
 ) -> ReportAck:
-    """Store the agent's report and sync the node inventory from it at once (beat's
-    resync would reach it within minutes; a new site's nodes should not wait for that).
-    An apply error is an event when it first appears, not at every report."""
+    """Store the agent's report, and sync the node inventory from it at once when it
+    changed (beat's resync would reach it within minutes; a new site's nodes should not
+    wait for that). A report with the same nodes writes one row: reports come every few
+    seconds, and node rows are what heartbeat ingestion locks. An apply error is an
+    event when it first appears, not at every report."""
     found = _pull_cluster(session, cluster)
     state = _state(session, found)
     names = [n.name for n in report.nodes]
     if len(set(names)) != len(names):
         raise InvalidInput("duplicate node names in the report", loc=("body", "nodes"))
-    previous_error = (state.report or {}).get("apply_error")
+    previous = state.report or {}
     state.report = report.model_dump(mode="json")
     state.reported_at = utcnow()
     state.applied_revision = report.applied_revision
     session.flush()
-    if report.apply_error and report.apply_error != previous_error:
+    if report.apply_error and report.apply_error != previous.get("apply_error"):
         record_event(
             session,
             kind="Cluster",
@@ -255,7 +257,8 @@ def receive_report(
             message=report.apply_error,
             data={"revision": report.applied_revision},
         )
-    sync_nodes(session, found, cluster_driver(found, settings))
+    if state.report["nodes"] != previous.get("nodes") or found.status != "Ready":
+        sync_nodes(session, found, cluster_driver(found, settings))
     if report.apply_error:
         found.message = f"cluster agent: {report.apply_error}"[:500]
     return ReportAck(revision=state.revision)

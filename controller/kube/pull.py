@@ -69,7 +69,7 @@ class PullDriver:
                 + (
                     "reported yet"
                     if enrolled
-                    else "enrolled yet (install the agent chart with cluster.enabled=true)"
+                    else "enrolled yet (install the agent chart with clusterAgent.enabled=true)"
                 ),
                 transient=True,
             )

@@ -1,7 +1,8 @@
-"""What the cluster agent reads from API objects: a node's inventory entry and an
-inference pod's state, as the push driver reads them (controller/kube/client.py). The
-two must agree, or a rollout would judge the same pod differently in the two modes;
-tests/kube/test_pull_mode.py holds both to the same pods."""
+"""How a node and an inference pod read, from their API objects: a node's inventory
+entry, a pod's state (readiness, Unschedulable, OOMKilled, ImagePullBackOff, restarts).
+The cluster agent reports them in pull mode, and the push driver
+(controller/kube/client.py) reads pods and nodes with these same functions, so a rollout
+judges a pod alike in both modes."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from kubernetes import client as k8s
 from pydantic import SecretStr
 from sqlalchemy import select
 
@@ -24,17 +25,22 @@ from controller.api.app import create_app
 from controller.db.models import Cluster, Event, PullCluster
 from controller.db.session import session_scope
 from controller.kube import objects
-from controller.kube.client import _observe_pod
+from controller.kube.driver import WorkloadSpec
 from controller.rollouts import reconciler
 from controller.settings import Settings
+from node_agent.cluster.contract import INFERENCE_SELECTOR, DesiredState
+from node_agent.cluster.kube import KubeApi
 from node_agent.cluster.loop import ClusterAgent
 from node_agent.cluster.pods import observe_pod
 from node_agent.cluster.settings import ClusterAgentSettings
-from tests.kube.controlplane import ControlPlane
+from tests.kube.controlplane import ControlPlane, make_node
 from tests.kube.kubelet import eventually
+from tests.kube.test_chart_rbac import chart_rbac
 from tests.kube.test_rollout_engine import Site, story
 from tests.live import LiveController
 from tests.rollouts.helpers import apply, push_versions, report, rollout_doc, rollout_id
+
+__all__ = ["chart_rbac"]  # the fixture
 
 CLUSTER = "edge"
 JOIN = "pull-mode-join-token"
@@ -249,53 +255,63 @@ def test_a_rollout_reaches_a_cluster_the_controller_cannot_connect_to(
     eventually(site.settled_on("1.0.0"), what="rolled back to 1.0.0", beat=site.beat)
 
 
-def test_the_agent_and_the_push_driver_read_pods_alike() -> None:
-    """Both modes judge a pod the same: readiness, Unschedulable, OOMKilled,
-    ImagePullBackOff, restarts."""
-    base = {
-        "metadata": {
-            "name": "p",
-            "labels": {"edgefleet.io/model": "m", "edgefleet.io/version": "1"},
-            "annotations": {"edgefleet.io/sha256": "a" * 64},
-        },
-        "spec": {"nodeName": "n1"},
-    }
-    statuses: list[dict[str, Any]] = [
-        {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
-        {"phase": "Pending"},
-        {"phase": "Running"},
-        {
-            "phase": "Pending",
-            "conditions": [
-                {
-                    "type": "PodScheduled",
-                    "status": "False",
-                    "reason": "Unschedulable",
-                    "message": "cpu",
-                }
-            ],
-        },
-        {
-            "containerStatuses": [
-                {"restartCount": 3, "lastState": {"terminated": {"reason": "OOMKilled"}}}
-            ]
-        },
-        {
-            "containerStatuses": [
-                {"restartCount": 0, "state": {"waiting": {"reason": "ImagePullBackOff"}}}
-            ]
-        },
-        {"phase": "Failed", "reason": "Evicted"},
-    ]
-    for status in statuses:
-        pod = {**base, "status": status}
-        pushed = _observe_pod(pod)
-        pulled = observe_pod(pod)
-        assert pulled is not None
-        assert (pulled.phase, pulled.version, pulled.sha256, pulled.reason, pulled.restarts) == (
-            pushed.phase,
-            pushed.version,
-            pushed.sha256,
-            pushed.reason,
-            pushed.restarts,
-        ), status
+def test_the_cluster_agent_works_with_exactly_the_chart_rbac(
+    control_plane: ControlPlane, chart_rbac: str, tmp_path: Path
+) -> None:
+    """The agent chart binds the cluster agent to the driver's Role and ClusterRole (as
+    it binds the controller in push mode): with exactly those rights, rendered by Helm
+    and applied to a real API server, the agent applies, reads and cleans up."""
+    ns = chart_rbac
+    token = tmp_path / "token"
+    token.write_text(control_plane.driver_token)  # the user the chart's RBAC is bound to
+    kube = KubeApi(
+        api_url=control_plane.server,
+        token_file=token,
+        ca_file=Path(control_plane.ca_cert_path) if control_plane.ca_cert_path else None,
+    )
+    agent = ClusterAgent(
+        ClusterAgentSettings(
+            controller_url="http://127.0.0.1:9", cluster=CLUSTER, state_dir=tmp_path / "state"
+        ),
+        kube=kube,
+    )
+    admin: Any = k8s.CoreV1Api(control_plane.api_client())
+    node = f"edge-{uuid.uuid4().hex[:6]}"
+    make_node(admin, node, labels={"tier": "retail"})
+    spec = WorkloadSpec("detector", "1.0.0", "cd" * 32, "onnx", "http://c/a", "r", {})
+    label = objects.node_label("detector")
+    try:
+        agent.desired = DesiredState(
+            cluster=CLUSTER,
+            revision=1,
+            changed=True,
+            namespace=ns,
+            secret=objects.artifact_secret(ns, "token-1"),
+            daemonsets=[objects.daemonset(spec, namespace=ns, image="img:1", port=8500)],
+            node_labels={node: {label: "1.0.0"}},
+            poll_timeout_s=1,
+        )
+        assert agent.apply_once()
+        assert agent.apply_error is None
+        assert (admin.read_node(node).metadata.labels or {}).get(label) == "1.0.0"
+
+        def observed() -> list[str]:
+            seen = [observe_pod(p) for p in kube.list_pods(ns, INFERENCE_SELECTOR)]
+            return [w.node for w in seen if w is not None]
+
+        eventually(lambda: node in observed(), what="the agent sees the pod for its node")
+        assert node in {n["metadata"]["name"] for n in kube.list_nodes()}
+
+        # Nothing wanted any more: the label goes and the DaemonSet is deleted.
+        agent.desired = agent.desired.model_copy(
+            update={"revision": 2, "daemonsets": [], "node_labels": {node: {label: None}}}
+        )
+        assert agent.apply_once()
+        assert agent.apply_error is None
+        assert label not in (admin.read_node(node).metadata.labels or {})
+        apps: Any = k8s.AppsV1Api(control_plane.api_client())
+        left = apps.list_namespaced_daemon_set(ns).items
+        assert all(d.metadata.deletion_timestamp for d in left)
+    finally:
+        admin.delete_node(node)
+        agent.close()
