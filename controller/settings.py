@@ -185,6 +185,20 @@ class Settings(BaseSettings):
     agent_join_token: SecretStr | None = Field(
         None, description="Shared secret node agents enrol with; unset disables enrolment (503)."
     )
+    pull_poll_timeout_s: float = Field(
+        25.0,
+        gt=0,
+        le=300,
+        description="How long GET /v1/clusters/NAME/pull/desired waits for a new revision "
+        "before it answers 'unchanged' (the cluster agent's long poll); keep it below "
+        "the idle timeout of proxies in between.",
+    )
+    pull_silent_s: float = Field(
+        90.0,
+        gt=0,
+        description="Seconds after the last report of a pull cluster's agent before the "
+        "cluster counts as unreachable (its observations are too old to judge a wave).",
+    )
     agent_heartbeat_interval_s: float = Field(
         10.0, gt=0, description="Heartbeat interval suggested to agents at enrolment."
     )

@@ -94,6 +94,42 @@ class Cluster(TimestampMixin, Base):
     nodes: Mapped[list[Node]] = relationship(back_populates="cluster", passive_deletes=True)
 
 
+class PullCluster(TimestampMixin, Base):
+    """A cluster in pull mode, as its cluster agent sees it: the hash of the agent's
+    credential, the revision of the desired state (bumped by every change of it, under
+    this row's lock, so revisions follow commit order), and the agent's last report (its
+    node inventory and the workloads it observed)."""
+
+    __tablename__ = "pull_clusters"
+    __table_args__ = (Index("ix_pull_clusters_credential_hash", "credential_hash", unique=True),)
+
+    cluster_id: Mapped[int] = mapped_column(
+        ForeignKey("clusters.id", ondelete="CASCADE"), primary_key=True
+    )
+    credential_hash: Mapped[str | None] = mapped_column(String(64))
+    revision: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The revision the agent had applied when it last reported (None: not yet).
+    applied_revision: Mapped[int | None] = mapped_column(BigInteger)
+    report: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    reported_at: Mapped[datetime | None]
+    polled_at: Mapped[datetime | None]
+
+
+class PullDesired(Base):
+    """The workload one node of a pull cluster should run for one model (``workload``
+    null: none), and the revision that last changed it."""
+
+    __tablename__ = "pull_desired"
+    __table_args__ = (UniqueConstraint("cluster_id", "model", "node"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(63))
+    node: Mapped[str] = mapped_column(String(253))
+    workload: Mapped[dict[str, Any] | None]
+    revision: Mapped[int] = mapped_column(BigInteger)
+
+
 class Node(TimestampMixin, Base):
     __tablename__ = "nodes"
     __table_args__ = (

@@ -2,15 +2,25 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import JSONResponse
 
 from controller.auth.guard import ADMIN, OPERATOR, VIEWER
 from controller.errors import NotFound
+from controller.fleet import pull, service
 from controller.fleet import repository as repo
-from controller.fleet import service
+from controller.fleet.deps import ClusterAgentDep
 from controller.fleet.schemas import ClusterOut, NodeOut
 from controller.web.deps import API_V1, SessionDep, SettingsDep
+from controller.web.errors import error_body
 from controller.web.pagination import Page, PageDep
+from node_agent.cluster.contract import (
+    ClusterEnrollIn,
+    ClusterEnrollOut,
+    DesiredState,
+    ObservedReport,
+    ReportAck,
+)
 
 router = APIRouter(prefix=API_V1, tags=["fleet"])
 
@@ -61,3 +71,61 @@ def reset_node(cluster: str, node: str, session: SessionDep) -> NodeOut:
     """Revoke the node's agent credential so it may enrol again (a reinstalled node, or a
     credential that leaked). Its agent is refused until it enrols anew."""
     return NodeOut.of(service.reset_node(session, cluster, node), cluster)
+
+
+# --- pull mode: the cluster agent's routes (controller/fleet/pull.py) -----------------
+
+ClusterName = Annotated[str, Path(max_length=63)]
+
+
+@router.post(
+    "/clusters/{name}/pull/enroll",
+    response_model=ClusterEnrollOut,
+    tags=["pull"],
+    responses={
+        401: {"description": "wrong join token"},
+        404: {"description": "no such cluster"},
+        409: {"description": "not in pull mode, or its agent is enrolled (reset it first)"},
+        503: {"description": "enrolment is disabled (no EDGEFLEET_AGENT_JOIN_TOKEN)"},
+    },
+)
+def enroll_cluster_agent(
+    name: ClusterName, body: ClusterEnrollIn, session: SessionDep, settings: SettingsDep
+) -> ClusterEnrollOut | JSONResponse:
+    """Exchange the join token for the cluster's own credential (shown only here). The
+    cluster agent enrols once; again only after an admin resets the cluster.
+    Authenticated by the join token in the body, not by a bearer credential."""
+    got = pull.enroll(session, settings, cluster=name, join_token=body.join_token)
+    if isinstance(got, pull.AlreadyEnrolled):
+        return JSONResponse(error_body(got.code, got.detail), status_code=got.status_code)
+    return got
+
+
+@router.get("/clusters/{name}/pull/desired", response_model=DesiredState, tags=["pull"])
+async def desired_state(
+    cluster: ClusterAgentDep,
+    settings: SettingsDep,
+    since: Annotated[int | None, Query(ge=0, description="the revision the agent has")] = None,
+    wait: Annotated[
+        float | None, Query(ge=0, le=300, description="seconds to wait for a change")
+    ] = None,
+) -> DesiredState:
+    """The cluster's desired state: at once when its revision differs from ``since``
+    (or without ``since``), else as soon as it changes, or ``changed: false`` after
+    ``wait`` seconds (at most EDGEFLEET_PULL_POLL_TIMEOUT_S)."""
+    return await pull.wait_for_desired(settings, cluster, since=since, wait_s=wait)
+
+
+@router.post("/clusters/{name}/pull/observed", response_model=ReportAck, tags=["pull"])
+def report_observed(
+    cluster: ClusterAgentDep, body: ObservedReport, session: SessionDep, settings: SettingsDep
+) -> ReportAck:
+    """The cluster agent's report: the cluster's nodes and the inference pods it sees."""
+    return pull.receive_report(session, settings, cluster, body)
+
+
+@router.post("/clusters/{name}/pull/reset", status_code=204, dependencies=[ADMIN], tags=["pull"])
+def reset_cluster_agent(name: ClusterName, session: SessionDep) -> None:
+    """Revoke the cluster agent's credential so it may enrol again (a reinstalled agent,
+    or a credential that leaked)."""
+    pull.reset(session, name)

@@ -1,4 +1,4 @@
-"""All SQL of the fleet: clusters and nodes."""
+"""All SQL of the fleet: clusters and nodes, and the pull state of pull clusters."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ from typing import Any, cast
 from sqlalchemy import Select, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from controller.db.models import Assignment, Cluster, Model, ModelVersion, Node, NodeHealth
+from controller.db.models import (
+    Assignment,
+    Cluster,
+    Model,
+    ModelVersion,
+    Node,
+    NodeHealth,
+    PullCluster,
+    PullDesired,
+)
 
 
 def get_cluster(session: Session, name: str) -> Cluster | None:
@@ -273,3 +282,40 @@ def site_health(session: Session) -> dict[tuple[str, str], dict[str, int]]:
     for cluster, site_name, health, n in rows:
         out.setdefault((cluster, site_name), {})[health] = int(n)
     return dict(sorted(out.items()))
+
+
+# --- pull mode ----------------------------------------------------------------------
+
+
+def pull_state(session: Session, cluster_id: int, *, lock: bool = False) -> PullCluster | None:
+    stmt = select(PullCluster).where(PullCluster.cluster_id == cluster_id)
+    if lock:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    return session.scalar(stmt)
+
+
+def pull_revision(session: Session, cluster: str) -> int | None:
+    """The desired revision of a pull cluster by name (None: no pull state yet)."""
+    return session.scalar(
+        select(PullCluster.revision)
+        .join(Cluster, Cluster.id == PullCluster.cluster_id)
+        .where(Cluster.name == cluster)
+    )
+
+
+def pull_cluster_by_credential(session: Session, credential_hash: str) -> str | None:
+    """The name of the cluster whose agent holds this credential."""
+    return session.scalar(
+        select(Cluster.name)
+        .join(PullCluster, PullCluster.cluster_id == Cluster.id)
+        .where(PullCluster.credential_hash == credential_hash)
+    )
+
+
+def pull_desired(session: Session, cluster_id: int) -> Sequence[PullDesired]:
+    """The cluster's desired workloads, oldest change first."""
+    return session.scalars(
+        select(PullDesired)
+        .where(PullDesired.cluster_id == cluster_id)
+        .order_by(PullDesired.revision, PullDesired.id)
+    ).all()

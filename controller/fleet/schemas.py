@@ -13,6 +13,7 @@ class ClusterOut(BaseModel):
 
     name: str
     driver: str
+    mode: str
     generation: int
     labels: dict[str, Any]
     server: str | None
@@ -29,6 +30,7 @@ class ClusterOut(BaseModel):
         return cls(
             name=c.name,
             driver=c.driver,
+            mode=c.spec.get("mode", "push"),
             generation=c.generation,
             labels=c.labels,
             server=c.api_server,

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 from sqlalchemy.orm.util import identity_key
 
 from controller import faults
@@ -40,6 +40,8 @@ from node_agent.contract import Heartbeat
 
 def _stored_spec(manifest: ClusterManifest, settings: Settings) -> dict[str, Any]:
     spec = manifest.spec.model_dump(mode="json", exclude_none=True, exclude={"credentials"})
+    if spec.get("mode") == "push":  # the default: clusters stored before modes stay equal
+        del spec["mode"]
     if manifest.spec.credentials is not None:
         creds = manifest.spec.credentials.model_dump(mode="json", exclude_none=True)
         # Re-applying the same credentials must be "unchanged" without decrypting them.
@@ -53,7 +55,9 @@ def cluster_driver(cluster: Cluster, settings: Settings) -> ClusterDriver:
         if cluster.credentials
         else None
     )
-    return driver_for(cluster.name, cluster.driver, cluster.spec, settings, creds)
+    return driver_for(
+        cluster.name, cluster.driver, cluster.spec, settings, creds, session=object_session(cluster)
+    )
 
 
 def check_remote_access(manifest: ClusterManifest, settings: Settings) -> None:
@@ -110,7 +114,7 @@ def apply_cluster(session: Session, manifest: ClusterManifest, settings: Setting
     )
     check_remote_access(manifest, settings)
     # Builds the driver first: an unavailable driver is a 422 before anything is stored.
-    driver = driver_for(name, manifest.spec.driver, spec, settings, creds)
+    driver = driver_for(name, manifest.spec.driver, spec, settings, creds, session=session)
     cluster = repo.get_cluster(session, name)
     if cluster is not None:
         old = {"labels": cluster.labels, "spec": cluster.spec}

@@ -1,5 +1,12 @@
 """The ``Cluster`` manifest: which driver reaches the cluster (a Kubernetes API server,
-a simulated fleet, or local processes), and with which credentials."""
+a simulated fleet, or local processes), and with which credentials.
+
+A Kubernetes cluster is reached in one of two modes. ``push`` (the default): the
+controller calls the cluster's API server with the credentials given here. ``pull``: the
+cluster's own edgefleet agent (``edgefleet-agent cluster``) dials out to the controller,
+fetches the desired state and applies it with its in-cluster identity; the controller
+never connects to the cluster and holds no credentials for it, so a pull cluster names
+neither ``server`` nor ``credentials`` (sites behind NAT or an outbound-only firewall)."""
 
 from __future__ import annotations
 
@@ -120,6 +127,12 @@ class ClusterCredentials(Strict):
 
 class ClusterSpec(Strict):
     driver: Literal["kubernetes", "simulated", "local"]
+    mode: Literal["push", "pull"] = Field(
+        "push",
+        description="push: the controller calls the cluster's API server; pull: the cluster's "
+        "agent (edgefleet-agent cluster) fetches the desired state from the controller, and "
+        "the controller stores no server address or credentials (driver kubernetes only)",
+    )
     server: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] | None = None
     namespace: Name = "edgefleet-workloads"
     credentials: ClusterCredentials | None = None
@@ -142,7 +155,15 @@ class ClusterSpec(Strict):
             raise ValueError("driver 'simulated' needs a 'simulated' section (nodes or count)")
         if self.driver == "local" and self.local is None:
             raise ValueError("driver 'local' needs a 'local' section (nodes or count)")
-        if self.driver == "kubernetes":
+        if self.mode == "pull":
+            if self.driver != "kubernetes":
+                raise ValueError("mode 'pull' is for driver 'kubernetes' only")
+            if self.server is not None or self.credentials is not None:
+                raise ValueError(
+                    "a cluster in mode 'pull' has no server or credentials: its own agent "
+                    "connects to the controller (remove spec.server and spec.credentials)"
+                )
+        elif self.driver == "kubernetes":
             if self.credentials is None:
                 raise ValueError("driver 'kubernetes' needs credentials (token or kubeconfig)")
             if self.server is None and self.credentials.kubeconfig is None:

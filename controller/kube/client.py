@@ -23,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from controller.kube import objects
 from controller.kube.driver import DriverError, NodeInventory, ObservedWorkload, WorkloadSpec
 from controller.kube.kubeconfig import RemoteAccess, canonical_server, parse_kubeconfig
+from node_agent.cluster import pods
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -270,27 +271,17 @@ class KubernetesDriver:
         data = self._get_json("list nodes", self.core.list_node)
         out = []
         for item in data.get("items", []):
-            meta, status = item.get("metadata", {}), item.get("status", {})
-            labels = meta.get("labels") or {}
-            ready = any(
-                c.get("type") == "Ready" and c.get("status") == "True"
-                for c in status.get("conditions") or []
-            )
-            runtimes = labels.get("edgefleet.io/runtimes")
+            # Read as the cluster agent reads them in pull mode: one reading, two modes.
+            node = pods.node_report(item)
             out.append(
                 NodeInventory(
-                    name=meta["name"],
-                    labels={
-                        k: v
-                        for k, v in labels.items()
-                        if not k.startswith(objects.NODE_LABEL_PREFIX)
-                    },
-                    architecture=(status.get("nodeInfo") or {}).get("architecture")
-                    or labels.get("kubernetes.io/arch"),
-                    capacity=_cpu_memory(status.get("capacity") or {}),
-                    allocatable=_cpu_memory(status.get("allocatable") or {}),
-                    ready=ready,
-                    runtimes=tuple(runtimes.split(".")) if runtimes else ("onnx", "tflite"),
+                    name=node.name,
+                    labels=node.labels,
+                    architecture=node.architecture,
+                    capacity=node.capacity,
+                    allocatable=node.allocatable,
+                    ready=node.ready,
+                    runtimes=tuple(node.runtimes),
                 )
             )
         return out
@@ -392,18 +383,20 @@ class KubernetesDriver:
 
     def observe(self, model: str, nodes: Sequence[str]) -> dict[str, ObservedWorkload]:
         wanted = set(nodes)
-        pods = self._get_json(
+        listed = self._get_json(
             "list pods",
             self.core.list_namespaced_pod,
             self.namespace,
             label_selector=f"app.kubernetes.io/name={objects.APP_NAME},edgefleet.io/model={model}",
         )
         out: dict[str, ObservedWorkload] = {n: ObservedWorkload("Absent") for n in wanted}
-        for pod in pods.get("items", []):
-            # A DaemonSet pod not scheduled yet names its node in its node affinity.
-            node = pod.get("spec", {}).get("nodeName") or _affinity_node(pod)
-            if node in wanted and pod["metadata"].get("deletionTimestamp") is None:
-                out[node] = _observe_pod(pod)
+        for pod in listed.get("items", []):
+            # The cluster agent's reading of a pod (pull mode), so both modes judge alike.
+            seen = pods.observe_pod(pod)
+            if seen is not None and seen.node in wanted:
+                out[seen.node] = ObservedWorkload(
+                    seen.phase, seen.version, seen.sha256, seen.reason, seen.restarts
+                )
         return out
 
     def workloads(self, model: str) -> list[dict[str, Any]]:
@@ -415,70 +408,6 @@ class KubernetesDriver:
         )
         items: list[dict[str, Any]] = data.get("items", [])
         return items
-
-
-def _cpu_memory(resources: Mapping[str, str]) -> dict[str, str]:
-    return {k: resources[k] for k in ("cpu", "memory") if k in resources}
-
-
-def _affinity_node(pod: Mapping[str, Any]) -> str | None:
-    """The node a not-yet-scheduled DaemonSet pod is meant for (its node affinity)."""
-    affinity = pod.get("spec", {}).get("affinity", {}).get("nodeAffinity", {})
-    terms = (
-        affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms")
-        or []
-    )
-    for term in terms:
-        for field in term.get("matchFields") or []:
-            if field.get("key") == "metadata.name" and field.get("values"):
-                return str(field["values"][0])
-    return None
-
-
-_FAILING_WAITS = {
-    "ImagePullBackOff",
-    "ErrImagePull",
-    "CrashLoopBackOff",
-    "CreateContainerConfigError",
-    "InvalidImageName",
-    "CreateContainerError",
-}
-
-
-def _observe_pod(pod: Mapping[str, Any]) -> ObservedWorkload:
-    labels = pod["metadata"].get("labels") or {}
-    version = labels.get("edgefleet.io/version")
-    sha = (pod["metadata"].get("annotations") or {}).get("edgefleet.io/sha256")
-    status = pod.get("status") or {}
-    restarts = 0
-    for cs in status.get("containerStatuses") or []:
-        restarts += int(cs.get("restartCount", 0))
-        state = cs.get("state") or {}
-        terminated = (cs.get("lastState") or {}).get("terminated") or state.get("terminated")
-        # An OOM-killed container crash-loops; the kill is the cause worth reporting.
-        if terminated and terminated.get("reason") == "OOMKilled":
-            return ObservedWorkload("Failed", version, sha, "OOMKilled", restarts)
-        waiting = state.get("waiting") or {}
-        if waiting.get("reason") in _FAILING_WAITS:
-            return ObservedWorkload("Failed", version, sha, waiting["reason"], restarts)
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            reason = cond.get("reason") or "Unschedulable"
-            return ObservedWorkload(
-                "Failed", version, sha, f"{reason}: {cond.get('message', '')}", restarts
-            )
-    if status.get("phase") == "Failed":
-        return ObservedWorkload(
-            "Failed", version, sha, status.get("reason") or "PodFailed", restarts
-        )
-    ready = any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions") or []
-    )
-    if ready:
-        return ObservedWorkload("Ready", version, sha, None, restarts)
-    phase = "Running" if status.get("phase") == "Running" else "Pending"
-    return ObservedWorkload(phase, version, sha, None, restarts)
 
 
 _drivers: dict[tuple[str, str], KubernetesDriver] = {}

@@ -5,9 +5,12 @@ import json
 import time
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from controller.crypto import mint_artifact_token
 from controller.errors import InvalidInput
 from controller.kube.driver import ClusterDriver
+from controller.kube.pull import PullDriver
 from controller.kube.simulated import LocalState, RedisState, SimState, SimulatedDriver
 from controller.settings import Settings
 
@@ -28,7 +31,11 @@ def driver_for(
     spec: dict[str, Any],
     settings: Settings,
     credentials: dict[str, Any] | None = None,
+    *,
+    session: Session | None = None,
 ) -> ClusterDriver:
+    """The driver of one cluster. A cluster in pull mode is driven through the database
+    (``session``: the caller's, so what it publishes commits with the caller's decision)."""
 
     def artifact_token() -> str:
         return mint_artifact_token(
@@ -52,6 +59,10 @@ def driver_for(
         return SimulatedDriver(
             name, spec.get("simulated") or {}, _sim_state(settings), settings.sim_state_prefix
         )
+    if driver == "kubernetes" and spec.get("mode") == "pull":
+        if session is None:
+            raise ValueError("a pull cluster's driver needs the session")
+        return PullDriver(session, name, silent_after_s=settings.pull_silent_s)
     if driver == "kubernetes":
         if not credentials:
             raise InvalidInput(

@@ -254,3 +254,63 @@ def test_agent_knows_its_cluster() -> None:
         e["name"]: e.get("value") for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert env["EDGEFLEET_CLUSTER"] == "berlin-7"
+
+
+CLUSTER_AGENT = "edgefleet-agent-cluster-agent"
+
+
+def test_pull_mode_runs_one_cluster_agent_with_the_drivers_permissions() -> None:
+    """Pull mode: one cluster agent (a Deployment), bound to exactly the driver's Role and
+    ClusterRole; the controller gets no identity in the cluster."""
+    objs = render("pull")
+    deployment = kube.one(objs, "Deployment", CLUSTER_AGENT)
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = kube.containers(pod, init=False)
+    check_command(container["command"])
+    assert container["command"] == ["edgefleet-cluster-agent"]
+    assert "ports" not in container  # it only dials out
+    env = kube.env_of(container)
+    assert env["EDGEFLEET_CLUSTER"]["value"] == "shop-17"
+    assert env["EDGEFLEET_JOIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+    assert env["EDGEFLEET_STATE_DIR"]["value"] == "/var/lib/edgefleet/cluster-agent"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"] == {"claimName": CLUSTER_AGENT}
+    claim = kube.one(objs, "PersistentVolumeClaim", CLUSTER_AGENT)
+    assert claim["spec"]["storageClassName"] == "local-path"
+
+    # Its own selector: the agent DaemonSet's never selects its pod, nor the other way.
+    ds_selector = daemonset(objs)["spec"]["selector"]["matchLabels"]
+    own = deployment["spec"]["selector"]["matchLabels"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert not ds_selector.items() <= labels.items()
+    assert own.items() <= labels.items()
+
+    account = {"kind": "ServiceAccount", "name": CLUSTER_AGENT, "namespace": kube.NAMESPACE}
+    assert pod["serviceAccountName"] == CLUSTER_AGENT
+    assert pod["automountServiceAccountToken"] is True
+    bound = {
+        (b["roleRef"]["kind"], b["roleRef"]["name"]): b["subjects"]
+        for b in kube.by_kind(objs, "RoleBinding") + kube.by_kind(objs, "ClusterRoleBinding")
+        if account in b["subjects"]
+    }
+    assert bound == {
+        ("Role", CONTROLLER_ROLE): [account],
+        ("ClusterRole", "edgefleet-agent-controller"): [account],
+    }
+    assert grants(kube.one(objs, "Role", CONTROLLER_ROLE)) == EXPECTED_ROLE
+    assert grants(kube.one(objs, "ClusterRole")) == EXPECTED_CLUSTER_ROLE
+    assert [s for s in kube.by_kind(objs, "Secret") if "controller" in s["metadata"]["name"]] == []
+    assert {s["metadata"]["name"] for s in kube.by_kind(objs, "ServiceAccount")} == {
+        "edgefleet-agent",
+        CLUSTER_AGENT,
+    }
+
+
+def test_no_cluster_agent_by_default() -> None:
+    objs = render("default")
+    assert kube.by_kind(objs, "Deployment") == []
+    assert kube.by_kind(objs, "PersistentVolumeClaim") == []
+    with pytest.raises(helm.HelmValuesError):
+        kube.render(CHART, {"clusterAgent": {"persistence": {"type": "nfs"}}})

@@ -197,8 +197,12 @@ def test_pods_are_non_root_read_only_and_limited(case: tuple[str, str]) -> None:
         assert pod_sc["runAsNonRoot"] is True, where
         assert pod_sc["runAsUser"] == 10001, where
         assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        # Only the agent's own token, for listing its node's inference pods.
-        expected_token = case[0] == "edgefleet-agent" and workload["kind"] == "DaemonSet"
+        # Only the agents' own tokens: the node agent's, for listing its node's inference
+        # pods; the cluster agent's (pull mode), for applying the workloads.
+        expected_token = case[0] == "edgefleet-agent" and (
+            workload["kind"] == "DaemonSet"
+            or workload["metadata"]["name"].endswith("-cluster-agent")
+        )
         assert pod.get("automountServiceAccountToken") is expected_token, where
         volumes = {v["name"]: v for v in pod["volumes"]}
         for container in kube.containers(pod):

@@ -74,12 +74,18 @@ The ServiceAccount the controller's driver acts as in this cluster.
 {{- end }}
 
 {{/*
-The subjects granted the controller's permissions.
+The subjects granted the driver's permissions: the controller's identity (push mode),
+and the cluster agent, which does in pull mode exactly what the driver does in push.
 */}}
 {{- define "edgefleet-agent.controllerSubjects" -}}
 {{- if .Values.rbac.controllerServiceAccount.create }}
 - kind: ServiceAccount
   name: {{ include "edgefleet-agent.controllerServiceAccountName" . }}
+  namespace: {{ .Release.Namespace }}
+{{- end }}
+{{- if .Values.clusterAgent.enabled }}
+- kind: ServiceAccount
+  name: {{ include "edgefleet-agent.clusterAgentName" . }}
   namespace: {{ .Release.Namespace }}
 {{- end }}
 {{- with .Values.rbac.extraSubjects }}
@@ -101,4 +107,28 @@ The subjects granted the controller's permissions.
 {{- else }}
 {{- required "joinToken.existingSecret or joinToken.value is required" .Values.joinToken.existingSecret }}
 {{- end }}
+{{- end }}
+
+{{/*
+The cluster agent (pull mode): its own name label, so the agent DaemonSet's selector
+never matches its pod.
+*/}}
+{{- define "edgefleet-agent.clusterAgentName" -}}
+{{- include "edgefleet-agent.suffixedName" (dict "root" . "suffix" "cluster-agent") }}
+{{- end }}
+
+{{- define "edgefleet-agent.clusterAgentSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-cluster-agent" (include "edgefleet-agent.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "edgefleet-agent.clusterAgentLabels" -}}
+helm.sh/chart: {{ include "edgefleet-agent.chart" . }}
+{{ include "edgefleet-agent.clusterAgentSelectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: edgefleet
+app.kubernetes.io/component: cluster-agent
 {{- end }}

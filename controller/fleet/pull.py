@@ -1,0 +1,264 @@
+"""Pull mode, the controller's side of the cluster agent's requests.
+
+A cluster in pull mode is one the controller cannot connect to (NAT, an outbound-only
+firewall). Its cluster agent (``edgefleet-agent cluster``) connects out instead:
+
+1. it enrols once with the fleet's join token and receives the cluster's own credential
+   (only its sha256 is stored), exactly like a node agent and with the same threat model
+   (controller/agents/service.py): a second enrolment is refused until an admin resets
+   the cluster (``POST /v1/clusters/NAME/pull/reset``);
+2. it long-polls the desired state (``GET .../pull/desired?since=REVISION``): the
+   answer comes as soon as the revision differs from ``since``, or after
+   ``pull_poll_timeout_s`` with ``changed: false``. The objects are the very ones the push
+   driver applies (controller/kube/objects.py), rendered here from what the pull driver
+   stored (controller/kube/pull.py);
+3. it reports its nodes and the inference pods it sees (``POST .../pull/observed``);
+   the report syncs the node inventory at once, and the pull driver's ``observe`` reads
+   it for the rollout engine and drift repair.
+
+Why a long poll and not a watch stream or a websocket: it is plain HTTP/1.1 that every
+proxy and LTE middlebox passes, a dropped connection costs nothing but a new request,
+and the resume token makes a retried request exact (no event is lost or applied twice:
+the answer is the whole state at a revision). The poll holds no database connection
+while it waits: it checks the revision about once a second, each check a primary-key
+read in a short session of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from controller.audit import record_event
+from controller.crypto import mint_artifact_token
+from controller.db.base import utcnow
+from controller.db.models import Cluster, PullCluster
+from controller.db.session import session_scope
+from controller.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, Unauthorized
+from controller.fleet import repository as repo
+from controller.fleet.service import cluster_driver, sync_nodes
+from controller.kube import objects
+from controller.kube.driver import WorkloadSpec
+from controller.settings import Settings
+from node_agent.cluster.contract import (
+    ClusterEnrollOut,
+    DesiredState,
+    ObservedReport,
+    ReportAck,
+)
+
+CREDENTIAL_PREFIX = "efc_"
+# How often a waiting poll looks at the revision again.
+POLL_CHECK_S = 1.0
+
+
+def hash_credential(credential: str) -> str:
+    return hashlib.sha256(credential.encode()).hexdigest()
+
+
+def _pull_cluster(session: Session, name: str) -> Cluster:
+    cluster = repo.get_cluster(session, name)
+    if cluster is None:
+        raise NotFound(f"cluster {name!r} not found")
+    if cluster.spec.get("mode") != "pull":
+        raise Conflict(f"cluster {name!r} is not in pull mode (spec.mode: pull)")
+    return cluster
+
+
+def _state(session: Session, cluster: Cluster) -> PullCluster:
+    """The cluster's pull state, locked; made on first use."""
+    state = repo.pull_state(session, cluster.id, lock=True)
+    if state is None:
+        state = PullCluster(cluster_id=cluster.id, revision=0, report={})
+        session.add(state)
+        session.flush()
+    return state
+
+
+class AlreadyEnrolled(Conflict):
+    """Returned, not raised: the refusal's event must commit with the request."""
+
+
+def enroll(
+    session: Session, settings: Settings, *, cluster: str, join_token: str
+) -> ClusterEnrollOut | AlreadyEnrolled:
+    expected = settings.agent_join_token
+    if expected is None:
+        raise ServiceUnavailable(
+            "agent enrolment is disabled: set EDGEFLEET_AGENT_JOIN_TOKEN on the controller"
+        )
+    # Checked before the cluster is looked up: nobody without it probes cluster names.
+    if not secrets.compare_digest(join_token.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized("invalid join token")
+    found = _pull_cluster(session, cluster)
+    state = _state(session, found)
+    if state.credential_hash is not None:
+        record_event(
+            session,
+            kind="Cluster",
+            name=cluster,
+            reason="EnrolmentRefused",
+            message="the cluster agent is already enrolled (reset the cluster to enrol again)",
+            actor=f"cluster:{cluster}",
+        )
+        return AlreadyEnrolled(
+            f"cluster {cluster} already has an enrolled cluster agent: an admin must reset "
+            f"it (POST /v1/clusters/{cluster}/pull/reset) before it can enrol again"
+        )
+    credential = CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+    state.credential_hash = hash_credential(credential)
+    session.flush()
+    record_event(
+        session,
+        kind="Cluster",
+        name=cluster,
+        reason="ClusterAgentEnrolled",
+        message="cluster credential issued",
+        actor=f"cluster:{cluster}",
+    )
+    return ClusterEnrollOut(
+        cluster=cluster, credential=credential, poll_timeout_s=settings.pull_poll_timeout_s
+    )
+
+
+def reset(session: Session, cluster: str) -> None:
+    """Revoke the cluster agent's credential; it may enrol again."""
+    state = _state(session, _pull_cluster(session, cluster))
+    was = state.credential_hash is not None
+    state.credential_hash = None
+    session.flush()
+    record_event(
+        session,
+        kind="Cluster",
+        name=cluster,
+        reason="ClusterAgentReset",
+        message="credential revoked; the cluster agent may enrol again"
+        if was
+        else "no cluster agent had enrolled; nothing to revoke",
+    )
+
+
+def authenticate(session: Session, credential: str) -> str | None:
+    """The cluster whose agent holds this credential (None: unknown or revoked)."""
+    if not credential.startswith(CREDENTIAL_PREFIX) or len(credential) > 200:
+        return None
+    return repo.pull_cluster_by_credential(session, hash_credential(credential))
+
+
+def desired_state(
+    session: Session, settings: Settings, cluster: str, *, since: int | None
+) -> DesiredState:
+    """The cluster's desired state at its current revision; only the Secret and the
+    revision when that is ``since`` (nothing changed)."""
+    found = _pull_cluster(session, cluster)
+    state = _state(session, found)
+    state.polled_at = utcnow()
+    namespace = str(found.spec.get("namespace", "edgefleet-workloads"))
+    token = mint_artifact_token(
+        settings.secret_key.get_secret_value(),
+        cluster,
+        now=time.time(),
+        ttl_s=settings.artifact_token_ttl_s,
+    )
+    out = DesiredState(
+        cluster=cluster,
+        revision=state.revision,
+        changed=state.revision != since,
+        namespace=namespace,
+        secret=objects.artifact_secret(namespace, token),
+        poll_timeout_s=settings.pull_poll_timeout_s,
+    )
+    if out.changed:
+        out.daemonsets, out.node_labels = _render(session, settings, found.id, namespace)
+    return out
+
+
+def _render(
+    session: Session, settings: Settings, cluster_id: int, namespace: str
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, str | None]]]:
+    """The objects the push driver would have applied for the stored desired state: one
+    DaemonSet per (model, version) some node should run (the newest spec of it: rows
+    come oldest change first), and each node's model labels (None removes one)."""
+    specs: dict[tuple[str, str], WorkloadSpec] = {}
+    labels: dict[str, dict[str, str | None]] = {}
+    for row in repo.pull_desired(session, cluster_id):
+        version = None
+        if row.workload is not None:
+            spec = WorkloadSpec(**row.workload)
+            specs[(spec.model, spec.version)] = spec
+            version = spec.version
+        labels.setdefault(row.node, {})[objects.node_label(row.model)] = version
+    daemonsets = [
+        objects.daemonset(
+            spec, namespace=namespace, image=settings.inference_image, port=settings.inference_port
+        )
+        for _, spec in sorted(specs.items())
+    ]
+    return daemonsets, labels
+
+
+def _revision(cluster: str) -> int | None:
+    with session_scope() as session:
+        return repo.pull_revision(session, cluster)
+
+
+def _desired(settings: Settings, cluster: str, since: int | None) -> DesiredState:
+    with session_scope() as session:
+        return desired_state(session, settings, cluster, since=since)
+
+
+async def wait_for_desired(
+    settings: Settings, cluster: str, *, since: int | None, wait_s: float | None = None
+) -> DesiredState:
+    """The long poll: the desired state as soon as its revision differs from ``since``,
+    or unchanged after ``wait_s`` (at most ``pull_poll_timeout_s``). A coroutine that
+    sleeps between short checks, so a waiting poll holds neither a worker thread nor a
+    database connection."""
+    limit = settings.pull_poll_timeout_s
+    wait = limit if wait_s is None else max(0.0, min(wait_s, limit))
+    deadline = time.monotonic() + wait
+    while since is not None and time.monotonic() < deadline:
+        current = await run_in_threadpool(_revision, cluster)
+        if current is None or current != since:
+            break
+        await asyncio.sleep(min(POLL_CHECK_S, max(deadline - time.monotonic(), 0.0)))
+    return await run_in_threadpool(_desired, settings, cluster, since)
+
+
+def receive_report(
+    session: Session, settings: Settings, cluster: str, report: ObservedReport
+) -> ReportAck:
+    """Store the agent's report, and sync the node inventory from it at once when it
+    changed (beat's resync would reach it within minutes; a new site's nodes should not
+    wait for that). A report with the same nodes writes one row: reports come every few
+    seconds, and node rows are what heartbeat ingestion locks. An apply error is an
+    event when it first appears, not at every report."""
+    found = _pull_cluster(session, cluster)
+    state = _state(session, found)
+    names = [n.name for n in report.nodes]
+    if len(set(names)) != len(names):
+        raise InvalidInput("duplicate node names in the report", loc=("body", "nodes"))
+    previous = state.report or {}
+    state.report = report.model_dump(mode="json")
+    state.reported_at = utcnow()
+    state.applied_revision = report.applied_revision
+    session.flush()
+    if report.apply_error and report.apply_error != previous.get("apply_error"):
+        record_event(
+            session,
+            kind="Cluster",
+            name=cluster,
+            reason="PullApplyFailed",
+            message=report.apply_error,
+            data={"revision": report.applied_revision},
+        )
+    if state.report["nodes"] != previous.get("nodes") or found.status != "Ready":
+        sync_nodes(session, found, cluster_driver(found, settings))
+    if report.apply_error:
+        found.message = f"cluster agent: {report.apply_error}"[:500]
+    return ReportAck(revision=state.revision)

@@ -1,0 +1,3 @@
+from node_agent.cluster.cli import main
+
+main()

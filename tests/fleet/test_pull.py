@@ -1,0 +1,219 @@
+"""Pull mode's controller side without a cluster: the manifest rules, enrolment and the
+cluster credential, the long poll's resume token, the report, and the pull driver's
+revisions (controller/fleet/pull.py, controller/kube/pull.py). The end-to-end path with a
+real API server and the real cluster agent is tests/kube/test_pull_mode.py."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from controller.db.base import utcnow
+from controller.db.models import PullCluster, PullDesired
+from controller.db.session import session_scope
+from controller.fleet import repository as repo
+from controller.fleet.service import cluster_driver
+from controller.kube.driver import DriverError, WorkloadSpec
+from controller.kube.pull import PullDriver
+from controller.settings import Settings
+from tests.rollouts.helpers import apply
+
+NO_TOKEN = {"Authorization": ""}
+
+
+def pull_doc(name: str = "shop", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgefleet.io/v1",
+        "kind": "Cluster",
+        "metadata": {"name": name},
+        "spec": {"driver": "kubernetes", "mode": "pull", **spec},
+    }
+
+
+def enrol(client: TestClient, join_token: str, name: str = "shop") -> str:
+    resp = client.post(
+        f"/v1/clusters/{name}/pull/enroll", json={"join_token": join_token}, headers=NO_TOKEN
+    )
+    assert resp.status_code == 200, resp.text
+    credential: str = resp.json()["credential"]
+    return credential
+
+
+def as_cluster(credential: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {credential}"}
+
+
+REPORT = {
+    "applied_revision": None,
+    "nodes": [
+        {"name": "n1", "labels": {"tier": "retail"}, "ready": True, "architecture": "arm64"},
+        {"name": "n2", "labels": {"tier": "retail"}, "ready": True},
+    ],
+    "workloads": [],
+}
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        ({"server": "https://10.0.0.1:6443"}, "no server or credentials"),
+        ({"credentials": {"token": "t"}}, "no server or credentials"),
+    ],
+)
+def test_a_pull_cluster_names_no_server_or_credentials(
+    client: TestClient, spec: dict[str, Any], error: str
+) -> None:
+    resp = apply(client, pull_doc(**spec))
+    assert resp.status_code == 422
+    assert error in resp.text
+
+
+def test_pull_mode_is_for_kubernetes_clusters_only(client: TestClient) -> None:
+    doc = pull_doc()
+    doc["spec"] = {"driver": "simulated", "mode": "pull", "simulated": {"count": 1}}
+    resp = apply(client, doc)
+    assert resp.status_code == 422
+    assert "driver 'kubernetes' only" in resp.text
+
+
+def test_enrol_report_and_poll(client: TestClient, settings: Settings, join_token: str) -> None:
+    assert apply(client, pull_doc()).status_code == 200
+    got = client.get("/v1/clusters/shop").json()
+    assert (got["mode"], got["server"], got["has_credentials"]) == ("pull", None, False)
+    assert got["status"] == "Unreachable"  # no agent yet, and the message says so
+    assert "not enrolled yet" in got["message"]
+
+    # Enrolment: the join token, once.
+    bad = client.post("/v1/clusters/shop/pull/enroll", json={"join_token": "no"}, headers=NO_TOKEN)
+    assert bad.status_code == 401
+    credential = enrol(client, join_token)
+    again = client.post(
+        "/v1/clusters/shop/pull/enroll", json={"join_token": join_token}, headers=NO_TOKEN
+    )
+    assert again.status_code == 409
+
+    # The report syncs the nodes at once.
+    resp = client.post(
+        "/v1/clusters/shop/pull/observed", json=REPORT, headers=as_cluster(credential)
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"revision": 0}
+    nodes = client.get("/v1/nodes", params={"cluster": "shop"}).json()["items"]
+    assert {n["name"] for n in nodes} == {"n1", "n2"}
+    assert client.get("/v1/clusters/shop").json()["status"] == "Ready"
+
+    # The first poll (no revision yet) answers at once with the whole state.
+    desired = client.get("/v1/clusters/shop/pull/desired", headers=as_cluster(credential)).json()
+    assert desired["changed"] is True
+    assert desired["revision"] == 0
+    assert desired["daemonsets"] == []
+    assert desired["secret"]["metadata"]["name"] == "edgefleet-artifact-token"
+    # With the revision it has, it waits (here: not at all) and says unchanged.
+    same = client.get(
+        "/v1/clusters/shop/pull/desired",
+        params={"since": 0, "wait": 0},
+        headers=as_cluster(credential),
+    ).json()
+    assert same["changed"] is False
+    assert same["daemonsets"] == []
+
+    # The pull driver publishes a new revision; the poll brings the push driver's objects.
+    spec = WorkloadSpec("detector", "1.0.0", "ab" * 32, "onnx", "http://c/a", "r1", {})
+    with session_scope() as s:
+        cluster = repo.get_cluster(s, "shop")
+        assert cluster is not None
+        cluster_driver(cluster, settings).apply("detector", {"n1": spec, "n2": None})
+    new = client.get(
+        "/v1/clusters/shop/pull/desired",
+        params={"since": 0, "wait": 5},
+        headers=as_cluster(credential),
+    ).json()
+    assert (new["changed"], new["revision"]) == (True, 1)
+    (ds,) = new["daemonsets"]
+    assert ds["kind"] == "DaemonSet"
+    assert ds["spec"]["template"]["spec"]["nodeSelector"] == {
+        "model.edgefleet.io/detector": "1.0.0"
+    }
+    assert new["node_labels"] == {"n1": {"model.edgefleet.io/detector": "1.0.0"}}
+
+    # Reset by an admin: the credential stops working, and the agent may enrol again.
+    assert client.post("/v1/clusters/shop/pull/reset").status_code == 204
+    refused = client.get("/v1/clusters/shop/pull/desired", headers=as_cluster(credential))
+    assert refused.status_code == 401
+    enrol(client, join_token)
+
+
+def test_a_cluster_credential_speaks_for_its_own_cluster_only(
+    client: TestClient, join_token: str
+) -> None:
+    assert apply(client, pull_doc("shop"), pull_doc("depot")).status_code == 200
+    shop = enrol(client, join_token, "shop")
+    resp = client.post("/v1/clusters/depot/pull/observed", json=REPORT, headers=as_cluster(shop))
+    assert resp.status_code == 403
+    assert (
+        client.get("/v1/clusters/depot/pull/desired", headers=as_cluster(shop)).status_code == 403
+    )
+    # Nor is an API token a cluster credential.
+    assert client.get("/v1/clusters/shop/pull/desired").status_code == 401
+
+
+def test_reports_are_bounded(client: TestClient, join_token: str) -> None:
+    assert apply(client, pull_doc()).status_code == 200
+    credential = enrol(client, join_token)
+    dupes = {**REPORT, "nodes": [REPORT["nodes"][0], REPORT["nodes"][0]]}  # type: ignore[index]
+    resp = client.post(
+        "/v1/clusters/shop/pull/observed", json=dupes, headers=as_cluster(credential)
+    )
+    assert resp.status_code == 422
+    odd = {**REPORT, "workloads": [{"model": "m", "node": "n1", "phase": "Exploded"}]}
+    resp = client.post("/v1/clusters/shop/pull/observed", json=odd, headers=as_cluster(credential))
+    assert resp.status_code == 422
+    huge = {**REPORT, "nodes": [{"name": f"n{i}", "ready": True} for i in range(5001)]}
+    resp = client.post("/v1/clusters/shop/pull/observed", json=huge, headers=as_cluster(credential))
+    assert resp.status_code in (413, 422)
+
+
+def test_the_revision_moves_only_when_the_desired_state_changes(
+    client: TestClient, settings: Settings
+) -> None:
+    assert apply(client, pull_doc()).status_code == 200
+    spec = WorkloadSpec("detector", "1.0.0", "ab" * 32, "onnx", "http://c/a", "r1", {})
+    with session_scope() as s:
+        driver = PullDriver(s, "shop", silent_after_s=60)
+        driver.apply("detector", {"n1": None})  # nothing to take away: nothing written
+        assert s.scalars(select(PullDesired)).all() == []
+        driver.apply("detector", {"n1": spec, "n2": spec})
+        driver.apply("detector", {"n1": spec, "n2": spec})  # the reconciler's next step
+        state = s.scalars(select(PullCluster)).one()
+        assert state.revision == 1
+        driver.apply("detector", {"n2": None})
+        assert state.revision == 2
+        rows = {r.node: (r.workload, r.revision) for r in s.scalars(select(PullDesired))}
+        assert rows == {"n1": (spec.as_dict(), 1), "n2": (None, 2)}
+
+
+def test_a_silent_cluster_agent_is_no_evidence(client: TestClient, join_token: str) -> None:
+    assert apply(client, pull_doc()).status_code == 200
+    credential = enrol(client, join_token)
+    report = {
+        **REPORT,
+        "workloads": [
+            {"model": "detector", "node": "n1", "phase": "Ready", "version": "1", "restarts": 2}
+        ],
+    }
+    client.post("/v1/clusters/shop/pull/observed", json=report, headers=as_cluster(credential))
+    with session_scope() as s:
+        seen = PullDriver(s, "shop", silent_after_s=60).observe("detector", ["n1", "n2"])
+        assert seen["n1"].phase == "Ready"
+        assert seen["n1"].restarts == 2
+        assert seen["n2"].phase == "Absent"
+        later = PullDriver(s, "shop", silent_after_s=60, now=utcnow() + timedelta(minutes=5))
+        with pytest.raises(DriverError, match="has not reported for") as info:
+            later.observe("detector", ["n1"])
+        assert info.value.transient
+        with pytest.raises(DriverError):
+            later.list_nodes()

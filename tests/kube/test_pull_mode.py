@@ -1,0 +1,317 @@
+"""Pull mode against a real API server: the controller never connects to the cluster
+(no address, no credentials stored); the cluster agent (the real node_agent/cluster code,
+in a thread) enrols, long-polls the desired state over real HTTP from a real uvicorn
+server, applies it with its own identity and reports back. A rollout goes wave by wave,
+drift is repaired from the last desired state, a controller down in the middle of a
+rollout leaves the cluster where it was (even across a restart of the agent), the
+rollout resumes once it is back, and a rollback works."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from kubernetes import client as k8s
+from pydantic import SecretStr
+from sqlalchemy import select
+
+from controller.api.app import create_app
+from controller.db.models import Cluster, Event, PullCluster
+from controller.db.session import session_scope
+from controller.kube import objects
+from controller.kube.driver import WorkloadSpec
+from controller.rollouts import reconciler
+from controller.settings import Settings
+from node_agent.cluster.contract import INFERENCE_SELECTOR, DesiredState
+from node_agent.cluster.kube import KubeApi
+from node_agent.cluster.loop import ClusterAgent
+from node_agent.cluster.pods import observe_pod
+from node_agent.cluster.settings import ClusterAgentSettings
+from tests.kube.controlplane import ControlPlane, make_node
+from tests.kube.kubelet import eventually
+from tests.kube.test_chart_rbac import chart_rbac
+from tests.kube.test_rollout_engine import Site, story
+from tests.live import LiveController
+from tests.rollouts.helpers import apply, push_versions, report, rollout_doc, rollout_id
+
+__all__ = ["chart_rbac"]  # the fixture
+
+CLUSTER = "edge"
+JOIN = "pull-mode-join-token"
+
+
+class RunningAgent:
+    """The cluster agent in a thread of its own; stop() and start() again on the same
+    state directory, as a restarted pod would."""
+
+    def __init__(self, settings: ClusterAgentSettings) -> None:
+        self.settings = settings
+        self.agent: ClusterAgent | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> ClusterAgent:
+        self.agent = ClusterAgent(self.settings)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.agent.run, args=(self._stop,), daemon=True)
+        self._thread.start()
+        return self.agent
+
+    def stop(self) -> None:
+        if self._thread is not None and self.agent is not None:
+            self._stop.set()
+            self._thread.join(30)
+            assert not self._thread.is_alive()
+            self.agent.close()
+        self._thread = None
+
+
+@pytest.fixture
+def site(control_plane: ControlPlane) -> Iterator[Site]:
+    made = Site(CLUSTER, control_plane, f"ef-{uuid.uuid4().hex[:8]}")
+    yield made
+    made.cleanup()
+
+
+@pytest.fixture
+def pull_settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setattr(settings, "agent_join_token", SecretStr(JOIN))
+    # Short, so the test sees a silent cluster agent within seconds.
+    monkeypatch.setattr(settings, "pull_silent_s", 3.0)
+    monkeypatch.setattr(settings, "pull_poll_timeout_s", 2.0)
+    return settings
+
+
+@pytest.fixture
+def controller(pull_settings: Settings, committed: None) -> Iterator[LiveController]:
+    live = LiveController(create_app(pull_settings))
+    live.start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def api(pull_settings: Settings, committed_client: TestClient) -> TestClient:
+    return committed_client
+
+
+@pytest.fixture
+def agent(site: Site, controller: LiveController, tmp_path: Path) -> Iterator[RunningAgent]:
+    token = tmp_path / "token"
+    token.write_text(site.cp.token)
+    running = RunningAgent(
+        ClusterAgentSettings(
+            controller_url=controller.url,
+            cluster=CLUSTER,
+            join_token=SecretStr(JOIN),
+            state_dir=tmp_path / "state",
+            kubernetes_api_url=site.cp.server,
+            kubernetes_token_file=token,
+            kubernetes_ca_file=Path(site.cp.ca_cert_path) if site.cp.ca_cert_path else None,
+            poll_wait_s=2.0,
+            report_interval_s=0.3,
+            resync_interval_s=1.0,
+            retry_max_s=1.0,
+        )
+    )
+    yield running
+    running.stop()
+
+
+def pull_cluster(namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgefleet.io/v1",
+        "kind": "Cluster",
+        "metadata": {"name": CLUSTER},
+        "spec": {"driver": "kubernetes", "mode": "pull", "namespace": namespace},
+    }
+
+
+def step(name: str, settings: Settings, site: Site) -> str:
+    """One worker step, then the kubelets and the node agents do their part."""
+    phase = reconciler.reconcile(rollout_id(name), settings)
+    assert phase is not None
+    site.beat()
+    report()
+    time.sleep(0.25)  # the cluster agent polls, applies and reports meanwhile
+    return phase
+
+
+def run_until(name: str, settings: Settings, site: Site, *, done: str, steps: int = 160) -> None:
+    for _ in range(steps):
+        if step(name, settings, site) == done:
+            return
+    raise AssertionError(f"{name} never {done}:\n{story_of(name)}")
+
+
+def story_of(name: str) -> str:
+    with session_scope() as s:
+        events = s.scalars(select(Event).where(Event.object_name.in_([name, CLUSTER]))).all()
+        return "\n".join(f"{e.reason}: {e.message}" for e in events)
+
+
+def test_a_rollout_reaches_a_cluster_the_controller_cannot_connect_to(
+    api: TestClient,
+    pull_settings: Settings,
+    site: Site,
+    controller: LiveController,
+    agent: RunningAgent,
+) -> None:
+    settings = pull_settings
+    resp = apply(api, pull_cluster(site.ns))
+    assert resp.status_code == 200, resp.text
+    got = api.get(f"/v1/clusters/{CLUSTER}").json()
+    assert (got["mode"], got["server"], got["has_credentials"]) == ("pull", None, False)
+    with session_scope() as s:
+        row = s.scalars(select(Cluster).where(Cluster.name == CLUSTER)).one()
+        assert row.credentials is None
+        assert row.api_server is None
+
+    # The agent enrols, reports its nodes, and the controller knows them at once.
+    agent.start()
+
+    def known() -> set[str]:
+        items = api.get("/v1/nodes", params={"cluster": CLUSTER}).json()["items"]
+        return {n["name"] for n in items}
+
+    eventually(lambda: set(site.nodes) <= known(), what="nodes synced from the agent's report")
+    assert api.get(f"/v1/clusters/{CLUSTER}").json()["status"] == "Ready"
+    with session_scope() as s:
+        state = s.scalars(select(PullCluster)).one()
+        assert len(state.credential_hash or "") == 64
+
+    # Wave by wave.
+    push_versions(api, "1.0.0", "2.0.0")
+    selector = {"matchLabels": {"site": CLUSTER}}
+    assert apply(api, rollout_doc("v1", "1.0.0", selector=selector)).status_code == 200
+    counts: list[int] = []
+    for _ in range(160):
+        phase = step("v1", settings, site)
+        running = len(site.pods())
+        if not counts or counts[-1] != running:
+            counts.append(running)
+        if phase == "Succeeded":
+            break
+    assert phase == "Succeeded", story(api, "v1")
+    assert next(n for n in counts if n) == 1  # the canary alone first
+    eventually(site.settled_on("1.0.0"), what="1.0.0 everywhere", beat=site.beat)
+    (ds,) = site.apps.list_namespaced_daemon_set(site.ns).items
+    # Server-side apply by the push driver's field manager.
+    appliers = {f.manager for f in ds.metadata.managed_fields if f.operation == "Apply"}
+    assert appliers == {"edgefleet"}
+
+    # Drift: a DaemonSet deleted and a label removed behind the agent's back come back
+    # from its last desired state.
+    site.apps.delete_namespaced_daemon_set(ds.metadata.name, site.ns)
+    victim = site.nodes[1]
+    site.core.patch_node(victim, {"metadata": {"labels": {objects.node_label("detector"): None}}})
+    eventually(site.settled_on("1.0.0"), what="drift repaired", beat=site.beat)
+
+    # v2 until its canary runs 2.0.0; then the controller goes away.
+    assert apply(api, rollout_doc("v2", "2.0.0", selector=selector)).status_code == 200
+    for _ in range(160):
+        step("v2", settings, site)
+        if "2.0.0" in site.pods().values():
+            break
+    eventually(lambda: len(site.pods()) == 3, what="all three nodes serve", beat=site.beat)
+    controller.stop()
+    time.sleep(1.0)  # whatever the agent had fetched, it has applied
+    before = site.pods()
+    assert sorted(before.values()) == ["1.0.0", "1.0.0", "2.0.0"]
+
+    # The worker goes on meanwhile: the agent's reports stop, so after pull_silent_s the
+    # nodes hold (a DriverError event), and nothing fails.
+    deadline = time.monotonic() + settings.pull_silent_s + 3
+    while time.monotonic() < deadline:
+        assert step("v2", settings, site) == "Progressing", story(api, "v2")
+    assert site.pods() == before
+    with session_scope() as s:
+        silent = s.scalars(select(Event).where(Event.reason == "DriverError")).all()
+        assert any("has not reported" in e.message for e in silent)
+
+    # A restart of the agent with the controller still down: its state on disk drives
+    # the cluster, and drift is repaired from it.
+    agent.stop()
+    for d in site.apps.list_namespaced_daemon_set(site.ns).items:
+        site.apps.delete_namespaced_daemon_set(d.metadata.name, site.ns)
+    eventually(lambda: not site.pods(), what="workloads gone", beat=site.finalize)
+    agent.start()
+    eventually(lambda: site.pods() == before, what="last desired state restored", beat=site.beat)
+
+    # The controller comes back; the rollout resumes and finishes.
+    controller.start()
+    run_until("v2", settings, site, done="Succeeded")
+    eventually(site.settled_on("2.0.0"), what="2.0.0 everywhere", beat=site.beat)
+
+    # Rollback: undo puts 1.0.0 back on every node, and 2.0.0's DaemonSet goes.
+    assert api.post("/v1/rollouts/v2/undo").status_code == 202
+    run_until("v2", settings, site, done="RolledBack")
+    eventually(site.settled_on("1.0.0"), what="rolled back to 1.0.0", beat=site.beat)
+
+
+def test_the_cluster_agent_works_with_exactly_the_chart_rbac(
+    control_plane: ControlPlane, chart_rbac: str, tmp_path: Path
+) -> None:
+    """The agent chart binds the cluster agent to the driver's Role and ClusterRole (as
+    it binds the controller in push mode): with exactly those rights, rendered by Helm
+    and applied to a real API server, the agent applies, reads and cleans up."""
+    ns = chart_rbac
+    token = tmp_path / "token"
+    token.write_text(control_plane.driver_token)  # the user the chart's RBAC is bound to
+    kube = KubeApi(
+        api_url=control_plane.server,
+        token_file=token,
+        ca_file=Path(control_plane.ca_cert_path) if control_plane.ca_cert_path else None,
+    )
+    agent = ClusterAgent(
+        ClusterAgentSettings(
+            controller_url="http://127.0.0.1:9", cluster=CLUSTER, state_dir=tmp_path / "state"
+        ),
+        kube=kube,
+    )
+    admin: Any = k8s.CoreV1Api(control_plane.api_client())
+    node = f"edge-{uuid.uuid4().hex[:6]}"
+    make_node(admin, node, labels={"tier": "retail"})
+    spec = WorkloadSpec("detector", "1.0.0", "cd" * 32, "onnx", "http://c/a", "r", {})
+    label = objects.node_label("detector")
+    try:
+        agent.desired = DesiredState(
+            cluster=CLUSTER,
+            revision=1,
+            changed=True,
+            namespace=ns,
+            secret=objects.artifact_secret(ns, "token-1"),
+            daemonsets=[objects.daemonset(spec, namespace=ns, image="img:1", port=8500)],
+            node_labels={node: {label: "1.0.0"}},
+            poll_timeout_s=1,
+        )
+        assert agent.apply_once()
+        assert agent.apply_error is None
+        assert (admin.read_node(node).metadata.labels or {}).get(label) == "1.0.0"
+
+        def observed() -> list[str]:
+            seen = [observe_pod(p) for p in kube.list_pods(ns, INFERENCE_SELECTOR)]
+            return [w.node for w in seen if w is not None]
+
+        eventually(lambda: node in observed(), what="the agent sees the pod for its node")
+        assert node in {n["metadata"]["name"] for n in kube.list_nodes()}
+
+        # Nothing wanted any more: the label goes and the DaemonSet is deleted.
+        agent.desired = agent.desired.model_copy(
+            update={"revision": 2, "daemonsets": [], "node_labels": {node: {label: None}}}
+        )
+        assert agent.apply_once()
+        assert agent.apply_error is None
+        assert label not in (admin.read_node(node).metadata.labels or {})
+        apps: Any = k8s.AppsV1Api(control_plane.api_client())
+        left = apps.list_namespaced_daemon_set(ns).items
+        assert all(d.metadata.deletion_timestamp for d in left)
+    finally:
+        admin.delete_node(node)
+        agent.close()
