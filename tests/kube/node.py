@@ -13,7 +13,8 @@ What a node changes on the machine, and how it is kept or undone:
   ``/run/containerd``, ``/run/netns``, the hostPath volumes under ``/var/lib``): containerd
   starts in a private mount namespace in which the node's own directories are bind-mounted
   over ``/var/lib``, ``/var/log`` and ``/run``, and the kubelet joins that namespace. The
-  namespace, and every mount made in it, ends with its last process.
+  namespace, and every mount made in it, ends with its last process. containerd's images
+  and snapshots are on a tmpfs there: nothing to delete afterwards.
 - Processes and cgroups: containerd, its shims, the kubelet, the node lifecycle
   controller and every container run in one cgroup tree of their own,
   ``/edgefleet-node-<pid>-<hex>`` in each hierarchy (the kubelet's ``--cgroup-root``).
@@ -53,7 +54,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,12 @@ class Node:
         return self.workdir / "var-lib"
 
     @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        """The host's address on the pods' bridge: what a pod reaches the host at (a
+        server of the test bound there is reachable from the pods, and only from them)."""
+        return next(self.subnet.hosts())
+
+    @property
     def containerd_pid(self) -> int:
         return self._processes[0].process.pid
 
@@ -290,22 +297,16 @@ class Node:
         if self._stopped:
             return []
         self._stopped = True
-        by_name = {p.name: p for p in self._processes}
-        # The kubelet first, so nothing restarts what is killed next.
-        for name in ("kubelet", "node-lifecycle"):
-            if name in by_name:
-                _terminate(by_name[name].process, timeout)
-        left = _kill_cgroup_tree(self.cgroup_root, timeout=timeout)
-        for p in self._processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.process.wait(timeout=5.0)
+        # SIGKILL at once, everything together: a kubelet or containerd told to stop does
+        # nothing that matters here (its state goes with the node's directory), and no
+        # process of the tree may outlive the others to restart what they ran.
+        left = _kill_cgroup_tree(
+            self.cgroup_root, timeout=timeout, reap=[p.process for p in self._processes]
+        )
         problems = [f"processes still in cgroup {self.cgroup_root}: {left}"] if left else []
         problems += _remove_cgroup_tree(self.cgroup_root)
         problems += _delete_bridge(self.bridge)
         problems += _restore_sysctls(self.saved_sysctls)
-        if not problems:
-            # The unpacked images and snapshots: hundreds of MB per run.
-            shutil.rmtree(self.host_dir / "containerd", ignore_errors=True)
         return problems
 
     def __enter__(self) -> Node:
@@ -384,15 +385,26 @@ def _start(node: Node, images: tuple[Path, ...], *, t0: float, deadline: float) 
             indent=2,
         )
     )
+    # The bridge exists before the first pod (the plugin takes it as it finds it), so that
+    # the host's address on it can be bound to from the start.
+    _create_bridge(node.bridge, node.gateway, node.subnet)
     config = w / "containerd.toml"
     config.write_text(_containerd_config(node.tools["cni"], w / "cni"))
     resolv = w / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.1\n")  # pods resolve nothing: there is no DNS
 
     # containerd, in a new mount namespace with the node's directories over the host's.
+    # containerd's images and snapshots on a tmpfs (about twice the images' size in
+    # memory, while the node runs): they vanish with the namespace, with nothing to delete.
+    (w / "var-lib" / "containerd").mkdir(exist_ok=True)
     mounts = " && ".join(
-        f"mount --bind {w / src} {dst}"
-        for src, dst in (("var-lib", "/var/lib"), ("var-log", "/var/log"), ("run", "/run"))
+        [
+            *(
+                f"mount --bind {w / src} {dst}"
+                for src, dst in (("var-lib", "/var/lib"), ("var-log", "/var/log"), ("run", "/run"))
+            ),
+            "mount -t tmpfs -o mode=0711 containerd /var/lib/containerd",
+        ]
     )
     containerd = _spawn(
         node,
@@ -591,18 +603,6 @@ def _spawn(node: Node, name: str, argv: list[str]) -> _Process:
     return p
 
 
-def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=timeout)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5.0)
-
-
 def _cgroup_pids(root: str) -> set[int]:
     pids: set[int] = set()
     for h in _hierarchies():
@@ -615,11 +615,16 @@ def _cgroup_pids(root: str) -> set[int]:
     return pids
 
 
-def _kill_cgroup_tree(root: str, *, timeout: float) -> list[int]:
+def _kill_cgroup_tree(
+    root: str, *, timeout: float, reap: Sequence[subprocess.Popen[bytes]] = ()
+) -> list[int]:
     """SIGKILL every process in the node's cgroups (containers, shims, runtime) until none
-    is left; the pids still there after ``timeout``."""
+    is left; the pids still there after ``timeout``. ``reap``: this process's children
+    among them, whose zombies stay in the cgroups until they are waited for."""
     deadline = time.monotonic() + timeout
     while True:
+        for child in reap:
+            child.poll()
         pids = _cgroup_pids(root)
         if not pids or time.monotonic() > deadline:
             return sorted(pids)
@@ -683,6 +688,19 @@ def _bridges() -> list[str]:
         for link in links
         if re.fullmatch(rf"{BRIDGE_PREFIX}[0-9a-f]{{9}}", str(link.get("ifname", "")))
     ]
+
+
+def _create_bridge(
+    name: str, address: ipaddress.IPv4Address, subnet: ipaddress.IPv4Network
+) -> None:
+    for argv in (
+        ["ip", "link", "add", "name", name, "type", "bridge"],
+        ["ip", "addr", "add", f"{address}/{subnet.prefixlen}", "dev", name],
+        ["ip", "link", "set", name, "up"],
+    ):
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {result.stderr.strip()}")
 
 
 def _delete_bridge(name: str) -> list[str]:
