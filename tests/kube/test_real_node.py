@@ -5,15 +5,19 @@ asked for; a pod over its memory limit is OOMKilled by the kernel, as the API se
 reports it.
 
 The artifact comes from the node-local cache that the DaemonSet mounts (a hostPath),
-filled beforehand with the verified bytes, as a node that served the version before
-has it: the pods are on a bridge of their own and reach no server of the test."""
+filled beforehand with the verified bytes, as a node that served the version before has
+it; or it is downloaded, with the cluster's artifact token, from a server of the test
+bound to the host's address on the pods' bridge (the only host address they reach)."""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
+import threading
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +26,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
 
 from controller.kube.client import KubernetesDriver
 from controller.kube.driver import WorkloadSpec
-from controller.kube.objects import CACHE_DIR
+from controller.kube.objects import CACHE_DIR, RUN_AS
 from controller.registry import samples
 from tests.kube.controlplane import ControlPlane
 from tests.kube.kubelet import eventually
@@ -53,8 +58,21 @@ def namespace(core: Any) -> Iterator[str]:
 
 
 def _pod_events(core: Any, namespace: str) -> str:
+    """The namespace's events and its containers' last log lines, for a failure message."""
     events = core.list_namespaced_event(namespace).items
-    return "\n".join(f"  {e.involved_object.name}: {e.reason}: {e.message}" for e in events)
+    lines = [f"  {e.involved_object.name}: {e.reason}: {e.message}" for e in events]
+    for pod in core.list_namespaced_pod(namespace).items:
+        for status in pod.status.container_statuses or []:
+            previous = status.restart_count > 0
+            try:
+                log = core.read_namespaced_pod_log(
+                    pod.metadata.name, namespace, container=status.name, previous=previous
+                )
+            except ApiException as exc:
+                log = f"<no log: {exc.reason}>"
+            tail = "\n".join(f"    {line}" for line in log.splitlines()[-15:])
+            lines.append(f"  log of {pod.metadata.name}/{status.name}:\n{tail}")
+    return "\n".join(lines)
 
 
 def test_the_node_is_a_real_kubelet_on_containerd(real_node: Node, core: Any) -> None:
@@ -78,9 +96,12 @@ def test_the_inference_image_serves_a_model_within_its_limits(
     sha = hashlib.sha256(model).hexdigest()
     # The node's hostPath cache (CACHE_DIR under the node's /var/lib), as the previous pod
     # of this version left it: the server finds the verified bytes and downloads nothing.
-    cached = real_node.host_dir / Path(CACHE_DIR).relative_to("/var/lib") / "sha256" / sha[:2]
-    cached.mkdir(parents=True, exist_ok=True)
-    (cached / sha).write_bytes(model)
+    cache = real_node.host_dir / Path(CACHE_DIR).relative_to("/var/lib")
+    cached = cache / "sha256" / sha[:2] / sha
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(model)
+    for path in (cache, *cache.rglob("*")):  # written by that pod: the server's uid
+        os.chown(path, RUN_AS, RUN_AS)
 
     cp = node_control_plane
     assert cp.ca_cert_path
@@ -192,3 +213,92 @@ def test_a_pod_over_its_memory_limit_is_oom_killed(
         lambda: core.read_namespaced_pod("hog", namespace).status.phase == "Failed",
         what="the hog's pod Failed",
     )
+
+
+class _ArtifactOrigin:
+    """The controller's artifact endpoint, reduced: one file, behind a bearer token."""
+
+    def __init__(self, host: str, data: bytes, token: str) -> None:
+        self.authorizations: list[str | None] = []
+        origin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                origin.authorizations.append(self.headers.get("Authorization"))
+                if self.headers.get("Authorization") != f"Bearer {token}":
+                    self.send_error(401)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._httpd = ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self._httpd.server_address[1]}"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def test_a_pod_downloads_its_artifact_into_the_node_cache(
+    real_node: Node,
+    node_control_plane: ControlPlane,
+    shipped_images: dict[str, BuiltImage],
+    core: Any,
+    namespace: str,
+) -> None:
+    """No pod made the cache yet or a root-owned one is there (the kubelet creates a
+    hostPath directory as root): the server, uid 10001, still writes its first download
+    there (the DaemonSet's model-cache-owner init container), authenticated with the
+    token of the driver's Secret."""
+    model = samples.build_cnn(classes=4, seed=7)
+    sha = hashlib.sha256(model).hexdigest()
+    token = f"artifact-{uuid.uuid4().hex}"
+    cache = real_node.host_dir / Path(CACHE_DIR).relative_to("/var/lib")
+    if cache.exists():  # else the kubelet creates it, owned by root
+        os.chown(cache, 0, 0)
+    origin = _ArtifactOrigin(str(real_node.gateway), model, token)
+    cp = node_control_plane
+    assert cp.ca_cert_path
+    try:
+        driver = KubernetesDriver(
+            "real",
+            server=cp.server,
+            namespace=namespace,
+            credentials={"token": cp.token, "caData": Path(cp.ca_cert_path).read_text()},
+            image=shipped_images["inference"].ref,
+            port=PORT,
+            artifact_token=lambda: token,
+        )
+        driver.check()
+        spec = WorkloadSpec(
+            model="small",
+            version="2",
+            sha256=sha,
+            format="onnx",
+            artifact_url=f"{origin.url}/v1/models/small/versions/2/artifact",
+            rollout="real-node",
+            resources={"limits": LIMITS},
+        )
+        driver.apply("small", {real_node.name: spec})
+
+        def ready() -> bool:
+            observed = driver.observe("small", [real_node.name])[real_node.name]
+            assert observed.phase != "Failed", f"{observed}\n{_pod_events(core, namespace)}"
+            return observed.phase == "Ready"
+
+        eventually(ready, what="the downloading pod Ready", timeout_s=POD_TIMEOUT_S)
+    finally:
+        origin.close()
+    assert origin.authorizations == [f"Bearer {token}"]  # one download, with the token
+    assert (cache / "sha256" / sha[:2] / sha).read_bytes() == model
+    assert (cache.stat().st_uid, cache.stat().st_gid) == (RUN_AS, RUN_AS)
+    (pod,) = core.list_namespaced_pod(namespace).items
+    (init,) = pod.status.init_container_statuses
+    assert (init.name, init.state.terminated.exit_code) == ("model-cache-owner", 0)
