@@ -20,6 +20,10 @@ ARG PYTHON_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------- build
 FROM ${PYTHON_IMAGE} AS build
+# Optional: a pip constraints file (a path inside the build, e.g. a --volume) pinning every
+# dependency; pip reads it from this variable. scripts/build-images.sh pins them to the
+# versions the tests ran.
+ARG PIP_CONSTRAINT=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1

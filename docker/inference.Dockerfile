@@ -13,6 +13,10 @@ ARG PYTHON_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------- build
 FROM ${PYTHON_IMAGE} AS build
+# Optional: a pip constraints file (a path inside the build, e.g. a --volume) pinning every
+# dependency; pip reads it from this variable. scripts/build-images.sh pins them to the
+# versions the tests ran.
+ARG PIP_CONSTRAINT=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -24,6 +28,9 @@ COPY node_agent ./node_agent
 RUN pip install --upgrade pip \
  && pip install ".[agent]" \
  && python -c "import node_agent.runtimes, onnxruntime, ai_edge_litert"
+# The server never installs anything: pip and setuptools stay out of the image (~25 MB).
+# A step of its own, so the layers above stay shared with the agent image's build.
+RUN pip uninstall --yes setuptools pip
 
 # ---------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime

@@ -24,6 +24,7 @@ NODE_LABEL_PREFIX = "model.edgefleet.io/"
 MANAGED_BY = "edgefleet"
 APP_NAME = "edgefleet-inference"
 CACHE_DIR = "/var/lib/edgefleet/models"
+RUN_AS = 10001  # the inference image's user (docker/inference.Dockerfile)
 # The Secret holding the cluster's artifact token, which inference pods read at start
 # (env from the Secret: a refreshed token reaches new pods without touching the
 # DaemonSets, so no running pod restarts for it).
@@ -125,11 +126,12 @@ def daemonset(
                     "enableServiceLinks": False,
                     "securityContext": {
                         "runAsNonRoot": True,
-                        "runAsUser": 10001,
-                        "runAsGroup": 10001,
-                        "fsGroup": 10001,
+                        "runAsUser": RUN_AS,
+                        "runAsGroup": RUN_AS,
+                        "fsGroup": RUN_AS,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
+                    "initContainers": [_cache_owner(image, resources)],
                     "containers": [
                         {
                             "name": "inference",
@@ -208,4 +210,33 @@ def daemonset(
                 },
             },
         },
+    }
+
+
+def _cache_owner(image: str, resources: Mapping[str, Any]) -> dict[str, Any]:
+    """The kubelet creates a missing hostPath directory owned by root (0755), and fsGroup
+    does not apply to hostPath: on a node where no pod made the cache yet, the server (uid
+    10001) could not write its first download (PermissionError, crash loop; a real kubelet
+    showed it, tests/kube/test_real_node.py). This hands the directory to the server's uid,
+    once: root, but with no capability except CHOWN, no privilege escalation, a read-only
+    root; like the agent chart's init container of the same name."""
+    owner = f"{RUN_AS}:{RUN_AS}"
+    return {
+        "name": "model-cache-owner",
+        "image": image,
+        "command": [
+            "sh",
+            "-c",
+            f'[ "$(stat -c %u:%g {CACHE_DIR})" = "{owner}" ] || chown {owner} {CACHE_DIR}',
+        ],
+        "resources": dict(resources),
+        "securityContext": {
+            "runAsNonRoot": False,
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+        },
+        "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_DIR}],
     }
