@@ -5,7 +5,6 @@ lists them, with their defaults and what each does, and needs none of them set."
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
@@ -16,63 +15,28 @@ from pydantic import ValidationError
 from node_agent.agent.loop import Agent
 from node_agent.agent.settings import AgentSettings
 from node_agent.discovery import DiscoveryError
+from node_agent.envhelp import explain, parse_help
 
 log = logging.getLogger("edgefleet.agent")
 
 
-def _explain(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        name = str(err["loc"][0]) if err["loc"] else "?"
-        # A field read through aliases is located by its alias (NODE_NAME, as the
-        # chart sets it, and its long form).
-        env = "NODE_NAME" if name in ("node_name", "EDGEFLEET_NODE_NAME") else env_name(name)
-        lines.append(f"  {env}: {err['msg']}")
-    return "\n".join(lines)
-
-
-def env_name(field: str) -> str:
-    """The environment variable a setting is read from."""
-    return "NODE_NAME" if field == "node_name" else f"EDGEFLEET_{field.upper()}"
-
-
-def usage() -> str:
-    """Every setting: its variable, whether it is required or its default, and what it does."""
-    lines = [
-        "Runs on every edge node: enrols with the controller, scrapes the node's inference",
-        "servers and sends heartbeats. Configured by environment variables:",
-        "",
-    ]
-    for name, field in AgentSettings.model_fields.items():
-        value = None if field.is_required() else field.get_default(call_default_factory=True)
-        if field.is_required():
-            default = "required"
-        elif value is None:
-            default = "unset"
-        else:
-            default = f"default {value!r}"  # a SecretStr default shows as '**********'
-        lines.append(f"  {env_name(name)}  ({default})")
-        if field.description:
-            lines.append(f"      {field.description}")
-    return "\n".join(lines)
-
-
-def _parse_args(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="edgefleet-agent",
-        description=usage(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.parse_args(argv)
+# The node's name comes from the Downward API as NODE_NAME (the chart sets it).
+ALIASES = {"node_name": "NODE_NAME"}
+INTRO = (
+    "Runs on every edge node: enrols with the controller, scrapes the node's inference\n"
+    "servers and sends heartbeats."
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    _parse_args(sys.argv[1:] if argv is None else argv)
+    parse_help(
+        "edgefleet-agent", AgentSettings, INTRO, sys.argv[1:] if argv is None else argv, ALIASES
+    )
     try:
         settings = AgentSettings()
     except ValidationError as exc:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-        log.error("invalid agent configuration:\n%s", _explain(exc))
+        log.error("invalid agent configuration:\n%s", explain(exc, ALIASES))
         raise SystemExit(2) from None
     logging.basicConfig(
         level=settings.log_level.upper(),
