@@ -181,6 +181,9 @@ class KubernetesDriver:
         ("", "pods", "list", None),
         ("", "nodes", "list", None),
         ("", "nodes", "patch", None),
+        ("", "services", "create", None),
+        ("", "services", "patch", None),
+        ("", "services", "delete", None),
         ("", "secrets", "create", None),
         ("", "secrets", "patch", objects.ARTIFACT_SECRET),
     )
@@ -201,6 +204,7 @@ class KubernetesDriver:
         self.cluster = cluster
         self.artifact_token = artifact_token
         self._secret_token: str | None = None
+        self._server_version: tuple[int, int] | None = None
         self.namespace = namespace
         self.image = image
         self.port = port
@@ -295,16 +299,59 @@ class KubernetesDriver:
             )
 
     def apply(self, model: str, desired: Mapping[str, WorkloadSpec | None]) -> None:
-        """Server-side apply each version's DaemonSet, then label the nodes. Nodes leave
-        a version by losing the label; a DaemonSet no node selects any more is deleted."""
+        """Server-side apply the model's Service and each version's DaemonSet, then label
+        the nodes, make before break (see :mod:`controller.kube.objects`): a node moving
+        to another version keeps the one that serves under its previous label until the
+        new one is Ready. Handovers of nodes not in ``desired`` are finished too; a
+        DaemonSet no node selects any more is deleted, and the Service with the last one."""
         specs = {s.version: s for s in desired.values() if s is not None}
         if specs:
             self.ensure_artifact_secret()
+            self.apply_service(model)
         for spec in specs.values():
             self.apply_daemonset(spec)
-        key = objects.node_label(model)
-        for node, wanted in desired.items():
-            patch = {"metadata": {"labels": {key: wanted.version if wanted else None}}}
+        labels = self._model_labels(model, objects.node_label(model))
+        by_node = self._pods_by_node(model)
+        for node in sorted(set(desired) | set(labels)):
+            current, previous = labels.get(node, (None, None))
+            wanted = current  # a node not in ``desired`` stays; its handover may finish
+            if node in desired:
+                wanted = w.version if (w := desired[node]) is not None else None
+            labels[node] = self._set_labels(
+                model, node, wanted, current, previous, by_node.get(node)
+            )
+        self.collect_garbage(model, labels)
+
+    def _model_labels(self, model: str, selector: str) -> dict[str, tuple[str | None, str | None]]:
+        """(label, previous label) of ``model`` per node that has ``selector``."""
+        key, prev_key = objects.node_label(model), objects.previous_label(model)
+        nodes = self._get_json("list labelled nodes", self.core.list_node, label_selector=selector)
+        out = {}
+        for item in nodes.get("items", []):
+            labels = item["metadata"].get("labels") or {}
+            out[item["metadata"]["name"]] = (labels.get(key), labels.get(prev_key))
+        return out
+
+    def _set_labels(
+        self,
+        model: str,
+        node: str,
+        wanted: str | None,
+        current: str | None,
+        previous: str | None,
+        pods: Sequence[Mapping[str, Any]] | None,
+    ) -> tuple[str | None, str | None]:
+        """Patch ``node``'s labels of ``model`` to what :func:`objects.next_labels` says,
+        if they change; returns them."""
+        seen = [(p, _observe_pod(p)) for p in pods or ()]
+        serving = {o.version for _, o in seen if o.phase == "Ready" and o.version}
+        starved = any(
+            o.version == wanted and (o.reason or "").startswith("Unschedulable") for _, o in seen
+        )
+        after = objects.next_labels(wanted, current, previous, serving, room=not starved)
+        if after != (current, previous):
+            key, prev_key = objects.node_label(model), objects.previous_label(model)
+            patch = {"metadata": {"labels": {key: after[0], prev_key: after[1]}}}
             self._call(
                 f"label node {node}",
                 self.core.patch_node,
@@ -312,7 +359,47 @@ class KubernetesDriver:
                 patch,
                 _content_type="application/merge-patch+json",
             )
-        self.collect_garbage(model)
+        return after
+
+    def _node_local(self) -> bool:
+        """Whether the API server knows ``internalTrafficPolicy`` (Kubernetes 1.22+, on by
+        default from then); asked once per client."""
+        if self._server_version is None:
+            info = self._get_json("version", self.version_api.get_code)
+            major = int("".join(c for c in str(info.get("major", "1")) if c.isdigit()) or 1)
+            minor = int("".join(c for c in str(info.get("minor", "0")) if c.isdigit()) or 0)
+            self._server_version = (major, minor)
+            if self._server_version < (1, 22):
+                log.warning(
+                    "%s: Kubernetes %d.%d has no internalTrafficPolicy: the models' Services "
+                    "are cluster-wide there, not node-local",
+                    self.cluster,
+                    major,
+                    minor,
+                )
+        return self._server_version >= (1, 22)
+
+    def apply_service(self, model: str) -> None:
+        body = objects.service(
+            model, namespace=self.namespace, port=self.port, node_local=self._node_local()
+        )
+        name = body["metadata"]["name"]
+        try:
+            self._call(
+                f"apply service {name}",
+                self.core.patch_namespaced_service,
+                name,
+                self.namespace,
+                body,
+                field_manager=FIELD_MANAGER,
+                force=False,
+                _content_type="application/apply-patch+yaml",
+            )
+        except Conflict as exc:
+            raise Conflict(
+                f"service {self.namespace}/{name} has fields owned by another manager: {exc}; "
+                "edgefleet does not force them"
+            ) from exc
 
     def ensure_artifact_secret(self) -> None:
         """The Secret with the cluster's current artifact token. The token changes about
@@ -355,10 +442,14 @@ class KubernetesDriver:
                 f"(someone edited it with kubectl?): {exc}; edgefleet does not force them"
             ) from exc
 
-    def collect_garbage(self, model: str) -> list[str]:
-        key = objects.node_label(model)
-        nodes = self._get_json("list labelled nodes", self.core.list_node, label_selector=key)
-        used = {(n["metadata"].get("labels") or {}).get(key) for n in nodes.get("items", [])}
+    def collect_garbage(
+        self, model: str, labels: Mapping[str, tuple[str | None, str | None]] | None = None
+    ) -> list[str]:
+        """Delete the DaemonSets of versions no node names (in its label or its previous
+        label: ``labels``, read if not given), and the Service when none is left."""
+        if labels is None:
+            labels = self._model_labels(model, objects.node_label(model))
+        used = {v for pair in labels.values() for v in pair if v}
         sets = self._get_json(
             "list daemonsets",
             self.apps.list_namespaced_daemon_set,
@@ -379,24 +470,60 @@ class KubernetesDriver:
                         propagation_policy="Foreground",
                     )
                 deleted.append(name)
+        if not used:
+            with contextlib.suppress(NotFound):
+                self._call(
+                    "delete service",
+                    self.core.delete_namespaced_service,
+                    objects.service_name(model),
+                    self.namespace,
+                    _preload_content=False,  # (the answer is a Status the client misreads)
+                )
         return deleted
 
-    def observe(self, model: str, nodes: Sequence[str]) -> dict[str, ObservedWorkload]:
-        wanted = set(nodes)
+    def _pods_by_node(self, model: str) -> dict[str, list[dict[str, Any]]]:
+        """The model's pods that are not being deleted, per node, oldest first."""
         listed = self._get_json(
             "list pods",
             self.core.list_namespaced_pod,
             self.namespace,
             label_selector=f"app.kubernetes.io/name={objects.APP_NAME},edgefleet.io/model={model}",
         )
-        out: dict[str, ObservedWorkload] = {n: ObservedWorkload("Absent") for n in wanted}
-        for pod in listed.get("items", []):
-            # The cluster agent's reading of a pod (pull mode), so both modes judge alike.
-            seen = pods.observe_pod(pod)
-            if seen is not None and seen.node in wanted:
-                out[seen.node] = ObservedWorkload(
-                    seen.phase, seen.version, seen.sha256, seen.reason, seen.restarts
-                )
+        out: dict[str, list[dict[str, Any]]] = {}
+        items = sorted(
+            listed.get("items", []), key=lambda p: p["metadata"].get("creationTimestamp") or ""
+        )
+        for pod in items:
+            # A DaemonSet pod not scheduled yet names its node in its node affinity.
+            node = pods.pod_node(pod)
+            if node and pod["metadata"].get("deletionTimestamp") is None:
+                out.setdefault(node, []).append(pod)
+        return out
+
+    def observe(self, model: str, nodes: Sequence[str]) -> dict[str, ObservedWorkload]:
+        """What each node runs of ``model``. A node in a handover reports the version it
+        moves to (Absent, Pending, Running, then Ready), never the one that serves until
+        then; and the handover finishes here, in the call that sees the new one Ready."""
+        by_node = self._pods_by_node(model)
+        moving = self._model_labels(model, objects.previous_label(model))
+        for node, (current, previous) in moving.items():
+            moving[node] = self._set_labels(
+                model, node, current, current, previous, by_node.get(node)
+            )
+        if any(after[1] is None for after in moving.values()):
+            self.collect_garbage(model)  # a version may have left its last node
+        out: dict[str, ObservedWorkload] = {}
+        for node in nodes:
+            found = by_node.get(node, [])
+            if node in moving:
+                found = [
+                    p
+                    for p in found
+                    if (p["metadata"].get("labels") or {}).get("edgefleet.io/version")
+                    == moving[node][0]
+                ]
+            # Otherwise the newest pod: an old one may linger a moment after its handover.
+            out[node] = _observe_pod(found[-1]) if found else ObservedWorkload("Absent")
         return out
 
     def workloads(self, model: str) -> list[dict[str, Any]]:
@@ -408,6 +535,15 @@ class KubernetesDriver:
         )
         items: list[dict[str, Any]] = data.get("items", [])
         return items
+
+
+def _observe_pod(pod: Mapping[str, Any]) -> ObservedWorkload:
+    """One pod's state, read as the cluster agent reads it in pull mode
+    (node_agent/cluster/pods.py), so both modes judge a pod alike."""
+    seen = pods.observe_pod(pod)
+    if seen is None:  # being deleted, or of no node
+        return ObservedWorkload("Absent")
+    return ObservedWorkload(seen.phase, seen.version, seen.sha256, seen.reason, seen.restarts)
 
 
 _drivers: dict[tuple[str, str], KubernetesDriver] = {}

@@ -5,22 +5,57 @@ One DaemonSet per (model, version), selecting nodes by the label
 ``model.edgefleet.io/<model>=<version>`` that the driver sets on each node. Why a
 DaemonSet keyed by a node label rather than Deployments:
 - pinning is exact: a node runs the version its label names, nothing else, and moving a
-  node between versions is one label patch (old pod goes, new pod comes);
+  node between versions is one label patch;
 - it scales: one object per version, whatever the node count (10,000 pinned single-replica
   Deployments would be 10,000 objects and 10,000 ReplicaSets per model);
 - the kubelet's own DaemonSet semantics fit an edge node: the pod comes back after a node
-  reboot with no scheduler round trip beyond the node's own."""
+  reboot with no scheduler round trip beyond the node's own.
+
+**Make before break.** A version change must not interrupt the applications on the node
+that call the model. Of the two ways (one long-lived pod per (model, node) whose server
+hot-swaps on instruction, or surge pods behind a node-local Service), edgefleet surges:
+
+- while a node moves from A to B it carries two labels, ``model.edgefleet.io/<model>=B``
+  (what it should run) and ``previous.model.edgefleet.io/<model>=A`` (what serves until B
+  is Ready); each version's DaemonSet selects nodes whose label *or* previous label names
+  it, so B's pod starts beside A's, downloads into the node cache and warms up;
+- applications call the model's Service (:func:`service`, ``internalTrafficPolicy:
+  Local``: the node's own pods only), which sends traffic to Ready pods only, so traffic
+  moves when B turns Ready, by the kubelet's readiness probe, with no controller round trip;
+- the driver removes the previous label once it sees B Ready (``apply`` and ``observe``
+  both finish handovers), and A's pod drains: it keeps accepting for
+  ``SHUTDOWN_DELAY_S`` while kube-proxy catches up, answers every request with
+  ``Connection: close`` so clients reconnect to B, and lets requests in flight finish.
+
+Rollback is the same handover backwards. Why surge rather than a hot swap: the desired
+state stays declarative and per node (a DaemonSet's pod template is the same on every
+node, so a per-model pod would have to learn its node's version from somewhere, and a
+restarted one would serve the wrong version until told again; here a restarted pod comes
+back on its node's version), the inference pod gets no API credentials and the agent no
+new role, a push and a pull cluster apply the same objects, and the overlap is visible
+in the API (two pods) rather than inside a process. The cost: for the overlap (the new
+version's download, load and warm-up) the node holds both pods, so it needs room for both
+pods' requests; the driver falls back to break before make where the scheduler says it
+has none (``Unschedulable`` beside a serving old pod). Not covered: a change of the pod
+template of one version (a new ``edgefleet-serve`` image) is the DaemonSet's own rolling
+update, maxUnavailable 1 (``maxSurge`` would make it surge too, from Kubernetes 1.25;
+older API servers refuse the field)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
 from controller.kube.driver import WorkloadSpec
+from node_agent.cluster import contract
 
-NODE_LABEL_PREFIX = "model.edgefleet.io/"
+# The node labels are part of the pull contract: the cluster agent reads them too.
+NODE_LABEL_PREFIX, PREVIOUS_LABEL_PREFIX = (
+    contract.NODE_LABEL_PREFIX,
+    contract.PREVIOUS_LABEL_PREFIX,
+)
 MANAGED_BY = "edgefleet"
 APP_NAME = "edgefleet-inference"
 CACHE_DIR = "/var/lib/edgefleet/models"
@@ -30,6 +65,15 @@ RUN_AS = 10001  # the inference image's user (docker/inference.Dockerfile)
 # DaemonSets, so no running pod restarts for it).
 ARTIFACT_SECRET = "edgefleet-artifact-token"
 ARTIFACT_TOKEN_ENV = "EDGEFLEET_SERVE_ARTIFACT_TOKEN"
+# How long a pod being replaced keeps accepting after SIGTERM: kube-proxy on its node
+# drops it from the Service within about a second (the EndpointSlice update); five covers a
+# busy node. Then requests in flight get SHUTDOWN_GRACE_S; the kubelet's grace period
+# covers both with room to spare.
+SHUTDOWN_DELAY_S = 5
+SHUTDOWN_DELAY_ENV = "EDGEFLEET_SERVE_SHUTDOWN_DELAY_S"
+SHUTDOWN_GRACE_ENV = "EDGEFLEET_SERVE_SHUTDOWN_GRACE_S"
+SHUTDOWN_GRACE_S = 20
+TERMINATION_GRACE_S = 30
 
 
 def artifact_secret(namespace: str, token: str) -> dict[str, Any]:
@@ -47,7 +91,39 @@ def artifact_secret(namespace: str, token: str) -> dict[str, Any]:
 
 
 def node_label(model: str) -> str:
+    """The node label naming the version a node should run."""
     return f"{NODE_LABEL_PREFIX}{model}"
+
+
+def previous_label(model: str) -> str:
+    """The node label naming the version that serves until the new one is Ready."""
+    return f"{PREVIOUS_LABEL_PREFIX}{model}"
+
+
+def next_labels(
+    wanted: str | None,
+    current: str | None,
+    previous: str | None,
+    serving: Set[str],
+    *,
+    room: bool = True,
+) -> tuple[str | None, str | None]:
+    """A node's (label, previous label) for the model, given the version it should run
+    (``wanted``), its labels now, and the versions with a Ready pod on it (``serving``).
+
+    The previous label names a version that serves while ``wanted`` is not Ready yet: the
+    one the node is leaving if it serves, else the one an unfinished handover kept (a
+    change in the middle of a change keeps the version that serves, not the one still
+    starting). Nothing is kept once ``wanted`` serves, when the node leaves the model
+    (nothing would take the traffic over), or without ``room``: the scheduler found no
+    room for ``wanted``'s pod beside the old one, which must go first (break before make,
+    as before surging)."""
+    if wanted is None or wanted in serving or not room:
+        return wanted, None
+    for keep in (current, previous):
+        if keep is not None and keep != wanted and keep in serving:
+            return wanted, keep
+    return wanted, None
 
 
 def workload_name(model: str, version: str) -> str:
@@ -58,11 +134,49 @@ def workload_name(model: str, version: str) -> str:
     return f"{base}-{digest}"
 
 
+def model_selector(model: str) -> dict[str, str]:
+    """Every inference pod of ``model``, whatever its version (the Service's selector)."""
+    return {"app.kubernetes.io/name": APP_NAME, "edgefleet.io/model": model}
+
+
 def selector_labels(model: str, version: str) -> dict[str, str]:
+    return {**model_selector(model), "edgefleet.io/version": version}
+
+
+def service_name(model: str) -> str:
+    """The model's Service: a DNS-1035 label (starts with a letter) of at most 63."""
+    name = f"ef-{model}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(model.encode()).hexdigest()[:6]
+    return f"{name[:56].rstrip('-')}-{digest}"
+
+
+def service(model: str, *, namespace: str, port: int, node_local: bool = True) -> dict[str, Any]:
+    """The stable endpoint of ``model`` for applications: every version's pods, Ready ones
+    only (the endpoints controller's rule), and with ``node_local`` only those of the
+    caller's own node (``internalTrafficPolicy: Local``, Kubernetes 1.22 and later; the
+    driver leaves it out for an older API server, which would refuse the field)."""
+    spec: dict[str, Any] = {
+        "type": "ClusterIP",
+        "selector": model_selector(model),
+        "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+    }
+    if node_local:
+        spec["internalTrafficPolicy"] = "Local"
     return {
-        "app.kubernetes.io/name": APP_NAME,
-        "edgefleet.io/model": model,
-        "edgefleet.io/version": version,
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(model),
+            "namespace": namespace,
+            "labels": {
+                **model_selector(model),
+                "app.kubernetes.io/component": "inference",
+                "app.kubernetes.io/managed-by": MANAGED_BY,
+            },
+        },
+        "spec": spec,
     }
 
 
@@ -120,7 +234,22 @@ def daemonset(
                     },
                 },
                 "spec": {
-                    "nodeSelector": {node_label(spec.model): spec.version},
+                    # The node's label or, during a handover, its previous label.
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [
+                                    {
+                                        "matchExpressions": [
+                                            {"key": key, "operator": "In", "values": [spec.version]}
+                                        ]
+                                    }
+                                    for key in (node_label(spec.model), previous_label(spec.model))
+                                ]
+                            }
+                        }
+                    },
+                    "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
                     "tolerations": [dict(t) for t in tolerations],
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
@@ -159,6 +288,8 @@ def daemonset(
                                         "secretKeyRef": {"name": ARTIFACT_SECRET, "key": "token"}
                                     },
                                 },
+                                {"name": SHUTDOWN_DELAY_ENV, "value": str(SHUTDOWN_DELAY_S)},
+                                {"name": SHUTDOWN_GRACE_ENV, "value": str(SHUTDOWN_GRACE_S)},
                                 {
                                     "name": "NODE_NAME",
                                     "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}},

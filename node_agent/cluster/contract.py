@@ -23,6 +23,8 @@ MAX_LABELS = 256
 # deletes DaemonSets with it that the desired state no longer names.
 INFERENCE_SELECTOR = "app.kubernetes.io/name=edgefleet-inference"
 NODE_LABEL_PREFIX = "model.edgefleet.io/"
+# A node in a handover also carries the version it moves from (controller/kube/objects.py).
+PREVIOUS_LABEL_PREFIX = "previous.model.edgefleet.io/"
 
 Phase = Literal["Absent", "Pending", "Running", "Ready", "Failed"]
 

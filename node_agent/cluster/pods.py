@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from node_agent.cluster.contract import NODE_LABEL_PREFIX, NodeReport, Phase, WorkloadObservation
+from node_agent.cluster.contract import (
+    NODE_LABEL_PREFIX,
+    PREVIOUS_LABEL_PREFIX,
+    NodeReport,
+    Phase,
+    WorkloadObservation,
+)
 
 FAILING_WAITS = frozenset(
     {
@@ -34,7 +40,11 @@ def node_report(item: Mapping[str, Any]) -> NodeReport:
     return NodeReport(
         name=meta["name"],
         # The model labels are the desired state's, not the node's own.
-        labels={k: v for k, v in labels.items() if not k.startswith(NODE_LABEL_PREFIX)},
+        labels={
+            k: v
+            for k, v in labels.items()
+            if not k.startswith((NODE_LABEL_PREFIX, PREVIOUS_LABEL_PREFIX))
+        },
         architecture=(status.get("nodeInfo") or {}).get("architecture")
         or labels.get("kubernetes.io/arch"),
         capacity=_cpu_memory(status.get("capacity") or {}),

@@ -119,12 +119,23 @@ class InferenceServer(ModelSlot):
     def draining(self) -> bool:
         return self.state in ("draining", "stopped")
 
-    def shutdown(self, grace_s: float | None = None) -> None:
-        """Readiness off, stop accepting, let requests in flight finish (up to
-        ``grace_s``), close. Idle keep-alive connections are not waited for."""
+    def shutdown(self, grace_s: float | None = None, delay_s: float | None = None) -> None:
+        """Readiness off; keep accepting for ``delay_s`` (``shutdown_delay_s``), answering
+        every request with ``Connection: close``; stop accepting, let requests in flight
+        finish (up to ``grace_s``), close. Idle keep-alive connections are not waited for.
+
+        The delay is for the pod being replaced in a handover (controller/kube/objects.py):
+        the Service stops sending it new connections only when kube-proxy on the node has
+        seen the pod go, a moment after the SIGTERM; until then a new connection must still
+        find a listener, and every client on an open one is told to reconnect, which takes
+        it to the new version."""
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        delay = self.settings.shutdown_delay_s if delay_s is None else delay_s
         self.state = "draining"
         self.metrics.ready.set(0)
+        if delay > 0:
+            log.info("draining: accepting for %.1fs more", delay)
+            time.sleep(delay)
         httpd = self._httpd
         if httpd is not None:
             httpd.shutdown()

@@ -78,7 +78,9 @@ class Handler(FastPath):
         model = app.current  # this request runs on this version, whatever swaps meanwhile
         fields = self._fields
         try:
-            if model is None or not app.ready:
+            # Draining still answers (with Connection: close, see InferenceServer.shutdown):
+            # a request reaching a server being replaced is served, never refused.
+            if model is None or app.state not in ("ready", "draining"):
                 # Read the body anyway, so the connection stays usable.
                 self._read_body()
                 raise RequestError(503, "not_ready", "the model is not loaded and warmed up yet")

@@ -187,6 +187,13 @@ class ServeSettings(BaseSettings):
     shutdown_grace_s: float = Field(
         20.0, ge=0, description="On SIGTERM, how long requests in flight may finish, in seconds."
     )
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="On SIGTERM, how long the server keeps accepting before it stops, in "
+        "seconds: readiness off, every answer with Connection: close. The inference pods get "
+        "5, the time kube-proxy takes to drop a replaced pod from the model's Service.",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @field_validator("sha256")

@@ -22,6 +22,8 @@ EXPECTED_ROLE = {
     ("", "pods"): READ,
     ("", "events"): READ,
     ("events.k8s.io", "events"): READ,
+    # Each model's Service, the applications' endpoint on the nodes.
+    ("", "services"): {"get", "list", "create", "patch", "delete"},
     # The inference pods' artifact token, and no other Secret.
     ("", "secrets"): {"create"},
     ("", "secrets", "edgefleet-artifact-token"): {"get", "patch"},

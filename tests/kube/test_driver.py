@@ -135,10 +135,15 @@ def test_moving_a_node_to_a_new_version(
     driver.apply("detector", {nodes[0]: spec("1.0.0"), nodes[1]: spec("1.0.0")})
     eventually(lambda: len(pods_on(core, ns)) == 2, what="v1 pods", beat=lambda: settle(core, ns))
     driver.apply("detector", {nodes[0]: spec("2.0.0")})
+
+    def beat() -> None:  # the kubelet, and the reconciler observing (finishes handovers)
+        settle(core, ns)
+        driver.observe("detector", nodes)
+
     eventually(
         lambda: pods_on(core, ns) == {nodes[0]: "2.0.0", nodes[1]: "1.0.0"},
         what="node 0 on v2, node 1 still on v1",
-        beat=lambda: settle(core, ns),
+        beat=beat,
     )
     assert {
         w["metadata"]["labels"]["edgefleet.io/version"] for w in driver.workloads("detector")
@@ -236,6 +241,11 @@ def test_rbac_exactly_what_the_driver_needs(
                     "apiGroups": [""],
                     "resources": ["pods", "events"],
                     "verbs": ["get", "list", "watch"],
+                },
+                {
+                    "apiGroups": [""],
+                    "resources": ["services"],
+                    "verbs": ["get", "list", "create", "patch", "delete"],
                 },
                 {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
                 {

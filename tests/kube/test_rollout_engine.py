@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from controller.db.session import session_scope
+from controller.fleet import service as fleet_service
 from controller.rollouts import reconciler
 from controller.settings import Settings
 from tests.kube.controlplane import ControlPlane, make_node
@@ -181,8 +183,17 @@ def test_rollout_and_rollback_on_two_real_clusters(
     assert apply(client, rollout_doc("v2", "2.0.0", selector=selector)).status_code == 200
     phases = run("v2", settings, sites, metrics=lambda node: (500.0, 0))
     assert phases[-1] == "RolledBack"
+
+    def beat() -> None:
+        # The revert landed, so the rollout is done; 2.0.0 serves on the canary until
+        # 1.0.0 is Ready there, and drift repair (every minute) retires it after.
+        for site in sites:
+            site.beat()
+        with session_scope() as s:
+            fleet_service.repair_drift(s, settings)
+
     for site in sites:
-        eventually(site.settled_on("1.0.0"), what=f"{site.name}: only 1.0.0 left", beat=site.beat)
+        eventually(site.settled_on("1.0.0"), what=f"{site.name}: only 1.0.0 left", beat=beat)
     events = client.get("/v1/rollouts/v2/events").json()
     assert any(e["reason"] == "GateFailed" for e in events)
     # v1 no longer owns the nodes: v2 claimed them. Undo says so instead of doing nothing.

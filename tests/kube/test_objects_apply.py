@@ -1,0 +1,223 @@
+"""The handover's objects against a real kube-apiserver, controller-manager and scheduler:
+they server-side apply, each version's DaemonSet starts its pod beside the serving one,
+the model's Service (its Endpoints, made by the real endpoints controller) selects the
+Ready pods of every version and only those, and the old pod goes once the new one is
+Ready; a rollback is the same backwards. tests/kube/kubelet.py plays the kubelet."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+
+from controller.kube import objects
+from controller.kube.client import KubernetesDriver
+from tests.kube.controlplane import ControlPlane, make_node
+from tests.kube.kubelet import eventually, settle
+from tests.kube.test_driver import credentials, spec
+
+_ips = (f"10.244.{i // 250}.{i % 250 + 2}" for i in itertools.count())
+
+
+@pytest.fixture
+def ns() -> str:
+    return f"ef-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def core(control_plane: ControlPlane) -> Any:
+    api: Any = k8s.CoreV1Api(control_plane.api_client())
+    return api
+
+
+@pytest.fixture
+def nodes(core: Any) -> Iterator[list[str]]:
+    names = [f"edge-{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
+    for name in names:
+        make_node(core, name, labels={"tier": "retail"})
+    yield names
+    for name in names:
+        core.delete_node(name)
+
+
+@pytest.fixture
+def driver(control_plane: ControlPlane, ns: str, core: Any) -> Iterator[KubernetesDriver]:
+    d = KubernetesDriver(
+        "a",
+        server=control_plane.server,
+        namespace=ns,
+        credentials=credentials(control_plane),
+        image="ghcr.io/edgefleet/inference:test",
+        port=8500,
+        backoff=(0.1, 0.2),
+    )
+    d.ensure_namespace()
+    yield d
+    d.close()
+    core.delete_namespace(ns)
+
+
+def start_pods(core: Any, ns: str) -> None:
+    """The kubelet starting the pods bound to its node: an IP each (the endpoints
+    controller lists pods by IP), then Running and Ready; and finishing deleted ones."""
+    for pod in core.list_namespaced_pod(ns).items:
+        if pod.spec.node_name and not pod.status.pod_ip and not pod.metadata.deletion_timestamp:
+            ip = next(_ips)
+            core.patch_namespaced_pod_status(
+                pod.metadata.name, ns, {"status": {"podIP": ip, "podIPs": [{"ip": ip}]}}
+            )
+    settle(core, ns)
+
+
+def pods(core: Any, ns: str) -> set[tuple[str, str]]:
+    """(node, version) of every pod not being deleted."""
+    return {
+        (p.spec.node_name, p.metadata.labels["edgefleet.io/version"])
+        for p in core.list_namespaced_pod(ns).items
+        if p.spec.node_name and p.metadata.deletion_timestamp is None
+    }
+
+
+def endpoints(core: Any, ns: str) -> set[tuple[str, str]]:
+    """(node, version) of the pods the model's Service sends traffic to: its Endpoints'
+    ready addresses."""
+    try:
+        ep = core.read_namespaced_endpoints(objects.service_name("detector"), ns)
+    except k8s.ApiException as exc:
+        if exc.status == 404:
+            return set()
+        raise
+    found = set()
+    for subset in ep.subsets or []:
+        for address in subset.addresses or []:
+            pod = core.read_namespaced_pod(address.target_ref.name, ns)
+            found.add((address.node_name, pod.metadata.labels["edgefleet.io/version"]))
+    return found
+
+
+def labels(core: Any, node: str) -> tuple[str | None, str | None]:
+    got = core.read_node(node).metadata.labels or {}
+    return got.get(objects.node_label("detector")), got.get(objects.previous_label("detector"))
+
+
+def test_handover_and_rollback_through_the_service(
+    driver: KubernetesDriver, nodes: list[str], core: Any, ns: str
+) -> None:
+    a, b = nodes
+    driver.apply("detector", {a: spec("1.0.0"), b: spec("1.0.0")})
+    svc = core.read_namespaced_service(objects.service_name("detector"), ns)
+    assert svc.spec.selector == objects.model_selector("detector")
+    (managed,) = svc.metadata.managed_fields
+    assert (managed.manager, managed.operation) == ("edgefleet", "Apply")
+    # Kubernetes 1.20 has no internalTrafficPolicy (the driver leaves it out there).
+    assert "internalTrafficPolicy" not in (svc.to_dict()["spec"] or {})
+    eventually(
+        lambda: endpoints(core, ns) == {(a, "1.0.0"), (b, "1.0.0")},
+        what="the Service on both v1 pods",
+        beat=lambda: start_pods(core, ns),
+    )
+
+    # Node a moves to 2.0.0: its 1.0.0 pod stays, and serves, until 2.0.0 is Ready.
+    driver.apply("detector", {a: spec("2.0.0")})
+    assert labels(core, a) == ("2.0.0", "1.0.0")
+    eventually(lambda: (a, "2.0.0") in pods(core, ns), what="a v2 pod beside v1")
+    assert pods(core, ns) == {(a, "1.0.0"), (a, "2.0.0"), (b, "1.0.0")}
+    observed = driver.observe("detector", nodes)
+    assert (observed[a].phase, observed[a].version) == ("Pending", "2.0.0")  # not v1, Ready
+    assert (observed[b].phase, observed[b].version) == ("Ready", "1.0.0")
+    assert labels(core, a) == ("2.0.0", "1.0.0")  # not Ready yet: the handover waits
+    assert endpoints(core, ns) == {(a, "1.0.0"), (b, "1.0.0")}  # v2 gets no traffic yet
+    (inventory,) = [n for n in driver.list_nodes() if n.name == a]
+    assert not [k for k in inventory.labels if "model.edgefleet.io/" in k]  # ours, not the node's
+
+    # The kubelet starts v2: the Service sends traffic to it as soon as it is Ready.
+    eventually(
+        lambda: endpoints(core, ns) == {(a, "1.0.0"), (a, "2.0.0"), (b, "1.0.0")},
+        what="the Service on v2 too",
+        beat=lambda: start_pods(core, ns),
+    )
+    # The reconciler sees v2 Ready; the handover finishes and v1 leaves node a.
+    observed = driver.observe("detector", nodes)
+    assert (observed[a].phase, observed[a].version) == ("Ready", "2.0.0")
+    assert labels(core, a) == ("2.0.0", None)
+    eventually(
+        lambda: (
+            endpoints(core, ns) == {(a, "2.0.0"), (b, "1.0.0")}
+            and pods(core, ns) == {(a, "2.0.0"), (b, "1.0.0")}
+        ),
+        what="v1 gone from node a",
+        beat=lambda: start_pods(core, ns),
+    )
+
+    # Rollback: the same handover backwards.
+    driver.apply("detector", {a: spec("1.0.0")})
+    assert labels(core, a) == ("1.0.0", "2.0.0")
+    eventually(lambda: (a, "1.0.0") in pods(core, ns), what="a v1 pod beside v2")
+    assert (a, "2.0.0") in endpoints(core, ns)
+    eventually(
+        lambda: driver.observe("detector", [a])[a].phase == "Ready",
+        what="v1 Ready on node a",
+        beat=lambda: start_pods(core, ns),
+    )
+    assert labels(core, a) == ("1.0.0", None)
+    eventually(
+        lambda: (
+            endpoints(core, ns) == {(a, "1.0.0"), (b, "1.0.0")}
+            and pods(core, ns) == {(a, "1.0.0"), (b, "1.0.0")}
+        ),
+        what="back on v1 everywhere",
+        beat=lambda: start_pods(core, ns),
+    )
+    driver.apply("detector", {a: spec("1.0.0")})  # collects v2's DaemonSet, now unused
+    versions = [
+        w["metadata"]["labels"]["edgefleet.io/version"]
+        for w in driver.workloads("detector")
+        if not w["metadata"].get("deletionTimestamp")  # (a foreground deletion may linger)
+    ]
+    assert versions == ["1.0.0"]
+
+    # Leaving the model takes its Service with its last DaemonSet.
+    driver.apply("detector", {a: None, b: None})
+    with pytest.raises(k8s.ApiException) as gone:
+        core.read_namespaced_service(objects.service_name("detector"), ns)
+    assert gone.value.status == 404
+    assert labels(core, a) == labels(core, b) == (None, None)
+
+
+def test_no_room_for_both_pods_falls_back_to_break_before_make(
+    driver: KubernetesDriver, core: Any, ns: str
+) -> None:
+    node = f"edge-{uuid.uuid4().hex[:6]}-small"
+    make_node(core, node, labels={}, cpu="1", memory="1Gi")
+    try:
+        big = {"requests": {"cpu": "600m", "memory": "256Mi"}, "limits": {"cpu": "1"}}
+        driver.apply("detector", {node: spec("1.0.0", resources=big)})
+        eventually(
+            lambda: driver.observe("detector", [node])[node].phase == "Ready",
+            what="v1 Ready",
+            beat=lambda: start_pods(core, ns),
+        )
+        driver.apply("detector", {node: spec("2.0.0", resources=big)})
+        assert labels(core, node) == ("2.0.0", "1.0.0")
+        # The scheduler finds no room for v2 beside v1: v1 goes first.
+        eventually(
+            lambda: labels(core, node) == ("2.0.0", None),
+            what="the previous label dropped",
+            beat=lambda: driver.observe("detector", [node]),
+        )
+        eventually(
+            lambda: (
+                driver.observe("detector", [node])[node].phase == "Ready"
+                and pods(core, ns) == {(node, "2.0.0")}
+            ),
+            what="v2 scheduled and Ready once v1 left",
+            beat=lambda: start_pods(core, ns),
+            timeout_s=60,
+        )
+    finally:
+        driver.apply("detector", {node: None})
+        core.delete_node(node)
