@@ -498,13 +498,17 @@ class Convergence(Step):
         failed: dict[int, str] = {
             r.assignment.id: "the cluster refused the new version" for r in refused
         }
-        seen = self._observe_converging([r for r in applying if r not in refused], failed)
+        seen = self._observe_converging(
+            [r for r in applying if r.assignment.id not in failed], failed
+        )
         healthy = self._judge_converging(applying, seen, failed)
         self.moved(healthy, A.HEALTHY, "Converged", data=self._versions_of(healthy))
         self._revert_converging([r for r in applying if r.assignment.id in failed], failed)
 
     def _versions_of(self, rows: Iterable[Row]) -> dict[str, Any]:
-        return {"versions": {r.key: self.target_of(r).version for r in rows}}
+        """The version each node moves to, for its Event (as many as it lists nodes)."""
+        versions = sorted((r.key, self.target_of(r).version) for r in rows)
+        return {"versions": dict(versions[:500])}
 
     def _admit_back(self, rows: list[Row]) -> None:
         budget = planner.max_unavailable(self.spec.strategy, len(rows))
@@ -590,18 +594,26 @@ class Convergence(Step):
     def _revert_converging(self, rows: list[Row], why: dict[int, str]) -> None:
         """Back to the previous version; recorded only where the cluster took it, the
         others stay Applying and are reverted again next step (never left half-way)."""
-        refused = self.push(rows, lambda r: r.assignment.previous_version_id, count_transient=True)
-        done = [r for r in rows if r not in refused]
+        refused = {
+            r.assignment.id
+            for r in self.push(
+                rows, lambda r: r.assignment.previous_version_id, count_transient=True
+            )
+        }
+        done = [r for r in rows if r.assignment.id not in refused]
         for r in done:
             r.assignment.desired_version_id = r.assignment.previous_version_id
             r.assignment.observed_version_id = r.assignment.previous_version_id
-        previous = {r.key: self._version_name(r.assignment.previous_version_id) for r in done}
+        previous = {r.key: self._version_name(r.assignment.previous_version_id) for r in done[:500]}
         self.moved(
             done,
             A.ROLLED_BACK,
             "ConvergenceFailed",
             {r.assignment.id: f"{why[r.assignment.id]}; reverted" for r in done},
-            data={"versions": previous, "why": {r.key: why[r.assignment.id] for r in done}},
+            data={
+                "versions": previous,
+                "why": {r.key: why[r.assignment.id] for r in done[:500]},
+            },
         )
 
     def _version_name(self, version_id: int | None) -> str | None:
