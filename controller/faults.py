@@ -56,6 +56,8 @@ Points, in the order a rollout meets them (``(c)`` marks a point after the commi
     rollout.revert.pushed       revert (rollback, abort, undo): the clusters told to run
                                 the previous versions, nothing recorded
     rollout.revert.recorded     revert: nodes recorded RolledBack, not committed
+    rollout.converge.pushed     a Succeeded rollout's nodes back from offline: the
+                                clusters told to run their version, nothing recorded
     rollout.step.committed      (c) the step committed, its follow-up step not sent
   heartbeat ingest (controller/fleet/service.py, controller/agents/service.py)
     fleet.heartbeat.folded      in-process agents' heartbeats folded, not committed
@@ -107,6 +109,7 @@ POINTS: dict[str, str] = {
     "rollout.rolling_back": "controller/rollouts/reconciler.py Step.fail",
     "rollout.revert.pushed": "controller/rollouts/reconciler.py Step.revert",
     "rollout.revert.recorded": "controller/rollouts/reconciler.py Step.revert",
+    "rollout.converge.pushed": "controller/rollouts/reconciler.py Convergence.converge",
     "fleet.heartbeat.folded": "controller/fleet/service.py ingest_heartbeats",
     "agents.heartbeat.folded": "controller/agents/service.py receive_heartbeats",
     "registry.push.staged": "controller/registry/service.py push_version",

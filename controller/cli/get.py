@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from controller.cli.client import ApiClient, ApiError
 from controller.cli.errors import fail
@@ -52,6 +53,16 @@ def _listing(
     emit(items, output, table=table)
 
 
+def _phase(r: dict[str, Any]) -> Text:
+    """The phase, and for a Succeeded rollout with nodes that were offline while it ran
+    and have not yet converged, how many: ``Succeeded (2 pending)``."""
+    text = styled(r["phase"])
+    pending = int((r.get("status") or {}).get("pending") or 0)
+    if pending:
+        text.append(f" ({pending} pending)")
+    return text
+
+
 def _rollouts_table(items: list[dict[str, Any]]) -> Table:
     now = datetime.now(UTC)
     return plain_table(
@@ -59,7 +70,7 @@ def _rollouts_table(items: list[dict[str, Any]]) -> Table:
         [
             [
                 r["name"],
-                styled(r["phase"]),
+                _phase(r),
                 r["model"],
                 r["version"],
                 wave_label(r),

@@ -230,9 +230,11 @@ class IngestResult:
     unknown_nodes: list[str] = field(default_factory=list)
 
 
-# Keys of Assignment.metrics that the reconciler observes in the cluster (not reported
-# by agents): a heartbeat replaces the agent's window but keeps these.
-OBSERVED_KEYS = ("restarts",)
+# Keys of Assignment.metrics that the reconciler observes in the cluster or records
+# itself (not reported by agents): a heartbeat replaces the agent's window but keeps
+# these. converging_since: when a node back from offline was told to switch
+# (rollouts/reconciler.py Convergence).
+OBSERVED_KEYS = ("restarts", "converging_since")
 
 
 class HeartbeatFold:

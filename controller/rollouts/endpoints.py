@@ -35,7 +35,7 @@ def _detail(session: SessionDep, name: str) -> RolloutOut:
         )
         for w in r.waves
     ]
-    base = summary(r, model, version)
+    base = summary(r, model, version, pending=repo.pending_counts(session, [r.id]).get(r.id, 0))
     return RolloutOut(
         **base.model_dump(),
         spec=r.spec,
@@ -51,7 +51,13 @@ def _detail(session: SessionDep, name: str) -> RolloutOut:
 @router.get("", response_model=Page[RolloutSummary], dependencies=[VIEWER])
 def list_rollouts(session: SessionDep, page: PageDep) -> Page[RolloutSummary]:
     rows, total = repo.list_rollouts(session, limit=page.limit, offset=page.offset)
-    items = [summary(r, *repo.model_version_label(session, r.model_version_id)) for r in rows]
+    pending = repo.pending_counts(session, [r.id for r in rows])
+    items = [
+        summary(
+            r, *repo.model_version_label(session, r.model_version_id), pending=pending.get(r.id, 0)
+        )
+        for r in rows
+    ]
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 

@@ -173,6 +173,7 @@ class Step:
         to: AssignmentState,
         reason: str,
         messages: dict[int, str] | None = None,
+        data: dict[str, Any] | None = None,
     ) -> None:
         move(
             self.s,
@@ -181,6 +182,7 @@ class Step:
             to,
             reason=reason,
             messages=messages,
+            data=data,
         )
 
     # -- progressing
@@ -461,6 +463,168 @@ class Step:
             self.r.message = f"revert incomplete: {len(refused)} node(s) not reached yet, retrying"
 
 
+_OFFLINE = (NodeHealth.OFFLINE, NodeHealth.STALE, NodeHealth.NOT_READY)
+# Assignment.metrics key: when a converging node was told to switch (ISO time). Kept
+# through heartbeats (fleet/service.py OBSERVED_KEYS); its health evidence counts from
+# then and its progress deadline runs from then.
+SINCE_KEY = "converging_since"
+
+
+class Convergence(Step):
+    """The step of a Succeeded rollout whose nodes were offline while it ran: each node
+    that is back gets its version (the rollout's, or the variant chosen for its class),
+    and counts as done (Healthy, ``Converged``) only once it passes the same per-node
+    health check a wave's nodes pass (gates.py). A node that fails it, whose workload
+    fails, or that shows no health evidence within the progress deadline returns to its
+    previous version (``ConvergenceFailed``). The rollout stays Succeeded throughout;
+    its ``status.pending`` counts the nodes still on their way.
+
+    Like every step: level-triggered, one transaction. A node is recorded Applying
+    before its version is pushed, and Healthy or RolledBack only after what decides it
+    was seen, so a worker killed anywhere repeats the push (idempotent) and nothing
+    else. A node a later rollout of the same model claimed has left this rollout's rows
+    (its claim wins: service.py ``_claim_nodes`` records that, once)."""
+
+    def converge(self) -> None:
+        rows = self.rows
+        back = [r for r in self.in_state(rows, A.DEFERRED) if r.node.health == NodeHealth.READY]
+        self.moved(back, A.PENDING, "NodeBack", data=self._versions_of(back))
+        away = [r for r in self.in_state(rows, A.PENDING) if r.node.health in _OFFLINE]
+        self.moved(away, A.DEFERRED, "NodeOffline")
+        self._admit_back(rows)
+        applying = self.in_state(rows, A.APPLYING)
+        refused = self.push(applying, lambda r: self.target_of(r).id)
+        faults.point("rollout.converge.pushed")
+        failed: dict[int, str] = {
+            r.assignment.id: "the cluster refused the new version" for r in refused
+        }
+        seen = self._observe_converging(
+            [r for r in applying if r.assignment.id not in failed], failed
+        )
+        healthy = self._judge_converging(applying, seen, failed)
+        self.moved(healthy, A.HEALTHY, "Converged", data=self._versions_of(healthy))
+        self._revert_converging([r for r in applying if r.assignment.id in failed], failed)
+
+    def _versions_of(self, rows: Iterable[Row]) -> dict[str, Any]:
+        """The version each node moves to, for its Event (as many as it lists nodes)."""
+        versions = sorted((r.key, self.target_of(r).version) for r in rows)
+        return {"versions": dict(versions[:500])}
+
+    def _admit_back(self, rows: list[Row]) -> None:
+        budget = planner.max_unavailable(self.spec.strategy, len(rows))
+        room = budget - len(self.in_state(rows, A.APPLYING))
+        admitted = sorted(self.in_state(rows, A.PENDING), key=lambda r: r.key)[: max(room, 0)]
+        for r in admitted:
+            r.assignment.desired_version_id = self.target_of(r).id
+            # Numbers of what the node ran before do not count for the new version.
+            r.assignment.metrics = {SINCE_KEY: self.now.isoformat()}
+        self.moved(admitted, A.APPLYING, "Converging", data=self._versions_of(admitted))
+
+    def _since(self, row: Row) -> datetime:
+        stamp = (row.assignment.metrics or {}).get(SINCE_KEY)
+        if stamp is None:
+            # Lost to a heartbeat written over it in the same instant: the clock starts
+            # again (a later deadline, never an earlier one).
+            row.assignment.metrics = {
+                **(row.assignment.metrics or {}),
+                SINCE_KEY: self.now.isoformat(),
+            }
+            return self.now
+        return datetime.fromisoformat(stamp)
+
+    def _observe_converging(self, rows: list[Row], failed: dict[int, str]) -> set[int]:
+        """The ids of the rows whose cluster shows the new version Ready; a workload that
+        failed goes into ``failed``. An unanswered observe holds its nodes."""
+        ready: set[int] = set()
+        for cluster, group in self.by_cluster(rows).items():
+            try:
+                seen = self.driver(cluster).observe(
+                    self.spec.model.name, [r.node.name for r in group]
+                )
+            except DriverError as exc:
+                self.event(
+                    reason="DriverError",
+                    message=f"cluster {cluster}: observe failed: {exc}",
+                    data={"transient": exc.transient, "nodes": len(group), "call": "observe"},
+                )
+                continue
+            for r in group:
+                obs = seen.get(r.node.name)
+                if obs is None:
+                    continue
+                if obs.phase == "Failed":
+                    failed[r.assignment.id] = f"workload {obs.reason or 'failed'}"
+                elif obs.phase == "Ready" and obs.sha256 == self.target_of(r).sha256:
+                    r.assignment.observed_version_id = self.target_of(r).id
+                    ready.add(r.assignment.id)
+        return ready
+
+    def _judge_converging(
+        self, rows: list[Row], ready: set[int], failed: dict[int, str]
+    ) -> list[Row]:
+        """The rows that passed their health check; the ones that failed it, or are out
+        of time, go into ``failed`` with the reason."""
+        deadline = timedelta(seconds=parse_duration(self.spec.strategy.progressDeadline))
+        healthy = []
+        for r in rows:
+            if r.assignment.id in failed:
+                continue
+            since = self._since(r)
+            verdict, why = gate_eval._node_verdict(
+                gate_eval.NodeSample(r.key, r.assignment.state, r.assignment.metrics or {}),
+                self.spec.gates,
+                self.target_of(r).sha256,
+                since,
+            )
+            if r.assignment.id in ready and verdict == "healthy":
+                healthy.append(r)
+            elif r.assignment.id in ready and verdict == "unhealthy":
+                failed[r.assignment.id] = f"health check failed: {why}"
+            elif self.now > since + deadline:
+                failed[r.assignment.id] = (
+                    f"progress deadline ({self.spec.strategy.progressDeadline}) passed "
+                    + (
+                        "without health evidence on the new version"
+                        if r.assignment.id in ready
+                        else "before the new version was ready"
+                    )
+                )
+        return healthy
+
+    def _revert_converging(self, rows: list[Row], why: dict[int, str]) -> None:
+        """Back to the previous version; recorded only where the cluster took it, the
+        others stay Applying and are reverted again next step (never left half-way)."""
+        refused = {
+            r.assignment.id
+            for r in self.push(
+                rows, lambda r: r.assignment.previous_version_id, count_transient=True
+            )
+        }
+        done = [r for r in rows if r.assignment.id not in refused]
+        for r in done:
+            r.assignment.desired_version_id = r.assignment.previous_version_id
+            r.assignment.observed_version_id = r.assignment.previous_version_id
+        previous = {r.key: self._version_name(r.assignment.previous_version_id) for r in done[:500]}
+        self.moved(
+            done,
+            A.ROLLED_BACK,
+            "ConvergenceFailed",
+            {r.assignment.id: f"{why[r.assignment.id]}; reverted" for r in done},
+            data={
+                "versions": previous,
+                "why": {r.key: why[r.assignment.id] for r in done[:500]},
+            },
+        )
+
+    def _version_name(self, version_id: int | None) -> str | None:
+        """None: the node ran no version of the model before."""
+        if version_id is None:
+            return None
+        if version_id not in self._versions:
+            self._versions.update(repo.versions_by_id(self.s, {version_id}))
+        return self._versions[version_id].version
+
+
 def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = None) -> str | None:
     """One step of one rollout; returns its phase (None when another reconciler holds it)."""
 
@@ -468,7 +632,8 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
         rollout = repo.try_lock(session, rollout_id)
         if rollout is None:
             return None
-        step = Step(session, rollout, settings, now or utcnow())
+        kind = Convergence if rollout.phase == P.SUCCEEDED else Step
+        step = kind(session, rollout, settings, now or utcnow())
         faults.on_commit(session, "rollout.step.committed")
         faults.point("rollout.step.locked")
         if rollout.phase == P.PENDING and step.target.status != VersionStatus.READY:
@@ -502,9 +667,20 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
             step.progress()
         elif rollout.phase in (P.ROLLED_BACK, P.ABORTED):
             step.revert()
-        if rollout.phase == P.PROGRESSING or (
-            rollout.phase in (P.ROLLED_BACK, P.ABORTED)
-            and any(r.assignment.state != A.ROLLED_BACK for r in step.rows)
+        elif isinstance(step, Convergence):
+            step.converge()
+        if (
+            rollout.phase == P.PROGRESSING
+            or (
+                rollout.phase in (P.ROLLED_BACK, P.ABORTED)
+                and any(r.assignment.state != A.ROLLED_BACK for r in step.rows)
+            )
+            or (
+                # Nodes back and on their way; the offline ones wait for beat's tick
+                # (repository.to_reconcile finds them once they are back).
+                isinstance(step, Convergence)
+                and any(r.assignment.state in (A.PENDING, A.APPLYING) for r in step.rows)
+            )
         ):
             _follow_up(session, rollout, settings, step.now)
         return rollout.phase

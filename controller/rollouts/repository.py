@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Select, and_, delete, func, or_, select
 from sqlalchemy.orm import Session, load_only
 
 from controller.db.models import (
@@ -16,6 +16,7 @@ from controller.db.models import (
     Model,
     ModelVersion,
     Node,
+    NodeHealth,
     Rollout,
     RolloutPhase,
     Wave,
@@ -164,7 +165,51 @@ def to_reconcile(session: Session) -> Sequence[int]:
         )
         .distinct()
     )
-    return session.scalars(progressing.union(reverting)).all()
+    return session.scalars(progressing.union(reverting, _converging())).all()
+
+
+# A Succeeded rollout's nodes still on their way to its version (reconciler.py
+# Convergence): back and switching, or offline while it ran and now back. The ones
+# still offline are no work yet: a step would only look at them.
+_ON_THEIR_WAY = (AssignmentState.PENDING, AssignmentState.APPLYING)
+PENDING_STATES = (AssignmentState.DEFERRED, *_ON_THEIR_WAY)
+
+
+def _converging() -> Select[int]:
+    return (
+        select(Rollout.id)
+        .join(Assignment, Assignment.rollout_id == Rollout.id)
+        .join(Node, Node.id == Assignment.node_id)
+        .where(
+            Rollout.phase == RolloutPhase.SUCCEEDED,
+            or_(
+                Assignment.state.in_(_ON_THEIR_WAY),
+                and_(
+                    Assignment.state == AssignmentState.DEFERRED,
+                    Node.health == NodeHealth.READY,
+                ),
+            ),
+        )
+        .distinct()
+    )
+
+
+def pending_counts(session: Session, rollout_ids: Sequence[int]) -> dict[int, int]:
+    """Per Succeeded rollout (by id), its nodes not yet on its version: offline while it
+    ran, or back and converging (status.pending)."""
+    if not rollout_ids:
+        return {}
+    rows = session.execute(
+        select(Assignment.rollout_id, func.count())
+        .join(Rollout, Rollout.id == Assignment.rollout_id)
+        .where(
+            Assignment.rollout_id.in_(rollout_ids),
+            Assignment.state.in_(PENDING_STATES),
+            Rollout.phase == RolloutPhase.SUCCEEDED,
+        )
+        .group_by(Assignment.rollout_id)
+    )
+    return {int(rid): int(n) for rid, n in rows.all() if rid is not None}
 
 
 def state_counts(session: Session, rollout_id: int) -> dict[int | None, dict[str, int]]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from controller.db.models import Event, Rollout
 
@@ -39,6 +39,12 @@ class WaveOut(BaseModel):
     finished_at: datetime | None
 
 
+class RolloutStatus(BaseModel):
+    # Nodes a Succeeded rollout has still to bring to its version: offline while it ran,
+    # or back and converging (their health check not passed yet). 0 in other phases.
+    pending: int = 0
+
+
 class RolloutSummary(BaseModel):
     name: str
     generation: int
@@ -50,6 +56,7 @@ class RolloutSummary(BaseModel):
     message: str | None
     created_at: datetime
     updated_at: datetime
+    status: RolloutStatus = Field(default_factory=RolloutStatus)
 
 
 class RolloutOut(RolloutSummary):
@@ -63,7 +70,7 @@ class RolloutOut(RolloutSummary):
     events: list[EventOut]
 
 
-def summary(r: Rollout, model: str, version: str) -> RolloutSummary:
+def summary(r: Rollout, model: str, version: str, *, pending: int = 0) -> RolloutSummary:
     return RolloutSummary(
         name=r.name,
         generation=r.generation,
@@ -75,4 +82,5 @@ def summary(r: Rollout, model: str, version: str) -> RolloutSummary:
         message=r.message,
         created_at=r.created_at,
         updated_at=r.updated_at,
+        status=RolloutStatus(pending=pending),
     )

@@ -339,6 +339,7 @@ def _claim_nodes(
     node_ids = [n.id for w in waves for n in w.nodes]
     repo.release(session, rollout.id, set(node_ids))
     existing = repo.assignments_for_nodes(session, model_id, node_ids)
+    _record_superseded(session, rollout, waves, existing)
     for planned in waves:
         wave = Wave(
             rollout_id=rollout.id,
@@ -364,6 +365,43 @@ def _claim_nodes(
             a.message = None
             a.metrics = {}
     session.flush()
+
+
+def _record_superseded(
+    session: Session,
+    rollout: Rollout,
+    waves: Sequence[planner.PlannedWave],
+    existing: dict[int, Assignment],
+) -> None:
+    """A Succeeded rollout's nodes that had not converged yet (offline while it ran)
+    follow the rollout claiming them now: the earlier one stops caring about them and
+    says so, once, here (its steps no longer see them: they left its rows)."""
+    given_up: dict[int, list[str]] = defaultdict(list)
+    for node in (n for w in waves for n in w.nodes):
+        a = existing.get(node.id)
+        if (
+            a is not None
+            and a.rollout_id is not None
+            and a.rollout_id != rollout.id
+            and a.state in repo.PENDING_STATES
+        ):
+            given_up[a.rollout_id].append(node.key)
+    for earlier_id, nodes in sorted(given_up.items()):
+        earlier = session.get(Rollout, earlier_id)
+        if earlier is None or earlier.phase != P.SUCCEEDED:
+            continue
+        record_event(
+            session,
+            kind="Rollout",
+            name=earlier.name,
+            rollout_id=earlier.id,
+            reason="Superseded",
+            message=(
+                f"{len(nodes)} node(s) not yet converged now follow rollout {rollout.name}; "
+                "this rollout no longer updates them"
+            ),
+            data={"rollout": rollout.name, "nodes": sorted(nodes)[:500]},
+        )
 
 
 def require(session: Session, name: str) -> Rollout:

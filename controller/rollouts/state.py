@@ -31,7 +31,10 @@ TERMINAL_PHASES = (P.SUCCEEDED, P.ROLLED_BACK, P.ABORTED)
 
 ASSIGNMENT_TRANSITIONS: dict[str, set[str]] = {
     A.PENDING: {A.APPLYING, A.DEFERRED, A.ROLLED_BACK},
-    A.APPLYING: {A.RUNNING, A.FAILED, A.ROLLED_BACK},
+    # Applying -> Healthy: a node converging after its rollout ended (it was offline while
+    # the rollout ran) counts as done only once its health check passed (reconciler.py
+    # Step.converge); it has no wave left to bake in, so it does not rest in Running.
+    A.APPLYING: {A.RUNNING, A.HEALTHY, A.FAILED, A.ROLLED_BACK},
     A.RUNNING: {A.HEALTHY, A.FAILED, A.ROLLED_BACK},
     A.HEALTHY: {A.RUNNING, A.FAILED, A.ROLLED_BACK},
     A.FAILED: {A.ROLLED_BACK, A.PENDING},
@@ -100,9 +103,11 @@ def move(
     *,
     reason: str,
     messages: dict[int, str] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> int:
     """Move assignments (with their node keys) to ``to``: one Event per call listing the
-    nodes, so a 10,000-node wave writes one row per transition, not 10,000."""
+    nodes, so a 10,000-node wave writes one row per transition, not 10,000. ``data`` is
+    added to the Event's (the versions the nodes move to, say)."""
     moved: dict[str, list[str]] = defaultdict(list)
     now = utcnow()
     batch = [(a, key) for a, key in assignments if a.state != to]
@@ -131,6 +136,7 @@ def move(
                 "from": {k: len(v) for k, v in moved.items()},
                 "nodes": sorted(n for v in moved.values() for n in v)[:500],
                 **({"reasons": dict(list(messages.items())[:50])} if messages else {}),
+                **(data or {}),
             },
         )
     return total

@@ -5,7 +5,7 @@ endpoint uses."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import httpx
@@ -13,7 +13,7 @@ import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from controller.agents.simulated import RunningWorkload, report_running
+from controller.agents.simulated import LIVE_STATES, RunningWorkload, report_running
 from controller.db.models import Assignment, Cluster, Event, Node, Rollout, Wave
 from controller.db.session import session_scope
 from controller.manifests.builders import RESOURCES, document, rollout, site_labels
@@ -23,6 +23,12 @@ from controller.settings import Settings
 from node_agent.contract import InferenceMetrics
 
 _seq = itertools.count(1)
+
+
+def next_seq() -> int:
+    """The next heartbeat sequence number of the stand-in agents (a test sending its
+    own heartbeats takes them from here, or the agents' next ones are duplicates)."""
+    return next(_seq)
 
 
 def cluster_doc(
@@ -94,9 +100,13 @@ def good(_: str) -> tuple[float, int]:
     return 12.0, 0
 
 
-def report(metrics: Metrics = good, *, samples_per_node: int = 100) -> int:
+def report(
+    metrics: Metrics = good, *, samples_per_node: int = 100, states: Sequence[str] = LIVE_STATES
+) -> int:
     """Every node running a workload reports, as its agent would, the version it runs
-    and its numbers. Returns how many heartbeats were ingested."""
+    and its numbers. Returns how many heartbeats were ingested. ``states``: the
+    assignment states whose nodes report (a node converging after its rollout ended is
+    Applying while it runs the new version and waits for its health check)."""
 
     def numbers(w: RunningWorkload) -> InferenceMetrics:
         p95, errors = metrics(w.key)
@@ -104,7 +114,7 @@ def report(metrics: Metrics = good, *, samples_per_node: int = 100) -> int:
             window_s=60, samples=samples_per_node, errors=errors, p50_ms=p95 / 2, p95_ms=p95
         )
 
-    return report_running(numbers, _seq)
+    return report_running(numbers, _seq, states=states)
 
 
 def drive(

@@ -23,6 +23,7 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ import pytest
 import yaml
 from sqlalchemy import func, select
 
-from controller.agents.simulated import RunningWorkload, report_running
+from controller.agents.simulated import LIVE_STATES, RunningWorkload, report_running
+from controller.db.base import utcnow
 from controller.db.models import (
     Assignment,
     Cluster,
@@ -44,6 +46,7 @@ from controller.db.models import (
     Wave,
 )
 from controller.db.session import session_scope
+from controller.fleet.service import ingest_heartbeats, mark_silent_nodes
 from controller.manifests.service import apply_documents
 from controller.registry.store import artifact_store
 from controller.rollouts import commands
@@ -51,10 +54,17 @@ from controller.rollouts import repository as rollout_repo
 from controller.rollouts.state import ASSIGNMENT_TRANSITIONS, ROLLOUT_TRANSITIONS
 from controller.settings import Settings
 from controller.tasks.celery_app import celery_app, configure
-from node_agent.contract import InferenceMetrics
+from node_agent.contract import Heartbeat, InferenceMetrics
 from tests.conftest import bearer
 from tests.live import free_port, repeating, stop_process_group
-from tests.rollouts.helpers import cluster_doc, drive, rollout_doc, rollout_events, running_versions
+from tests.rollouts.helpers import (
+    cluster_doc,
+    drive,
+    next_seq,
+    rollout_doc,
+    rollout_events,
+    running_versions,
+)
 from tests.tasks.test_restarts import process
 from tests.tasks.test_worker import wait_for, worker
 
@@ -63,7 +73,9 @@ NODES = sorted(f"{c}-n{i}" for c, n in CLUSTERS for i in range(n))
 FAST = {"EDGEFLEET_RECONCILE_INTERVAL_S": "0.2"}
 BASE, NEW = "1.0.0", "2.0.0"
 _queues = itertools.count(1)
-_seq = itertools.count(1)
+# The stand-in agents take their heartbeat numbers where drive()'s come from: one
+# sequence per node, or a node's later heartbeats would be dropped as replays.
+_seq = iter(next_seq, None)
 
 
 # ---------------------------------------------------------------- cases
@@ -73,7 +85,8 @@ _seq = itertools.count(1)
 class Case:
     """Kill the worker at the ``hit``-th pass of ``point`` in ``scenario``: ``deploy``
     (1.0.0 -> 2.0.0 succeeds), ``rollback`` (2.0.0 fails its gate, onFailure: rollback),
-    ``abort`` (aborted mid-rollout), ``undo`` (the Succeeded rollout undone)."""
+    ``abort`` (aborted mid-rollout), ``undo`` (the Succeeded rollout undone), ``converge``
+    (a node offline while 2.0.0 succeeded comes back and converges)."""
 
     scenario: str
     point: str
@@ -105,15 +118,27 @@ CASES = [
     Case("abort", "rollout.revert.recorded"),
     Case("undo", "rollout.revert.pushed"),
     Case("undo", "rollout.revert.recorded"),
+    Case("converge", "rollout.converge.pushed"),
 ]
-FINAL = {"deploy": "Succeeded", "rollback": "RolledBack", "abort": "Aborted", "undo": "RolledBack"}
+FINAL = {
+    "deploy": "Succeeded",
+    "rollback": "RolledBack",
+    "abort": "Aborted",
+    "undo": "RolledBack",
+    "converge": "Succeeded",
+}
 # The rollout-phase transitions each scenario records, once each and in this order.
 TRANSITIONS = {
     "deploy": ["Started", "Succeeded"],
     "rollback": ["Started", "GateFailed", "RollingBack"],
     "abort": ["Started", "Aborted"],
     "undo": ["Started", "Succeeded", "Undone"],
+    "converge": ["Started", "Succeeded"],
 }
+# converge: the rollout succeeds (in-process) while this node is offline; the worker is
+# killed while the node, back, converges.
+AWAY = "west-n1"
+ON_NEW = ("deploy", "converge")  # scenarios that end with every node on 2.0.0
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -211,15 +236,15 @@ def seed(settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def agents(bad_version: str | None = None) -> Iterator[None]:
+def agents(bad_version: str | None = None, states: tuple[str, ...] = LIVE_STATES) -> Iterator[None]:
     """Stand-ins for the node agents: every 0.1 s, healthy numbers, except from nodes
-    running ``bad_version`` (p95 far over the gate)."""
+    running ``bad_version`` (p95 far over the gate). ``states``: whose nodes report."""
 
     def numbers(w: RunningWorkload) -> InferenceMetrics:
         p95 = 400.0 if w.version.version == bad_version else 12.0
         return InferenceMetrics(window_s=60, samples=100, errors=0, p50_ms=p95 / 2, p95_ms=p95)
 
-    with repeating(lambda: report_running(numbers, _seq), 0.1, ignore=(Exception,)):
+    with repeating(lambda: report_running(numbers, _seq, states=states), 0.1, ignore=(Exception,)):
         yield
 
 
@@ -229,6 +254,35 @@ def beat(every_s: float = 1.0) -> Iterator[None]:
     in production (twice the default step interval), every second here."""
     with repeating(lambda: celery_app.send_task("rollouts.tick"), every_s):
         yield
+
+
+# While converging, a node runs the new version in state Applying: its agent reports it.
+CONVERGING = ("Applying", "Running", "Healthy")
+
+
+def heartbeat(node: str, *, at: datetime) -> None:
+    """One heartbeat of ``node``'s agent, received at ``at``."""
+    with session_scope() as s:
+        beat = Heartbeat(cluster=node.split("-")[0], node=node, seq=next_seq(), sent_at=at)
+        ingest_heartbeats(s, [beat], now=at)
+
+
+def succeed_while_away(settings: Settings, name: str) -> None:
+    """Rollout ``name`` (2.0.0) succeeds, stepped in-process, while AWAY is offline: its
+    agent's last heartbeat is old and beat's silence check marks it Offline (after the
+    claim, so that the stand-in agents no longer beat for it)."""
+    configure(settings.model_copy(update={"tasks_eager": False, "celery_queue": "nobody"}))
+    try:
+        strategy = {"steps": [{"percent": 100}], "maxUnavailable": "100%", "maxDeferred": 1}
+        apply_docs(settings, rollout_doc(name, NEW, strategy=strategy))
+    finally:
+        configure(settings)
+    heartbeat(AWAY, at=utcnow() - timedelta(seconds=settings.node_offline_s + 60))
+    with session_scope() as s:
+        mark_silent_nodes(s, settings)
+    assert drive(name, settings)[-1] == "Succeeded"
+    assert assignments(name)[f"west/{AWAY}"][0] == "Deferred"
+    assert running_versions(settings, [c for c, _ in CLUSTERS])[AWAY] == BASE
 
 
 Recorded = list[tuple[str, dict[str, Any]]]
@@ -266,7 +320,7 @@ def assignments(name: str) -> dict[str, tuple[str, str | None, str | None]]:
 def settled(name: str, scenario: str) -> bool:
     if phase(name) != FINAL[scenario]:
         return False
-    final = {"Running", "Healthy"} if scenario == "deploy" else {"RolledBack"}
+    final = {"Running", "Healthy"} if scenario in ON_NEW else {"RolledBack"}
     return all(state in final for state, _, _ in assignments(name).values())
 
 
@@ -295,7 +349,7 @@ def assert_consistent(settings: Settings, name: str, scenario: str, before_fault
     for wave in range(waves):
         for reason in ("WaveStarted", "GatePassed"):
             assert per_wave[(reason, wave)] <= 1, recorded
-            if scenario in ("deploy", "undo"):
+            if scenario in ("deploy", "undo", "converge"):
                 assert per_wave[(reason, wave)] == 1, recorded
     # Nodes: every recorded move legal from the node's previous state, none twice in a row.
     states: dict[str, list[str]] = defaultdict(lambda: ["Pending"])
@@ -308,7 +362,7 @@ def assert_consistent(settings: Settings, name: str, scenario: str, before_fault
                 states[node].append(d["to"])
     # The clusters: every node runs exactly one version, the one it should; the database
     # says the same.
-    version = NEW if scenario == "deploy" else BASE
+    version = NEW if scenario in ON_NEW else BASE
     running = running_versions(settings, [c for c, _ in CLUSTERS])
     assert sorted(running) == NODES, running
     assert set(running.values()) == {version}, running
@@ -316,7 +370,7 @@ def assert_consistent(settings: Settings, name: str, scenario: str, before_fault
     assert sorted(rows) == sorted(f"{n.split('-')[0]}/{n}" for n in NODES)
     for node, (_, desired, observed) in rows.items():
         assert desired == version, (node, rows[node])
-        if scenario == "deploy":
+        if scenario in ON_NEW:
             assert observed == version, (node, rows[node])
     for node, chain in states.items():
         assert chain[-1] == rows[node][0], (node, chain, rows[node])
@@ -339,21 +393,27 @@ def test_worker_killed_at_fault_point(
     log = tmp_path / "faulty.log"
     spec = f"{case.point}={case.hit}*kill"
     steps: dict[str, Any] = {}
+    reporting = CONVERGING if scenario == "converge" else LIVE_STATES
     if scenario == "abort":  # wave 0 bakes long enough for the abort to land mid-rollout
         steps = {"strategy": {"steps": [{"nodes": 1, "bake": "60s"}, {"percent": 100}]}}
     try:
         with (
             faulty_worker(log, queue, spec) as (proc, ready),
-            agents(bad_version=NEW if scenario == "rollback" else None),
+            agents(bad_version=NEW if scenario == "rollback" else None, states=reporting),
         ):
             seed(settings)  # while the worker boots
             if scenario == "undo":
                 apply_docs(settings, rollout_doc(name, NEW))
                 assert drive(name, settings)[-1] == "Succeeded"
+            if scenario == "converge":
+                succeed_while_away(settings, name)
             ready()
             configure(settings.model_copy(update={"tasks_eager": False, "celery_queue": queue}))
             if scenario == "undo":
                 command(name, "undo")
+            elif scenario == "converge":
+                heartbeat(AWAY, at=utcnow())  # back: beat's tick finds the work
+                celery_app.send_task("rollouts.tick")
             else:
                 apply_docs(settings, rollout_doc(name, NEW, **steps))
             if scenario == "abort":

@@ -92,6 +92,7 @@ LEGAL_ASSIGNMENT: dict[tuple[str, str], str] = {
     ("Pending", "Deferred"): "its node is offline",
     ("Pending", "RolledBack"): "a revert releases a node it never touched",
     ("Applying", "Running"): "the cluster runs the new version",
+    ("Applying", "Healthy"): "back after its rollout ended: runs its version, health check passed",
     ("Applying", "Failed"): "the cluster refused it, or the workload failed",
     ("Applying", "RolledBack"): "revert",
     ("Running", "Healthy"): "its agent reports numbers within the gates",
