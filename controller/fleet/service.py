@@ -261,9 +261,19 @@ class HeartbeatFold:
         # offline queue must not pass for fresh evidence (capped at now against clocks
         # running ahead).
         reported_at: str | None = None
+        # During a handover (make before break) a node runs two versions of one model
+        # for a moment and its agent reports both: the one the node moves to is the
+        # evidence, whichever the agent listed last.
+        handed_over = {
+            r.model
+            for r in beat.workloads
+            if (w := node.workloads.get(r.model)) is not None and r.sha256 == w.desired_sha256
+        }
         for report in beat.workloads:
             found = node.workloads.get(report.model)
             if found is None:
+                continue
+            if report.model in handed_over and report.sha256 != found.desired_sha256:
                 continue
             if reported_at is None:
                 reported_at = min(beat.sent_at.astimezone(UTC), self.now).isoformat()

@@ -51,3 +51,39 @@ def test_replayed_old_windows_are_not_fresh_evidence(
         ).one()
         assert datetime.fromisoformat(metrics["reported_at"]) <= datetime.now(UTC)
     assert reconciler.reconcile(rollout_id("d"), settings) == "Succeeded"
+
+
+def test_a_node_in_a_handover_is_judged_on_the_version_it_moves_to(
+    client: TestClient, sim_fleet: None, settings: Settings
+) -> None:
+    """Make before break: for a moment the node runs both versions and its agent reports
+    both, in any order; the evidence is the desired version's."""
+    apply(client, cluster_doc("site", 1))
+    push_versions(client, "1.0.0", "2.0.0")
+    old = client.get("/v1/models/detector/versions/1.0.0").json()["sha256"]
+    new = client.get("/v1/models/detector/versions/2.0.0").json()["sha256"]
+    apply(client, rollout_doc("d", "2.0.0", strategy={"steps": [{"percent": 100}]}))
+    reconciler.reconcile(rollout_id("d"), settings)
+    now = datetime.now(UTC)
+    for seq, order in enumerate(([old, new], [new, old]), start=1):
+        workloads = [
+            WorkloadReport(
+                model="detector",
+                version="2.0.0" if sha == new else "1.0.0",
+                sha256=sha,
+                state="Ready",
+                metrics=InferenceMetrics(
+                    window_s=10, samples=100, p95_ms=5.0 if sha == new else 900.0
+                ),
+            )
+            for sha in order
+        ]
+        with session_scope() as s:
+            heartbeat = Heartbeat(
+                cluster="site", node="site-n0", seq=seq, sent_at=now, workloads=workloads
+            )
+            assert ingest_heartbeats(s, [heartbeat]).accepted == 1
+            metrics = s.scalars(
+                select(Assignment.metrics).join(Node).where(Node.name == "site-n0")
+            ).one()
+        assert (metrics["sha256"], metrics["p95_ms"], metrics["on_desired"]) == (new, 5.0, True)
