@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import itertools
 import os
 import resource
@@ -103,6 +104,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--clusters", type=int, default=10)
+    parser.add_argument(
+        "--profile", metavar="FILE", help="write a cProfile of the plain dry-run to FILE"
+    )
     args = parser.parse_args()
     admin(f'CREATE DATABASE "{DB}"')
     try:
@@ -132,10 +136,17 @@ def main() -> None:
             )
         sync_s = time.perf_counter() - t0
 
+        profiler = cProfile.Profile() if args.profile else None
         t0 = time.perf_counter()
         with session_scope() as s:
+            if profiler is not None:
+                profiler.enable()
             apply_documents(s, [ROLLOUT], settings, store, dry_run=True, may_apply_clusters=True)
+            if profiler is not None:
+                profiler.disable()
         dry_s = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.dump_stats(args.profile)
         # The same dry-run with per-node variant choice (spec.model.variants) over the
         # version and one variant, both benchmarked on the fleet's node class.
         with session_scope() as s:
