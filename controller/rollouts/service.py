@@ -340,20 +340,28 @@ def _claim_nodes(
     waves: Sequence[planner.PlannedWave],
     targets: dict[int, int],
 ) -> None:
-    """``targets``: the version chosen per node id (spec.model.variants), else none."""
-    node_ids = [n.id for w in waves for n in w.nodes]
-    repo.release(session, rollout.id, set(node_ids))
-    existing = repo.assignments_for_nodes(session, model_id, node_ids)
-    for planned in waves:
-        wave = Wave(
+    """``targets``: the version chosen per node id (spec.model.variants), else none.
+
+    Every assignment changes in ONE flush, which updates them in id order: heartbeat
+    ingestion updates assignments in id order too, and two writers that lock rows in
+    one order never deadlock (flushed wave by wave, an apply deadlocked with the agents'
+    heartbeats)."""
+    rows = [
+        Wave(
             rollout_id=rollout.id,
             index=planned.index,
             node_count=len(planned.nodes),
             bake_s=int(planned.bake_s),
             phase=WavePhase.PENDING,
         )
-        session.add(wave)
-        session.flush()
+        for planned in waves
+    ]
+    session.add_all(rows)
+    session.flush()  # the waves' ids; no assignment has changed yet
+    node_ids = [n.id for w in waves for n in w.nodes]
+    existing = repo.assignments_for_nodes(session, model_id, node_ids)
+    repo.release(session, rollout.id, set(node_ids))  # its SELECT flushes nothing
+    for planned, wave in zip(waves, rows, strict=True):
         for node in planned.nodes:
             a = existing.get(node.id)
             if a is None:
