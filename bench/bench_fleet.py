@@ -5,12 +5,19 @@ batches between steps.
 Baseline, measured in the same process: reading the rollout's assignment rows with their
 nodes (one SELECT, the I/O floor of a reconcile step). Each step is printed as a ratio to
 it. Run: python bench/bench_fleet.py [--nodes 10000] [--clusters 10]
+
+``--plan-only`` measures only the dry-run plan, at a tenth of ``--nodes`` and then at
+``--nodes`` in the same process (the nodes bulk-inserted as a sync would make them, which
+is quicker than syncing them), and prints the growth as a ratio; each size's baseline is
+reading what a plan reads of every node, unparsed (the fleet's I/O floor of a plan).
+``--profile FILE`` writes a cProfile of the (last) plain dry-run.
 Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (as the tests do)."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import itertools
 import resource
 import statistics
@@ -56,12 +63,108 @@ def report() -> int:
     return report_running(numbers, _seq, states=(AssignmentState.RUNNING,))
 
 
+# The nodes a sync of cluster(name, count) makes, in one statement per cluster.
+_BULK_NODES = text(
+    """
+    INSERT INTO nodes (cluster_id, name, labels, architecture, capacity, allocatable,
+                       runtimes, health, last_seq, benchmarks_pending, created_at, updated_at)
+    SELECT c.id, c.name || '-n' || i,
+           jsonb_build_object('kubernetes.io/arch', 'amd64',
+                              'kubernetes.io/hostname', c.name || '-n' || i,
+                              'tier', 'retail', 'site', c.name),
+           'amd64', CAST(:resources AS jsonb), CAST(:resources AS jsonb),
+           CAST('["onnx", "tflite"]' AS jsonb), 'Ready', 0, 0, now(), now()
+    FROM clusters c, generate_series(CAST(:first AS integer), CAST(:last AS integer)) AS i
+    """
+)
+
+
+# What a plan reads of every node, unparsed: the I/O floor of a plan.
+_NODE_COLUMNS = text(
+    "SELECT n.id, c.name, n.name, CAST(n.labels AS text), n.architecture,"
+    " CAST(n.allocatable AS text), CAST(n.runtimes AS text), n.health, n.cpu_model"
+    " FROM nodes n JOIN clusters c ON c.id = n.cluster_id"
+)
+
+
+def plan_scaling(nodes: int, clusters: int, profile: str | None) -> None:
+    """The dry-run plan at nodes/10, then at nodes: wall and CPU time (median of 3),
+    each against reading every node row, and the growth between the two sizes."""
+    settings = get_settings()
+    configure(settings)
+    migrate.upgrade(settings)
+    store = artifact_store(settings)
+    with session_scope() as s:
+        service.push_version(
+            s, store, name="detector", version="1.0.0", chunks=[samples.build_cnn()], metadata={}
+        )
+        apply_documents(
+            s,
+            [fleet(f"site{i}", 0) for i in range(clusters)],
+            settings,
+            store,
+            dry_run=False,
+            may_apply_clusters=True,
+        )
+    resources = '{"cpu": "4", "memory": "8Gi"}'
+    results = []
+    done = 0
+    for size in (nodes // 10, nodes):
+        per = size // clusters
+        with session_scope() as s:
+            s.execute(_BULK_NODES, {"first": done, "last": per - 1, "resources": resources})
+            s.execute(text("ANALYZE nodes"))
+        done = per
+        floors, runs = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            with session_scope() as s:
+                s.execute(_NODE_COLUMNS).all()
+            floors.append(time.perf_counter() - t0)
+        for i in range(3):
+            profiler = cProfile.Profile() if profile and size == nodes and i == 2 else None
+            t0, c0 = time.perf_counter(), time.process_time()
+            with session_scope() as s:
+                if profiler is not None:
+                    profiler.enable()
+                got = apply_documents(
+                    s, [ROLLOUT], settings, store, dry_run=True, may_apply_clusters=True
+                )
+                if profiler is not None and profile is not None:
+                    profiler.disable()
+                    profiler.dump_stats(profile)
+            runs.append((time.perf_counter() - t0, time.process_time() - c0))
+            assert got[0].plan is not None
+            assert got[0].plan["nodes"] == per * clusters
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        results.append((per * clusters, wall, cpu, statistics.median(floors)))
+    print(f"\nedgefleet dry-run plan scaling ({clusters} clusters, Postgres, median of 3)")
+    print(f"  {'nodes':>8} {'wall':>8} {'CPU':>8} {'floor':>8} {'x floor':>8}")
+    for size, wall, cpu, floor in results:
+        print(f"  {size:>8} {wall:7.2f}s {cpu:7.2f}s {floor:7.2f}s {wall / floor:8.1f}")
+    (small, wall_s, cpu_s, _), (big, wall_b, cpu_b, _) = results
+    print(
+        f"  growth {small} -> {big} nodes: {wall_b / wall_s:.1f}x wall, {cpu_b / cpu_s:.1f}x CPU "
+        f"(goal: <= 12x; plan at {big} <= 2 s)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--clusters", type=int, default=10)
+    parser.add_argument(
+        "--profile", metavar="FILE", help="write a cProfile of the plain dry-run to FILE"
+    )
+    parser.add_argument(
+        "--plan-only", action="store_true", help="the dry-run plan at --nodes/10 and --nodes"
+    )
     args = parser.parse_args()
     with _env.database():
+        if args.plan_only:
+            plan_scaling(args.nodes, args.clusters, args.profile)
+            return
         settings = get_settings()
         configure(settings)
         migrate.upgrade(settings)
@@ -88,10 +191,17 @@ def main() -> None:
             )
         sync_s = time.perf_counter() - t0
 
+        profiler = cProfile.Profile() if args.profile else None
         t0 = time.perf_counter()
         with session_scope() as s:
+            if profiler is not None:
+                profiler.enable()
             apply_documents(s, [ROLLOUT], settings, store, dry_run=True, may_apply_clusters=True)
+            if profiler is not None:
+                profiler.disable()
         dry_s = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.dump_stats(args.profile)
         # The same dry-run with per-node variant choice (spec.model.variants) over the
         # version and one variant, both benchmarked on the fleet's node class.
         with session_scope() as s:

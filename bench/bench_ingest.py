@@ -20,16 +20,22 @@ Measured in the same run:
 Run: python bench/bench_ingest.py [--nodes 2000] [--batch 500] [--rounds 3]
                                   [--concurrency 16] [--mode all|request]
 ``--mode request`` runs only the in-process request measurement, ``--rounds`` times
-(the machine is shared: compare medians of rounds, not single runs).
+(the machine is shared: compare medians of rounds, not single runs); with
+``--profile FILE`` it writes a cProfile (CPU time) of the last round, every thread's
+(the event loop's, the handlers' and the ingest worker's) merged.
 Needs PostgreSQL on 127.0.0.1:5432 (EDGEFLEET_TEST_POSTGRES), as the tests do."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import hashlib
 import os
+import pstats
 import statistics
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -237,6 +243,36 @@ class RequestCpu:
     """CPU per request with ``concurrency`` requests in flight at once."""
 
 
+class ThreadProfiles:
+    """cProfile in every thread started while it is on (cProfile sees one thread):
+    the event loop's, the handlers' thread pool, the coalescer's worker."""
+
+    def __init__(self) -> None:
+        self.profiles: list[cProfile.Profile] = []
+
+    def _start(self, *_: object) -> None:
+        sys.setprofile(None)
+        profile = cProfile.Profile(time.thread_time)  # CPU, not waiting for the database
+        self.profiles.append(profile)
+        profile.enable()
+
+    def __enter__(self) -> ThreadProfiles:
+        threading.setprofile(self._start)
+        self._start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        threading.setprofile(None)
+        for profile in self.profiles:
+            profile.disable()
+
+    def dump(self, path: str) -> None:
+        stats = pstats.Stats(self.profiles[0])
+        for profile in self.profiles[1:]:
+            stats.add(profile)
+        stats.dump_stats(path)
+
+
 def via_asgi(batch: list[Heartbeat], concurrency: int) -> RequestCpu:
     """The controller's CPU per one-heartbeat request, in this process: the ASGI app
     called directly (no client, no socket), so time.process_time counts the controller
@@ -338,11 +374,16 @@ def via_http(batch: list[Heartbeat], concurrency: int) -> int:
         return accepted
 
     try:
-        cpu0 = _cpu_s(server.pid)
+        cpu0, client0 = _cpu_s(server.pid), time.process_time()
         with ThreadPoolExecutor(concurrency) as pool:
             accepted = sum(pool.map(post, batch))
         per_request_ms = (_cpu_s(server.pid) - cpu0) / len(batch) * 1000
-        print(f"    (controller process CPU per request: {per_request_ms:.1f} ms)")
+        # The load generator (httpx in threads of this process) shares the two cores.
+        client_ms = (time.process_time() - client0) / len(batch) * 1000
+        print(
+            f"    (CPU per request: controller process {per_request_ms:.1f} ms, "
+            f"load generator {client_ms:.1f} ms)"
+        )
         return accepted
     finally:
         server.terminate()
@@ -359,12 +400,19 @@ def timed(label: str, run: Callable[[list[Heartbeat]], int], batch: list[Heartbe
     return rate
 
 
-def request_rounds(keys: list[tuple[str, str]], seq: int, rounds: int, concurrency: int) -> int:
+def request_rounds(
+    keys: list[tuple[str, str]], seq: int, rounds: int, concurrency: int, profile: str | None = None
+) -> int:
     """The in-process request measurement, ``rounds`` times; returns the next seq."""
     alone, together = [], []
-    for _ in range(rounds):
+    for r in range(rounds):
         batch = beats(keys, seq)
-        got = via_asgi(batch, concurrency)
+        if profile is not None and r == rounds - 1:
+            with ThreadProfiles() as profiles:
+                got = via_asgi(batch, concurrency)
+            profiles.dump(profile)
+        else:
+            got = via_asgi(batch, concurrency)
         assert got.accepted == len(batch), f"{got.accepted} of {len(batch)} accepted"
         report_request_cpu(got, concurrency)
         alone.append(statistics.median(got.alone_ms))
@@ -385,6 +433,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--mode", choices=["all", "request"], default="all")
+    parser.add_argument("--profile", metavar="FILE", help="--mode request: cProfile to FILE")
     args = parser.parse_args()
     with _env.database():
         migrate.upgrade(get_settings())
@@ -392,7 +441,7 @@ def main() -> None:
         n = len(keys)
         print(f"\nedgefleet ingest bench: {n} nodes on Postgres, one workload each")
         if args.mode == "request":
-            seq = request_rounds(keys, 1, args.rounds, args.concurrency)
+            seq = request_rounds(keys, 1, args.rounds, args.concurrency, args.profile)
             with session_scope() as s:
                 last = s.scalar(select(func.min(Node.last_seq)))
             assert last == seq - 1, (last, seq)

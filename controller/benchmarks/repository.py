@@ -5,6 +5,7 @@ from collections.abc import Collection, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from controller.db.arrays import any_of
 from controller.db.models import (
     BenchmarkStatus,
     Cluster,
@@ -35,7 +36,7 @@ def succeeded_for(
         return {}
     rows = session.scalars(
         select(NodeBenchmark).where(
-            NodeBenchmark.model_version_id.in_(version_ids),
+            any_of(NodeBenchmark.model_version_id, version_ids),
             NodeBenchmark.status == BenchmarkStatus.SUCCEEDED,
         )
     )

@@ -9,6 +9,7 @@ from sqlalchemy import exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from controller.db.arrays import any_of
 from controller.db.models import (
     Assignment,
     Cluster,
@@ -52,13 +53,13 @@ def version_counts(session: Session, model_ids: Sequence[int]) -> dict[int, tupl
         row[0]: row[1]
         for row in session.execute(
             select(ModelVersion.model_id, func.count())
-            .where(ModelVersion.model_id.in_(model_ids))
+            .where(any_of(ModelVersion.model_id, model_ids))
             .group_by(ModelVersion.model_id)
         )
     }
     newest_ids = (
         select(func.max(ModelVersion.id))
-        .where(ModelVersion.model_id.in_(model_ids))
+        .where(any_of(ModelVersion.model_id, model_ids))
         .group_by(ModelVersion.model_id)
     )
     newest: dict[int, str] = {

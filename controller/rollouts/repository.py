@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import Select, and_, delete, func, or_, select
 from sqlalchemy.orm import Session, load_only
 
+from controller.db.arrays import any_of
 from controller.db.models import (
     Assignment,
     AssignmentState,
@@ -83,7 +84,7 @@ def assignments_for_nodes(
     if not node_ids:
         return {}
     stmt = select(Assignment).where(
-        Assignment.model_id == model_id, Assignment.node_id.in_(node_ids)
+        Assignment.model_id == model_id, any_of(Assignment.node_id, node_ids)
     )
     return {a.node_id: a for a in session.scalars(stmt)}
 
@@ -91,25 +92,29 @@ def assignments_for_nodes(
 def owners(
     session: Session, model_id: int, node_ids: Sequence[int], *, exclude: str
 ) -> dict[str, list[str]]:
-    """Active rollouts (other than ``exclude``) holding any of these nodes for the model."""
-    if not node_ids:
+    """Active rollouts (other than ``exclude``) holding any of these nodes for the model.
+    Every node the other rollouts hold is read and the selection filtered here: the
+    selection (the whole fleet, maybe) is not sent to the database, while what other
+    active rollouts hold of one model is usually nothing."""
+    wanted = set(node_ids)
+    if not wanted:
         return {}
     stmt = (
-        select(Rollout.name, Cluster.name, Node.name)
+        select(Rollout.name, Assignment.node_id, Cluster.name, Node.name)
         .select_from(Assignment)
         .join(Rollout, Rollout.id == Assignment.rollout_id)
         .join(Node, Node.id == Assignment.node_id)
         .join(Cluster, Cluster.id == Node.cluster_id)
         .where(
             Assignment.model_id == model_id,
-            Assignment.node_id.in_(node_ids),
             Rollout.phase.in_(ACTIVE_PHASES),
             Rollout.name != exclude,
         )
     )
     out: dict[str, list[str]] = {}
-    for owner, cluster, node in session.execute(stmt):
-        out.setdefault(owner, []).append(f"{cluster}/{node}")
+    for owner, node_id, cluster, node in session.execute(stmt):
+        if node_id in wanted:
+            out.setdefault(owner, []).append(f"{cluster}/{node}")
     return out
 
 
@@ -131,7 +136,9 @@ def variants_of(session: Session, version_id: int) -> list[ModelVersion]:
 def versions_by_id(session: Session, ids: set[int]) -> dict[int, ModelVersion]:
     if not ids:
         return {}
-    return {v.id: v for v in session.scalars(select(ModelVersion).where(ModelVersion.id.in_(ids)))}
+    return {
+        v.id: v for v in session.scalars(select(ModelVersion).where(any_of(ModelVersion.id, ids)))
+    }
 
 
 def delete_waves(session: Session, rollout_id: int) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from controller import faults
 from controller.audit import record_event
 from controller.benchmarks import repository as bench_repo
-from controller.benchmarks.service import class_of
+from controller.benchmarks.service import node_class
 from controller.db.models import (
     Assignment,
     AssignmentState,
@@ -27,6 +27,7 @@ from controller.db.models import (
 )
 from controller.errors import Conflict, InvalidInput, NotFound
 from controller.fleet import repository as fleet_repo
+from controller.kit.collector import collector_paused
 from controller.kit.diff import diff
 from controller.kit.outcome import ApplyOutcome
 from controller.kit.quantity import memory_bytes
@@ -55,20 +56,22 @@ class PreflightFailed(InvalidInput):
         ]
 
 
-def _node_views(session: Session) -> list[planner.NodeView]:
+def _node_views(session: Session, *, classes: bool) -> list[planner.NodeView]:
+    """The fleet as the planner sees it; with ``classes``, each node's benchmark class
+    (only the per-node variant choice reads it)."""
     return [
         planner.NodeView(
             id=n.id,
-            cluster=cluster,
+            cluster=n.cluster,
             name=n.name,
             labels=n.labels,
             architecture=n.architecture,
             allocatable=n.allocatable,
             runtimes=n.runtimes,
             health=n.health,
-            node_class=class_of(n),
+            node_class=node_class(n.architecture, n.labels, n.cpu_model) if classes else "",
         )
-        for n, cluster in fleet_repo.all_nodes(session)
+        for n in fleet_repo.node_facts(session)
     ]
 
 
@@ -92,7 +95,7 @@ def plan_summary(
                 "bake_s": w.bake_s,
                 "nodes": len(w.nodes),
                 "clusters": dict(sorted(_count_by_cluster(w.nodes).items())),
-                "nodeNames": [n.key for n in w.nodes][:200],
+                "nodeNames": [n.key for n in w.nodes[:200]],
             }
             for w in waves
         ],
@@ -200,6 +203,7 @@ def _count_by_cluster(nodes: Iterable[planner.NodeView]) -> dict[str, int]:
     return out
 
 
+@collector_paused()  # a plan over the whole fleet: see controller/kit/collector.py
 def apply_rollout(
     session: Session, manifest: RolloutManifest, settings: Settings, *, dry_run: bool
 ) -> ApplyOutcome:
@@ -207,7 +211,8 @@ def apply_rollout(
     spec_doc = spec.model_dump(mode="json", exclude_none=True)
     found = repo.version_of(session, spec.model.name, spec.model.version)
     version, model = found if found else (None, None)
-    selected = planner.select_nodes(spec, _node_views(session))
+    fleet = _node_views(session, classes=spec.model.variants is not None)
+    selected = planner.select_nodes(spec, fleet)
     owners = repo.owners(session, model.id, [n.id for n in selected], exclude=name) if model else {}
     problems = planner.preflight(
         spec,
@@ -335,21 +340,29 @@ def _claim_nodes(
     waves: Sequence[planner.PlannedWave],
     targets: dict[int, int],
 ) -> None:
-    """``targets``: the version chosen per node id (spec.model.variants), else none."""
-    node_ids = [n.id for w in waves for n in w.nodes]
-    repo.release(session, rollout.id, set(node_ids))
-    existing = repo.assignments_for_nodes(session, model_id, node_ids)
-    _record_superseded(session, rollout, waves, existing)
-    for planned in waves:
-        wave = Wave(
+    """``targets``: the version chosen per node id (spec.model.variants), else none.
+
+    Every assignment changes in ONE flush, which updates them in id order: heartbeat
+    ingestion updates assignments in id order too, and two writers that lock rows in
+    one order never deadlock (flushed wave by wave, an apply deadlocked with the agents'
+    heartbeats)."""
+    rows = [
+        Wave(
             rollout_id=rollout.id,
             index=planned.index,
             node_count=len(planned.nodes),
             bake_s=int(planned.bake_s),
             phase=WavePhase.PENDING,
         )
-        session.add(wave)
-        session.flush()
+        for planned in waves
+    ]
+    session.add_all(rows)
+    session.flush()  # the waves' ids; no assignment has changed yet
+    node_ids = [n.id for w in waves for n in w.nodes]
+    existing = repo.assignments_for_nodes(session, model_id, node_ids)
+    _record_superseded(session, rollout, waves, existing)
+    repo.release(session, rollout.id, set(node_ids))  # its SELECT flushes nothing
+    for planned, wave in zip(waves, rows, strict=True):
         for node in planned.nodes:
             a = existing.get(node.id)
             if a is None:
