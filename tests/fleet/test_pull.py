@@ -135,9 +135,13 @@ def test_enrol_report_and_poll(client: TestClient, settings: Settings, join_toke
     assert (new["changed"], new["revision"]) == (True, 1)
     (ds,) = new["daemonsets"]
     assert ds["kind"] == "DaemonSet"
-    assert ds["spec"]["template"]["spec"]["nodeSelector"] == {
-        "model.edgefleet.io/detector": "1.0.0"
-    }
+    # The nodes labelled for 1.0.0, or handing over from it (make before break).
+    affinity = ds["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    terms = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert [t["matchExpressions"] for t in terms] == [
+        [{"key": "model.edgefleet.io/detector", "operator": "In", "values": ["1.0.0"]}],
+        [{"key": "previous.model.edgefleet.io/detector", "operator": "In", "values": ["1.0.0"]}],
+    ]
     assert new["node_labels"] == {"n1": {"model.edgefleet.io/detector": "1.0.0"}}
 
     # Reset by an admin: the credential stops working, and the agent may enrol again.
