@@ -17,6 +17,7 @@ from controller.manifests import endpoints as manifests
 from controller.optimizations import endpoints as optimizations
 from controller.registry import endpoints as registry
 from controller.rollouts import endpoints as rollouts
+from controller.schedules import endpoints as schedules
 from controller.settings import Settings, get_settings
 from controller.web.body_limits import LimitRequestBodies
 from controller.web.errors import install_error_handlers
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         optimizations.router,
         manifests.router,
         rollouts.router,
+        schedules.router,
         fleet.router,
         dashboard.router,
         benchmarks.router,

@@ -390,6 +390,10 @@ def _result_lines(result: dict[str, Any], *, dry_run: bool) -> list[Text]:
                     f"bake {duration(w.get('bake_s')):<6}  {clusters}{mix}"
                 )
             )
+            expected = w.get("expected")  # spec.schedule: when the wave should run
+            if expected:
+                zones = ", ".join(f"{z} {t or 'never'}" for z, t in expected["zones"].items())
+                lines.append(Text(f"      expected start {expected['start'] or 'never'} ({zones})"))
         lines.extend(_variant_lines(plan.get("variants") or {}))
     for p in result.get("problems", []):
         severity = p.get("severity", "error")

@@ -1,4 +1,5 @@
-"""``edgefleet rollout status|pause|resume|abort|undo|retry``: watch and steer one rollout."""
+"""``edgefleet rollout status|schedule|pause|resume|abort|undo|retry``: watch and steer one
+rollout."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from controller.cli.client import ApiClient, ApiError
-from controller.cli.errors import fail
+from controller.cli.errors import client_error, fail
 from controller.cli.format import (
     PHASE_STYLE,
     counts,
@@ -28,7 +29,7 @@ from controller.cli.options import ApiUrl, OutputOpt
 from controller.cli.output import Output, console, emit, err_console
 
 rollout_app = typer.Typer(
-    help="Watch and steer rollouts: status, pause, resume, abort, undo, retry.",
+    help="Watch and steer rollouts: status, schedule, pause, resume, abort, undo, retry.",
     no_args_is_help=True,
 )
 
@@ -167,6 +168,133 @@ def rollout_status(
         raise typer.Exit(code=1)
     if watch and detail["phase"] != "Succeeded":
         raise typer.Exit(code=1)
+
+
+# ---------------------------------------------------------------- rollout schedule
+
+
+def _window_text(w: dict[str, Any] | None) -> str:
+    if not w:
+        return "-"
+    return f"{w['start']} .. {w['end'] or 'open-ended'}"
+
+
+def _schedule_view(d: dict[str, Any]) -> Group:
+    head = Text("rollout ")
+    head.append(d["name"], style="bold")
+    sched = d.get("schedule")
+    if not sched:
+        head.append(": no schedule (waves start nodes at any time)")
+        return Group(head)
+    parts = []
+    if sched.get("startAt"):
+        parts.append(f"start at {sched['startAt']}")
+    for w in sched.get("windows") or []:
+        parts.append(f"window '{w['cron']}' for {w['duration']}")
+    parts.append(f"in {sched.get('timeZone') or 'each node' + chr(39) + 's zone'}")
+    if sched.get("bakeInWindowsOnly"):
+        parts.append("bake in windows only")
+    head.append(": " + ", ".join(parts))
+    table = Table(show_edge=False, box=None, header_style="bold", pad_edge=False)
+    for col in ("WAVE", "PHASE", "TIME ZONE", "NODES", "NOT STARTED", "NOW", "WINDOW", "NEXT"):
+        table.add_column(col)
+    for wave in d.get("waves") or []:
+        for z in wave["zones"]:
+            if z.get("problem"):
+                now, window, nxt = "never", z["problem"], "-"
+            else:
+                now = "open" if z["open"] else z["reason"]
+                if z.get("frozenBy"):
+                    now += f" ({', '.join(z['frozenBy'])})"
+                window, nxt = _window_text(z.get("window")), _window_text(z.get("nextWindow"))
+            table.add_row(
+                f"wave {wave['index']}",
+                styled(wave["phase"]),
+                Text(z.get("timeZone") or "-"),
+                str(z["nodes"]),
+                str(z["notStarted"]),
+                Text(now),
+                Text(window),
+                Text(nxt),
+            )
+    return Group(head, table)
+
+
+@rollout_app.command("schedule")
+def rollout_schedule(
+    name: Annotated[str, typer.Argument(help="Rollout name.")],
+    at: Annotated[
+        str | None,
+        typer.Option("--at", help="No wave starts before this RFC 3339 instant (with offset)."),
+    ] = None,
+    window: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--window", help="Maintenance window opening, a cron expression ('0 1 * * *'); repeat"
+        ),
+    ] = None,
+    duration: Annotated[
+        list[str] | None,
+        typer.Option("--duration", help="How long each window stays open (4h): one, or one each"),
+    ] = None,
+    tz: Annotated[
+        str | None,
+        typer.Option(
+            "--tz", help="IANA zone of the windows (default: each node's edgefleet.io/timezone)"
+        ),
+    ] = None,
+    bake_in_windows_only: Annotated[
+        bool, typer.Option("--bake-in-windows-only", help="Count bake time only inside windows.")
+    ] = False,
+    cancel: Annotated[
+        bool, typer.Option("--cancel", help="Remove the schedule: nodes start at any time.")
+    ] = False,
+    output: OutputOpt = Output.table,
+    api_url: ApiUrl = None,
+) -> None:
+    """Show, set, replace or cancel a rollout's schedule.
+
+    Without options, shows per wave and per time zone the window open now and the next
+    one. With --at and/or --window/--duration, replaces the whole schedule (safe at any
+    time: nodes already moved stay). --cancel removes it."""
+    windows = list(window or [])
+    durations = list(duration or [])
+    changing = at is not None or bool(windows) or tz is not None or bake_in_windows_only
+    if cancel and (changing or durations):
+        raise client_error("--cancel takes no other schedule option")
+    if len(durations) == 1 and len(windows) > 1:
+        durations = durations * len(windows)
+    if len(durations) != len(windows):
+        raise client_error(
+            f"{len(windows)} --window but {len(durations)} --duration: give one --duration "
+            "for all, or one per --window"
+        )
+    client = ApiClient(api_url)
+    try:
+        if cancel:
+            detail = client.post(f"/v1/rollouts/{name}/schedule", json={"schedule": None})
+        elif changing:
+            schedule: dict[str, Any] = {
+                "windows": [
+                    {"cron": c, "duration": d} for c, d in zip(windows, durations, strict=True)
+                ],
+                "bakeInWindowsOnly": bake_in_windows_only,
+            }
+            if at is not None:
+                schedule["startAt"] = at
+            if tz is not None:
+                schedule["timeZone"] = tz
+            detail = client.post(f"/v1/rollouts/{name}/schedule", json={"schedule": schedule})
+        else:
+            detail = client.get(f"/v1/rollouts/{name}/schedule")
+    except ApiError as exc:
+        raise fail(exc) from exc
+    finally:
+        client.close()
+    if output is Output.table:
+        console.print(_schedule_view(detail))
+    else:
+        emit(detail, output)
 
 
 # ---------------------------------------------------------------- rollout commands

@@ -226,6 +226,9 @@ class Rollout(TimestampMixin, Base):
     # When the follow-up step queued last is due: a step that finds one still ahead
     # queues none, so extra steps (beat's tick, commands) never start a second chain.
     next_step_at: Mapped[datetime | None]
+    # The instant the reconciler last read the rollout's schedule: a window that opened
+    # since is acted on (and reported) once, however long the controller was down.
+    schedule_evaluated_at: Mapped[datetime | None]
 
     waves: Mapped[list[Wave]] = relationship(
         back_populates="rollout", order_by="Wave.index", passive_deletes=True
@@ -394,3 +397,15 @@ class ApiToken(TimestampMixin, Base):
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
     created_by: Mapped[str | None] = mapped_column(String(128))
+
+
+class FreezePeriod(TimestampMixin, Base):
+    """A named freeze (controller/schedules/spec.py): no wave starts on the nodes it
+    selects while it lasts. ``spec`` is the manifest's spec, as applied."""
+
+    __tablename__ = "freeze_periods"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    spec: Mapped[dict[str, Any]]

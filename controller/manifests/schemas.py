@@ -7,11 +7,13 @@ from __future__ import annotations
 from controller.fleet.spec import ClusterManifest
 from controller.registry.spec import ModelVersionManifest
 from controller.rollouts.spec import RolloutManifest
+from controller.schedules.spec import FreezePeriodManifest
 
-Manifest = ClusterManifest | ModelVersionManifest | RolloutManifest
+Manifest = ClusterManifest | ModelVersionManifest | FreezePeriodManifest | RolloutManifest
 
 KINDS: dict[str, type[Manifest]] = {
     "Cluster": ClusterManifest,
     "ModelVersion": ModelVersionManifest,
+    "FreezePeriod": FreezePeriodManifest,
     "Rollout": RolloutManifest,
 }

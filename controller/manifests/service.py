@@ -1,6 +1,7 @@
 """Apply: parse every document, validate every document, then apply them all in one
-transaction, in dependency order (Clusters, then ModelVersions, then Rollouts). Any error
-anywhere rolls the whole call back: a bad manifest changes nothing at all."""
+transaction, in dependency order (Clusters, then ModelVersions, then FreezePeriods, then
+Rollouts, whose dry-run forecast reads the freezes). Any error anywhere rolls the whole
+call back: a bad manifest changes nothing at all."""
 
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ from controller.registry.spec import ModelVersionManifest
 from controller.registry.store import ArtifactStore
 from controller.rollouts.service import apply_rollout
 from controller.rollouts.spec import RolloutManifest
+from controller.schedules.service import apply_freeze_manifest
+from controller.schedules.spec import FreezePeriodManifest
 from controller.settings import Settings
 from controller.untrusted import DOCUMENTS_SETTING, load_json, load_yaml_documents
 
-ORDER = {"Cluster": 0, "ModelVersion": 1, "Rollout": 2}
+ORDER = {"Cluster": 0, "ModelVersion": 1, "FreezePeriod": 2, "Rollout": 3}
 
 
 class ManifestInvalid(InvalidInput):
@@ -192,6 +195,8 @@ def _apply_all(
                 outcome = apply_cluster(session, manifest, settings)
             elif isinstance(manifest, ModelVersionManifest):
                 outcome = apply_model_version(session, store, manifest)
+            elif isinstance(manifest, FreezePeriodManifest):
+                outcome = apply_freeze_manifest(session, manifest)
             else:
                 assert isinstance(manifest, RolloutManifest)
                 outcome = apply_rollout(session, manifest, settings, dry_run=dry_run)

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, status
+from pydantic import AwareDatetime
 
 from controller.auth.guard import OPERATOR, VIEWER
 from controller.rollouts import commands, service
 from controller.rollouts import repository as repo
 from controller.rollouts.schemas import EventOut, RolloutOut, RolloutSummary, WaveOut, summary
+from controller.schedules.schemas import ScheduleChange
 from controller.web.deps import API_V1, SessionDep
 from controller.web.pagination import Page, PageDep
 
@@ -72,6 +74,30 @@ def rollout_events(
 ) -> list[EventOut]:
     r = service.require(session, name)
     return [EventOut.of(e) for e in repo.events(session, r.id, limit=limit)]
+
+
+@router.get("/{name}/schedule", dependencies=[VIEWER])
+def get_schedule(
+    name: str,
+    session: SessionDep,
+    at: Annotated[
+        AwareDatetime | None,
+        Query(description="evaluate at this RFC 3339 instant instead of now (a preview)"),
+    ] = None,
+) -> dict[str, Any]:
+    """The rollout's schedule and, per wave and per time zone of its nodes, the window
+    open now, the next one, and what holds the nodes (a freeze, the start time)."""
+    return service.schedule_view(session, name, at)
+
+
+# Declared before /{name}/{action}, which would otherwise take "schedule" for an action.
+@router.post("/{name}/schedule", dependencies=[OPERATOR])
+def set_schedule(name: str, body: ScheduleChange, session: SessionDep) -> dict[str, Any]:
+    """Set, replace or (``{"schedule": null}``) cancel the rollout's schedule, at any
+    time. Nodes already moved stay; the next step admits by the new calendar."""
+    service.set_schedule(session, name, body.schedule)
+    session.flush()
+    return service.schedule_view(session, name)
 
 
 @router.post(

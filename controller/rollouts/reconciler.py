@@ -8,6 +8,7 @@ are idempotent), and the next step picks up from the database."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -41,11 +42,15 @@ from controller.rollouts import repository as repo
 from controller.rollouts.repository import Row
 from controller.rollouts.spec import RolloutSpec
 from controller.rollouts.state import advance_wave, move, transition
+from controller.schedules import windows
+from controller.schedules.service import Calendars, GroupKey
 from controller.settings import Settings
 from controller.tasks.celery_app import celery_app, enqueue
 
 log = logging.getLogger(__name__)
 P, A = RolloutPhase, AssignmentState
+# How a rollout's message begins while it waits for a maintenance window.
+WAITING = "waiting for a maintenance window"
 
 
 def queue_step(session: Session, rollout_id: int, *, countdown: float | None = None) -> None:
@@ -55,14 +60,23 @@ def queue_step(session: Session, rollout_id: int, *, countdown: float | None = N
     enqueue(session, "rollouts.reconcile", rollout_id, countdown=countdown)
 
 
-def _follow_up(session: Session, rollout: Rollout, settings: Settings, now: datetime) -> None:
+def _follow_up(
+    session: Session,
+    rollout: Rollout,
+    settings: Settings,
+    now: datetime,
+    *,
+    wake: datetime | None = None,
+) -> None:
     """Queue the rollout's next step, unless one is already queued for later. Beat's
     tick and the commands queue extra steps; were each to queue its own follow-up, the
     chains would add up, one more per tick, and never merge. Under the row lock, the
     check and the write are one. A follow-up that ran, or was lost, leaves
     ``next_step_at`` behind the clock, so the next step queues again (beat's tick is the
     net for a lost one). Half an interval of slack: a follow-up runs at its ETA, a
-    little late or early, and two chains due closer than that merge at their next step."""
+    little late or early, and two chains due closer than that merge at their next step.
+    ``wake``: nothing is worth doing before then (a rollout waiting for its maintenance
+    window), so the follow-up is queued for then rather than every interval."""
     if celery_app.conf.task_always_eager:
         return  # in-process: the ticker drives follow-ups (see queue_step)
     interval = settings.reconcile_interval_s
@@ -70,8 +84,9 @@ def _follow_up(session: Session, rollout: Rollout, settings: Settings, now: date
         seconds=interval / 2
     ):
         return
-    rollout.next_step_at = now + timedelta(seconds=interval)
-    queue_step(session, rollout.id, countdown=interval)
+    delay = interval if wake is None else max(interval, (wake - now).total_seconds())
+    rollout.next_step_at = now + timedelta(seconds=delay)
+    queue_step(session, rollout.id, countdown=delay)
 
 
 class Step:
@@ -189,6 +204,8 @@ class Step:
 
     def progress(self) -> None:
         wave = self.r.waves[self.r.current_wave]
+        if not self.follow_schedule(wave):
+            return
         if wave.phase == WavePhase.PENDING:
             advance_wave(self.r, wave, WavePhase.APPLYING)
             wave.started_at = self.now
@@ -256,7 +273,8 @@ class Step:
         if room <= 0:
             return
         pending = sorted(
-            self.in_state(opened, A.PENDING), key=lambda r: (self._wave_index(r), r.key)
+            self.allowed(self.in_state(opened, A.PENDING)),
+            key=lambda r: (self._wave_index(r), r.key),
         )
         admitted = pending[:room]
         for r in admitted:
@@ -332,15 +350,16 @@ class Step:
         if not still_applying and wave.phase == WavePhase.APPLYING:
             advance_wave(self.r, wave, WavePhase.BAKING)
             self.r.message = f"wave {wave.index} of {len(self.r.waves)} baking"
-            wave.baked_at = self.now + timedelta(seconds=wave.bake_s)
+            wave.baked_at = self.bake_until(wave)
         bake_end = wave.baked_at
+        since = self.progress_since(wave, started)
         result = gate_eval.evaluate(
             self.samples(rows),
             self.spec.gates,
             target_sha=self.target.sha256,
             since=started,
             bake_done=bake_end is not None and self.now >= bake_end,
-            deadline_passed=self.now > (bake_end or started) + timedelta(seconds=deadline),
+            deadline_passed=self.now > (bake_end or since) + timedelta(seconds=deadline),
         )
         faults.point("rollout.gate.evaluated")
         self._node_health(rows)
@@ -351,8 +370,10 @@ class Step:
             self.fail(wave, result, reason="GateFailed")
         elif result.decision == "pass":
             self.promote(wave, result)
-        elif still_applying and (
-            result.decision == "fail" or self.now > started + timedelta(seconds=deadline)
+        elif (
+            still_applying
+            and not self.waiting_for_window(still_applying)
+            and (result.decision == "fail" or self.now > since + timedelta(seconds=deadline))
         ):
             # Also where the gate failed on silence: nodes that never got the new version
             # running are the cause, not their numbers, and the operator is told which.
@@ -442,6 +463,180 @@ class Step:
                 reason="WaitingForHuman",
                 message=f"onFailure: pause ({result.reason}); resume, retry or abort",
             )
+
+    # -- the schedule (spec.schedule): when a node may start
+
+    @functools.cached_property
+    def calendars(self) -> Calendars | None:
+        """The calendars of the rollout's nodes, read once a step; None without a
+        schedule (any time)."""
+        if self.spec.schedule is None:
+            return None
+        return Calendars.load(self.s, self.spec.schedule, [r.node.id for r in self.rows])
+
+    def allowed(self, rows: Iterable[Row]) -> list[Row]:
+        """The rows whose calendar lets them start now: inside a window, in no freeze,
+        not before the start time. Admission takes only these. A node admitted keeps going
+        when its window closes or a freeze begins: a node is never left half-applied."""
+        cals = self.calendars
+        if cals is None:
+            return list(rows)
+        return [r for r in rows if cals.allows(r.node.id, self.now)]
+
+    def follow_schedule(self, wave: Wave) -> bool:
+        """Read the schedule for this step: report once the windows that opened since the
+        last step (and those that opened and closed while no step ran: not replayed), say
+        in the message and once in an event that the wave waits for a window, and
+        remember the instant. False when the wave has not started and none of its nodes
+        may start yet: it starts when the first of them may."""
+        cals = self.calendars
+        if cals is None:
+            self._stop_waiting(wave)
+            return True
+        last, self.r.schedule_evaluated_at = self.r.schedule_evaluated_at, self.now
+        pending = self.in_state(self.wave_rows(wave.index), A.PENDING)
+        groups = cals.by_group(r.node.id for r in pending)
+        if last is not None and last < self.now:
+            self._catch_up(wave, cals, list(groups), last)
+        verdicts = {key: cals.verdict(key, self.now) for key in groups}
+        if not groups or any(v is not None and v.allowed for v in verdicts.values()):
+            self._stop_waiting(wave)
+            return True
+        waits: dict[str, Any] = {}
+        for key, ids in groups.items():
+            group, verdict = cals.group(key), verdicts[key]
+            entry: dict[str, Any] = {"nodes": len(ids)}
+            if verdict is None:
+                entry["problem"] = group.problem
+            else:
+                entry["reason"] = verdict.reason
+                nxt = verdict.next_window
+                entry["next"] = None if nxt is None else nxt.start.isoformat()
+                if verdict.frozen_by:
+                    entry["frozenBy"] = list(verdict.frozen_by)
+            waits[group.label] = entry
+        opens = [e["next"] for e in waits.values() if e.get("next")]
+        frozen = sorted({f for e in waits.values() for f in e.get("frozenBy", [])})
+        message = (
+            f"{WAITING}: wave {wave.index} of {len(self.r.waves)}, {len(pending)} node(s) "
+            "not started"
+            + (f", frozen by {', '.join(frozen)}" if frozen else "")
+            + (f"; the next opens at {min(opens)}" if opens else "; none opens within a year")
+        )
+        if self.r.message != message:  # once per wait, not once per step
+            self.r.message = message
+            self.event(
+                reason="WaitingForWindow",
+                message=message,
+                data={"wave": wave.index, "zones": waits},
+            )
+        return wave.phase != WavePhase.PENDING
+
+    def _stop_waiting(self, wave: Wave) -> None:
+        if self.r.message is not None and self.r.message.startswith(WAITING):
+            self.r.message = f"wave {wave.index} of {len(self.r.waves)} {wave.phase.lower()}"
+
+    def _catch_up(self, wave: Wave, cals: Calendars, keys: list[GroupKey], last: datetime) -> None:
+        opened: dict[str, Any] = {}
+        missed: dict[str, Any] = {}
+        for key in keys:
+            group = cals.group(key)
+            if group.calendar is None:
+                continue
+            got = windows.catch_up(group.calendar, last, self.now)
+            if got.opened is not None:
+                opened[group.label] = {
+                    "opened": got.opened.start.isoformat(),
+                    "closes": None if got.opened.end is None else got.opened.end.isoformat(),
+                    "late_s": int((self.now - got.opened.start).total_seconds()),
+                }
+            if got.missed_total:
+                missed[group.label] = {
+                    "count": got.missed_total,
+                    "windows": [[i.start.isoformat(), _iso(i.end)] for i in got.missed[:10]],
+                }
+        if missed:
+            total = sum(m["count"] for m in missed.values())
+            self.event(
+                reason="WindowsMissed",
+                message=(
+                    f"wave {wave.index}: {total} window(s) opened and closed while no step "
+                    "ran (the controller down, or the rollout paused); they are not replayed"
+                ),
+                data={"wave": wave.index, "zones": missed},
+            )
+        if opened:
+            self.event(
+                reason="WindowOpened",
+                message=f"wave {wave.index}: window open for {', '.join(opened)}",
+                data={"wave": wave.index, "zones": opened},
+            )
+
+    def waiting_for_window(self, unfinished: Sequence[Row]) -> bool:
+        """The wave's unfinished nodes all wait to start and none may (a closed window,
+        a freeze, a start time ahead): the wave is held, its progress deadline stands."""
+        return (
+            self.calendars is not None
+            and all(r.assignment.state == A.PENDING for r in unfinished)
+            and not self.allowed(unfinished)
+        )
+
+    def progress_since(self, wave: Wave, started: datetime) -> datetime:
+        """Where the progress deadline counts from: the wave's start or, under a
+        schedule, the latest instant since at which its nodes could start again (a
+        window opening, a freeze's end), so a wave that paused has its whole deadline
+        again when it may go on."""
+        cals = self.calendars
+        if cals is None or self.now <= started:
+            return started
+        latest = started
+        # The horizon excludes its end, and the nodes may have been let go just now.
+        span = self.now - started + timedelta(seconds=1)
+        for key in cals.by_group(r.node.id for r in self.wave_rows(wave.index)):
+            cal = cals.group(key).calendar
+            if cal is None:
+                continue
+            for interval in windows.allowed_intervals(cal, started, span):
+                if interval.start <= self.now:
+                    latest = max(latest, interval.start)
+        return latest
+
+    def bake_until(self, wave: Wave) -> datetime:
+        """When the wave's bake, starting now, ends: ``bakeInWindowsOnly`` counts only
+        time inside the windows, until it has run in every zone of the wave."""
+        bake = timedelta(seconds=wave.bake_s)
+        cals = self.calendars
+        if cals is None or not cals.schedule.bakeInWindowsOnly:
+            return self.now + bake
+        ends: list[datetime] = []
+        for key in cals.by_group(r.node.id for r in self.wave_rows(wave.index)):
+            cal = cals.group(key).calendar
+            if cal is not None:
+                end = windows.bake_end_in_windows(cal, self.now, bake)
+                ends.append(self.now + windows.DEFAULT_HORIZON if end is None else end)
+        return max(ends, default=self.now + bake)
+
+    def wake_at(self) -> datetime | None:
+        """When the next step is worth running, if the rollout does nothing but wait for
+        a window: the earliest opening among its waiting nodes. None: the usual
+        interval (nodes in flight, or none waiting)."""
+        cals = self.calendars
+        if cals is None or self.r.phase != P.PROGRESSING:
+            return None
+        if self.in_state(self.rows, A.APPLYING, A.RUNNING):
+            return None
+        wave = self.r.waves[self.r.current_wave]
+        if wave.phase not in (WavePhase.PENDING, WavePhase.APPLYING):
+            return None
+        waiting = self.in_state(self.wave_rows(wave.index), A.PENDING)
+        if not waiting or self.allowed(waiting):
+            return None
+        opens = []
+        for key in cals.by_group(r.node.id for r in waiting):
+            verdict = cals.verdict(key, self.now)
+            if verdict is not None and verdict.next_window is not None:
+                opens.append(verdict.next_window.start)
+        return min(opens, default=None)
 
     # -- reverting (rollback, abort, undo)
 
@@ -625,6 +820,10 @@ class Convergence(Step):
         return self._versions[version_id].version
 
 
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.isoformat()
+
+
 def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = None) -> str | None:
     """One step of one rollout; returns its phase (None when another reconciler holds it)."""
 
@@ -682,7 +881,7 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
                 and any(r.assignment.state in (A.PENDING, A.APPLYING) for r in step.rows)
             )
         ):
-            _follow_up(session, rollout, settings, step.now)
+            _follow_up(session, rollout, settings, step.now, wake=step.wake_at())
         return rollout.phase
 
 

@@ -20,6 +20,7 @@ from controller.kit.manifest import (
     check_quantity,
 )
 from controller.kit.quantity import parse_quantity
+from controller.schedules.spec import Schedule
 
 _PERCENT = re.compile(r"^(100|[1-9]?[0-9])%$")
 PERCENT = re.compile(r"^(\d+)%$")
@@ -160,6 +161,11 @@ class RolloutSpec(Strict):
     gates: Gates = Field(default_factory=Gates)
     onFailure: Literal["rollback", "pause"] = "rollback"
     comparison: ComparisonRequirement | None = None
+    schedule: Schedule | None = Field(
+        None,
+        description="when waves may start nodes: a start time, maintenance windows per "
+        "time zone, bake counted in windows only (none: any time)",
+    )
 
 
 class RolloutManifest(Document):

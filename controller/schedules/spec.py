@@ -1,5 +1,5 @@
 """Manifest and API fields of schedules: a Rollout's ``schedule`` and the ``FreezePeriod``
-spec. Unknown fields are errors; every error names its field and the expected form; every
+kind. Unknown fields are errors; every error names its field and the expected form; every
 size and count is bounded. ``to_windows`` and ``to_freeze`` turn them into the values of
 ``windows.py``, which does the arithmetic."""
 
@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Literal
 
 from cronsim import CronSim
 from pydantic import AwareDatetime, Field, ValidationInfo, field_validator, model_validator
 
 from controller.kit.durations import parse_duration
-from controller.kit.manifest import LabelKey, LabelValue, Name, Strict
+from controller.kit.manifest import Document, LabelKey, LabelValue, Name, Strict
 from controller.schedules.windows import (
     TIMEZONE_LABEL,
     Calendar,
@@ -182,12 +182,12 @@ class FreezeSelector(Strict):
     )
 
 
-class FreezePeriod(Strict):
-    """A named freeze: no wave starts on the nodes it selects while it lasts. Either a
-    fixed ``start``/``end``, or a recurring ``cron`` + ``duration`` read in ``timeZone``
-    (omitted: each node's zone, so a holiday freeze follows every site's own midnight)."""
+class FreezeSpec(Strict):
+    """A freeze: no wave starts on the nodes it selects while it lasts. Either a fixed
+    ``start``/``end``, or a recurring ``cron`` + ``duration`` read in ``timeZone``
+    (omitted: each node's zone, so a holiday freeze follows every site's own midnight).
+    The ``spec`` of a ``FreezePeriod`` manifest."""
 
-    name: Name
     start: AwareDatetime | None = Field(None, description="RFC 3339 instant with an offset")
     end: AwareDatetime | None = Field(None, description="RFC 3339 instant with an offset")
     cron: Cron | None = None
@@ -222,7 +222,7 @@ class FreezePeriod(Strict):
         return _zone(v)
 
     @model_validator(mode="after")
-    def _one_form(self) -> FreezePeriod:
+    def _one_form(self) -> FreezeSpec:
         fixed = self.start is not None or self.end is not None
         recurring = self.cron is not None or self.duration is not None
         if fixed == recurring:
@@ -242,6 +242,24 @@ class FreezePeriod(Strict):
         elif self.cron is None or self.duration is None:
             raise ValueError("a recurring freeze needs both cron and duration")
         return self
+
+
+class FreezePeriod(FreezeSpec):
+    """A named freeze, as ``POST /v1/freezes`` takes it: the spec and its name."""
+
+    name: Name
+
+    @classmethod
+    def of(cls, name: str, spec: FreezeSpec) -> FreezePeriod:
+        return cls.model_validate({"name": name, **spec.model_dump(exclude_none=True)})
+
+    def spec(self) -> FreezeSpec:
+        return FreezeSpec.model_validate(self.model_dump(exclude={"name"}, exclude_none=True))
+
+
+class FreezePeriodManifest(Document):
+    kind: Literal["FreezePeriod"]
+    spec: FreezeSpec
 
 
 def _matcher(labels: Mapping[str, str]) -> Selector:

@@ -140,7 +140,8 @@ BAD: list[Any] = [
             ("kind",),
             "Deployment",
             ["kind"],
-            "unknown kind 'Deployment': expected one of Cluster, ModelVersion, Rollout",
+            "unknown kind 'Deployment': expected one of Cluster, ModelVersion, FreezePeriod, "
+            "Rollout",
         ),
         id="kind-unknown",
     ),
@@ -818,12 +819,13 @@ def test_preflight_problems_show_in_dry_run_and_refuse_apply(
 # ---------------------------------------------------------------- JSON Schemas
 
 
-def test_schemas_lists_the_three_kinds(client: TestClient) -> None:
+def test_schemas_lists_the_kinds(client: TestClient) -> None:
     resp = client.get("/v1/schemas")
     assert resp.status_code == 200
     assert resp.json() == {
         "Cluster": "/v1/schemas/Cluster",
         "ModelVersion": "/v1/schemas/ModelVersion",
+        "FreezePeriod": "/v1/schemas/FreezePeriod",
         "Rollout": "/v1/schemas/Rollout",
     }
     for kind, url in resp.json().items():
@@ -856,5 +858,5 @@ def test_unknown_schema_kind_is_a_404_in_the_error_shape(client: TestClient) -> 
     assert resp.status_code == 404
     assert resp.json() == {
         "error": "not_found",
-        "detail": "unknown kind 'Deployment' (known: Cluster, ModelVersion, Rollout)",
+        "detail": "unknown kind 'Deployment' (known: Cluster, ModelVersion, FreezePeriod, Rollout)",
     }
