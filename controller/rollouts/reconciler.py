@@ -708,7 +708,10 @@ class Convergence(Step):
     def _admit_back(self, rows: list[Row]) -> None:
         budget = planner.max_unavailable(self.spec.strategy, len(rows))
         room = budget - len(self.in_state(rows, A.APPLYING))
-        admitted = sorted(self.in_state(rows, A.PENDING), key=lambda r: r.key)[: max(room, 0)]
+        # A node back from offline follows the rollout's schedule too: it starts only
+        # inside its site's window and outside any freeze.
+        waiting = self.allowed(self.in_state(rows, A.PENDING))
+        admitted = sorted(waiting, key=lambda r: r.key)[: max(room, 0)]
         for r in admitted:
             r.assignment.desired_version_id = self.target_of(r).id
             # Numbers of what the node ran before do not count for the new version.

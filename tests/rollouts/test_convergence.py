@@ -361,3 +361,29 @@ def test_a_step_that_dies_after_the_push_loses_nothing_and_repeats_nothing(
     after = reasons("d2")[len(before) :]
     assert after == ["NodeBack", "Converging", "Converged"]
     assert set(running_versions(settings, CLUSTERS).values()) == {"2.0.0"}
+
+
+def test_a_node_back_from_offline_waits_for_its_rollouts_window(
+    fleet: TestClient, settings: Settings
+) -> None:
+    """A scheduled rollout's late node starts only inside the schedule's window, as its
+    waves did. The window opens every day an hour before now and stays open 23 hours, so
+    the rollout runs now; the node comes back in the closed hour and waits, and goes when
+    the window opens again."""
+    now = utcnow()
+    opens = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    schedule = {
+        "timeZone": "UTC",
+        "windows": [{"cron": f"0 {opens.hour} * * *", "duration": "23h"}],
+    }
+    go_offline(settings)
+    apply(fleet, rollout_doc("d2", "2.0.0", schedule=schedule, **ONE_WAVE))
+    assert drive("d2", settings)[-1] == "Succeeded"
+    come_back()
+    closed = opens + timedelta(hours=23, minutes=30)
+    assert step("d2", settings, now=closed) == "Succeeded"
+    assert node_states("d2")[AWAY] == "Pending"  # back, and waiting for the window
+    assert "Converging" not in reasons("d2")
+    assert step("d2", settings, now=closed + timedelta(hours=1)) == "Succeeded"
+    assert node_states("d2")[AWAY] == "Applying"
+    assert "Converging" in reasons("d2")
