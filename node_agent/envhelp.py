@@ -5,10 +5,16 @@ it must be set, whether it is required or its default, and what it does."""
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import threading
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
+
+S = TypeVar("S", bound=BaseSettings)
 
 
 def env_name(field: str, aliases: Mapping[str, str]) -> str:
@@ -62,3 +68,31 @@ def explain(exc: ValidationError, aliases: Mapping[str, str] | None = None) -> s
         env = by_alias.get(loc) or env_name(loc, known)
         lines.append(f"  {env}: {err['msg']}")
     return "\n".join(lines)
+
+
+def start(
+    prog: str,
+    settings: type[S],
+    intro: str,
+    argv: Sequence[str],
+    log: logging.Logger,
+    aliases: Mapping[str, str] | None = None,
+) -> tuple[S, threading.Event]:
+    """What both programs do before their loop: ``--help``, the settings read from the
+    environment (exit 2 naming every bad one), logging at the settings' ``log_level``, and
+    an Event that SIGTERM and SIGINT set."""
+    parse_help(prog, settings, intro, argv, aliases)
+    try:
+        loaded = settings()
+    except ValidationError as exc:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        log.error("invalid %s configuration:\n%s", prog, explain(exc, aliases))
+        raise SystemExit(2) from None
+    logging.basicConfig(
+        level=str(getattr(loaded, "log_level", "info")).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return loaded, stop

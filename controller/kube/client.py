@@ -383,23 +383,7 @@ class KubernetesDriver:
         body = objects.service(
             model, namespace=self.namespace, port=self.port, node_local=self._node_local()
         )
-        name = body["metadata"]["name"]
-        try:
-            self._call(
-                f"apply service {name}",
-                self.core.patch_namespaced_service,
-                name,
-                self.namespace,
-                body,
-                field_manager=FIELD_MANAGER,
-                force=False,
-                _content_type="application/apply-patch+yaml",
-            )
-        except Conflict as exc:
-            raise Conflict(
-                f"service {self.namespace}/{name} has fields owned by another manager: {exc}; "
-                "edgefleet does not force them"
-            ) from exc
+        self._apply_unforced("service", self.core.patch_namespaced_service, body)
 
     def ensure_artifact_secret(self) -> None:
         """The Secret with the cluster's current artifact token. The token changes about
@@ -424,11 +408,16 @@ class KubernetesDriver:
 
     def apply_daemonset(self, spec: WorkloadSpec) -> None:
         body = objects.daemonset(spec, namespace=self.namespace, image=self.image, port=self.port)
+        self._apply_unforced("daemonset", self.apps.patch_namespaced_daemon_set, body)
+
+    def _apply_unforced(self, kind: str, patch: Callable[..., Any], body: dict[str, Any]) -> None:
+        """Server-side apply of ``body`` as edgefleet's field manager, never forcing a
+        field another manager owns: such a conflict is reported, naming the object."""
         name = body["metadata"]["name"]
         try:
             self._call(
-                f"apply daemonset {name}",
-                self.apps.patch_namespaced_daemon_set,
+                f"apply {kind} {name}",
+                patch,
                 name,
                 self.namespace,
                 body,
@@ -438,7 +427,7 @@ class KubernetesDriver:
             )
         except Conflict as exc:
             raise Conflict(
-                f"daemonset {self.namespace}/{name} has fields owned by another manager "
+                f"{kind} {self.namespace}/{name} has fields owned by another manager "
                 f"(someone edited it with kubectl?): {exc}; edgefleet does not force them"
             ) from exc
 

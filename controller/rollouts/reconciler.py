@@ -175,6 +175,17 @@ class Step:
                     refused.extend(group)
         return refused
 
+    def observe_failed(self, cluster: str, nodes: int, exc: DriverError) -> None:
+        """A cluster that could not be observed this step: logged, remembered (a progress
+        deadline that fails the wave names it) and recorded as an event."""
+        log.warning("observe %s failed: %s", cluster, exc)
+        self.unobserved[cluster] = str(exc)
+        self.event(
+            reason="DriverError",
+            message=f"cluster {cluster}: observe failed: {exc}",
+            data={"transient": exc.transient, "nodes": nodes, "call": "observe"},
+        )
+
     def wave_rows(self, index: int) -> list[Row]:
         wave_id = self.r.waves[index].id
         return [r for r in self.rows if r.assignment.wave_id == wave_id]
@@ -296,13 +307,7 @@ class Step:
                 # they are, the next step observes again and the progress deadline bounds
                 # the wait. The error is recorded, and a deadline that fails the wave
                 # names it, so the operator sees why the nodes never showed up Ready.
-                log.warning("observe %s failed: %s", cluster, exc)
-                self.unobserved[cluster] = str(exc)
-                self.event(
-                    reason="DriverError",
-                    message=f"cluster {cluster}: observe failed: {exc}",
-                    data={"transient": exc.transient, "nodes": len(group), "call": "observe"},
-                )
+                self.observe_failed(cluster, len(group), exc)
                 continue
             for r in group:
                 obs = seen.get(r.node.name)
@@ -740,11 +745,7 @@ class Convergence(Step):
                     self.spec.model.name, [r.node.name for r in group]
                 )
             except DriverError as exc:
-                self.event(
-                    reason="DriverError",
-                    message=f"cluster {cluster}: observe failed: {exc}",
-                    data={"transient": exc.transient, "nodes": len(group), "call": "observe"},
-                )
+                self.observe_failed(cluster, len(group), exc)
                 continue
             for r in group:
                 obs = seen.get(r.node.name)

@@ -6,16 +6,12 @@ lists them, with their defaults and what each does, and needs none of them set."
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
-
-from pydantic import ValidationError
 
 from node_agent.agent.loop import Agent
 from node_agent.agent.settings import AgentSettings
 from node_agent.discovery import DiscoveryError
-from node_agent.envhelp import explain, parse_help
+from node_agent.envhelp import start
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -29,22 +25,8 @@ INTRO = (
 
 
 def main(argv: list[str] | None = None) -> None:
-    parse_help(
-        "edgefleet-agent", AgentSettings, INTRO, sys.argv[1:] if argv is None else argv, ALIASES
-    )
-    try:
-        settings = AgentSettings()
-    except ValidationError as exc:
-        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-        log.error("invalid agent configuration:\n%s", explain(exc, ALIASES))
-        raise SystemExit(2) from None
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    args = sys.argv[1:] if argv is None else argv
+    settings, stop = start("edgefleet-agent", AgentSettings, INTRO, args, log, ALIASES)
     try:
         agent = Agent(settings)
     except (OSError, DiscoveryError) as exc:  # an unwritable state directory, typically
