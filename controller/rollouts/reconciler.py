@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -35,7 +35,7 @@ from controller.db.session import session_scope
 from controller.fleet import repository as fleet_repo
 from controller.fleet.service import build_workload, cluster_driver
 from controller.kit.durations import parse_duration
-from controller.kube.driver import ClusterDriver, DriverError, WorkloadSpec
+from controller.kube.driver import ClusterDriver, DriverError, ObservedWorkload, WorkloadSpec
 from controller.rollouts import gates as gate_eval
 from controller.rollouts import planner
 from controller.rollouts import repository as repo
@@ -175,6 +175,25 @@ class Step:
                     refused.extend(group)
         return refused
 
+    def observations(self, rows: Iterable[Row]) -> Iterator[tuple[Row, ObservedWorkload]]:
+        """What each row's cluster reports of its node, one observe call per cluster.
+        An unanswered observe says nothing about the nodes: they hold where they are, the
+        next step observes again and the progress deadline bounds the wait. The error is
+        recorded, and a deadline that fails the wave names it, so the operator sees why
+        the nodes never showed up Ready."""
+        for cluster, group in self.by_cluster(rows).items():
+            try:
+                seen = self.driver(cluster).observe(
+                    self.spec.model.name, [r.node.name for r in group]
+                )
+            except DriverError as exc:
+                self.observe_failed(cluster, len(group), exc)
+                continue
+            for r in group:
+                obs = seen.get(r.node.name)
+                if obs is not None:
+                    yield r, obs
+
     def observe_failed(self, cluster: str, nodes: int, exc: DriverError) -> None:
         """A cluster that could not be observed this step: logged, remembered (a progress
         deadline that fails the wave names it) and recorded as an event."""
@@ -297,38 +316,23 @@ class Step:
         ready, failed = [], []
         reasons: dict[int, str] = {}
         restarted: dict[str, int] = {}
-        for cluster, group in self.by_cluster(watched).items():
-            try:
-                seen = self.driver(cluster).observe(
-                    self.spec.model.name, [r.node.name for r in group]
-                )
-            except DriverError as exc:
-                # An unanswered observe says nothing about the nodes: they hold where
-                # they are, the next step observes again and the progress deadline bounds
-                # the wait. The error is recorded, and a deadline that fails the wave
-                # names it, so the operator sees why the nodes never showed up Ready.
-                self.observe_failed(cluster, len(group), exc)
-                continue
-            for r in group:
-                obs = seen.get(r.node.name)
-                if obs is None:
-                    continue
-                before = int((r.assignment.metrics or {}).get("restarts", 0))
-                if obs.restarts > before:
-                    restarted[r.key] = obs.restarts
-                    r.assignment.metrics = {
-                        **(r.assignment.metrics or {}),
-                        "restarts": obs.restarts,
-                    }
-                    r.assignment.message = f"{obs.restarts} container restart(s)"
-                if obs.phase == "Failed":
-                    failed.append(r)
-                    note = f" after {obs.restarts} restart(s)" if obs.restarts else ""
-                    reasons[r.assignment.id] = f"{obs.reason or 'failed'}{note}"
-                elif obs.phase == "Ready" and obs.sha256 == self.target_of(r).sha256:
-                    r.assignment.observed_version_id = self.target_of(r).id
-                    if r.assignment.state == A.APPLYING:
-                        ready.append(r)
+        for r, obs in self.observations(watched):
+            before = int((r.assignment.metrics or {}).get("restarts", 0))
+            if obs.restarts > before:
+                restarted[r.key] = obs.restarts
+                r.assignment.metrics = {
+                    **(r.assignment.metrics or {}),
+                    "restarts": obs.restarts,
+                }
+                r.assignment.message = f"{obs.restarts} container restart(s)"
+            if obs.phase == "Failed":
+                failed.append(r)
+                note = f" after {obs.restarts} restart(s)" if obs.restarts else ""
+                reasons[r.assignment.id] = f"{obs.reason or 'failed'}{note}"
+            elif obs.phase == "Ready" and obs.sha256 == self.target_of(r).sha256:
+                r.assignment.observed_version_id = self.target_of(r).id
+                if r.assignment.state == A.APPLYING:
+                    ready.append(r)
         self.moved(ready, A.RUNNING, "WorkloadReady")
         self.moved(failed, A.FAILED, "WorkloadFailed", reasons)
         if restarted:
@@ -739,23 +743,12 @@ class Convergence(Step):
         """The ids of the rows whose cluster shows the new version Ready; a workload that
         failed goes into ``failed``. An unanswered observe holds its nodes."""
         ready: set[int] = set()
-        for cluster, group in self.by_cluster(rows).items():
-            try:
-                seen = self.driver(cluster).observe(
-                    self.spec.model.name, [r.node.name for r in group]
-                )
-            except DriverError as exc:
-                self.observe_failed(cluster, len(group), exc)
-                continue
-            for r in group:
-                obs = seen.get(r.node.name)
-                if obs is None:
-                    continue
-                if obs.phase == "Failed":
-                    failed[r.assignment.id] = f"workload {obs.reason or 'failed'}"
-                elif obs.phase == "Ready" and obs.sha256 == self.target_of(r).sha256:
-                    r.assignment.observed_version_id = self.target_of(r).id
-                    ready.add(r.assignment.id)
+        for r, obs in self.observations(rows):
+            if obs.phase == "Failed":
+                failed[r.assignment.id] = f"workload {obs.reason or 'failed'}"
+            elif obs.phase == "Ready" and obs.sha256 == self.target_of(r).sha256:
+                r.assignment.observed_version_id = self.target_of(r).id
+                ready.add(r.assignment.id)
         return ready
 
     def _judge_converging(
