@@ -74,6 +74,38 @@ class DiscoveryError(Exception):
     pass
 
 
+def api_client(
+    api_url: str,
+    ca_file: Path | None,
+    timeout_s: float,
+    transport: httpx.BaseTransport | None,
+    error: type[Exception],
+) -> httpx.Client:
+    """An HTTP client of this cluster's API server, trusting ``ca_file`` (the service
+    account's CA bundle); ``error`` names a missing bundle in the caller's terms."""
+    verify: ssl.SSLContext | bool = True
+    if ca_file is not None:
+        if not ca_file.is_file():
+            raise error(f"no CA bundle for the Kubernetes API at {ca_file}")
+        verify = ssl.create_default_context(cafile=str(ca_file))
+    # Only this cluster's API server: no proxy from the environment.
+    return httpx.Client(
+        base_url=api_url.rstrip("/"),
+        timeout=timeout_s,
+        verify=verify,
+        trust_env=False,
+        transport=transport,
+    )
+
+
+def service_account_token(token_file: Path, error: type[Exception]) -> str:
+    """Read at every call: projected service-account tokens are rotated by the kubelet."""
+    try:
+        return token_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise error(f"cannot read the service account token: {exc}") from exc
+
+
 def api_url_from_env(env: Mapping[str, str]) -> str | None:
     """The in-cluster API server address the kubelet gives every pod, or None."""
     host = env.get("KUBERNETES_SERVICE_HOST")
@@ -141,19 +173,7 @@ class PodDiscovery:
         self.label_selector = label_selector
         self.refresh_s = refresh_s
         self.clock = clock
-        verify: ssl.SSLContext | bool = True
-        if ca_file is not None:
-            if not ca_file.is_file():
-                raise DiscoveryError(f"no CA bundle for the Kubernetes API at {ca_file}")
-            verify = ssl.create_default_context(cafile=str(ca_file))
-        # Only this cluster's API server: no proxy from the environment.
-        self._http = httpx.Client(
-            base_url=api_url.rstrip("/"),
-            timeout=timeout_s,
-            verify=verify,
-            trust_env=False,
-            transport=transport,
-        )
+        self._http = api_client(api_url, ca_file, timeout_s, transport, DiscoveryError)
         self._urls: list[str] | None = None
         self._next_at = 0.0
         self.lists = 0  # successful lists, for tests and logs
@@ -162,11 +182,7 @@ class PodDiscovery:
         self._http.close()
 
     def _token(self) -> str:
-        # Read at every list: projected service-account tokens are rotated by the kubelet.
-        try:
-            return self.token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise DiscoveryError(f"cannot read the service account token: {exc}") from exc
+        return service_account_token(self.token_file, DiscoveryError)
 
     def list_urls(self) -> list[str]:
         """List this node's inference pods now; their metrics URLs, sorted."""

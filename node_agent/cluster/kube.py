@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from node_agent.discovery import api_client, service_account_token
 
 FIELD_MANAGER = "edgefleet"
 
@@ -39,29 +40,13 @@ class KubeApi:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.token_file = token_file
-        verify: ssl.SSLContext | bool = True
-        if ca_file is not None:
-            if not ca_file.is_file():
-                raise KubeError(f"no CA bundle for the Kubernetes API at {ca_file}")
-            verify = ssl.create_default_context(cafile=str(ca_file))
-        # Only this cluster's API server: no proxy from the environment.
-        self._http = httpx.Client(
-            base_url=api_url.rstrip("/"),
-            timeout=timeout_s,
-            verify=verify,
-            trust_env=False,
-            transport=transport,
-        )
+        self._http = api_client(api_url, ca_file, timeout_s, transport, KubeError)
 
     def close(self) -> None:
         self._http.close()
 
     def _token(self) -> str:
-        # Read at every call: projected service-account tokens are rotated by the kubelet.
-        try:
-            return self.token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise KubeError(f"cannot read the service account token: {exc}") from exc
+        return service_account_token(self.token_file, KubeError)
 
     def request(
         self,
