@@ -22,7 +22,7 @@ from controller.cli.format import (
     wave_label,
     when,
 )
-from controller.cli.options import ApiUrl, OutputOpt
+from controller.cli.options import ApiUrl, EventsOpt, OutputOpt
 from controller.cli.output import Output, console, emit
 
 describe_app = typer.Typer(help="Show one resource in detail.", no_args_is_help=True)
@@ -130,7 +130,7 @@ def _events_lines(events: list[dict[str, Any]]) -> list[RenderableType]:
 @describe_app.command("rollout")
 def describe_rollout(
     name: Annotated[str, typer.Argument(help="Rollout name.")],
-    events: Annotated[int, typer.Option("--events", min=1, max=1000, help="Last N events.")] = 10,
+    events: EventsOpt = 10,
     output: OutputOpt = Output.table,
     api_url: ApiUrl = None,
 ) -> None:
@@ -172,7 +172,7 @@ def _fetch(api_url: str | None, path: str, kind: str, name: str, events: int) ->
 @describe_app.command("cluster")
 def describe_cluster(
     name: Annotated[str, typer.Argument(help="Cluster name.")],
-    events: Annotated[int, typer.Option("--events", min=1, max=1000, help="Last N events.")] = 10,
+    events: EventsOpt = 10,
     output: OutputOpt = Output.table,
     api_url: ApiUrl = None,
 ) -> None:
@@ -202,7 +202,7 @@ def describe_cluster(
 @describe_app.command("node")
 def describe_node(
     target: Annotated[str, typer.Argument(help="CLUSTER/NODE.")],
-    events: Annotated[int, typer.Option("--events", min=1, max=1000, help="Last N events.")] = 10,
+    events: EventsOpt = 10,
     output: OutputOpt = Output.table,
     api_url: ApiUrl = None,
 ) -> None:

@@ -13,3 +13,4 @@ ApiUrl = Annotated[
     typer.Option("--api-url", envvar="EDGEFLEET_API_URL", help="Controller URL."),
 ]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="Output format.")]
+EventsOpt = Annotated[int, typer.Option("--events", min=1, max=1000, help="Last N events.")]
