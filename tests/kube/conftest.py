@@ -9,12 +9,16 @@ a missing dependency is never a silent pass (scripts/test builds them).
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from kubernetes import client as k8s
 
-from tests.kube.controlplane import ControlPlane, kube_binaries, start_control_plane
+from controller.kube.client import KubernetesDriver
+from tests.kube.controlplane import ControlPlane, credentials, kube_binaries, start_control_plane
 from tests.kube.node import (
     BuiltImage,
     Node,
@@ -99,3 +103,35 @@ def real_node(
     archives = tuple(image.archive for image in shipped_images.values())
     with running_node(node_control_plane, tmp_path_factory.mktemp("node"), images=archives) as node:
         yield node
+
+
+# --- a namespace, the core API and a driver on the session's control plane --------------
+# (tests/kube/test_driver.py and test_objects_apply.py; a module may define its own)
+
+
+@pytest.fixture
+def ns() -> str:
+    return f"ef-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def core(control_plane: ControlPlane) -> Any:
+    api: Any = k8s.CoreV1Api(control_plane.api_client())
+    return api
+
+
+@pytest.fixture
+def driver(control_plane: ControlPlane, ns: str, core: Any) -> Iterator[KubernetesDriver]:
+    d = KubernetesDriver(
+        "a",
+        server=control_plane.server,
+        namespace=ns,
+        credentials=credentials(control_plane),
+        image="ghcr.io/edgefleet/inference:test",
+        port=8500,
+        backoff=(0.1, 0.2),
+    )
+    d.ensure_namespace()
+    yield d
+    d.close()
+    core.delete_namespace(ns)

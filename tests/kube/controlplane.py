@@ -767,3 +767,11 @@ def _default_service_account_ready(server: str, token: str, ca: Path) -> bool:
         return False
     sa: Mapping[str, Any] = json.loads(got[1])
     return bool(sa.get("secrets"))
+
+
+def credentials(cp: ControlPlane, token: str | None = None) -> dict[str, Any]:
+    ca = Path(cp.ca_cert_path).read_text() if cp.ca_cert_path else None
+    return {
+        "token": token or cp.token,
+        **({"caData": ca} if ca else {"insecureSkipTLSVerify": True}),
+    }

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from kubernetes import client as k8s
 from controller.kube import objects
 from controller.kube.client import Conflict, Forbidden, KubernetesDriver, Unreachable
 from controller.kube.driver import WorkloadSpec
-from tests.kube.controlplane import ControlPlane, make_node
+from tests.kube.controlplane import ControlPlane, credentials, make_node
 from tests.kube.kubelet import eventually, finalize_terminating_pods, settle
 
 RESOURCES = {
@@ -38,25 +37,6 @@ def spec(
     )
 
 
-def credentials(cp: ControlPlane, token: str | None = None) -> dict[str, Any]:
-    ca = Path(cp.ca_cert_path).read_text() if cp.ca_cert_path else None
-    return {
-        "token": token or cp.token,
-        **({"caData": ca} if ca else {"insecureSkipTLSVerify": True}),
-    }
-
-
-@pytest.fixture
-def ns() -> str:
-    return f"ef-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def core(control_plane: ControlPlane) -> Any:
-    api: Any = k8s.CoreV1Api(control_plane.api_client())
-    return api
-
-
 @pytest.fixture
 def nodes(core: Any) -> Iterator[list[str]]:
     names = [f"edge-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
@@ -66,23 +46,6 @@ def nodes(core: Any) -> Iterator[list[str]]:
     yield names
     for name in names:
         core.delete_node(name)
-
-
-@pytest.fixture
-def driver(control_plane: ControlPlane, ns: str, core: Any) -> Iterator[KubernetesDriver]:
-    d = KubernetesDriver(
-        "a",
-        server=control_plane.server,
-        namespace=ns,
-        credentials=credentials(control_plane),
-        image="ghcr.io/edgefleet/inference:test",
-        port=8500,
-        backoff=(0.1, 0.2),
-    )
-    d.ensure_namespace()
-    yield d
-    d.close()
-    core.delete_namespace(ns)
 
 
 def pods_on(core: Any, ns: str) -> dict[str, str]:

@@ -16,22 +16,11 @@ from kubernetes import client as k8s
 
 from controller.kube import objects
 from controller.kube.client import KubernetesDriver
-from tests.kube.controlplane import ControlPlane, make_node
+from tests.kube.controlplane import make_node
 from tests.kube.kubelet import eventually, settle
-from tests.kube.test_driver import credentials, spec
+from tests.kube.test_driver import spec
 
 _ips = (f"10.244.{i // 250}.{i % 250 + 2}" for i in itertools.count())
-
-
-@pytest.fixture
-def ns() -> str:
-    return f"ef-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def core(control_plane: ControlPlane) -> Any:
-    api: Any = k8s.CoreV1Api(control_plane.api_client())
-    return api
 
 
 @pytest.fixture
@@ -42,23 +31,6 @@ def nodes(core: Any) -> Iterator[list[str]]:
     yield names
     for name in names:
         core.delete_node(name)
-
-
-@pytest.fixture
-def driver(control_plane: ControlPlane, ns: str, core: Any) -> Iterator[KubernetesDriver]:
-    d = KubernetesDriver(
-        "a",
-        server=control_plane.server,
-        namespace=ns,
-        credentials=credentials(control_plane),
-        image="ghcr.io/edgefleet/inference:test",
-        port=8500,
-        backoff=(0.1, 0.2),
-    )
-    d.ensure_namespace()
-    yield d
-    d.close()
-    core.delete_namespace(ns)
 
 
 def start_pods(core: Any, ns: str) -> None:
