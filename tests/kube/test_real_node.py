@@ -53,6 +53,18 @@ def core(node_control_plane: ControlPlane) -> Any:
 def namespace(core: Any) -> Iterator[str]:
     name = f"ef-real-{uuid.uuid4().hex[:6]}"
     core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    # The API server's admission refuses a bare pod (500, "No API token found for service
+    # account default") until the controller-manager has created the namespace's default
+    # ServiceAccount; a Deployment's ReplicaSet retries on its own, a test's pod does not.
+    eventually(
+        lambda: [
+            sa
+            for sa in core.list_namespaced_service_account(name).items
+            if sa.metadata.name == "default"
+        ],
+        timeout_s=30,
+        what=f"the default ServiceAccount of {name}",
+    )
     yield name
     core.delete_namespace(name)
 
