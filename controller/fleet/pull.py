@@ -45,6 +45,7 @@ from controller.fleet.service import cluster_driver, sync_nodes
 from controller.kube import objects
 from controller.kube.driver import WorkloadSpec
 from controller.settings import Settings
+from node_agent.cluster import handover
 from node_agent.cluster.contract import (
     ClusterEnrollOut,
     DesiredState,
@@ -174,16 +175,21 @@ def desired_state(
         poll_timeout_s=settings.pull_poll_timeout_s,
     )
     if out.changed:
-        out.daemonsets, out.node_labels = _render(session, settings, found.id, namespace)
+        out.daemonsets, out.services, out.node_labels = _render(
+            session, settings, found.id, namespace
+        )
     return out
 
 
 def _render(
     session: Session, settings: Settings, cluster_id: int, namespace: str
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, str | None]]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, str | None]]]:
     """The objects the push driver would have applied for the stored desired state: one
     DaemonSet per (model, version) some node should run (the newest spec of it: rows
-    come oldest change first), and each node's model labels (None removes one)."""
+    come oldest change first), the Service of each model some node should run, and the
+    version each node should run of each model (None: none). The previous labels of a
+    handover are the cluster agent's to set: it sees the pods turn Ready, the controller
+    only hears of it at the next report (node_agent/cluster/handover.py)."""
     specs: dict[tuple[str, str], WorkloadSpec] = {}
     labels: dict[str, dict[str, str | None]] = {}
     for row in repo.pull_desired(session, cluster_id):
@@ -192,14 +198,20 @@ def _render(
             spec = WorkloadSpec(**row.workload)
             specs[(spec.model, spec.version)] = spec
             version = spec.version
-        labels.setdefault(row.node, {})[objects.node_label(row.model)] = version
+        labels.setdefault(row.node, {})[handover.node_label(row.model)] = version
     daemonsets = [
         objects.daemonset(
             spec, namespace=namespace, image=settings.inference_image, port=settings.inference_port
         )
         for _, spec in sorted(specs.items())
     ]
-    return daemonsets, labels
+    # Node-local (internalTrafficPolicy: Local); the agent leaves the field out for an
+    # API server older than 1.22, which refuses it, as the push driver does.
+    services = [
+        objects.service(model, namespace=namespace, port=settings.inference_port)
+        for model in sorted({model for model, _ in specs})
+    ]
+    return daemonsets, services, labels
 
 
 def _revision(cluster: str) -> int | None:

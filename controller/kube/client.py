@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from controller.kube import objects
 from controller.kube.driver import DriverError, NodeInventory, ObservedWorkload, WorkloadSpec
 from controller.kube.kubeconfig import RemoteAccess, canonical_server, parse_kubeconfig
-from node_agent.cluster import pods
+from node_agent.cluster import handover, pods
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -310,7 +310,7 @@ class KubernetesDriver:
             self.apply_service(model)
         for spec in specs.values():
             self.apply_daemonset(spec)
-        labels = self._model_labels(model, objects.node_label(model))
+        labels = self._model_labels(model, handover.node_label(model))
         by_node = self._pods_by_node(model)
         for node in sorted(set(desired) | set(labels)):
             current, previous = labels.get(node, (None, None))
@@ -324,7 +324,7 @@ class KubernetesDriver:
 
     def _model_labels(self, model: str, selector: str) -> dict[str, tuple[str | None, str | None]]:
         """(label, previous label) of ``model`` per node that has ``selector``."""
-        key, prev_key = objects.node_label(model), objects.previous_label(model)
+        key, prev_key = handover.node_label(model), handover.previous_label(model)
         nodes = self._get_json("list labelled nodes", self.core.list_node, label_selector=selector)
         out = {}
         for item in nodes.get("items", []):
@@ -339,18 +339,14 @@ class KubernetesDriver:
         wanted: str | None,
         current: str | None,
         previous: str | None,
-        pods: Sequence[Mapping[str, Any]] | None,
+        pods_on_node: Sequence[Mapping[str, Any]] | None,
     ) -> tuple[str | None, str | None]:
-        """Patch ``node``'s labels of ``model`` to what :func:`objects.next_labels` says,
-        if they change; returns them."""
-        seen = [(p, _observe_pod(p)) for p in pods or ()]
-        serving = {o.version for _, o in seen if o.phase == "Ready" and o.version}
-        starved = any(
-            o.version == wanted and (o.reason or "").startswith("Unschedulable") for _, o in seen
-        )
-        after = objects.next_labels(wanted, current, previous, serving, room=not starved)
+        """Patch ``node``'s labels of ``model`` to what :func:`handover.step` says, if
+        they change; returns them."""
+        seen = [o for o in map(pods.observe_pod, pods_on_node or ()) if o is not None]
+        after = handover.step(wanted, current, previous, seen)
         if after != (current, previous):
-            key, prev_key = objects.node_label(model), objects.previous_label(model)
+            key, prev_key = handover.node_label(model), handover.previous_label(model)
             patch = {"metadata": {"labels": {key: after[0], prev_key: after[1]}}}
             self._call(
                 f"label node {node}",
@@ -437,7 +433,7 @@ class KubernetesDriver:
         """Delete the DaemonSets of versions no node names (in its label or its previous
         label: ``labels``, read if not given), and the Service when none is left."""
         if labels is None:
-            labels = self._model_labels(model, objects.node_label(model))
+            labels = self._model_labels(model, handover.node_label(model))
         used = {v for pair in labels.values() for v in pair if v}
         sets = self._get_json(
             "list daemonsets",
@@ -494,7 +490,7 @@ class KubernetesDriver:
         moves to (Absent, Pending, Running, then Ready), never the one that serves until
         then; and the handover finishes here, in the call that sees the new one Ready."""
         by_node = self._pods_by_node(model)
-        moving = self._model_labels(model, objects.previous_label(model))
+        moving = self._model_labels(model, handover.previous_label(model))
         for node, (current, previous) in moving.items():
             moving[node] = self._set_labels(
                 model, node, current, current, previous, by_node.get(node)

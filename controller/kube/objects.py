@@ -23,9 +23,11 @@ hot-swaps on instruction, or surge pods behind a node-local Service), edgefleet 
   Local``: the node's own pods only), which sends traffic to Ready pods only, so traffic
   moves when B turns Ready, by the kubelet's readiness probe, with no controller round trip;
 - the driver removes the previous label once it sees B Ready (``apply`` and ``observe``
-  both finish handovers), and A's pod drains: it keeps accepting for
-  ``SHUTDOWN_DELAY_S`` while kube-proxy catches up, answers every request with
-  ``Connection: close`` so clients reconnect to B, and lets requests in flight finish.
+  both finish handovers; in pull mode the cluster agent does, at its next look at the
+  pods: the rule is node_agent/cluster/handover.py, one copy for both), and A's pod
+  drains: it keeps accepting for ``SHUTDOWN_DELAY_S`` while kube-proxy catches up,
+  answers every request with ``Connection: close`` so clients reconnect to B, and lets
+  requests in flight finish.
 
 Rollback is the same handover backwards. Why surge rather than a hot swap: the desired
 state stays declarative and per node (a DaemonSet's pod template is the same on every
@@ -45,17 +47,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from controller.kube.driver import WorkloadSpec
-from node_agent.cluster import contract
+from node_agent.cluster.handover import node_label, previous_label
 
-# The node labels are part of the pull contract: the cluster agent reads them too.
-NODE_LABEL_PREFIX, PREVIOUS_LABEL_PREFIX = (
-    contract.NODE_LABEL_PREFIX,
-    contract.PREVIOUS_LABEL_PREFIX,
-)
 MANAGED_BY = "edgefleet"
 APP_NAME = "edgefleet-inference"
 CACHE_DIR = "/var/lib/edgefleet/models"
@@ -88,42 +85,6 @@ def artifact_secret(namespace: str, token: str) -> dict[str, Any]:
         "type": "Opaque",
         "stringData": {"token": token},
     }
-
-
-def node_label(model: str) -> str:
-    """The node label naming the version a node should run."""
-    return f"{NODE_LABEL_PREFIX}{model}"
-
-
-def previous_label(model: str) -> str:
-    """The node label naming the version that serves until the new one is Ready."""
-    return f"{PREVIOUS_LABEL_PREFIX}{model}"
-
-
-def next_labels(
-    wanted: str | None,
-    current: str | None,
-    previous: str | None,
-    serving: Set[str],
-    *,
-    room: bool = True,
-) -> tuple[str | None, str | None]:
-    """A node's (label, previous label) for the model, given the version it should run
-    (``wanted``), its labels now, and the versions with a Ready pod on it (``serving``).
-
-    The previous label names a version that serves while ``wanted`` is not Ready yet: the
-    one the node is leaving if it serves, else the one an unfinished handover kept (a
-    change in the middle of a change keeps the version that serves, not the one still
-    starting). Nothing is kept once ``wanted`` serves, when the node leaves the model
-    (nothing would take the traffic over), or without ``room``: the scheduler found no
-    room for ``wanted``'s pod beside the old one, which must go first (break before make,
-    as before surging)."""
-    if wanted is None or wanted in serving or not room:
-        return wanted, None
-    for keep in (current, previous):
-        if keep is not None and keep != wanted and keep in serving:
-            return wanted, keep
-    return wanted, None
 
 
 def workload_name(model: str, version: str) -> str:

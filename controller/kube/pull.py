@@ -102,18 +102,38 @@ class PullDriver:
         ]
 
     def observe(self, model: str, nodes: Sequence[str]) -> dict[str, ObservedWorkload]:
-        wanted = set(nodes)
-        out = {n: ObservedWorkload("Absent") for n in wanted}
-        for w in self._report().get("workloads") or []:
-            if w.get("model") == model and w.get("node") in wanted:
-                out[w["node"]] = ObservedWorkload(
-                    w["phase"],
-                    w.get("version"),
-                    w.get("sha256"),
-                    w.get("reason"),
-                    int(w.get("restarts") or 0),
-                )
+        """What each node runs of ``model``, from the agent's last report. A node in a
+        handover has two pods (the version serving and the one it moves to): it reports
+        the pod of the version it should run, as the push driver does; otherwise its
+        last pod in the report."""
+        report = self._report()
+        wanted = self._wanted_versions(model, nodes)
+        out = {n: ObservedWorkload("Absent") for n in nodes}
+        for w in report.get("workloads") or []:
+            node = w.get("node")
+            if w.get("model") != model or node not in out:
+                continue
+            if node in wanted and out[node].version == wanted[node] != w.get("version"):
+                continue  # the version it should run is already there
+            out[node] = ObservedWorkload(
+                w["phase"],
+                w.get("version"),
+                w.get("sha256"),
+                w.get("reason"),
+                int(w.get("restarts") or 0),
+            )
         return out
+
+    def _wanted_versions(self, model: str, nodes: Sequence[str]) -> dict[str, str]:
+        cluster_id = self._cluster_id()
+        rows = self.session.scalars(
+            select(PullDesired).where(
+                PullDesired.cluster_id == cluster_id,
+                PullDesired.model == model,
+                PullDesired.node.in_(list(nodes)),
+            )
+        )
+        return {r.node: str(r.workload["version"]) for r in rows if r.workload is not None}
 
     def apply(self, model: str, desired: Mapping[str, WorkloadSpec | None]) -> None:
         cluster_id = self._cluster_id()

@@ -20,7 +20,7 @@ MAX_WORKLOADS = 20_000
 MAX_LABELS = 256
 
 # The label every inference object carries (controller/kube/objects.py); the agent
-# deletes DaemonSets with it that the desired state no longer names.
+# deletes DaemonSets and Services with it that the desired state no longer names.
 INFERENCE_SELECTOR = "app.kubernetes.io/name=edgefleet-inference"
 NODE_LABEL_PREFIX = "model.edgefleet.io/"
 # A node in a handover also carries the version it moves from (controller/kube/objects.py).
@@ -35,9 +35,9 @@ class _Strict(BaseModel):
 
 class DesiredState(_Strict):
     """What a pull cluster should run. ``changed`` false: the long poll timed out with
-    the revision unchanged, and ``daemonsets`` and ``node_labels`` are empty (keep the
-    last ones); ``secret`` is sent every time (its artifact token is renewed on a clock,
-    not with the revision)."""
+    the revision unchanged, and ``daemonsets``, ``services`` and ``node_labels`` are
+    empty (keep the last ones); ``secret`` is sent every time (its artifact token is
+    renewed on a clock, not with the revision)."""
 
     cluster: str
     revision: int = Field(ge=0)
@@ -47,9 +47,14 @@ class DesiredState(_Strict):
     daemonsets: list[dict[str, Any]] = Field(
         default_factory=list, description="every inference DaemonSet the cluster should have"
     )
+    services: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="each model's node-local Service (the applications' stable endpoint)",
+    )
     node_labels: dict[str, dict[str, str | None]] = Field(
         default_factory=dict,
-        description="per node, model label -> version (None: remove the label)",
+        description="per node, model label -> the version it should run (None: none); "
+        "the agent moves nodes there make before break (node_agent/cluster/handover.py)",
     )
     poll_timeout_s: float = Field(gt=0, description="how long the controller holds a poll")
 

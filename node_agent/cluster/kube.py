@@ -102,7 +102,9 @@ class KubeApi:
         meta = obj["metadata"]
         ns, name = meta["namespace"], meta["name"]
         base = "/apis/apps/v1" if obj["apiVersion"] == "apps/v1" else "/api/v1"
-        plural = {"DaemonSet": "daemonsets", "Secret": "secrets"}[obj["kind"]]
+        plural = {"DaemonSet": "daemonsets", "Secret": "secrets", "Service": "services"}[
+            obj["kind"]
+        ]
         params = {"fieldManager": FIELD_MANAGER}
         if force:
             params["force"] = "true"
@@ -122,6 +124,16 @@ class KubeApi:
                     status=409,
                 ) from exc
             raise
+
+    def server_version(self) -> tuple[int, int]:
+        """(major, minor) of the API server (``/version``, readable by anyone
+        authenticated); a suffix such as ``+k3s1`` or ``22+`` is ignored."""
+        info = self.request("GET", "/version")
+
+        def number(key: str, default: int) -> int:
+            return int("".join(c for c in str(info.get(key, "")) if c.isdigit()) or default)
+
+        return number("major", 1), number("minor", 0)
 
     def list_nodes(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = (
@@ -166,3 +178,17 @@ class KubeApi:
             body={"propagationPolicy": "Foreground"},
             ok=(404,),
         )
+
+    def list_services(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = (
+            self.request(
+                "GET",
+                f"/api/v1/namespaces/{namespace}/services",
+                params={"labelSelector": selector},
+            ).get("items")
+            or []
+        )
+        return items
+
+    def delete_service(self, namespace: str, name: str) -> None:
+        self.request("DELETE", f"/api/v1/namespaces/{namespace}/services/{name}", ok=(404,))

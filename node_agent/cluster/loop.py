@@ -21,11 +21,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Any
 
 from node_agent.agent.backoff import Backoff
 from node_agent.agent.clock import SYSTEM_CLOCK, Clock
+from node_agent.cluster import handover
 from node_agent.cluster.client import PullClient, Refused, Unreachable
-from node_agent.cluster.contract import INFERENCE_SELECTOR, DesiredState, ObservedReport
+from node_agent.cluster.contract import (
+    INFERENCE_SELECTOR,
+    NODE_LABEL_PREFIX,
+    PREVIOUS_LABEL_PREFIX,
+    DesiredState,
+    ObservedReport,
+    WorkloadObservation,
+)
 from node_agent.cluster.kube import KubeApi, KubeError
 from node_agent.cluster.pods import node_report, observe_pod
 from node_agent.cluster.settings import ClusterAgentSettings
@@ -89,6 +98,10 @@ class ClusterAgent:
             self._changed.set()
         self.applied_revision: int | None = None
         self.apply_error: str | None = None
+        # Whether a node is in a handover after the last apply (the worker then applies
+        # at each report, to finish it soon after the new pod is Ready).
+        self.handing_over = False
+        self._node_local: bool | None = None  # asked of the API server at first use
         self.server_wait_s = 25.0
         # Counters for logs and tests.
         self.polls = self.applies = self.reports = 0
@@ -120,7 +133,11 @@ class ClusterAgent:
                 self._changed.clear()
                 if self.apply_once():
                     next_report = now  # say at once what the apply did
-                next_apply = now + self.settings.resync_interval_s
+                next_apply = now + (
+                    self.settings.report_interval_s
+                    if self.handing_over
+                    else self.settings.resync_interval_s
+                )
             if now >= next_report:
                 self.report_once()
                 next_report = now + self.settings.report_interval_s
@@ -189,38 +206,32 @@ class ClusterAgent:
         return True
 
     def apply_once(self) -> bool:
-        """Make the cluster match the last desired state; False when there is none."""
+        """Make the cluster match the last desired state; False when there is none.
+
+        The Secret, the Services and the DaemonSets first, then each node's labels, make
+        before break (node_agent/cluster/handover.py): a node moving to another version
+        keeps the one that serves under its previous label until the new one's pod is
+        Ready, as this agent sees the pods; the handover finishes in the apply that sees
+        it Ready (the worker applies every ``report_interval_s`` while one is under
+        way). Then the DaemonSets of versions no node names any more go, and the Service
+        of a model no node names."""
         with self._lock:
             desired = self.desired
         if desired is None:
             return False
         ns = desired.namespace
         errors: list[str] = []
+        self.handing_over = False
         try:
             self.kube.ensure_namespace(ns)
             self.kube.apply(desired.secret, force=True)
-            for ds in desired.daemonsets:
+            for obj in [*map(self._for_server, desired.services), *desired.daemonsets]:
                 try:
-                    self.kube.apply(ds)
+                    self.kube.apply(obj)
                 except KubeError as exc:
                     errors.append(str(exc))
-            have = {
-                n["metadata"]["name"]: n["metadata"].get("labels") or {}
-                for n in self.kube.list_nodes()
-            }
-            for node, labels in sorted(desired.node_labels.items()):
-                if node not in have:
-                    continue  # gone from the cluster; the next report says so
-                patch = {k: v for k, v in labels.items() if have[node].get(k) != v}
-                if patch:
-                    self.kube.label_node(node, patch)
-            # DaemonSets of versions no node should run any more go (the push driver's
-            # garbage collection).
-            keep = {ds["metadata"]["name"] for ds in desired.daemonsets}
-            for ds in self.kube.list_daemonsets(ns, INFERENCE_SELECTOR):
-                name = ds["metadata"]["name"]
-                if name not in keep:
-                    self.kube.delete_daemonset(ns, name)
+            used = self._hand_over(desired)
+            self._collect_garbage(desired, used)
         except KubeError as exc:
             errors.append(str(exc))
         self.applies += 1
@@ -229,6 +240,73 @@ class ClusterAgent:
         if errors:
             log.error("applying revision %d: %s", desired.revision, self.apply_error)
         return True
+
+    def _for_server(self, service: dict[str, Any]) -> dict[str, Any]:
+        """The Service as this API server takes it: one older than 1.22 refuses
+        ``internalTrafficPolicy`` (and has no node-local Services), as in push mode."""
+        if self._node_local is None:
+            self._node_local = self.kube.server_version() >= (1, 22)
+            if not self._node_local:
+                log.warning(
+                    "this API server has no internalTrafficPolicy (Kubernetes < 1.22): "
+                    "the models' Services are cluster-wide here, not node-local"
+                )
+        if self._node_local:
+            return service
+        spec = {k: v for k, v in service["spec"].items() if k != "internalTrafficPolicy"}
+        return {**service, "spec": spec}
+
+    def _hand_over(self, desired: DesiredState) -> set[tuple[str, str]]:
+        """Label each node for the version it should run of each model, make before
+        break; the (model, version) pairs some node's labels name afterwards."""
+        seen: dict[tuple[str, str], list[WorkloadObservation]] = {}
+        for pod in self.kube.list_pods(desired.namespace, INFERENCE_SELECTOR):
+            o = observe_pod(pod)
+            if o is not None:
+                seen.setdefault((o.node, o.model), []).append(o)
+        used: set[tuple[str, str]] = set()
+        for item in self.kube.list_nodes():
+            node = item["metadata"]["name"]
+            have = item["metadata"].get("labels") or {}
+            wanted_labels = desired.node_labels.get(node, {})
+            models = {
+                key.removeprefix(prefix)
+                for key in (*wanted_labels, *have)
+                for prefix in (NODE_LABEL_PREFIX, PREVIOUS_LABEL_PREFIX)
+                if key.startswith(prefix)
+            }
+            for model in sorted(models):
+                key, prev_key = handover.node_label(model), handover.previous_label(model)
+                current, previous = have.get(key), have.get(prev_key)
+                # A node the desired state does not name keeps its version; its
+                # handover may finish.
+                wanted = wanted_labels.get(key, current)
+                after = handover.step(wanted, current, previous, seen.get((node, model), ()))
+                if after != (current, previous):
+                    self.kube.label_node(node, {key: after[0], prev_key: after[1]})
+                used.update((model, v) for v in after if v is not None)
+                self.handing_over |= after[1] is not None
+        return used
+
+    def _collect_garbage(self, desired: DesiredState, used: set[tuple[str, str]]) -> None:
+        """Delete the DaemonSets the desired state does not name and no node's label
+        names (the version a handover keeps serving stays until it ends), and the
+        Services of models no node names."""
+        ns = desired.namespace
+        keep = {ds["metadata"]["name"] for ds in desired.daemonsets}
+        for ds in self.kube.list_daemonsets(ns, INFERENCE_SELECTOR):
+            meta = ds["metadata"]
+            labels = meta.get("labels") or {}
+            pair = (labels.get("edgefleet.io/model", ""), labels.get("edgefleet.io/version", ""))
+            if meta["name"] not in keep and pair not in used:
+                self.kube.delete_daemonset(ns, meta["name"])
+        keep = {svc["metadata"]["name"] for svc in desired.services}
+        models = {model for model, _ in used}
+        for svc in self.kube.list_services(ns, INFERENCE_SELECTOR):
+            meta = svc["metadata"]
+            model = (meta.get("labels") or {}).get("edgefleet.io/model")
+            if meta["name"] not in keep and model not in models:
+                self.kube.delete_service(ns, meta["name"])
 
     def report_once(self) -> bool:
         """Report the nodes and inference pods; False when that was not possible."""

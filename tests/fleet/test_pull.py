@@ -110,7 +110,7 @@ def test_enrol_report_and_poll(client: TestClient, settings: Settings, join_toke
     desired = client.get("/v1/clusters/shop/pull/desired", headers=as_cluster(credential)).json()
     assert desired["changed"] is True
     assert desired["revision"] == 0
-    assert desired["daemonsets"] == []
+    assert desired["daemonsets"] == desired["services"] == []
     assert desired["secret"]["metadata"]["name"] == "edgefleet-artifact-token"
     # With the revision it has, it waits (here: not at all) and says unchanged.
     same = client.get(
@@ -143,6 +143,14 @@ def test_enrol_report_and_poll(client: TestClient, settings: Settings, join_toke
         [{"key": "previous.model.edgefleet.io/detector", "operator": "In", "values": ["1.0.0"]}],
     ]
     assert new["node_labels"] == {"n1": {"model.edgefleet.io/detector": "1.0.0"}}
+    # The applications' endpoint on each node, as in push mode.
+    (svc,) = new["services"]
+    assert (svc["kind"], svc["metadata"]["name"]) == ("Service", "ef-detector")
+    assert svc["spec"]["internalTrafficPolicy"] == "Local"
+    assert svc["spec"]["selector"] == {
+        "app.kubernetes.io/name": "edgefleet-inference",
+        "edgefleet.io/model": "detector",
+    }
 
     # Reset by an admin: the credential stops working, and the agent may enrol again.
     assert client.post("/v1/clusters/shop/pull/reset").status_code == 204
@@ -221,3 +229,30 @@ def test_a_silent_cluster_agent_is_no_evidence(client: TestClient, join_token: s
         assert info.value.transient
         with pytest.raises(DriverError):
             later.list_nodes()
+
+
+def test_a_node_in_a_handover_reports_the_version_it_moves_to(
+    client: TestClient, join_token: str
+) -> None:
+    """The agent reports both pods of a node in a handover; the rollout engine hears of
+    the one the node should run (as from the push driver), whatever their order."""
+    assert apply(client, pull_doc()).status_code == 200
+    credential = enrol(client, join_token)
+    spec = WorkloadSpec("detector", "2.0.0", "ab" * 32, "onnx", "http://c/a", "r1", {})
+    with session_scope() as s:
+        PullDriver(s, "shop", silent_after_s=60).apply("detector", {"n1": spec, "n2": spec})
+    old = {"model": "detector", "node": "n1", "phase": "Ready", "version": "1.0.0"}
+    new = {"model": "detector", "node": "n1", "phase": "Pending", "version": "2.0.0"}
+    other = {"model": "detector", "node": "n2", "phase": "Ready", "version": "1.0.0"}
+    for pods in ([old, new, other], [new, old, other]):
+        resp = client.post(
+            "/v1/clusters/shop/pull/observed",
+            json={**REPORT, "workloads": pods},
+            headers=as_cluster(credential),
+        )
+        assert resp.status_code == 200, resp.text
+        with session_scope() as s:
+            seen = PullDriver(s, "shop", silent_after_s=60).observe("detector", ["n1", "n2"])
+        assert (seen["n1"].phase, seen["n1"].version) == ("Pending", "2.0.0")
+        # Not moved yet (break before make, or its new pod not made): what runs there.
+        assert (seen["n2"].phase, seen["n2"].version) == ("Ready", "1.0.0")

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from controller.db.models import Event
 from controller.db.session import session_scope
 from controller.fleet.service import repair_drift
-from controller.kube import objects
 from controller.settings import Settings
+from node_agent.cluster import handover
 from tests.kube.controlplane import make_node
 from tests.kube.kubelet import eventually
 from tests.kube.test_rollout_engine import Site, cluster_manifest, run, sites
@@ -39,7 +39,7 @@ def test_deleted_and_relabelled_workloads_are_restored(
     (ds_name,) = alpha.daemonsets()
     alpha.apps.delete_namespaced_daemon_set(ds_name, alpha.ns)
     victim = alpha.nodes[1]
-    alpha.core.patch_node(victim, {"metadata": {"labels": {objects.node_label("detector"): None}}})
+    alpha.core.patch_node(victim, {"metadata": {"labels": {handover.node_label("detector"): None}}})
     eventually(lambda: not alpha.daemonsets(), what="daemonset gone", beat=alpha.finalize)
     eventually(lambda: not alpha.pods(), what="pods gone", beat=alpha.finalize)
 

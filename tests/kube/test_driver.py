@@ -14,6 +14,7 @@ from kubernetes import client as k8s
 from controller.kube import objects
 from controller.kube.client import Conflict, Forbidden, KubernetesDriver, Unreachable
 from controller.kube.driver import WorkloadSpec
+from node_agent.cluster import handover
 from tests.kube.controlplane import ControlPlane, credentials, make_node
 from tests.kube.kubelet import eventually, finalize_terminating_pods, settle
 
@@ -125,7 +126,7 @@ def test_removal_leaves_nothing_behind(
         beat=lambda: finalize_terminating_pods(core, ns),
     )
     labels = {n.metadata.name: n.metadata.labels for n in core.list_node().items}
-    assert all(objects.node_label("detector") not in labels[n] for n in nodes)
+    assert all(handover.node_label("detector") not in labels[n] for n in nodes)
 
 
 def test_limits_larger_than_allocatable_are_unschedulable(

@@ -9,6 +9,7 @@ import pytest
 
 from controller.kube import objects
 from controller.kube.driver import WorkloadSpec
+from node_agent.cluster import handover
 from node_agent.server.settings import ServeSettings
 
 
@@ -56,7 +57,7 @@ def test_next_labels(
     room: bool,
     expected: tuple[str | None, str | None],
 ) -> None:
-    assert objects.next_labels(wanted, current, previous, serving, room=room) == expected
+    assert handover.next_labels(wanted, current, previous, serving, room=room) == expected
 
 
 def test_each_version_selects_nodes_by_label_or_previous_label() -> None:

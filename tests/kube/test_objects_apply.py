@@ -16,6 +16,7 @@ from kubernetes import client as k8s
 
 from controller.kube import objects
 from controller.kube.client import KubernetesDriver
+from node_agent.cluster import handover
 from tests.kube.controlplane import make_node
 from tests.kube.kubelet import eventually, settle
 from tests.kube.test_driver import spec
@@ -73,7 +74,7 @@ def endpoints(core: Any, ns: str) -> set[tuple[str, str]]:
 
 def labels(core: Any, node: str) -> tuple[str | None, str | None]:
     got = core.read_node(node).metadata.labels or {}
-    return got.get(objects.node_label("detector")), got.get(objects.previous_label("detector"))
+    return got.get(handover.node_label("detector")), got.get(handover.previous_label("detector"))
 
 
 def test_handover_and_rollback_through_the_service(

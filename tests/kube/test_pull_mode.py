@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,10 @@ from controller.db.models import Cluster, Event, PullCluster
 from controller.db.session import session_scope
 from controller.kube import objects
 from controller.kube.driver import WorkloadSpec
+from controller.kube.pull import PullDriver
 from controller.rollouts import reconciler
 from controller.settings import Settings
+from node_agent.cluster import handover
 from node_agent.cluster.contract import INFERENCE_SELECTOR, DesiredState
 from node_agent.cluster.kube import KubeApi
 from node_agent.cluster.loop import ClusterAgent
@@ -36,6 +39,7 @@ from node_agent.cluster.settings import ClusterAgentSettings
 from tests.kube.controlplane import ControlPlane, make_node
 from tests.kube.kubelet import eventually
 from tests.kube.test_chart_rbac import chart_rbac
+from tests.kube.test_objects_apply import start_pods
 from tests.kube.test_rollout_engine import Site, story
 from tests.live import LiveController
 from tests.rollouts.helpers import apply, push_versions, report, rollout_doc, rollout_id
@@ -210,7 +214,7 @@ def test_a_rollout_reaches_a_cluster_the_controller_cannot_connect_to(
     # from its last desired state.
     site.apps.delete_namespaced_daemon_set(ds.metadata.name, site.ns)
     victim = site.nodes[1]
-    site.core.patch_node(victim, {"metadata": {"labels": {objects.node_label("detector"): None}}})
+    site.core.patch_node(victim, {"metadata": {"labels": {handover.node_label("detector"): None}}})
     eventually(site.settled_on("1.0.0"), what="drift repaired", beat=site.beat)
 
     # v2 until its canary runs 2.0.0; then the controller goes away.
@@ -279,7 +283,7 @@ def test_the_cluster_agent_works_with_exactly_the_chart_rbac(
     node = f"edge-{uuid.uuid4().hex[:6]}"
     make_node(admin, node, labels={"tier": "retail"})
     spec = WorkloadSpec("detector", "1.0.0", "cd" * 32, "onnx", "http://c/a", "r", {})
-    label = objects.node_label("detector")
+    label = handover.node_label("detector")
     try:
         agent.desired = DesiredState(
             cluster=CLUSTER,
@@ -315,3 +319,112 @@ def test_the_cluster_agent_works_with_exactly_the_chart_rbac(
     finally:
         admin.delete_node(node)
         agent.close()
+
+
+def previous_labels(site: Site) -> dict[str, str]:
+    """The previous labels of the site's nodes: handovers under way."""
+    out = {}
+    for node in site.nodes:
+        labels = site.core.read_node(node).metadata.labels or {}
+        out.update({f"{node}/{k}": v for k, v in labels.items() if k.startswith("previous.")})
+    return out
+
+
+class EndpointWatch:
+    """Every 10 ms, the (node, version) pairs the model's Service sends traffic to: its
+    Endpoints' ready addresses, made by the real endpoints controller from the pods'
+    readiness. There is no kube-proxy here; it sends a node's requests to exactly these
+    (``internalTrafficPolicy: Local``: the node's own), so a sample in which a node has
+    none is a request that fails there."""
+
+    def __init__(self, core: Any, namespace: str, versions: list[str]) -> None:
+        self.core, self.ns = core, namespace
+        self.by_prefix = {objects.workload_name("detector", v): v for v in versions}
+        self.samples: list[tuple[float, dict[str, set[str]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def now(self) -> dict[str, set[str]]:
+        ep = self.core.read_namespaced_endpoints(objects.service_name("detector"), self.ns)
+        out: dict[str, set[str]] = {}
+        for subset in ep.subsets or []:
+            for address in subset.addresses or []:
+                prefix = address.target_ref.name.rsplit("-", 1)[0]  # <daemonset>-<suffix>
+                out.setdefault(address.node_name, set()).add(self.by_prefix[prefix])
+        return out
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.now()))
+            self._stop.wait(0.010)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_a_pull_mode_version_change_keeps_every_node_served(
+    api: TestClient,
+    pull_settings: Settings,
+    site: Site,
+    controller: LiveController,
+    agent: RunningAgent,
+) -> None:
+    """Make before break in pull mode: the controller publishes a new version (the pull
+    driver, as the reconciler calls it), the cluster agent surges the new pod beside the
+    old one and drops the old one only once the new one is Ready. Through two updates
+    and a rollback, every node's Service has a Ready pod of the version it leaves or the
+    one it moves to at every sample, and both serve together for a while."""
+    assert apply(api, pull_cluster(site.ns)).status_code == 200
+    agent.start()
+    nodes = site.nodes
+    versions = ["1.0.0", "2.0.0", "3.0.0"]
+
+    def publish(version: str) -> None:
+        spec = WorkloadSpec("detector", version, "cd" * 32, "onnx", "http://c/a", "r", {})
+        with session_scope() as s:
+            PullDriver(s, CLUSTER, silent_after_s=60).apply("detector", dict.fromkeys(nodes, spec))
+
+    def beat() -> None:
+        start_pods(site.core, site.ns)
+
+    watch: EndpointWatch | None = None
+
+    def serving(version: str) -> bool:
+        assert watch is not None
+        return (
+            watch.now() == {n: {version} for n in nodes}
+            and site.only(version)()
+            and not previous_labels(site)
+        )
+
+    eventually(lambda: agent.agent and agent.agent.reports, what="the agent reports")
+    publish("1.0.0")
+    svc = site.core.read_namespaced_service(objects.service_name("detector"), site.ns)
+    assert svc.spec.selector == objects.model_selector("detector")
+    watch = EndpointWatch(site.core, site.ns, versions)
+    updates: list[tuple[float, float, str, str]] = []
+    try:
+        eventually(lambda: serving("1.0.0"), what="1.0.0 served on every node", beat=beat)
+        for old, new in [("1.0.0", "2.0.0"), ("2.0.0", "3.0.0"), ("3.0.0", "2.0.0")]:
+            started = time.monotonic()
+            publish(new)
+            eventually(partial(serving, new), what=f"{new} served", beat=beat, timeout_s=60)
+            updates.append((started, time.monotonic(), old, new))
+    finally:
+        watch.stop()
+
+    samples = [(t, seen) for t, seen in watch.samples if t >= updates[0][0]]
+    assert len(samples) > 100
+    overlap = 0
+    for t, seen in samples:
+        update = [u for u in updates if u[0] <= t][-1]
+        for node in nodes:
+            assert seen.get(node), f"{node} had no Ready endpoint at {t - update[0]:.2f} s"
+            assert seen[node] <= {update[2], update[3]}, (node, seen[node], update)
+            overlap += len(seen[node]) == 2
+    assert overlap, "the old and new versions never served together: break before make"
+    # The handovers left nothing behind: one DaemonSet, no previous labels.
+    eventually(site.settled_on("2.0.0"), what="2.0.0 alone", beat=site.finalize)
+    assert not previous_labels(site)
