@@ -18,6 +18,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from controller.db import notify
 from controller.settings import Settings, get_settings
 
 _engines: dict[str, Engine] = {}
@@ -54,6 +55,7 @@ def get_engine(settings: Settings | None = None) -> Engine:
 
 
 def dispose_engines() -> None:
+    notify.stop_listeners()
     with _lock:
         for engine in _engines.values():
             engine.dispose()

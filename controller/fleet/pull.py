@@ -20,8 +20,8 @@ Why a long poll and not a watch stream or a websocket: it is plain HTTP/1.1 that
 proxy and LTE middlebox passes, a dropped connection costs nothing but a new request,
 and the resume token makes a retried request exact (no event is lost or applied twice:
 the answer is the whole state at a revision). The poll holds no database connection
-while it waits: it checks the revision about once a second, each check a primary-key
-read in a short session of its own."""
+while it waits, and makes no query: the commit of a new revision wakes it (Postgres
+``NOTIFY``, see :func:`wait_for_desired`)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from controller.audit import record_event
 from controller.crypto import mint_artifact_token
+from controller.db import notify
 from controller.db.base import utcnow
 from controller.db.models import Cluster, PullCluster
 from controller.db.session import session_scope
@@ -44,6 +45,7 @@ from controller.fleet import repository as repo
 from controller.fleet.service import cluster_driver, sync_nodes
 from controller.kube import objects
 from controller.kube.driver import WorkloadSpec
+from controller.kube.pull import PULL_CHANNEL
 from controller.settings import Settings
 from node_agent.cluster import handover
 from node_agent.cluster.contract import (
@@ -54,7 +56,7 @@ from node_agent.cluster.contract import (
 )
 
 CREDENTIAL_PREFIX = "efc_"
-# How often a waiting poll looks at the revision again.
+# How often a waiting poll looks at the revision again when no listener can wake it.
 POLL_CHECK_S = 1.0
 
 
@@ -229,16 +231,32 @@ async def wait_for_desired(
 ) -> DesiredState:
     """The long poll: the desired state as soon as its revision differs from ``since``,
     or unchanged after ``wait_s`` (at most ``pull_poll_timeout_s``). A coroutine that
-    sleeps between short checks, so a waiting poll holds neither a worker thread nor a
-    database connection."""
+    holds neither a worker thread nor a database connection while it waits.
+
+    It reads the revision once, then sleeps until the commit of a new revision of its
+    cluster wakes it (the pull driver's ``NOTIFY``, controller/db/notify.py) or its time
+    is up: an idle poll costs that one read and the final answer's. Subscribed before
+    the read, so a commit after it cannot be missed. Without a listener (SQLite, or its
+    connection down) it checks the revision every ``POLL_CHECK_S`` instead."""
     limit = settings.pull_poll_timeout_s
     wait = limit if wait_s is None else max(0.0, min(wait_s, limit))
     deadline = time.monotonic() + wait
-    while since is not None and time.monotonic() < deadline:
-        current = await run_in_threadpool(_revision, cluster)
-        if current is None or current != since:
-            break
-        await asyncio.sleep(min(POLL_CHECK_S, max(deadline - time.monotonic(), 0.0)))
+    listener = notify.listener(settings.database_url, PULL_CHANNEL) if since is not None else None
+    sub = listener.subscribe(cluster) if listener is not None else None
+    try:
+        while since is not None:
+            current = await run_in_threadpool(_revision, cluster)
+            remaining = deadline - time.monotonic()
+            if current is None or current != since or remaining <= 0:
+                break
+            if listener is not None and sub is not None and listener.listening:
+                if not await sub.wait(remaining):
+                    break  # time is up, and nothing was committed meanwhile
+            else:
+                await asyncio.sleep(min(POLL_CHECK_S, remaining))
+    finally:
+        if listener is not None and sub is not None:
+            listener.unsubscribe(cluster, sub)
     return await run_in_threadpool(_desired, settings, cluster, since)
 
 

@@ -12,6 +12,8 @@ repair do not know which mode a cluster is in:
   the reconcile step that decided it commits ("rows first, actions second"); a step that
   rolls back published nothing. Unchanged desired state writes nothing: the reconciler
   re-applies on every step, and only a real change takes the cluster row's lock.
+- Each new revision is announced with a Postgres ``NOTIFY`` in the same transaction
+  (controller/db/notify.py): the cluster's waiting long polls wake when it commits.
 - The revision is bumped under a row lock of ``pull_clusters``, so revisions follow the
   order in which transactions commit (a sequence would not: a transaction holding
   revision 10 may commit after one holding 11, and an agent already at 11 would never
@@ -32,9 +34,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from controller.db import notify
 from controller.db.base import utcnow
 from controller.db.models import Cluster, PullCluster, PullDesired
 from controller.kube.driver import DriverError, NodeInventory, ObservedWorkload, WorkloadSpec
+
+# The channel on which a new desired revision is announced, with the cluster's name.
+PULL_CHANNEL = "edgefleet_pull_desired"
 
 
 class PullDriver:
@@ -150,6 +156,8 @@ class PullDriver:
         if not changes:
             return
         state.revision += 1
+        # Wakes the cluster's waiting long polls when (and only if) this commits.
+        notify.send(self.session, PULL_CHANNEL, self.cluster)
         for node, (row, workload) in changes.items():
             if row is None:
                 self.session.add(

@@ -292,12 +292,14 @@ def test_the_cluster_agent_works_with_exactly_the_chart_rbac(
             namespace=ns,
             secret=objects.artifact_secret(ns, "token-1"),
             daemonsets=[objects.daemonset(spec, namespace=ns, image="img:1", port=8500)],
+            services=[objects.service("detector", namespace=ns, port=8500)],
             node_labels={node: {label: "1.0.0"}},
             poll_timeout_s=1,
         )
         assert agent.apply_once()
         assert agent.apply_error is None
         assert (admin.read_node(node).metadata.labels or {}).get(label) == "1.0.0"
+        admin.read_namespaced_service(objects.service_name("detector"), ns)
 
         def observed() -> list[str]:
             seen = [observe_pod(p) for p in kube.list_pods(ns, INFERENCE_SELECTOR)]
@@ -308,7 +310,12 @@ def test_the_cluster_agent_works_with_exactly_the_chart_rbac(
 
         # Nothing wanted any more: the label goes and the DaemonSet is deleted.
         agent.desired = agent.desired.model_copy(
-            update={"revision": 2, "daemonsets": [], "node_labels": {node: {label: None}}}
+            update={
+                "revision": 2,
+                "daemonsets": [],
+                "services": [],
+                "node_labels": {node: {label: None}},
+            }
         )
         assert agent.apply_once()
         assert agent.apply_error is None
@@ -316,6 +323,7 @@ def test_the_cluster_agent_works_with_exactly_the_chart_rbac(
         apps: Any = k8s.AppsV1Api(control_plane.api_client())
         left = apps.list_namespaced_daemon_set(ns).items
         assert all(d.metadata.deletion_timestamp for d in left)
+        assert not admin.list_namespaced_service(ns).items
     finally:
         admin.delete_node(node)
         agent.close()
