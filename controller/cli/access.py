@@ -1,4 +1,5 @@
-"""Access commands: ``login``, ``tokens create|list|revoke`` and ``nodes reset``.
+"""Access commands: ``login``, ``tokens create|list|revoke``, ``nodes reset`` and
+``clusters join-token|reset`` (a pull cluster's agent).
 
 ``tokens create`` writes the database directly, like ``edgefleet db upgrade``: it is how
 the first admin token comes to be, so it runs where the controller's settings are
@@ -22,6 +23,9 @@ from controller.errors import EdgefleetError
 
 tokens_app = typer.Typer(help="API tokens: create (on the database), list, revoke.")
 nodes_app = typer.Typer(help="Fleet nodes: reset an agent's enrolment.")
+clusters_app = typer.Typer(
+    help="Pull clusters: issue a join token for the cluster agent, reset its enrolment."
+)
 
 ROLES = ("viewer", "operator", "admin")
 
@@ -154,3 +158,43 @@ def nodes_reset(
     finally:
         client.close()
     console.print(f"node {cluster}/{name} reset: its agent may enrol again")
+
+
+@clusters_app.command("join-token")
+def clusters_join_token(
+    cluster: str,
+    expires: Annotated[str | None, typer.Option(help="Lifetime, 1m to 7d (default 24h).")] = None,
+    api_url: ApiUrl = None,
+) -> None:
+    """Issue a join token for a pull cluster's agent (admin): it enrols that cluster
+    only, once, before it expires. Printed once, as the last line (put it in the
+    cluster's Secret); a new one replaces any unused one."""
+    client = ApiClient(api_url)
+    try:
+        got = client.post(
+            f"/v1/clusters/{cluster}/pull/join-token",
+            json={"expires": expires} if expires else {},
+        )
+    except ApiError as exc:
+        raise fail(exc) from exc
+    finally:
+        client.close()
+    err_console.print(
+        f"join token for cluster {cluster} (single use, until {got['expires_at'][:16]} UTC); "
+        "it is shown only now:"
+    )
+    print(got["token"])  # noqa: T201 - the last line of stdout is the token, for scripts
+
+
+@clusters_app.command("reset")
+def clusters_reset(cluster: str, api_url: ApiUrl = None) -> None:
+    """Revoke a pull cluster agent's credential (admin): after a reinstall, or when the
+    credential leaked. The agent enrols again with a new join token."""
+    client = ApiClient(api_url)
+    try:
+        client.post(f"/v1/clusters/{cluster}/pull/reset")
+    except ApiError as exc:
+        raise fail(exc) from exc
+    finally:
+        client.close()
+    console.print(f"cluster {cluster} reset: issue a join token for its agent to enrol again")

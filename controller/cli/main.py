@@ -40,6 +40,7 @@ app.add_typer(rollout_app, name="rollout")
 app.command("login")(access.login)
 app.add_typer(access.tokens_app, name="tokens")
 app.add_typer(access.nodes_app, name="nodes")
+app.add_typer(access.clusters_app, name="clusters")
 
 
 @app.command()

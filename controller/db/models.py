@@ -96,9 +96,10 @@ class Cluster(TimestampMixin, Base):
 
 class PullCluster(TimestampMixin, Base):
     """A cluster in pull mode, as its cluster agent sees it: the hash of the agent's
-    credential, the revision of the desired state (bumped by every change of it, under
-    this row's lock, so revisions follow commit order), and the agent's last report (its
-    node inventory and the workloads it observed)."""
+    credential, the hash and expiry of the one join token it may enrol with (single use:
+    cleared by the enrolment), the revision of the desired state (bumped by every change
+    of it, under this row's lock, so revisions follow commit order), and the agent's last
+    report (its node inventory and the workloads it observed)."""
 
     __tablename__ = "pull_clusters"
     __table_args__ = (Index("ix_pull_clusters_credential_hash", "credential_hash", unique=True),)
@@ -107,6 +108,8 @@ class PullCluster(TimestampMixin, Base):
         ForeignKey("clusters.id", ondelete="CASCADE"), primary_key=True
     )
     credential_hash: Mapped[str | None] = mapped_column(String(64))
+    join_token_hash: Mapped[str | None] = mapped_column(String(64))
+    join_token_expires_at: Mapped[datetime | None]
     revision: Mapped[int] = mapped_column(BigInteger, default=0)
     # The revision the agent had applied when it last reported (None: not yet).
     applied_revision: Mapped[int | None] = mapped_column(BigInteger)

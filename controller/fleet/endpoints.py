@@ -10,7 +10,7 @@ from controller.errors import NotFound
 from controller.fleet import pull, service
 from controller.fleet import repository as repo
 from controller.fleet.deps import ClusterAgentDep
-from controller.fleet.schemas import ClusterOut, NodeOut
+from controller.fleet.schemas import ClusterOut, JoinTokenIn, JoinTokenOut, NodeOut
 from controller.web.deps import API_V1, SessionDep, SettingsDep
 from controller.web.errors import error_body
 from controller.web.pagination import Page, PageDep
@@ -83,22 +83,42 @@ ClusterName = Annotated[str, Path(max_length=63)]
     response_model=ClusterEnrollOut,
     tags=["pull"],
     responses={
-        401: {"description": "wrong join token"},
-        404: {"description": "no such cluster"},
-        409: {"description": "not in pull mode, or its agent is enrolled (reset it first)"},
-        503: {"description": "enrolment is disabled (no EDGEFLEET_AGENT_JOIN_TOKEN)"},
+        401: {
+            "description": "not this cluster's join token, used, expired, or no such pull "
+            "cluster (one answer for all)"
+        },
+        409: {"description": "its agent is enrolled (reset it first)"},
     },
 )
 def enroll_cluster_agent(
     name: ClusterName, body: ClusterEnrollIn, session: SessionDep, settings: SettingsDep
 ) -> ClusterEnrollOut | JSONResponse:
-    """Exchange the join token for the cluster's own credential (shown only here). The
-    cluster agent enrols once; again only after an admin resets the cluster.
-    Authenticated by the join token in the body, not by a bearer credential."""
+    """Exchange the cluster's join token (single use, expiring: from
+    ``POST .../pull/join-token``) for the cluster's own credential (shown only here).
+    The cluster agent enrols once; again only after an admin resets the cluster and
+    issues a new join token. Authenticated by the join token in the body, not by a
+    bearer credential."""
     got = pull.enroll(session, settings, cluster=name, join_token=body.join_token)
-    if isinstance(got, pull.AlreadyEnrolled):
+    if not isinstance(got, ClusterEnrollOut):
         return JSONResponse(error_body(got.code, got.detail), status_code=got.status_code)
     return got
+
+
+@router.post(
+    "/clusters/{name}/pull/join-token",
+    response_model=JoinTokenOut,
+    status_code=201,
+    dependencies=[ADMIN],
+    tags=["pull"],
+    responses={
+        404: {"description": "no such cluster"},
+        409: {"description": "not in pull mode"},
+    },
+)
+def issue_join_token(name: ClusterName, body: JoinTokenIn, session: SessionDep) -> JoinTokenOut:
+    """A join token for this cluster's agent alone: single use, valid for ``expires``
+    (default 24h, at most 7d), shown only in this answer; it replaces any unused one."""
+    return pull.issue_join_token(session, name, expires=body.expires)
 
 
 @router.get("/clusters/{name}/pull/desired", response_model=DesiredState, tags=["pull"])

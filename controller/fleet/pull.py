@@ -3,10 +3,15 @@
 A cluster in pull mode is one the controller cannot connect to (NAT, an outbound-only
 firewall). Its cluster agent (``edgefleet-agent cluster``) connects out instead:
 
-1. it enrols once with the fleet's join token and receives the cluster's own credential
-   (only its sha256 is stored), exactly like a node agent and with the same threat model
-   (controller/agents/service.py): a second enrolment is refused until an admin resets
-   the cluster (``POST /v1/clusters/NAME/pull/reset``);
+1. it enrols once with the cluster's own join token, which an admin issued for that
+   cluster alone (``POST /v1/clusters/NAME/pull/join-token``, ``edgefleet clusters
+   join-token NAME``): single use, expiring (24 h by default), kept as its sha256 and
+   shown only once. It receives the cluster's own credential (only its sha256 is stored);
+   a second enrolment is refused until an admin resets the cluster
+   (``POST /v1/clusters/NAME/pull/reset``) and issues a new join token. Why not the
+   fleet's join token, as node agents use: a cluster agent gets the workload rights of a
+   whole cluster, and a secret shared by every site would let whoever took it from one
+   site enrol as any other pull cluster not enrolled yet;
 2. it long-polls the desired state (``GET .../pull/desired?since=REVISION``): the
    answer comes as soon as the revision differs from ``since``, or after
    ``pull_poll_timeout_s`` with ``changed: false``. The objects are the very ones the push
@@ -29,6 +34,7 @@ import asyncio
 import hashlib
 import secrets
 import time
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -40,9 +46,11 @@ from controller.db import notify
 from controller.db.base import utcnow
 from controller.db.models import Cluster, PullCluster
 from controller.db.session import session_scope
-from controller.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, Unauthorized
+from controller.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from controller.fleet import repository as repo
+from controller.fleet.schemas import JoinTokenOut
 from controller.fleet.service import cluster_driver, sync_nodes
+from controller.kit.durations import parse_duration
 from controller.kube import objects
 from controller.kube.driver import WorkloadSpec
 from controller.kube.pull import PULL_CHANNEL
@@ -56,6 +64,9 @@ from node_agent.cluster.contract import (
 )
 
 CREDENTIAL_PREFIX = "efc_"
+JOIN_TOKEN_PREFIX = "efj_"
+JOIN_TOKEN_DEFAULT_TTL = "24h"
+JOIN_TOKEN_MIN_TTL_S, JOIN_TOKEN_MAX_TTL_S = 60.0, 7 * 86400.0
 # How often a waiting poll looks at the revision again when no listener can wake it.
 POLL_CHECK_S = 1.0
 
@@ -83,24 +94,64 @@ def _state(session: Session, cluster: Cluster) -> PullCluster:
     return state
 
 
+def issue_join_token(session: Session, cluster: str, *, expires: str | None) -> JoinTokenOut:
+    """A new join token for the cluster's agent: it enrols that one cluster, once, until it
+    expires. Shown only in this answer (the controller keeps its sha256, and no event or
+    log line names it); a new one replaces any unused one."""
+    lifetime = expires or JOIN_TOKEN_DEFAULT_TTL
+    try:
+        ttl_s = parse_duration(lifetime)
+    except ValueError as exc:
+        raise InvalidInput(
+            f"expires: {exc}; use a duration such as 1h or 2d", loc=("body", "expires")
+        ) from exc
+    if not JOIN_TOKEN_MIN_TTL_S <= ttl_s <= JOIN_TOKEN_MAX_TTL_S:
+        raise InvalidInput("expires: a join token lives between 1m and 7d", loc=("body", "expires"))
+    state = _state(session, _pull_cluster(session, cluster))
+    token = JOIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    replaced = state.join_token_hash is not None
+    state.join_token_hash = hash_credential(token)
+    state.join_token_expires_at = utcnow() + timedelta(seconds=ttl_s)
+    session.flush()
+    record_event(
+        session,
+        kind="Cluster",
+        name=cluster,
+        reason="ClusterJoinTokenIssued",
+        message=f"join token issued, valid until {state.join_token_expires_at:%Y-%m-%d %H:%M} "
+        "UTC or its first use" + ("; the unused one before it no longer works" if replaced else ""),
+    )
+    return JoinTokenOut(cluster=cluster, token=token, expires_at=state.join_token_expires_at)
+
+
 class AlreadyEnrolled(Conflict):
     """Returned, not raised: the refusal's event must commit with the request."""
 
 
+class JoinTokenRefused(Unauthorized):
+    """Returned, not raised, as AlreadyEnrolled."""
+
+
 def enroll(
     session: Session, settings: Settings, *, cluster: str, join_token: str
-) -> ClusterEnrollOut | AlreadyEnrolled:
-    expected = settings.agent_join_token
-    if expected is None:
-        raise ServiceUnavailable(
-            "agent enrolment is disabled: set EDGEFLEET_AGENT_JOIN_TOKEN on the controller"
-        )
-    # Checked before the cluster is looked up: nobody without it probes cluster names.
-    if not secrets.compare_digest(join_token.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized("invalid join token")
-    found = _pull_cluster(session, cluster)
+) -> ClusterEnrollOut | AlreadyEnrolled | JoinTokenRefused:
+    """Exchange the cluster's join token for its credential. Every refusal of the token
+    (an unknown cluster, one not in pull mode, another cluster's token, a used or expired
+    one) is the same 401, so the answer tells nobody without a token which names exist;
+    the event log of a pull cluster says which it was."""
+    refused = JoinTokenRefused(f"invalid, used or expired join token for cluster {cluster!r}")
+    found = repo.get_cluster(session, cluster)
+    if found is None or found.spec.get("mode") != "pull":
+        raise refused
     state = _state(session, found)
-    if state.credential_hash is not None:
+    why = None
+    if state.join_token_hash is None:
+        why = "no unused join token (an admin issues one: edgefleet clusters join-token NAME)"
+    elif not secrets.compare_digest(hash_credential(join_token), state.join_token_hash):
+        why = "not this cluster's join token"
+    elif state.join_token_expires_at is None or state.join_token_expires_at <= utcnow():
+        why = "the join token has expired"
+    if why is None and state.credential_hash is not None:
         record_event(
             session,
             kind="Cluster",
@@ -113,15 +164,26 @@ def enroll(
             f"cluster {cluster} already has an enrolled cluster agent: an admin must reset "
             f"it (POST /v1/clusters/{cluster}/pull/reset) before it can enrol again"
         )
+    if why is not None:
+        record_event(
+            session,
+            kind="Cluster",
+            name=cluster,
+            reason="EnrolmentRefused",
+            message=f"cluster agent enrolment refused: {why}",
+            actor=f"cluster:{cluster}",
+        )
+        return refused
     credential = CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
     state.credential_hash = hash_credential(credential)
+    state.join_token_hash = state.join_token_expires_at = None  # single use
     session.flush()
     record_event(
         session,
         kind="Cluster",
         name=cluster,
         reason="ClusterAgentEnrolled",
-        message="cluster credential issued",
+        message="cluster credential issued; the join token is used up",
         actor=f"cluster:{cluster}",
     )
     return ClusterEnrollOut(
@@ -140,7 +202,7 @@ def reset(session: Session, cluster: str) -> None:
         kind="Cluster",
         name=cluster,
         reason="ClusterAgentReset",
-        message="credential revoked; the cluster agent may enrol again"
+        message="credential revoked; the cluster agent may enrol again with a new join token"
         if was
         else "no cluster agent had enrolled; nothing to revoke",
     )

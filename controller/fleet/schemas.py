@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from controller.db.models import Cluster, Node
 
@@ -66,3 +66,20 @@ class NodeOut(BaseModel):
             runtimes=n.runtimes,
             last_heartbeat_at=n.last_heartbeat_at,
         )
+
+
+class JoinTokenIn(BaseModel):
+    expires: str | None = Field(
+        None,
+        max_length=32,
+        description="Lifetime as a duration, 1m to 7d (default 24h); the token is also "
+        "used up by its first enrolment.",
+    )
+
+
+class JoinTokenOut(BaseModel):
+    """The join token is in this answer only: the controller keeps its sha256."""
+
+    cluster: str
+    token: str
+    expires_at: datetime

@@ -18,7 +18,10 @@ class ClusterAgentSettings(BaseSettings):
     controller_url: str = Field(description="The controller as reachable from the cluster.")
     cluster: str = Field(min_length=1, max_length=63, description="The cluster's name.")
     join_token: SecretStr | None = Field(
-        None, description="Fleet join token; needed to enrol (and to re-enrol on a 401)."
+        None,
+        description="This cluster's own join token (an admin's `edgefleet clusters "
+        "join-token NAME`: single use, expiring); needed to enrol, and a new one to enrol "
+        "again after an admin reset.",
     )
     state_dir: Path = Field(
         Path("/var/lib/edgefleet/cluster-agent"),

@@ -35,7 +35,10 @@ OPEN = {
     ("GET", "/healthz"): "liveness, for kubelets and load balancers",
     ("GET", "/readyz"): "readiness, for kubelets and load balancers",
     ("POST", "/v1/agents/enroll"): "authenticated by the join token in its body",
-    ("POST", "/v1/clusters/{name}/pull/enroll"): "authenticated by the join token in its body",
+    (
+        "POST",
+        "/v1/clusters/{name}/pull/enroll",
+    ): "authenticated by the cluster's join token in its body",
     ("GET", "/login"): "the dashboard's sign-in form",
     ("POST", "/login"): "turns a valid token into a session cookie",
     ("POST", "/logout"): "clears the session cookie",

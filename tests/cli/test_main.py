@@ -151,3 +151,30 @@ def test_benchmark_requests_and_lists(
     code, out = cli(api_url, "models", "benchmark", "cam", "1", "-l", "tier=none")
     assert code == 1
     assert "body.selector" in out
+
+
+def test_a_pull_clusters_join_token_is_printed_once_and_enrols_it(api_url: str) -> None:
+    with httpx.Client(base_url=api_url, headers=bearer("admin")) as http:
+        doc = {
+            "apiVersion": "edgefleet.io/v1",
+            "kind": "Cluster",
+            "metadata": {"name": "shop"},
+            "spec": {"driver": "kubernetes", "mode": "pull"},
+        }
+        assert apply(http, doc).status_code == 200
+        code, out = cli(api_url, "clusters", "join-token", "shop", "--expires", "2h")
+        assert code == 0, out
+        token = out.strip().splitlines()[-1]
+        assert token.startswith("efj_")
+        assert "single use" in out
+        enrol = {"join_token": token}
+        resp = http.post("/v1/clusters/shop/pull/enroll", json=enrol, headers={"Authorization": ""})
+        assert resp.status_code == 200, resp.text
+        code, out = cli(api_url, "clusters", "reset", "shop")
+        assert code == 0, out
+        assert "issue a join token" in out
+        resp = http.post("/v1/clusters/shop/pull/enroll", json=enrol, headers={"Authorization": ""})
+        assert resp.status_code == 401  # used up
+    code, out = cli(api_url, "clusters", "join-token", "shop", "--expires", "9d")
+    assert code != 0
+    assert "expires" in out

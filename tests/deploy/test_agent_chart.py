@@ -275,7 +275,11 @@ def test_pull_mode_runs_one_cluster_agent_with_the_drivers_permissions() -> None
     assert "ports" not in container  # it only dials out
     env = kube.env_of(container)
     assert env["EDGEFLEET_CLUSTER"]["value"] == "shop-17"
-    assert env["EDGEFLEET_JOIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+    # The cluster's own join token, not the node agents' fleet-wide one.
+    assert env["EDGEFLEET_JOIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "edgefleet-cluster-join-token",
+        "key": "token",
+    }
     assert env["EDGEFLEET_STATE_DIR"]["value"] == "/var/lib/edgefleet/cluster-agent"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["state"]["persistentVolumeClaim"] == {"claimName": CLUSTER_AGENT}

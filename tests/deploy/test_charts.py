@@ -241,6 +241,7 @@ def test_references_resolve(case: tuple[str, str]) -> None:
         "Secret": {
             values.get("secret", {}).get("existingSecret"),
             values.get("joinToken", {}).get("existingSecret"),
+            values.get("clusterAgent", {}).get("joinToken", {}).get("existingSecret"),
         },
         "PersistentVolumeClaim": {values.get("persistence", {}).get("existingClaim")},
         "ServiceAccount": {"default", values.get("serviceAccount", {}).get("name")},

@@ -5,21 +5,25 @@ real API server and the real cluster agent is tests/kube/test_pull_mode.py."""
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from controller.db.base import utcnow
-from controller.db.models import PullCluster, PullDesired
+from controller.db.models import Cluster, Event, PullCluster, PullDesired
 from controller.db.session import session_scope
 from controller.fleet import repository as repo
+from controller.fleet.pull import hash_credential
 from controller.fleet.service import cluster_driver
 from controller.kube.driver import DriverError, WorkloadSpec
 from controller.kube.pull import PullDriver
 from controller.settings import Settings
+from tests.conftest import bearer
 from tests.rollouts.helpers import apply
 
 NO_TOKEN = {"Authorization": ""}
@@ -34,10 +38,23 @@ def pull_doc(name: str = "shop", **spec: Any) -> dict[str, Any]:
     }
 
 
-def enrol(client: TestClient, join_token: str, name: str = "shop") -> str:
-    resp = client.post(
-        f"/v1/clusters/{name}/pull/enroll", json={"join_token": join_token}, headers=NO_TOKEN
+def issue_join_token(client: TestClient, name: str = "shop", **body: Any) -> str:
+    """A join token for the cluster, issued by the admin."""
+    resp = client.post(f"/v1/clusters/{name}/pull/join-token", json=body)
+    assert resp.status_code == 201, resp.text
+    token: str = resp.json()["token"]
+    return token
+
+
+def enroll(client: TestClient, name: str, token: str) -> Any:
+    return client.post(
+        f"/v1/clusters/{name}/pull/enroll", json={"join_token": token}, headers=NO_TOKEN
     )
+
+
+def enrol(client: TestClient, name: str = "shop") -> str:
+    """The cluster agent enrolled with a new join token; its credential."""
+    resp = enroll(client, name, issue_join_token(client, name))
     assert resp.status_code == 200, resp.text
     credential: str = resp.json()["credential"]
     return credential
@@ -80,21 +97,21 @@ def test_pull_mode_is_for_kubernetes_clusters_only(client: TestClient) -> None:
     assert "driver 'kubernetes' only" in resp.text
 
 
-def test_enrol_report_and_poll(client: TestClient, settings: Settings, join_token: str) -> None:
+def test_enrol_report_and_poll(client: TestClient, settings: Settings) -> None:
     assert apply(client, pull_doc()).status_code == 200
     got = client.get("/v1/clusters/shop").json()
     assert (got["mode"], got["server"], got["has_credentials"]) == ("pull", None, False)
     assert got["status"] == "Unreachable"  # no agent yet, and the message says so
     assert "not enrolled yet" in got["message"]
 
-    # Enrolment: the join token, once.
-    bad = client.post("/v1/clusters/shop/pull/enroll", json={"join_token": "no"}, headers=NO_TOKEN)
-    assert bad.status_code == 401
-    credential = enrol(client, join_token)
-    again = client.post(
-        "/v1/clusters/shop/pull/enroll", json={"join_token": join_token}, headers=NO_TOKEN
-    )
-    assert again.status_code == 409
+    # Enrolment: the cluster's join token, once.
+    assert enroll(client, "shop", "no").status_code == 401
+    token = issue_join_token(client)
+    resp = enroll(client, "shop", token)
+    assert resp.status_code == 200, resp.text
+    credential = resp.json()["credential"]
+    # Enrolled: even a new join token enrols no second agent until an admin resets it.
+    assert enroll(client, "shop", issue_join_token(client)).status_code == 409
 
     # The report syncs the nodes at once.
     resp = client.post(
@@ -156,14 +173,13 @@ def test_enrol_report_and_poll(client: TestClient, settings: Settings, join_toke
     assert client.post("/v1/clusters/shop/pull/reset").status_code == 204
     refused = client.get("/v1/clusters/shop/pull/desired", headers=as_cluster(credential))
     assert refused.status_code == 401
-    enrol(client, join_token)
+    assert enroll(client, "shop", token).status_code == 401  # used up
+    enrol(client)  # with a new one
 
 
-def test_a_cluster_credential_speaks_for_its_own_cluster_only(
-    client: TestClient, join_token: str
-) -> None:
+def test_a_cluster_credential_speaks_for_its_own_cluster_only(client: TestClient) -> None:
     assert apply(client, pull_doc("shop"), pull_doc("depot")).status_code == 200
-    shop = enrol(client, join_token, "shop")
+    shop = enrol(client, "shop")
     resp = client.post("/v1/clusters/depot/pull/observed", json=REPORT, headers=as_cluster(shop))
     assert resp.status_code == 403
     assert (
@@ -173,9 +189,9 @@ def test_a_cluster_credential_speaks_for_its_own_cluster_only(
     assert client.get("/v1/clusters/shop/pull/desired").status_code == 401
 
 
-def test_reports_are_bounded(client: TestClient, join_token: str) -> None:
+def test_reports_are_bounded(client: TestClient) -> None:
     assert apply(client, pull_doc()).status_code == 200
-    credential = enrol(client, join_token)
+    credential = enrol(client)
     dupes = {**REPORT, "nodes": [REPORT["nodes"][0], REPORT["nodes"][0]]}  # type: ignore[index]
     resp = client.post(
         "/v1/clusters/shop/pull/observed", json=dupes, headers=as_cluster(credential)
@@ -208,9 +224,9 @@ def test_the_revision_moves_only_when_the_desired_state_changes(
         assert rows == {"n1": (spec.as_dict(), 1), "n2": (None, 2)}
 
 
-def test_a_silent_cluster_agent_is_no_evidence(client: TestClient, join_token: str) -> None:
+def test_a_silent_cluster_agent_is_no_evidence(client: TestClient) -> None:
     assert apply(client, pull_doc()).status_code == 200
-    credential = enrol(client, join_token)
+    credential = enrol(client)
     report = {
         **REPORT,
         "workloads": [
@@ -231,13 +247,11 @@ def test_a_silent_cluster_agent_is_no_evidence(client: TestClient, join_token: s
             later.list_nodes()
 
 
-def test_a_node_in_a_handover_reports_the_version_it_moves_to(
-    client: TestClient, join_token: str
-) -> None:
+def test_a_node_in_a_handover_reports_the_version_it_moves_to(client: TestClient) -> None:
     """The agent reports both pods of a node in a handover; the rollout engine hears of
     the one the node should run (as from the push driver), whatever their order."""
     assert apply(client, pull_doc()).status_code == 200
-    credential = enrol(client, join_token)
+    credential = enrol(client)
     spec = WorkloadSpec("detector", "2.0.0", "ab" * 32, "onnx", "http://c/a", "r1", {})
     with session_scope() as s:
         PullDriver(s, "shop", silent_after_s=60).apply("detector", {"n1": spec, "n2": spec})
@@ -256,3 +270,77 @@ def test_a_node_in_a_handover_reports_the_version_it_moves_to(
         assert (seen["n1"].phase, seen["n1"].version) == ("Pending", "2.0.0")
         # Not moved yet (break before make, or its new pod not made): what runs there.
         assert (seen["n2"].phase, seen["n2"].version) == ("Ready", "1.0.0")
+
+
+def test_a_join_token_enrols_its_own_cluster_once_before_it_expires(
+    client: TestClient, session: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    pushed = {
+        "apiVersion": "edgefleet.io/v1",
+        "kind": "Cluster",
+        "metadata": {"name": "pushed"},
+        "spec": {"driver": "simulated", "simulated": {"count": 1}},
+    }
+    assert apply(client, pull_doc("shop"), pull_doc("depot"), pushed).status_code == 200
+    shop = issue_join_token(client, "shop")
+    depot = issue_join_token(client, "depot", expires="1h")
+    assert shop.startswith("efj_")
+    assert shop != depot
+
+    # Another cluster's token: refused.
+    wrong = enroll(client, "depot", shop)
+    assert wrong.status_code == 401
+    assert wrong.json()["detail"] == "invalid, used or expired join token for cluster 'depot'"
+    assert enroll(client, "shop", shop).status_code == 200
+    # Used up: no second enrolment with it, even after a reset.
+    assert client.post("/v1/clusters/shop/pull/reset").status_code == 204
+    assert enroll(client, "shop", shop).status_code == 401
+
+    # Expired: an hour later it no longer works.
+    state = session.scalars(select(PullCluster).join(Cluster).where(Cluster.name == "depot")).one()
+    assert state.join_token_expires_at is not None
+    assert timedelta(minutes=59) < state.join_token_expires_at - utcnow() <= timedelta(hours=1)
+    state.join_token_expires_at = utcnow() - timedelta(seconds=1)
+    session.flush()
+    assert enroll(client, "depot", depot).status_code == 401
+
+    # An unknown cluster or one in push mode answers the same, so names cannot be probed.
+    for name in ("nowhere", "pushed"):
+        resp = enroll(client, name, depot)
+        assert resp.status_code == 401
+        assert "invalid, used or expired join token" in resp.json()["detail"]
+
+    # The event log says which refusal it was; no event, log line or answer but the
+    # first holds a token, and the database keeps their sha256 only.
+    reasons = [
+        e.message
+        for e in session.scalars(
+            select(Event).where(Event.reason == "EnrolmentRefused").order_by(Event.id)
+        )
+    ]
+    assert reasons == [
+        "cluster agent enrolment refused: not this cluster's join token",
+        "cluster agent enrolment refused: no unused join token (an admin issues one: "
+        "edgefleet clusters join-token NAME)",
+        "cluster agent enrolment refused: the join token has expired",
+    ]
+    events = session.scalars(select(Event)).all()
+    stored = session.scalars(select(PullCluster)).all()
+    shown = client.get("/v1/clusters/depot").text + client.get("/v1/events").text
+    for token in (shop, depot):
+        assert token not in caplog.text
+        assert token not in shown
+        assert not [e for e in events if token in f"{e.message} {e.data}"]
+    assert {s.join_token_hash for s in stored} == {hash_credential(depot), None}
+
+
+def test_join_tokens_are_for_admins_with_a_bounded_lifetime(client: TestClient) -> None:
+    assert apply(client, pull_doc()).status_code == 200
+    resp = client.post("/v1/clusters/shop/pull/join-token", json={}, headers=bearer("operator"))
+    assert resp.status_code == 403
+    for expires in ("soon", "30s", "8d"):
+        resp = client.post("/v1/clusters/shop/pull/join-token", json={"expires": expires})
+        assert resp.status_code == 422, expires
+        assert resp.json()["detail"][0]["loc"] == ["body", "expires"]
+    assert client.post("/v1/clusters/nowhere/pull/join-token", json={}).status_code == 404

@@ -47,7 +47,6 @@ from tests.rollouts.helpers import apply, push_versions, report, rollout_doc, ro
 __all__ = ["chart_rbac"]  # the fixture
 
 CLUSTER = "edge"
-JOIN = "pull-mode-join-token"
 
 
 class RunningAgent:
@@ -85,7 +84,6 @@ def site(control_plane: ControlPlane) -> Iterator[Site]:
 
 @pytest.fixture
 def pull_settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setattr(settings, "agent_join_token", SecretStr(JOIN))
     # Short, so the test sees a silent cluster agent within seconds.
     monkeypatch.setattr(settings, "pull_silent_s", 3.0)
     monkeypatch.setattr(settings, "pull_poll_timeout_s", 2.0)
@@ -113,7 +111,6 @@ def agent(site: Site, controller: LiveController, tmp_path: Path) -> Iterator[Ru
         ClusterAgentSettings(
             controller_url=controller.url,
             cluster=CLUSTER,
-            join_token=SecretStr(JOIN),
             state_dir=tmp_path / "state",
             kubernetes_api_url=site.cp.server,
             kubernetes_token_file=token,
@@ -126,6 +123,15 @@ def agent(site: Site, controller: LiveController, tmp_path: Path) -> Iterator[Ru
     )
     yield running
     running.stop()
+
+
+def register(api: TestClient, site: Site, agent: RunningAgent) -> None:
+    """The cluster in pull mode, and its agent given the join token an admin issued."""
+    resp = apply(api, pull_cluster(site.ns))
+    assert resp.status_code == 200, resp.text
+    issued = api.post(f"/v1/clusters/{CLUSTER}/pull/join-token", json={"expires": "10m"})
+    assert issued.status_code == 201, issued.text
+    agent.settings.join_token = SecretStr(issued.json()["token"])
 
 
 def pull_cluster(namespace: str) -> dict[str, Any]:
@@ -168,8 +174,7 @@ def test_a_rollout_reaches_a_cluster_the_controller_cannot_connect_to(
     agent: RunningAgent,
 ) -> None:
     settings = pull_settings
-    resp = apply(api, pull_cluster(site.ns))
-    assert resp.status_code == 200, resp.text
+    register(api, site, agent)
     got = api.get(f"/v1/clusters/{CLUSTER}").json()
     assert (got["mode"], got["server"], got["has_credentials"]) == ("pull", None, False)
     with session_scope() as s:
@@ -384,7 +389,7 @@ def test_a_pull_mode_version_change_keeps_every_node_served(
     old one and drops the old one only once the new one is Ready. Through two updates
     and a rollback, every node's Service has a Ready pod of the version it leaves or the
     one it moves to at every sample, and both serve together for a while."""
-    assert apply(api, pull_cluster(site.ns)).status_code == 200
+    register(api, site, agent)
     agent.start()
     nodes = site.nodes
     versions = ["1.0.0", "2.0.0", "3.0.0"]
