@@ -456,14 +456,19 @@ def make_node(
         )
 
 
-def mark_pods_ready(api: Any, namespace: str, label_selector: str) -> int:
+def mark_pods_ready(
+    api: Any, namespace: str, label_selector: str, *, with_ip_only: bool = False
+) -> int:
     """Report every pod bound to a node and matching ``label_selector`` as Running and
-    Ready, as its kubelet would (``api``: a CoreV1Api). Returns how many pods it patched.
-    """
+    Ready, as its kubelet would (``api``: a CoreV1Api); with ``with_ip_only``, only those
+    that have an IP already (a kubelet never reports a pod Ready before its IP). Returns
+    how many pods it patched."""
     count = 0
     pods = api.list_namespaced_pod(namespace, label_selector=label_selector)
     for pod in pods.items:
         if pod.metadata.deletion_timestamp is not None or not pod.spec.node_name:
+            continue
+        if with_ip_only and not pod.status.pod_ip:
             continue
         now = _now()
         containers = list(pod.spec.containers or [])

@@ -8,6 +8,7 @@ rollout resumes once it is back, and a rollback works."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -47,6 +48,7 @@ from tests.rollouts.helpers import apply, push_versions, report, rollout_doc, ro
 __all__ = ["chart_rbac"]  # the fixture
 
 CLUSTER = "edge"
+log = logging.getLogger(__name__)
 
 
 class RunningAgent:
@@ -359,7 +361,12 @@ class EndpointWatch:
         self._thread.start()
 
     def now(self) -> dict[str, set[str]]:
-        ep = self.core.read_namespaced_endpoints(objects.service_name("detector"), self.ns)
+        try:
+            ep = self.core.read_namespaced_endpoints(objects.service_name("detector"), self.ns)
+        except k8s.ApiException as exc:
+            if exc.status == 404:  # not made yet by the endpoints controller
+                return {}
+            raise
         out: dict[str, set[str]] = {}
         for subset in ep.subsets or []:
             for address in subset.addresses or []:
@@ -414,8 +421,16 @@ def test_a_pull_mode_version_change_keeps_every_node_served(
 
     eventually(lambda: agent.agent and agent.agent.reports, what="the agent reports")
     publish("1.0.0")
-    svc = site.core.read_namespaced_service(objects.service_name("detector"), site.ns)
+
+    def service() -> Any:
+        found = site.core.list_namespaced_service(site.ns).items
+        return found[0] if found else None
+
+    svc = eventually(service, what="the model's Service, applied by the agent")
+    assert svc.metadata.name == objects.service_name("detector")
     assert svc.spec.selector == objects.model_selector("detector")
+    # Kubernetes 1.20 has no internalTrafficPolicy: the agent leaves it out there.
+    assert "internalTrafficPolicy" not in (svc.to_dict()["spec"] or {})
     watch = EndpointWatch(site.core, site.ns, versions)
     updates: list[tuple[float, float, str, str]] = []
     try:
@@ -438,6 +453,14 @@ def test_a_pull_mode_version_change_keeps_every_node_served(
             assert seen[node] <= {update[2], update[3]}, (node, seen[node], update)
             overlap += len(seen[node]) == 2
     assert overlap, "the old and new versions never served together: break before make"
+    log.warning(
+        "pull-mode handovers: %d Endpoints samples over %d updates (%.1f s), every node "
+        "served in each; %d node-samples with both versions Ready",
+        len(samples),
+        len(updates),
+        updates[-1][1] - updates[0][0],
+        overlap,
+    )
     # The handovers left nothing behind: one DaemonSet, no previous labels.
     eventually(site.settled_on("2.0.0"), what="2.0.0 alone", beat=site.finalize)
     assert not previous_labels(site)
