@@ -393,9 +393,10 @@ def test_a_pull_mode_version_change_keeps_every_node_served(
 ) -> None:
     """Make before break in pull mode: the controller publishes a new version (the pull
     driver, as the reconciler calls it), the cluster agent surges the new pod beside the
-    old one and drops the old one only once the new one is Ready. Through two updates
-    and a rollback, every node's Service has a Ready pod of the version it leaves or the
-    one it moves to at every sample, and both serve together for a while."""
+    old one and drops the old one only once the new one is Ready. Through two updates,
+    a rollback and a change reverted half-way, every node's Service has a Ready pod of
+    the version it leaves or the one it moves to at every sample, and both serve
+    together for a while."""
     register(api, site, agent)
     agent.start()
     nodes = site.nodes
@@ -440,6 +441,17 @@ def test_a_pull_mode_version_change_keeps_every_node_served(
             publish(new)
             eventually(partial(serving, new), what=f"{new} served", beat=beat, timeout_s=60)
             updates.append((started, time.monotonic(), old, new))
+        # A change reverted in the middle of its handover: 2.0.0 serves throughout.
+        started = time.monotonic()
+        publish("1.0.0")
+        eventually(
+            lambda: previous_labels(site) or "1.0.0" in site.pods().values(),
+            what="the handover to 1.0.0 under way",
+            beat=beat,
+        )
+        publish("2.0.0")
+        eventually(partial(serving, "2.0.0"), what="2.0.0 served", beat=beat, timeout_s=60)
+        updates.append((started, time.monotonic(), "1.0.0", "2.0.0"))
     finally:
         watch.stop()
 
