@@ -228,6 +228,17 @@ class Settings(BaseSettings):
     dashboard_public: bool = Field(
         False, description="Serve the dashboard without signing in (a trusted network only)."
     )
+    # Live dashboard pages hold a connection each (server-sent events): bounded in number
+    # per process and in length (the browser reconnects, and is authorized again).
+    dashboard_live_streams: int = Field(
+        32, ge=0, description="Most live dashboard pages one API process streams to at once."
+    )
+    dashboard_live_stream_s: float = Field(
+        300.0, gt=0, description="Seconds one live dashboard stream lasts before it closes."
+    )
+    dashboard_live_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between two renders of a live dashboard page."
+    )
     # Cluster credentials are applied by admins but still untrusted input: only what a
     # remote API server needs is accepted (see controller/fleet/kubeconfig.py).
     cluster_allow_insecure_tls: bool = Field(

@@ -3,15 +3,22 @@ shapes and their data), not by matching strings of markup."""
 
 from __future__ import annotations
 
+import io
+import itertools
 from html.parser import HTMLParser
 
+import anyio
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from controller.dashboard.live import Slots, events
 from controller.db.models import Node
+from controller.registry import samples
 from controller.settings import Settings
+from tests.optimizations.test_variants import derive, finished, push
 from tests.rollouts.helpers import apply, cluster_doc, drive, push_versions, rollout_doc
 
 
@@ -58,7 +65,32 @@ def browse(client: TestClient, path: str) -> Page:
     resp = client.get(path, headers={"Authorization": client.headers["Authorization"]})
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-frame-options"] == "DENY"
-    return Page(resp.text)
+    page = Page(resp.text)
+    (main,) = [m for m in page.elements["main"] if m.get("id") == "live"]
+    assert main["data-stream"] == "/live" + path
+    return page
+
+
+def stream(client: TestClient, path: str) -> list[tuple[str, str]]:
+    """The events of one live stream, read to its end: (event name, data)."""
+    resp = client.get(path)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    out = []
+    for block in resp.text.split("\n\n"):
+        fields = [line.partition(": ") for line in block.split("\n") if line]
+        name = next((v for k, _, v in fields if k == "event"), None)
+        if name is not None:
+            out.append((name, "\n".join(v for k, _, v in fields if k == "data")))
+    return out
+
+
+@pytest.fixture
+def short_streams(client: TestClient, settings: Settings) -> None:
+    """Live streams of this test's app that end after half a second."""
+    client.app.state.settings = settings.model_copy(  # type: ignore[attr-defined]
+        update={"dashboard_live_stream_s": 0.5, "dashboard_live_interval_s": 0.1}
+    )
 
 
 @pytest.fixture
@@ -113,3 +145,113 @@ def test_rollout_page_of_an_unknown_rollout_is_a_404(fleet: TestClient) -> None:
     resp = fleet.get("/rollouts/nope")
     assert resp.status_code == 404
     assert resp.json()["error"] == "not_found"
+
+
+def test_model_page_shows_versions_lineage_and_the_optimization_verdict(
+    client: TestClient,
+) -> None:
+    push(client, "scorer", "1", samples.build_sequence_scorer(features=64, hidden=128))
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        tokens=rng.standard_normal((8, 1, 8, 64)).astype(np.float32),
+        mask=np.ones((8, 1, 8), dtype=np.float32),
+    )
+    job = finished(
+        client,
+        "scorer",
+        derive(client, "scorer", "1", "1-dyn", "dynamic-int8", calibration=buf.getvalue()),
+    )
+    assert job["status"] == "Succeeded", job["message"]
+    page = browse(client, "/models/scorer")
+    versions = {r["Version"]: r for r in page.rows("versions")}
+    assert set(versions) == {"1", "1-dyn"}
+    assert (versions["1-dyn"]["Parent"], versions["1-dyn"]["Method"]) == ("1", "dynamic-int8")
+    assert versions["1"]["Parent"] == ""
+    api = [client.get(f"/v1/models/scorer/versions/{v}").json() for v in versions]
+    assert [(r["Format"], r["Status"]) for r in versions.values()] == [
+        (v["format"], v["status"]) for v in api
+    ]
+    sizes = [int(c["data-bytes"]) for c in page.elements["td"] if "data-bytes" in c]
+    assert sizes == [v["size_bytes"] for v in api]
+    (opt,) = page.rows("optimizations")
+    report = job["report"]
+    assert opt["Variant"] == "1 → 1-dyn"
+    assert float(opt["Size ratio"]) == report["size_ratio"]
+    expected = (
+        "recommended"
+        if report["verdict"]["recommended"]
+        else "not recommended: " + "; ".join(report["verdict"]["reasons"])
+    )
+    assert opt["Verdict"] == expected
+    assert client.get("/models/nope").status_code == 404
+
+
+def test_node_page_shows_its_workloads_numbers_and_history(
+    fleet: TestClient, settings: Settings
+) -> None:
+    assert apply(fleet, rollout_doc("good", "1.0.0")).status_code == 200
+    drive("good", settings, metrics=lambda node: (12.5, 0))
+    rollout = browse(fleet, "/rollouts/good")
+    nodes = rollout.rows("nodes")
+    assert len(nodes) == 5
+    assert {n["State"] for n in nodes} == {"Healthy"}
+    assert [n["Wave"] for n in nodes] == sorted(n["Wave"] for n in nodes)
+    assert "/clusters/berlin/nodes/berlin-n0" in [a.get("href") for a in rollout.elements["a"]]
+    assert "/models/detector" in [a.get("href") for a in rollout.elements["a"]]
+
+    node = browse(fleet, "/clusters/berlin/nodes/berlin-n0")
+    (work,) = node.rows("workloads")
+    assert (work["Model"], work["Rollout"], work["State"]) == ("detector", "good", "Healthy")
+    assert (work["Desired"], work["Observed"]) == ("1.0.0", "1.0.0")
+    assert float(work["p95 ms"]) == 12.5
+    assert float(work["Error rate"]) == 0.0
+    api = fleet.get("/v1/events", params={"kind": "Node", "name": "berlin/berlin-n0"}).json()
+    assert [r["Reason"] for r in node.rows("history")] == [e["reason"] for e in api]
+    assert fleet.get("/clusters/berlin/nodes/nope").status_code == 404
+
+
+def test_a_live_stream_sends_the_page_body_and_ends(
+    fleet: TestClient, settings: Settings, short_streams: None
+) -> None:
+    assert apply(fleet, rollout_doc("good", "1.0.0")).status_code == 200
+    drive("good", settings)
+    sent = stream(fleet, "/live/rollouts/good")
+    # The body once (nothing changed in half a second), then the stream ends.
+    assert [name for name, _ in sent] == ["page"]
+    body = Page(sent[0][1])
+    assert {w["Phase"] for w in body.rows("waves")} == {"Passed"}
+    assert browse(fleet, "/rollouts/good").tables == body.tables
+    assert stream(fleet, "/live/rollouts/nope") == [("gone", "")]
+    overview = Page(stream(fleet, "/live/")[0][1])
+    assert [r["Phase"] for r in overview.rows("rollouts")] == ["Succeeded"]
+
+
+def test_live_streams_are_bounded_per_process(fleet: TestClient, short_streams: None) -> None:
+    fleet.app.state.live_slots = slots = Slots(1)  # type: ignore[attr-defined]
+    slots.take()  # another page's
+    resp = fleet.get("/live/")
+    assert resp.status_code == 503
+    assert resp.headers["retry-after"] == "30"
+    assert "EDGEFLEET_DASHBOARD_LIVE_STREAMS" in resp.json()["detail"]
+    slots.give()
+    assert stream(fleet, "/live/")[0][0] == "page"
+    assert slots.taken == 0  # given back when the stream ended
+
+
+def test_a_live_stream_sends_only_changes(session: Session) -> None:
+    bodies = itertools.chain(["a", "a", "b\nc\r"], itertools.repeat("b\nc\r"))
+
+    async def collect() -> list[str]:
+        gen = events(lambda _: next(bodies), interval_s=0.01, duration_s=0.2)
+        return [chunk async for chunk in gen]
+
+    chunks = anyio.run(collect)
+    assert chunks[0] == "retry: 1000\n\n"
+    assert chunks[1:4] == [
+        "event: page\ndata: a\n\n",
+        ":\n\n",
+        "event: page\ndata: b\ndata: c&#13;\n\n",
+    ]
+    assert set(chunks[4:]) == {":\n\n"}

@@ -12,6 +12,7 @@ from controller.api import events, health
 from controller.auth import endpoints as auth
 from controller.benchmarks import endpoints as benchmarks
 from controller.dashboard import endpoints as dashboard
+from controller.dashboard.live import Slots
 from controller.fleet import endpoints as fleet
 from controller.manifests import endpoints as manifests
 from controller.optimizations import endpoints as optimizations
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ObserveRequests)
     # Heartbeat requests meet here to share ingest transactions.
     app.state.heartbeats = HeartbeatIntake(settings)
+    app.state.live_slots = Slots(settings.dashboard_live_streams)
     return app
 
 

@@ -24,6 +24,17 @@ def for_version(session: Session, version_id: int) -> Sequence[NodeBenchmark]:
     ).all()
 
 
+def for_model(session: Session, model_id: int) -> Sequence[tuple[NodeBenchmark, str]]:
+    """Every benchmark of a model's versions, each with its version, by version and class."""
+    rows = session.execute(
+        select(NodeBenchmark, ModelVersion.version)
+        .join(ModelVersion, ModelVersion.id == NodeBenchmark.model_version_id)
+        .where(ModelVersion.model_id == model_id)
+        .order_by(ModelVersion.id, NodeBenchmark.node_class)
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
 def by_class(session: Session, version_id: int) -> dict[str, NodeBenchmark]:
     return {b.node_class: b for b in for_version(session, version_id)}
 

@@ -1,39 +1,69 @@
-"""A small server-rendered dashboard: the fleet by site, rollouts, model versions, and a
-page per rollout (waves, the gate's evidence against its thresholds, the events). No
-JavaScript build, no assets: HTML pages that refresh themselves (controller/dashboard/pages.py)."""
+"""A small server-rendered dashboard: the fleet by site, rollouts and model versions, and
+a page per rollout (waves, the gate's evidence against its thresholds, its nodes, the
+events), per model (versions, lineage, comparison reports, benchmarks) and per node (what
+it runs, its numbers, its history). No JavaScript build and no assets: each page has a
+live twin under /live that streams its body again as it changes
+(controller/dashboard/live.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from html import escape
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from controller.audit import list_events
 from controller.auth.guard import DASHBOARD, SESSION_COOKIE, open_session
 from controller.auth.service import SESSION_TTL_S
+from controller.benchmarks import repository as benchmark_repo
+from controller.dashboard.live import LiveStream, Slots
 from controller.dashboard.pages import (
     PAGE_HEADERS,
     STYLE,
+    AssignmentView,
+    BenchmarkView,
     EventView,
+    OptimizationView,
+    VersionView,
     WaveView,
+    model_body,
+    model_link,
+    node_body,
+    page,
+    page_path,
+    rollout_body,
     rollout_link,
-    rollout_page,
     sites,
     tag,
 )
 from controller.errors import NotFound
 from controller.fleet import repository as fleet_repo
+from controller.optimizations import repository as optimization_repo
 from controller.registry import repository as registry_repo
 from controller.rollouts import repository as rollout_repo
+from controller.rollouts.repository import WorkloadRow
 from controller.web.deps import SessionDep, SettingsDep
 
 router = APIRouter(include_in_schema=False)
 
+# A page lists this many of a rollout's nodes (and says how many more there are).
+ROLLOUT_NODES_SHOWN = 200
 
-@router.get("/", response_class=HTMLResponse, dependencies=[DASHBOARD])
-def dashboard(session: SessionDep) -> HTMLResponse:
+
+def _html(title: str, body: str, live: str) -> HTMLResponse:
+    return HTMLResponse(page(title, body, live=live), headers=PAGE_HEADERS)
+
+
+def _stream(request: Request, render: Callable[[Session], str]) -> LiveStream:
+    slots: Slots = request.app.state.live_slots
+    return LiveStream(render, slots, request.app.state.settings)
+
+
+def overview_body(session: Session) -> str:
     counts = fleet_repo.node_counts(session)
     clusters = "".join(
         f"<tr><td>{escape(c.name)}</td><td>{escape(c.driver)}</td><td>{tag(c.status)}</td>"
@@ -48,7 +78,7 @@ def dashboard(session: SessionDep) -> HTMLResponse:
         for v in rows:
             bench = v.benchmark or {}
             versions += (
-                f"<tr><td>{escape(m.name)}</td><td>{escape(v.version)}</td><td>{escape(v.format)}</td>"
+                f"<tr><td>{model_link(m.name)}</td><td>{escape(v.version)}</td><td>{escape(v.format)}</td>"
                 f"<td>{tag(v.status)}</td><td>{bench.get('p50_ms', '')}</td>"
                 f"<td>{bench.get('p95_ms', '')}</td><td class=muted>{v.sha256[:12]}</td></tr>"
             )
@@ -72,27 +102,47 @@ def dashboard(session: SessionDep) -> HTMLResponse:
         )
         rollouts_html += (
             f'<tr class="p-{escape(r.phase)}"><td>{rollout_link(r.name)}</td>'
-            f"<td>{escape(model)}:{escape(version)}</td><td>{tag(r.phase)}</td>"
+            f"<td>{model_link(model)}:{escape(version)}</td><td>{tag(r.phase)}</td>"
             f"<td>{r.current_wave + 1}/{len(r.waves)}</td>"
             f'<td><div class="bar"><div class="fill" style="width:{pct}%"></div></div>'
             f"<span class=muted>{promoted}/{planned} nodes promoted · {escape(live)}</span></td>"
             f"<td class=muted>{escape(r.message or '')}</td></tr>"
         )
-    html = f"""<!doctype html><html><head><meta charset="utf-8">
-<meta http-equiv="refresh" content="2"><title>edgefleet</title><style>{STYLE}</style></head><body>
-<h1>edgefleet</h1><div class=muted>refreshes every 2 s · <a href="/docs">API</a> · <a href="/metrics">metrics</a></div>
+    return f"""<h1>edgefleet</h1>
 <h2>Rollouts</h2><table id="rollouts"><tr><th>Name</th><th>Model</th><th>Phase</th><th>Wave</th><th>Progress</th><th>Message</th></tr>{rollouts_html}</table>
 <h2>Sites</h2>{sites(fleet_repo.site_health(session))}
 <h2>Clusters</h2><table id="clusters"><tr><th>Name</th><th>Driver</th><th>Status</th><th>Nodes</th><th>Health</th></tr>{clusters}</table>
-<h2>Model versions</h2><table id="versions"><tr><th>Model</th><th>Version</th><th>Format</th><th>Status</th><th>p50 ms</th><th>p95 ms</th><th>sha256</th></tr>{versions}</table>
-</body></html>"""
-    return HTMLResponse(html, headers=PAGE_HEADERS)
+<h2>Model versions</h2><table id="versions"><tr><th>Model</th><th>Version</th><th>Format</th><th>Status</th><th>p50 ms</th><th>p95 ms</th><th>sha256</th></tr>{versions}</table>"""
 
 
-@router.get("/rollouts/{name}", response_class=HTMLResponse, dependencies=[DASHBOARD])
-def rollout_detail(name: str, session: SessionDep) -> HTMLResponse:
-    """One rollout: its waves and their nodes' states, the gate's evidence at each
-    decision against its thresholds, the variant mix, and the events with their evidence."""
+@router.get("/", response_class=HTMLResponse, dependencies=[DASHBOARD])
+def dashboard(session: SessionDep) -> HTMLResponse:
+    return _html("edgefleet", overview_body(session), "/live/")
+
+
+@router.get("/live/", dependencies=[DASHBOARD])
+def dashboard_live(request: Request) -> LiveStream:
+    return _stream(request, overview_body)
+
+
+def _workload(row: WorkloadRow) -> AssignmentView:
+    a = row.assignment
+    return AssignmentView(
+        row.cluster,
+        row.node,
+        row.model,
+        row.wave,
+        row.rollout,
+        a.state,
+        row.desired,
+        row.observed,
+        a.metrics or {},
+        a.message,
+        a.updated_at,
+    )
+
+
+def rollout_page_body(session: Session, name: str) -> str:
     r = rollout_repo.get(session, name)
     if r is None:
         raise NotFound(f"rollout {name!r} not found")
@@ -106,7 +156,8 @@ def rollout_detail(name: str, session: SessionDep) -> HTMLResponse:
         EventView(e.created_at, e.reason, e.message, e.actor, e.data or {})
         for e in rollout_repo.events(session, r.id, limit=200)
     ]
-    html = rollout_page(
+    nodes, total = rollout_repo.rollout_workloads(session, r.id, limit=ROLLOUT_NODES_SHOWN)
+    return rollout_body(
         name=r.name,
         model=model,
         version=version,
@@ -115,8 +166,114 @@ def rollout_detail(name: str, session: SessionDep) -> HTMLResponse:
         waves=waves,
         versions=rollout_repo.target_counts(session, r),
         events=events,
+        nodes=[_workload(n) for n in nodes],
+        node_total=total,
     )
-    return HTMLResponse(html, headers=PAGE_HEADERS)
+
+
+@router.get("/rollouts/{name}", response_class=HTMLResponse, dependencies=[DASHBOARD])
+def rollout_detail(name: str, session: SessionDep) -> HTMLResponse:
+    """One rollout: its waves and their nodes' states, the gate's evidence at each
+    decision against its thresholds, its nodes, and the events with their evidence."""
+    return _html(
+        f"edgefleet: {name}",
+        rollout_page_body(session, name),
+        f"/live{page_path('rollouts', name)}",
+    )
+
+
+@router.get("/live/rollouts/{name}", dependencies=[DASHBOARD])
+def rollout_live(name: str, request: Request) -> LiveStream:
+    return _stream(request, lambda session: rollout_page_body(session, name))
+
+
+def model_page_body(session: Session, name: str) -> str:
+    m = registry_repo.get_model(session, name)
+    if m is None:
+        raise NotFound(f"model {name!r} not found")
+    rows, _ = registry_repo.list_versions(session, m.id, limit=500, offset=0)
+    labels = {v.id: v.version for v in rows}
+    versions = [
+        VersionView(
+            v.version,
+            v.format,
+            v.size_bytes,
+            v.status,
+            v.sha256,
+            v.benchmark or {},
+            labels.get(v.parent_id) if v.parent_id is not None else None,
+            (v.lineage or {}).get("method"),
+            v.created_at,
+        )
+        for v in rows
+    ]
+    jobs = [
+        OptimizationView(
+            o.id, parent, o.target_version, o.method, o.status, o.stage, o.message, o.report or {}
+        )
+        for o, parent in optimization_repo.jobs_of_model(session, m.id, limit=50)
+    ]
+    benchmarks = [
+        BenchmarkView(version, b.node_class, b.node_name, b.status, b.result or {}, b.finished_at)
+        for b, version in benchmark_repo.for_model(session, m.id)
+    ]
+    return model_body(
+        name=m.name,
+        description=m.description,
+        versions=versions,
+        optimizations=jobs,
+        benchmarks=benchmarks,
+    )
+
+
+@router.get("/models/{name}", response_class=HTMLResponse, dependencies=[DASHBOARD])
+def model_detail(name: str, session: SessionDep) -> HTMLResponse:
+    """One model: its versions with their lineage, optimizations, benchmarks."""
+    return _html(
+        f"edgefleet: {name}", model_page_body(session, name), f"/live{page_path('models', name)}"
+    )
+
+
+@router.get("/live/models/{name}", dependencies=[DASHBOARD])
+def model_live(name: str, request: Request) -> LiveStream:
+    return _stream(request, lambda session: model_page_body(session, name))
+
+
+def node_page_body(session: Session, cluster: str, name: str) -> str:
+    n = fleet_repo.get_node(session, cluster, name)
+    if n is None:
+        raise NotFound(f"node {cluster}/{name} not found")
+    events = [
+        EventView(e.created_at, e.reason, e.message, e.actor, e.data or {})
+        for e in list_events(session, kind="Node", name=f"{cluster}/{name}", limit=100)
+    ]
+    return node_body(
+        cluster=cluster,
+        name=n.name,
+        health=n.health,
+        last_heartbeat_at=n.last_heartbeat_at,
+        architecture=n.architecture,
+        labels=n.labels or {},
+        workloads=[_workload(w) for w in rollout_repo.node_workloads(session, n.id)],
+        events=events,
+    )
+
+
+@router.get(
+    "/clusters/{cluster}/nodes/{name}", response_class=HTMLResponse, dependencies=[DASHBOARD]
+)
+def node_detail(cluster: str, name: str, session: SessionDep) -> HTMLResponse:
+    """One node: health, last heartbeat, its workloads and their numbers, its events."""
+    return _html(
+        f"edgefleet: {cluster}/{name}",
+        node_page_body(session, cluster, name),
+        f"/live{page_path('clusters', cluster, 'nodes', name)}",
+    )
+
+
+@router.get("/live/clusters/{cluster}/nodes/{name}", dependencies=[DASHBOARD])
+def node_live(cluster: str, name: str, request: Request) -> LiveStream:
+    return _stream(request, lambda session: node_page_body(session, cluster, name))
 
 
 _SIGN_IN = """<!doctype html><html><head><meta charset="utf-8"><title>edgefleet: sign in</title>

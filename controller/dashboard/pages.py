@@ -1,11 +1,15 @@
 """HTML of the dashboard's pages, from plain values: the endpoints read the database,
 these only render (and escape every value that came from a user or a node).
 
-No JavaScript and no assets: tables, CSS bars and inline SVG. A fleet of 10,000 nodes
-reads as a few dozen rows, one per site, each a bar of its nodes' health."""
+No assets and no framework: tables, CSS bars and inline SVG, and one small inline
+script that swaps in the page's body as the server sends it again (server-sent events,
+controller/dashboard/live.py); without script, the page reloads itself. A fleet of 10,000
+nodes reads as a few dozen rows, one per site, each a bar of its nodes' health."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,19 +34,55 @@ a{color:#1c7ed6;text-decoration:none}svg text{font-size:11px;fill:#495057}
 
 HEALTH_ORDER = ("Ready", "Stale", "NotReady", "Offline", "Unknown")
 
-# Pages are never framed (clickjacking).
-PAGE_HEADERS = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}
+# The live page's script: the body of <main> is replaced by each "page" event of the
+# stream named in its data-stream. A stream refused (503, too many open) or failing for
+# good leaves the page to reload itself; a "gone" event (the object was deleted) reloads
+# it at once, to its 404.
+LIVE_SCRIPT = """(() => {
+const main = document.getElementById("live");
+const status = document.getElementById("live-status");
+const es = new EventSource(main.dataset.stream);
+es.addEventListener("page", (e) => { main.innerHTML = e.data; status.textContent = "live"; });
+es.addEventListener("gone", () => { es.close(); location.reload(); });
+es.onerror = () => {
+  status.textContent = "reconnecting";
+  if (es.readyState === EventSource.CLOSED) setTimeout(() => location.reload(), 10000);
+};
+})();"""
+
+_SCRIPT_HASH = base64.b64encode(hashlib.sha256(LIVE_SCRIPT.encode()).digest()).decode()
+
+# Pages are never framed (clickjacking) and run no script but their own: any markup a
+# node or a user managed to get into a page could not run one.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        f"default-src 'none'; script-src 'sha256-{_SCRIPT_HASH}'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+}
 
 
 def tag(text: str) -> str:
     return f'<span class="tag">{escape(text)}</span>'
 
 
-def page(title: str, body: str, *, refresh_s: int = 2) -> str:
+def page(title: str, body: str, *, live: str | None = None) -> str:
+    """A whole page. ``live``: the path of the stream that sends its body again as it
+    changes (without script, the page reloads every 5 s instead)."""
+    head = (
+        '<!doctype html><html><head><meta charset="utf-8"><link rel="icon" href="data:,">'
+        f"<title>{escape(title)}</title><style>{STYLE}</style>"
+    )
+    if live is None:
+        return f"{head}</head><body>{body}</body></html>"
     return (
-        '<!doctype html><html><head><meta charset="utf-8">'
-        f'<meta http-equiv="refresh" content="{refresh_s}"><title>{escape(title)}</title>'
-        f"<style>{STYLE}</style></head><body>{body}</body></html>"
+        f'{head}<noscript><meta http-equiv="refresh" content="5"></noscript></head><body>'
+        '<div class="muted" id="nav"><a href="/">fleet</a> · <a href="/docs">API</a> · '
+        '<a href="/metrics">metrics</a> · <span id="live-status">connecting</span></div>'
+        f'<main id="live" data-stream="{escape(live)}">{body}</main>'
+        f"<script>{LIVE_SCRIPT}</script></body></html>"
     )
 
 
@@ -79,8 +119,33 @@ def sites(health: Mapping[tuple[str, str], Mapping[str, int]]) -> str:
     )
 
 
+def page_path(*parts: str) -> str:
+    return "/" + "/".join(quote(p, safe="") for p in parts)
+
+
 def rollout_link(name: str) -> str:
-    return f'<a href="/rollouts/{quote(name, safe="")}">{escape(name)}</a>'
+    return f'<a href="{page_path("rollouts", name)}">{escape(name)}</a>'
+
+
+def model_link(name: str, text: str | None = None) -> str:
+    return f'<a href="{page_path("models", name)}">{escape(text or name)}</a>'
+
+
+def node_link(cluster: str, node: str) -> str:
+    return f'<a href="{page_path("clusters", cluster, "nodes", node)}">{escape(node)}</a>'
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _num(value: Any, fmt: str = "g") -> str:
+    return format(float(value), fmt) if isinstance(value, int | float) else ""
 
 
 @dataclass(frozen=True)
@@ -100,6 +165,59 @@ class EventView:
     message: str
     actor: str | None
     data: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class AssignmentView:
+    """One node's workload of one model: from the node's side (model, rollout) or the
+    rollout's (cluster, node)."""
+
+    cluster: str
+    node: str
+    model: str
+    wave: int | None
+    rollout: str | None
+    state: str
+    desired: str | None
+    observed: str | None
+    metrics: Mapping[str, Any]
+    message: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class VersionView:
+    version: str
+    format: str
+    size_bytes: int
+    status: str
+    sha256: str
+    benchmark: Mapping[str, Any]
+    parent: str | None
+    method: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class OptimizationView:
+    id: int
+    parent: str
+    target: str
+    method: str
+    status: str
+    stage: str | None
+    message: str | None
+    report: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class BenchmarkView:
+    version: str
+    node_class: str
+    node: str
+    status: str
+    result: Mapping[str, Any]
+    finished_at: datetime | None
 
 
 def _when(at: datetime | None) -> str:
@@ -161,7 +279,7 @@ def gate_plot(decisions: Sequence[EventView]) -> str:
     )
 
 
-def rollout_page(
+def rollout_body(
     *,
     name: str,
     model: str,
@@ -171,7 +289,11 @@ def rollout_page(
     waves: Sequence[WaveView],
     versions: Mapping[str, int],
     events: Sequence[EventView],
+    nodes: Sequence[AssignmentView],
+    node_total: int,
 ) -> str:
+    """A rollout: its waves and their nodes' states, the gate's evidence at each decision
+    against its thresholds, its nodes with their numbers, the events."""
     wave_rows = [
         f'<tr class="p-{escape(w.phase)}"><td>{w.index}</td><td>{tag(w.phase)}</td>'
         f"<td>{w.nodes}</td><td>{health_bar_states(w.states)}"
@@ -187,19 +309,160 @@ def rollout_page(
         f"<td class=muted>{escape(_evidence(e.data))}</td></tr>"
         for e in events
     ]
-    body = (
-        f'<div class=muted><a href="/">fleet</a> / rollouts</div>'
+    return (
         f'<h1 class="p-{escape(phase)}">{escape(name)} {tag(phase)}</h1>'
-        f"<div>{escape(model)}:{escape(version)} · versions planned: {mix}</div>"
+        f"<div>{model_link(model)}:{escape(version)} · versions planned: {mix}</div>"
         f"<div class=muted>{escape(message or '')}</div>"
         "<h2>Waves</h2>"
         + table("waves", ("Wave", "Phase", "Nodes", "States", "Started", "Finished"), wave_rows)
         + "<h2>Gate evidence</h2>"
         + gate_plot(decisions)
+        + "<h2>Nodes</h2>"
+        + assignment_table("nodes", nodes, node_total, by_node=True)
         + "<h2>Events</h2>"
         + table("events", ("Time", "Reason", "By", "Message", "Evidence"), event_rows)
     )
-    return page(f"edgefleet: {name}", body)
+
+
+def assignment_table(
+    table_id: str, rows: Sequence[AssignmentView], total: int, *, by_node: bool
+) -> str:
+    """Workloads with the numbers their node reports: one per node of a rollout
+    (``by_node``), or one per model of a node."""
+    first = ("Node", "Wave") if by_node else ("Model", "Rollout")
+    body = []
+    for a in rows:
+        if by_node:
+            cells = f"<td>{node_link(a.cluster, a.node)}</td><td>{'' if a.wave is None else a.wave}</td>"
+        else:
+            cells = f"<td>{model_link(a.model)}</td><td>{rollout_link(a.rollout) if a.rollout else ''}</td>"
+        m = a.metrics
+        body.append(
+            f"<tr>{cells}<td>{tag(a.state)}</td><td>{escape(a.desired or '')}</td>"
+            f"<td>{escape(a.observed or '')}</td><td>{_num(m.get('p95_ms'))}</td>"
+            f"<td>{_num(m.get('error_rate'), '.4f')}</td><td>{_when(a.updated_at)}</td>"
+            f"<td class=muted>{escape(a.message or '')}</td></tr>"
+        )
+    header = (*first, "State", "Desired", "Observed", "p95 ms", "Error rate", "Updated", "Message")
+    more = f'<p class="muted">and {total - len(rows)} more</p>' if total > len(rows) else ""
+    return table(table_id, header, body) + more
+
+
+def model_body(
+    *,
+    name: str,
+    description: str | None,
+    versions: Sequence[VersionView],
+    optimizations: Sequence[OptimizationView],
+    benchmarks: Sequence[BenchmarkView],
+) -> str:
+    """A model: its versions (format, size, status, lineage, measured latency), the
+    comparison report and verdict of each optimization, the benchmarks per node class."""
+    version_rows = [
+        f'<tr id="v-{escape(v.version)}"><td>{escape(v.version)}</td><td>{escape(v.format)}</td>'
+        f'<td data-bytes="{v.size_bytes}">{human_bytes(v.size_bytes)}</td><td>{tag(v.status)}</td>'
+        f"<td>{_num(v.benchmark.get('p50_ms'))}</td><td>{_num(v.benchmark.get('p95_ms'))}</td>"
+        f"<td>{escape(v.parent or '')}</td><td>{escape(v.method or '')}</td>"
+        f"<td>{_when(v.created_at)}</td><td class=muted>{v.sha256[:12]}</td></tr>"
+        for v in versions
+    ]
+    optimization_rows = []
+    for o in optimizations:
+        r = o.report
+        verdict = r.get("verdict") or {}
+        if not verdict:
+            said = escape(o.message or o.stage or "")
+        elif verdict.get("recommended"):
+            said = "recommended"
+        else:
+            said = "not recommended: " + escape("; ".join(verdict.get("reasons") or []))
+        latency = r.get("latency_ratio") or {}
+        optimization_rows.append(
+            f"<tr><td>{o.id}</td><td>{escape(o.parent)} → {escape(o.target)}</td>"
+            f"<td>{escape(o.method)}</td><td>{tag(o.status)}</td>"
+            f"<td>{_num(r.get('size_ratio'))}</td><td>{_num(latency.get('p50'))}</td>"
+            f"<td>{_num(r.get('top1_agreement'))}</td><td>{_num(r.get('max_abs_error'))}</td>"
+            f"<td>{said}</td></tr>"
+        )
+    benchmark_rows = [
+        f"<tr><td>{escape(b.version)}</td><td>{escape(b.node_class)}</td><td>{escape(b.node)}</td>"
+        f"<td>{tag(b.status)}</td><td>{_num(b.result.get('p50_ms'))}</td>"
+        f"<td>{_num(b.result.get('p95_ms'))}</td><td>{_when(b.finished_at)}</td></tr>"
+        for b in benchmarks
+    ]
+    return (
+        f"<h1>{escape(name)}</h1><div class=muted>{escape(description or '')}</div>"
+        "<h2>Versions</h2>"
+        + table(
+            "versions",
+            (
+                "Version",
+                "Format",
+                "Size",
+                "Status",
+                "p50 ms",
+                "p95 ms",
+                "Parent",
+                "Method",
+                "Created",
+                "sha256",
+            ),
+            version_rows,
+        )
+        + "<h2>Optimizations</h2>"
+        + table(
+            "optimizations",
+            (
+                "Job",
+                "Variant",
+                "Method",
+                "Status",
+                "Size ratio",
+                "p50 ratio",
+                "Top-1 agreement",
+                "Max abs error",
+                "Verdict",
+            ),
+            optimization_rows,
+        )
+        + "<h2>Benchmarks per node class</h2>"
+        + table(
+            "benchmarks",
+            ("Version", "Node class", "Measured on", "Status", "p50 ms", "p95 ms", "Finished"),
+            benchmark_rows,
+        )
+    )
+
+
+def node_body(
+    *,
+    cluster: str,
+    name: str,
+    health: str,
+    last_heartbeat_at: datetime | None,
+    architecture: str | None,
+    labels: Mapping[str, Any],
+    workloads: Sequence[AssignmentView],
+    events: Sequence[EventView],
+) -> str:
+    """A node: its health and last heartbeat, what it runs with the latency and error
+    rate it reports for each, and its history (the events of the node)."""
+    labels_text = ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+    event_rows = [
+        f"<tr><td>{_when(e.time)}</td><td>{escape(e.reason)}</td>"
+        f"<td>{escape(e.actor or 'controller')}</td><td>{escape(e.message)}</td></tr>"
+        for e in events
+    ]
+    return (
+        f"<h1>{escape(name)} {tag(health)}</h1>"
+        f"<div>cluster {escape(cluster)} · {escape(architecture or 'unknown architecture')} · "
+        f'last heartbeat <span id="heartbeat">{_when(last_heartbeat_at) or "never"}</span></div>'
+        f"<div class=muted>{escape(labels_text)}</div>"
+        "<h2>Workloads</h2>"
+        + assignment_table("workloads", workloads, len(workloads), by_node=False)
+        + "<h2>History</h2>"
+        + table("history", ("Time", "Reason", "By", "Message"), event_rows)
+    )
 
 
 _STATE_HEALTH = {

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Select, and_, delete, func, or_, select
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy.orm import Session, aliased, load_only
 
 from controller.db.arrays import any_of
 from controller.db.models import (
@@ -260,3 +260,62 @@ def model_version_label(session: Session, version_id: int) -> tuple[str, str]:
         .where(ModelVersion.id == version_id)
     ).one()
     return row[0], row[1]
+
+
+@dataclass
+class WorkloadRow:
+    """An assignment with the names a page shows for it."""
+
+    assignment: Assignment
+    cluster: str
+    node: str
+    model: str
+    rollout: str | None
+    wave: int | None
+    desired: str | None
+    observed: str | None
+
+
+def _workloads() -> Select[Assignment, str, str, str, str, int, str, str]:
+    desired, observed = aliased(ModelVersion), aliased(ModelVersion)
+    return (
+        select(
+            Assignment,
+            Cluster.name,
+            Node.name,
+            Model.name,
+            Rollout.name,
+            Wave.index,
+            desired.version,
+            observed.version,
+        )
+        .join(Node, Node.id == Assignment.node_id)
+        .join(Cluster, Cluster.id == Node.cluster_id)
+        .join(Model, Model.id == Assignment.model_id)
+        .outerjoin(Rollout, Rollout.id == Assignment.rollout_id)
+        .outerjoin(Wave, Wave.id == Assignment.wave_id)
+        .outerjoin(desired, desired.id == Assignment.desired_version_id)
+        .outerjoin(observed, observed.id == Assignment.observed_version_id)
+    )
+
+
+def rollout_workloads(
+    session: Session, rollout_id: int, *, limit: int
+) -> tuple[list[WorkloadRow], int]:
+    """The first ``limit`` of a rollout's assignments by wave and node, and how many it has."""
+    total = session.scalar(
+        select(func.count()).select_from(Assignment).where(Assignment.rollout_id == rollout_id)
+    )
+    rows = session.execute(
+        _workloads()
+        .where(Assignment.rollout_id == rollout_id)
+        .order_by(Wave.index, Cluster.name, Node.name)
+        .limit(limit)
+    )
+    return [WorkloadRow(a, c, n, m, r, w, d, o) for a, c, n, m, r, w, d, o in rows], total or 0
+
+
+def node_workloads(session: Session, node_id: int) -> list[WorkloadRow]:
+    """Every model a node is assigned, by model name."""
+    rows = session.execute(_workloads().where(Assignment.node_id == node_id).order_by(Model.name))
+    return [WorkloadRow(a, c, n, m, r, w, d, o) for a, c, n, m, r, w, d, o in rows]

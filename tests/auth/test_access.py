@@ -131,8 +131,10 @@ def test_an_anonymous_call_to_any_non_health_route_is_refused(
             refused[f"{method} {route.path}"] = resp.status_code
     assert len(refused) > 25
     # The dashboard sends a browser to its sign-in page; every other route is a 401.
-    assert refused.pop("GET /") == 303
-    assert refused.pop("GET /rollouts/{name}") == 303
+    pages = ("/", "/rollouts/{name}", "/models/{name}", "/clusters/{cluster}/nodes/{name}")
+    for path in pages:
+        assert refused.pop(f"GET {path}") == 303
+        assert refused.pop(f"GET /live{path}") == 303
     assert set(refused.values()) == {401}, {k: v for k, v in refused.items() if v != 401}
     resp = client.get("/v1/rollouts", headers=NO_TOKEN)
     assert resp.headers["www-authenticate"] == "Bearer"
