@@ -276,7 +276,8 @@ def node_live(cluster: str, name: str, request: Request) -> LiveStream:
     return _stream(request, lambda session: node_page_body(session, cluster, name))
 
 
-_SIGN_IN = """<!doctype html><html><head><meta charset="utf-8"><title>edgefleet: sign in</title>
+_SIGN_IN = """<!doctype html><html><head><meta charset="utf-8"><link rel="icon" href="data:,">
+<title>edgefleet: sign in</title>
 <style>{style}</style></head><body><h1>edgefleet</h1>
 <p class=muted>Sign in with an API token (<code>edgefleet tokens create</code>; the demo wrote one to
 <code>~/.config/edgefleet/config.yaml</code>).</p>{error}

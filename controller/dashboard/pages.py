@@ -235,7 +235,7 @@ def gate_plot(decisions: Sequence[EventView]) -> str:
     ]
     if not points:
         return '<p class="muted">No gate decision yet.</p>'
-    width, height, left, bar = 90 * len(points) + 60, 160, 40, 28
+    width, height, left, bar = 110 * len(points) + 60, 160, 40, 28
     limit = next(
         (
             float(g["limits"]["maxP95LatencyMs"])
@@ -249,7 +249,7 @@ def gate_plot(decisions: Sequence[EventView]) -> str:
     scale = (height - 30) / top
     shapes = []
     for i, (wave, reason, g) in enumerate(points):
-        x = left + 90 * i
+        x = left + 110 * i
         p95 = g.get("max_p95_ms")
         colour = "#2f9e44" if reason == "GatePassed" else "#e03131"
         if p95 is not None:
