@@ -1,9 +1,11 @@
-"""``edgefleet get``: list rollouts, nodes, clusters and models, kubectl-style."""
+"""``edgefleet get``: list rollouts, nodes, clusters and models, kubectl-style (``-o wide``
+adds columns)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -13,12 +15,25 @@ from rich.text import Text
 from controller.cli.client import ApiClient, ApiError
 from controller.cli.errors import fail
 from controller.cli.format import age, counts, plain_table, styled, wave_label
-from controller.cli.options import ApiUrl, OutputOpt
+from controller.cli.options import ApiUrl
 from controller.cli.output import Output, emit, err_console
 
 get_app = typer.Typer(
     help="List resources: rollouts, nodes, clusters, models.", no_args_is_help=True
 )
+
+
+class ListOutput(StrEnum):
+    table = "table"
+    wide = "wide"
+    json = "json"
+    yaml = "yaml"
+
+
+ListOutputOpt = Annotated[
+    ListOutput,
+    typer.Option("--output", "-o", help="Output format (wide: the table with more columns)."),
+]
 
 
 def _collect(client: ApiClient, path: str, limit: int | None, **params: Any) -> list[Any]:
@@ -36,9 +51,9 @@ def _collect(client: ApiClient, path: str, limit: int | None, **params: Any) -> 
 
 def _listing(
     fetch: Callable[[ApiClient], list[Any]],
-    output: Output,
+    output: ListOutput,
     api_url: str | None,
-    table: Callable[[list[Any]], Table],
+    table: Callable[[list[Any], bool], Table],
 ) -> None:
     client = ApiClient(api_url)
     try:
@@ -47,10 +62,12 @@ def _listing(
         raise fail(exc) from exc
     finally:
         client.close()
-    if output is Output.table and not items:
+    tabular = output in (ListOutput.table, ListOutput.wide)
+    if tabular and not items:
         err_console.print("No resources found.")
         return
-    emit(items, output, table=table)
+    wide = output is ListOutput.wide
+    emit(items, Output.table if tabular else Output(output.value), table=lambda i: table(i, wide))
 
 
 def _phase(r: dict[str, Any]) -> Text:
@@ -63,10 +80,15 @@ def _phase(r: dict[str, Any]) -> Text:
     return text
 
 
-def _rollouts_table(items: list[dict[str, Any]]) -> Table:
+def _labels(labels: dict[str, Any] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))
+
+
+def _rollouts_table(items: list[dict[str, Any]], wide: bool) -> Table:
     now = datetime.now(UTC)
+    extra = ["GENERATION", "UPDATED"] if wide else []
     return plain_table(
-        ["NAME", "PHASE", "MODEL", "VERSION", "WAVE", "AGE", "MESSAGE"],
+        ["NAME", "PHASE", "MODEL", "VERSION", "WAVE", "AGE", *extra, "MESSAGE"],
         [
             [
                 r["name"],
@@ -75,6 +97,7 @@ def _rollouts_table(items: list[dict[str, Any]]) -> Table:
                 r["version"],
                 wave_label(r),
                 age(r.get("created_at"), now=now),
+                *([r["generation"], age(r.get("updated_at"), now=now)] if wide else []),
                 r.get("message") or "",
             ]
             for r in items
@@ -82,10 +105,17 @@ def _rollouts_table(items: list[dict[str, Any]]) -> Table:
     )
 
 
-def _nodes_table(items: list[dict[str, Any]]) -> Table:
+def _runtimes(runtimes: list[Any] | None) -> str:
+    return ",".join(
+        str(r.get("name", r)) if isinstance(r, dict) else str(r) for r in runtimes or []
+    )
+
+
+def _nodes_table(items: list[dict[str, Any]], wide: bool) -> Table:
     now = datetime.now(UTC)
+    extra = ["RUNTIMES", "LABELS"] if wide else []
     return plain_table(
-        ["CLUSTER", "NAME", "HEALTH", "ARCH", "CPU", "MEMORY", "LAST-HEARTBEAT"],
+        ["CLUSTER", "NAME", "HEALTH", "ARCH", "CPU", "MEMORY", "LAST-HEARTBEAT", *extra],
         [
             [
                 n["cluster"],
@@ -95,15 +125,18 @@ def _nodes_table(items: list[dict[str, Any]]) -> Table:
                 (n.get("allocatable") or {}).get("cpu", ""),
                 (n.get("allocatable") or {}).get("memory", ""),
                 age(n.get("last_heartbeat_at"), now=now),
+                *([_runtimes(n.get("runtimes")), _labels(n.get("labels"))] if wide else []),
             ]
             for n in items
         ],
     )
 
 
-def _clusters_table(items: list[dict[str, Any]]) -> Table:
+def _clusters_table(items: list[dict[str, Any]], wide: bool) -> Table:
+    now = datetime.now(UTC)
+    extra = ["MODE", "SERVER", "LAST-SYNC", "LABELS"] if wide else []
     return plain_table(
-        ["NAME", "DRIVER", "STATUS", "NODES", "GENERATION"],
+        ["NAME", "DRIVER", "STATUS", "NODES", "GENERATION", *extra],
         [
             [
                 c["name"],
@@ -113,22 +146,33 @@ def _clusters_table(items: list[dict[str, Any]]) -> Table:
                 if c.get("nodes")
                 else "0",
                 c["generation"],
+                *(
+                    [
+                        c["mode"],
+                        c.get("server") or "",
+                        age(c.get("last_sync_at"), now=now) if c.get("last_sync_at") else "",
+                        _labels(c.get("labels")),
+                    ]
+                    if wide
+                    else []
+                ),
             ]
             for c in items
         ],
     )
 
 
-def _models_table(items: list[dict[str, Any]]) -> Table:
+def _models_table(items: list[dict[str, Any]], wide: bool) -> Table:
     now = datetime.now(UTC)
     return plain_table(
-        ["NAME", "VERSIONS", "LATEST", "AGE", "DESCRIPTION"],
+        ["NAME", "VERSIONS", "LATEST", "AGE", *(["CREATED"] if wide else []), "DESCRIPTION"],
         [
             [
                 m["name"],
                 m["version_count"],
                 m.get("latest_version") or "",
                 age(m.get("created_at"), now=now),
+                *([str(m["created_at"])[:19]] if wide else []),
                 m.get("description") or "",
             ]
             for m in items
@@ -143,7 +187,7 @@ LimitOpt = Annotated[
 
 @get_app.command("rollouts")
 def get_rollouts(
-    limit: LimitOpt = None, output: OutputOpt = Output.table, api_url: ApiUrl = None
+    limit: LimitOpt = None, output: ListOutputOpt = ListOutput.table, api_url: ApiUrl = None
 ) -> None:
     """List rollouts: phase, model version, current wave of all waves."""
     _listing(lambda c: _collect(c, "/v1/rollouts", limit), output, api_url, _rollouts_table)
@@ -155,7 +199,7 @@ def get_nodes(
         str | None, typer.Option("--cluster", "-c", help="Only this cluster.")
     ] = None,
     limit: LimitOpt = None,
-    output: OutputOpt = Output.table,
+    output: ListOutputOpt = ListOutput.table,
     api_url: ApiUrl = None,
 ) -> None:
     """List the fleet's nodes: health, architecture, allocatable resources, heartbeat."""
@@ -165,14 +209,14 @@ def get_nodes(
 
 
 @get_app.command("clusters")
-def get_clusters(output: OutputOpt = Output.table, api_url: ApiUrl = None) -> None:
+def get_clusters(output: ListOutputOpt = ListOutput.table, api_url: ApiUrl = None) -> None:
     """List clusters: driver, status, nodes by health."""
     _listing(lambda c: list(c.get("/v1/clusters")), output, api_url, _clusters_table)
 
 
 @get_app.command("models")
 def get_models(
-    limit: LimitOpt = None, output: OutputOpt = Output.table, api_url: ApiUrl = None
+    limit: LimitOpt = None, output: ListOutputOpt = ListOutput.table, api_url: ApiUrl = None
 ) -> None:
     """List registered models."""
     _listing(lambda c: _collect(c, "/v1/models", limit), output, api_url, _models_table)

@@ -1,21 +1,28 @@
 """``edgefleet``: the command line of the control plane.
 
-Client commands (``apply``, ``get``, ``describe``, ``rollout``, ``models``, ``login``,
-``tokens``, ``nodes``) talk to the REST API; process commands (``server``, ``worker``,
-``beat``, ``db``, ``demo``) run a part of the control plane."""
+Client commands (``apply``, ``diff``, ``delete``, ``get``, ``describe``, ``events``,
+``rollout``, ``models``, ``login``, ``tokens``, ``nodes``) talk to the REST API; process
+commands (``server``, ``worker``, ``beat``, ``db``, ``demo``) run a part of the control
+plane."""
 
 from __future__ import annotations
 
 import tempfile
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+# typer prints the same for `--show-completion SHELL`; a command reads as kubectl's does.
+from typer._completion_shared import get_completion_script
+
 from controller import __version__
 from controller.cli import access
 from controller.cli.apply import apply_manifests
+from controller.cli.delete import delete
 from controller.cli.describe import describe_app
+from controller.cli.diff import diff
 from controller.cli.events import events
 from controller.cli.get import get_app
 from controller.cli.models import models_app
@@ -33,6 +40,8 @@ db_app = typer.Typer(help="Database schema migrations (Alembic).")
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 app.command("apply")(apply_manifests)
+app.command("diff")(diff)
+app.command("delete")(delete)
 app.add_typer(get_app, name="get")
 app.add_typer(describe_app, name="describe")
 app.command("events")(events)
@@ -41,6 +50,27 @@ app.command("login")(access.login)
 app.add_typer(access.tokens_app, name="tokens")
 app.add_typer(access.nodes_app, name="nodes")
 app.add_typer(access.clusters_app, name="clusters")
+
+
+class Shell(StrEnum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+    powershell = "powershell"
+
+
+@app.command()
+def completion(shell: Annotated[Shell, typer.Argument(help="The shell to complete in.")]) -> None:
+    """Print the shell completion script.
+
+    bash: `source <(edgefleet completion bash)` (or into ~/.bashrc); zsh: `edgefleet
+    completion zsh > "${fpath[1]}/_edgefleet"`; fish: `edgefleet completion fish >
+    ~/.config/fish/completions/edgefleet.fish`. Commands, options, and their choices
+    (kinds, output formats) complete."""
+    script = get_completion_script(
+        prog_name="edgefleet", complete_var="_EDGEFLEET_COMPLETE", shell=shell.value
+    )
+    console.print(script, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

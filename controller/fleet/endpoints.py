@@ -11,6 +11,7 @@ from controller.fleet import pull, service
 from controller.fleet import repository as repo
 from controller.fleet.deps import ClusterAgentDep
 from controller.fleet.schemas import ClusterOut, JoinTokenIn, JoinTokenOut, NodeOut
+from controller.web.deleted import Deleted
 from controller.web.deps import API_V1, SessionDep, SettingsDep
 from controller.web.errors import error_body
 from controller.web.pagination import Page, PageDep
@@ -37,6 +38,13 @@ def get_cluster(name: str, session: SessionDep) -> ClusterOut:
     if cluster is None:
         raise NotFound(f"cluster {name!r} not found")
     return ClusterOut.of(cluster, repo.node_counts(session).get(cluster.id, {}))
+
+
+@router.delete("/clusters/{name}", response_model=Deleted, dependencies=[ADMIN])
+def delete_cluster(name: str, session: SessionDep) -> Deleted:
+    """Delete a cluster whose nodes run no workload (409 while they do)."""
+    service.delete_cluster(session, name)
+    return Deleted(kind="Cluster", name=name)
 
 
 @router.post("/clusters/{name}/sync", response_model=ClusterOut, dependencies=[OPERATOR])

@@ -30,6 +30,23 @@ def get_cluster(session: Session, name: str) -> Cluster | None:
     return session.scalar(select(Cluster).where(Cluster.name == name))
 
 
+def lock_cluster(session: Session, name: str) -> Cluster | None:
+    return session.scalar(select(Cluster).where(Cluster.name == name).with_for_update())
+
+
+def workload_count(session: Session, cluster_id: int) -> int:
+    """How many workloads the cluster's nodes are meant to run."""
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Assignment)
+            .join(Node, Node.id == Assignment.node_id)
+            .where(Node.cluster_id == cluster_id, Assignment.desired_version_id.is_not(None))
+        )
+        or 0
+    )
+
+
 def list_clusters(session: Session) -> Sequence[Cluster]:
     return session.scalars(select(Cluster).order_by(Cluster.name)).all()
 

@@ -26,7 +26,7 @@ from controller.db.models import (
     NodeHealth,
     Rollout,
 )
-from controller.errors import InvalidInput, NotFound
+from controller.errors import Conflict, InvalidInput, NotFound
 from controller.fleet import repository as repo
 from controller.fleet.spec import ClusterManifest
 from controller.kit.diff import diff
@@ -101,6 +101,23 @@ def check_remote_access(manifest: ClusterManifest, settings: Settings) -> None:
             f"(EDGEFLEET_CLUSTER_SERVER_ALLOWLIST: {', '.join(allowlist)})",
             loc=server_loc,
         )
+
+
+def delete_cluster(session: Session, name: str) -> None:
+    """Forget a cluster whose nodes run nothing of ours (409 otherwise: its workloads
+    would keep running with no controller to roll them back). Its nodes, their
+    assignments and its pull state go with it."""
+    cluster = repo.lock_cluster(session, name)
+    if cluster is None:
+        raise NotFound(f"cluster {name!r} not found")
+    workloads = repo.workload_count(session, cluster.id)
+    if workloads:
+        raise Conflict(
+            f"cluster {name!r} runs {workloads} workload(s) of edgefleet's on its nodes: "
+            "remove them first"
+        )
+    session.delete(cluster)
+    record_event(session, kind="Cluster", name=name, reason="Deleted")
 
 
 def apply_cluster(session: Session, manifest: ClusterManifest, settings: Settings) -> ApplyOutcome:

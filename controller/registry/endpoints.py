@@ -12,6 +12,7 @@ from controller.registry import service
 from controller.registry.deps import StoreDep
 from controller.registry.schemas import ModelOut, ModelVersionOut
 from controller.registry.store import iter_file
+from controller.web.deleted import Deleted
 from controller.web.deps import API_V1, SessionDep, SettingsDep
 from controller.web.pagination import Page, PageDep
 
@@ -77,6 +78,13 @@ def list_versions(name: str, session: SessionDep, page: PageDep) -> Page[ModelVe
 @router.get("/{name}/versions/{version}", response_model=ModelVersionOut, dependencies=[VIEWER])
 def get_version(name: str, version: str, session: SessionDep) -> ModelVersionOut:
     return ModelVersionOut.of(service.require_version(session, name, version), name)
+
+
+@router.delete("/{name}/versions/{version}", response_model=Deleted, dependencies=[OPERATOR])
+def delete_version(name: str, version: str, session: SessionDep) -> Deleted:
+    """Delete a version that no rollout and no node uses (409 naming what does)."""
+    service.delete_version(session, name, version)
+    return Deleted(kind="ModelVersion", name=f"{name}:{version}")
 
 
 @router.post(

@@ -17,6 +17,7 @@ from controller.db.models import (
     ModelVersion,
     Node,
     NodeBenchmark,
+    Rollout,
     VersionStatus,
 )
 
@@ -105,6 +106,27 @@ def list_versions(
         .offset(offset)
     ).all()
     return rows, total
+
+
+def version_users(session: Session, version_id: int) -> tuple[list[str], int]:
+    """What keeps a version from being deleted: the rollouts of it, and how many node
+    assignments name it (desired, planned, previous or observed)."""
+    rollouts = session.scalars(
+        select(Rollout.name).where(Rollout.model_version_id == version_id).order_by(Rollout.name)
+    ).all()
+    nodes = session.scalar(
+        select(func.count())
+        .select_from(Assignment)
+        .where(
+            or_(
+                Assignment.desired_version_id == version_id,
+                Assignment.target_version_id == version_id,
+                Assignment.previous_version_id == version_id,
+                Assignment.observed_version_id == version_id,
+            )
+        )
+    )
+    return list(rollouts), nodes or 0
 
 
 def add_version(session: Session, version: ModelVersion) -> bool:

@@ -212,6 +212,26 @@ def require_version(session: Session, name: str, version: str) -> ModelVersion:
     return mv
 
 
+def delete_version(session: Session, name: str, version: str) -> None:
+    """Forget a version no rollout and no node uses. Its variants keep their lineage's
+    method (their parent becomes unknown); its benchmarks and optimization jobs go with
+    it. The artifact's bytes stay in the store (another version may share them)."""
+    found = require_version(session, name, version)
+    mv = repo.get_version_by_id(session, found.id, lock=True)
+    if mv is None:  # deleted meanwhile
+        raise NotFound(f"model {name!r} has no version {version!r}")
+    rollouts, nodes = repo.version_users(session, mv.id)
+    if rollouts or nodes:
+        used = [f"rollout(s) {', '.join(rollouts)}"] if rollouts else []
+        used += [f"{nodes} node assignment(s)"] if nodes else []
+        raise Conflict(
+            f"{name}:{version} is in use by {' and '.join(used)}: delete those rollouts, "
+            "or roll the nodes to another version, first"
+        )
+    session.delete(mv)
+    record_event(session, kind="ModelVersion", name=f"{name}:{version}", reason="Deleted")
+
+
 def require_download(
     session: Session, name: str, version: str, principal: Principal
 ) -> ModelVersion:

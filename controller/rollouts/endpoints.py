@@ -10,6 +10,7 @@ from controller.rollouts import commands, service
 from controller.rollouts import repository as repo
 from controller.rollouts.schemas import EventOut, RolloutOut, RolloutSummary, WaveOut, summary
 from controller.schedules.schemas import ScheduleChange
+from controller.web.deleted import Deleted
 from controller.web.deps import API_V1, SessionDep
 from controller.web.pagination import Page, PageDep
 
@@ -66,6 +67,14 @@ def list_rollouts(session: SessionDep, page: PageDep) -> Page[RolloutSummary]:
 @router.get("/{name}", response_model=RolloutOut, dependencies=[VIEWER])
 def get_rollout(name: str, session: SessionDep) -> RolloutOut:
     return _detail(session, name)
+
+
+@router.delete("/{name}", response_model=Deleted, dependencies=[OPERATOR])
+def delete_rollout(name: str, session: SessionDep) -> Deleted:
+    """Delete a finished rollout (409 while it is active: abort it first). Its nodes keep
+    the versions they run; its waves and events go with it."""
+    service.delete(session, name)
+    return Deleted(kind="Rollout", name=name)
 
 
 @router.get("/{name}/events", response_model=list[EventOut], dependencies=[VIEWER])

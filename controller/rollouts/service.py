@@ -38,7 +38,7 @@ from controller.rollouts import planner
 from controller.rollouts import repository as repo
 from controller.rollouts.reconciler import WAITING, queue_step
 from controller.rollouts.spec import RolloutManifest, RolloutSpec
-from controller.rollouts.state import transition
+from controller.rollouts.state import ACTIVE_PHASES, transition
 from controller.schedules import service as schedules
 from controller.schedules import windows
 from controller.schedules.service import Calendars
@@ -613,6 +613,22 @@ def require(session: Session, name: str) -> Rollout:
     if rollout is None:
         raise NotFound(f"rollout {name!r} not found")
     return rollout
+
+
+def delete(session: Session, name: str) -> None:
+    """Delete a rollout that is over. Locked as the reconciler locks it, so a step in
+    progress finishes first; the nodes it moved keep running what they run, owned by no
+    rollout until the next one of their model."""
+    rollout = repo.lock(session, name)
+    if rollout is None:
+        raise NotFound(f"rollout {name!r} not found")
+    if rollout.phase in ACTIVE_PHASES:
+        raise Conflict(
+            f"rollout {name!r} is {rollout.phase}: abort it first (edgefleet rollout abort {name})"
+        )
+    phase = rollout.phase
+    session.delete(rollout)
+    record_event(session, kind="Rollout", name=name, reason="Deleted", data={"phase": phase})
 
 
 def version_ready(version: ModelVersion) -> bool:

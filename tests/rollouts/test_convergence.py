@@ -142,7 +142,9 @@ def step(name: str, settings: Settings, **kwargs: Any) -> str | None:
 
 def table_text(client: TestClient) -> str:
     out = io.StringIO()
-    Console(file=out, width=200).print(_rollouts_table(client.get("/v1/rollouts").json()["items"]))
+    Console(file=out, width=200).print(
+        _rollouts_table(client.get("/v1/rollouts").json()["items"], False)
+    )
     return out.getvalue()
 
 
