@@ -229,12 +229,16 @@ class Settings(BaseSettings):
         False, description="Serve the dashboard without signing in (a trusted network only)."
     )
     # Live dashboard pages hold a connection each (server-sent events): bounded in number
-    # per process and in length (the browser reconnects, and is authorized again).
+    # per process and in length (the browser reconnects, and is authorized again). A
+    # stopping server waits for open streams like any request: their length bounds that.
     dashboard_live_streams: int = Field(
         32, ge=0, description="Most live dashboard pages one API process streams to at once."
     )
     dashboard_live_stream_s: float = Field(
-        300.0, gt=0, description="Seconds one live dashboard stream lasts before it closes."
+        60.0,
+        gt=0,
+        description="Seconds one live dashboard stream lasts before it closes (the page "
+        "reconnects); also how long a stopping API process may wait for its open streams.",
     )
     dashboard_live_interval_s: float = Field(
         2.0, gt=0, description="Seconds between two renders of a live dashboard page."

@@ -117,6 +117,7 @@ def test_overview_groups_nodes_by_site_and_links_rollouts(
     assert "Ready 1, Offline 1" in bars
     links = [a.get("href") for a in page.elements["a"]]
     assert "/rollouts/good" in links
+    assert {"/clusters/paris?site=paris", "/clusters/berlin"} <= set(links)
     assert [r["Phase"] for r in page.rows("rollouts")] == ["Succeeded"]
 
 
@@ -255,3 +256,31 @@ def test_a_live_stream_sends_only_changes(session: Session) -> None:
         "event: page\ndata: b\ndata: c&#13;\n\n",
     ]
     assert set(chunks[4:]) == {":\n\n"}
+
+
+def test_a_sites_link_lists_its_nodes_linked_to_their_pages(
+    fleet: TestClient, session: Session
+) -> None:
+    assert apply(fleet, cluster_doc("lab", 3)).status_code == 200  # of site "lab"
+    session.execute(update(Node).where(Node.name == "lab-n1").values(labels={}))
+    session.flush()
+    overview = {(r["Cluster"], r["Site"]) for r in browse(fleet, "/").rows("sites")}
+    assert {("lab", "lab"), ("lab", "-")} <= overview
+    site = browse(fleet, "/clusters/lab?site=lab")
+    assert [(r["Node"], r["Site"]) for r in site.rows("nodes")] == [
+        ("lab-n0", "lab"),
+        ("lab-n2", "lab"),
+    ]
+    hrefs = [a.get("href") for a in site.elements["a"]]
+    assert "/clusters/lab/nodes/lab-n0" in hrefs
+    unlabelled = browse(fleet, "/clusters/lab?site=")
+    assert [r["Node"] for r in unlabelled.rows("nodes")] == ["lab-n1"]
+    assert [r["Node"] for r in browse(fleet, "/clusters/lab").rows("nodes")] == [
+        "lab-n0",
+        "lab-n1",
+        "lab-n2",
+    ]
+    long = fleet.get("/clusters/lab", params={"site": "x" * 64})
+    assert long.status_code == 422
+    assert long.json()["detail"][0]["loc"] == ["query", "site"]
+    assert fleet.get("/clusters/nope").status_code == 404

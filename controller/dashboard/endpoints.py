@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from html import escape
 from typing import Annotated
+from urllib.parse import quote
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -27,9 +28,12 @@ from controller.dashboard.pages import (
     AssignmentView,
     BenchmarkView,
     EventView,
+    NodeView,
     OptimizationView,
     VersionView,
     WaveView,
+    cluster_body,
+    cluster_link,
     model_body,
     model_link,
     node_body,
@@ -50,8 +54,13 @@ from controller.web.deps import SessionDep, SettingsDep
 
 router = APIRouter(include_in_schema=False)
 
-# A page lists this many of a rollout's nodes (and says how many more there are).
-ROLLOUT_NODES_SHOWN = 200
+# A page lists this many of a rollout's or a cluster's nodes (and says how many more).
+NODES_SHOWN = 200
+
+SiteQuery = Annotated[
+    str | None,
+    Query(max_length=63, description="Only the nodes of this site (their site label)."),
+]
 
 
 def _html(title: str, body: str, live: str) -> HTMLResponse:
@@ -66,7 +75,7 @@ def _stream(request: Request, render: Callable[[Session], str]) -> LiveStream:
 def overview_body(session: Session) -> str:
     counts = fleet_repo.node_counts(session)
     clusters = "".join(
-        f"<tr><td>{escape(c.name)}</td><td>{escape(c.driver)}</td><td>{tag(c.status)}</td>"
+        f"<tr><td>{cluster_link(c.name)}</td><td>{escape(c.driver)}</td><td>{tag(c.status)}</td>"
         f"<td>{sum(counts.get(c.id, {}).values())}</td>"
         f"<td>{escape(', '.join(f'{k} {v}' for k, v in sorted(counts.get(c.id, {}).items())))}</td></tr>"
         for c in fleet_repo.list_clusters(session)
@@ -156,7 +165,7 @@ def rollout_page_body(session: Session, name: str) -> str:
         EventView(e.created_at, e.reason, e.message, e.actor, e.data or {})
         for e in rollout_repo.events(session, r.id, limit=200)
     ]
-    nodes, total = rollout_repo.rollout_workloads(session, r.id, limit=ROLLOUT_NODES_SHOWN)
+    nodes, total = rollout_repo.rollout_workloads(session, r.id, limit=NODES_SHOWN)
     return rollout_body(
         name=r.name,
         model=model,
@@ -237,6 +246,51 @@ def model_detail(name: str, session: SessionDep) -> HTMLResponse:
 @router.get("/live/models/{name}", dependencies=[DASHBOARD])
 def model_live(name: str, request: Request) -> LiveStream:
     return _stream(request, lambda session: model_page_body(session, name))
+
+
+def cluster_page_body(session: Session, name: str, site: str | None) -> str:
+    c = fleet_repo.get_cluster(session, name)
+    if c is None:
+        raise NotFound(f"cluster {name!r} not found")
+    nodes, total = fleet_repo.site_nodes(session, c.id, site=site, limit=NODES_SHOWN)
+    return cluster_body(
+        name=c.name,
+        driver=c.driver,
+        status=c.status,
+        message=c.message,
+        site=site,
+        nodes=[
+            NodeView(
+                n.name,
+                n.health,
+                str((n.labels or {}).get(fleet_repo.SITE_LABEL, "")),
+                n.architecture,
+                n.last_heartbeat_at,
+            )
+            for n in nodes
+        ],
+        total=total,
+    )
+
+
+def _cluster_path(name: str, site: str | None) -> str:
+    query = "" if site is None else f"?site={quote(site, safe='')}"
+    return page_path("clusters", name) + query
+
+
+@router.get("/clusters/{name}", response_class=HTMLResponse, dependencies=[DASHBOARD])
+def cluster_detail(name: str, session: SessionDep, site: SiteQuery = None) -> HTMLResponse:
+    """One cluster's nodes, or one site's of it (the fleet's grid links each site here)."""
+    return _html(
+        f"edgefleet: {name}",
+        cluster_page_body(session, name, site),
+        "/live" + _cluster_path(name, site),
+    )
+
+
+@router.get("/live/clusters/{name}", dependencies=[DASHBOARD])
+def cluster_live(name: str, request: Request, site: SiteQuery = None) -> LiveStream:
+    return _stream(request, lambda session: cluster_page_body(session, name, site))
 
 
 def node_page_body(session: Session, cluster: str, name: str) -> str:

@@ -106,13 +106,16 @@ def health_bar(counts: Mapping[str, int]) -> str:
 
 
 def sites(health: Mapping[tuple[str, str], Mapping[str, int]]) -> str:
+    """One row per site, each linked to its nodes."""
     legend = "".join(f'<span class="h-{h}"></span>{h}' for h in HEALTH_ORDER)
     rows = []
     for (cluster, site), counts in health.items():
         cells = "".join(f"<td>{counts.get(h, 0)}</td>" for h in HEALTH_ORDER)
+        site_href = f"{page_path('clusters', cluster)}?site={quote(site, safe='')}"
         rows.append(
-            f"<tr><td>{escape(cluster)}</td><td>{escape(site) or '<span class=muted>-</span>'}"
-            f"</td><td>{sum(counts.values())}</td><td>{health_bar(counts)}</td>{cells}</tr>"
+            f'<tr><td>{cluster_link(cluster)}</td><td><a href="{site_href}">'
+            f"{escape(site) or '-'}</a></td><td>{sum(counts.values())}</td>"
+            f"<td>{health_bar(counts)}</td>{cells}</tr>"
         )
     return f'<div class="legend muted">{legend}</div>' + table(
         "sites", ("Cluster", "Site", "Nodes", "Health", *HEALTH_ORDER), rows
@@ -125,6 +128,10 @@ def page_path(*parts: str) -> str:
 
 def rollout_link(name: str) -> str:
     return f'<a href="{page_path("rollouts", name)}">{escape(name)}</a>'
+
+
+def cluster_link(name: str) -> str:
+    return f'<a href="{page_path("clusters", name)}">{escape(name)}</a>'
 
 
 def model_link(name: str, text: str | None = None) -> str:
@@ -183,6 +190,15 @@ class AssignmentView:
     metrics: Mapping[str, Any]
     message: str | None
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    health: str
+    site: str
+    architecture: str | None
+    last_heartbeat_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -500,3 +516,31 @@ def _evidence(data: Mapping[str, Any]) -> str:
         more = f" and {len(nodes) - 5} more" if len(nodes) > 5 else ""
         return ", ".join(str(n) for n in nodes[:5]) + more
     return ""
+
+
+def cluster_body(
+    *,
+    name: str,
+    driver: str,
+    status: str,
+    message: str | None,
+    site: str | None,
+    nodes: Sequence[NodeView],
+    total: int,
+) -> str:
+    """A cluster's nodes (of one site), each linked to its page."""
+    rows = [
+        f"<tr><td>{node_link(name, n.name)}</td><td>{tag(n.health)}</td>"
+        f"<td>{escape(n.site)}</td><td>{escape(n.architecture or '')}</td>"
+        f"<td>{_when(n.last_heartbeat_at) or 'never'}</td></tr>"
+        for n in nodes
+    ]
+    more = f'<p class="muted">and {total - len(nodes)} more</p>' if total > len(nodes) else ""
+    scope = f" · site {escape(site) or '-'}" if site is not None else ""
+    return (
+        f"<h1>{escape(name)} {tag(status)}</h1>"
+        f"<div>{escape(driver)} · {total} node(s){scope}</div>"
+        f"<div class=muted>{escape(message or '')}</div><h2>Nodes</h2>"
+        + table("nodes", ("Node", "Health", "Site", "Architecture", "Last heartbeat"), rows)
+        + more
+    )

@@ -347,6 +347,19 @@ def lock_node(session: Session, cluster: str, node: str) -> Node | None:
 SITE_LABEL = "site"
 
 
+def site_nodes(
+    session: Session, cluster_id: int, *, site: str | None, limit: int
+) -> tuple[Sequence[Node], int]:
+    """A cluster's first ``limit`` nodes by name (of one site: its ``site`` label, ""
+    for none), and how many there are."""
+    where = [Node.cluster_id == cluster_id]
+    if site is not None:
+        where.append(func.coalesce(Node.labels[SITE_LABEL].as_string(), "") == site)
+    total = session.scalar(select(func.count()).select_from(Node).where(*where)) or 0
+    rows = session.scalars(select(Node).where(*where).order_by(Node.name).limit(limit)).all()
+    return rows, total
+
+
 def site_health(session: Session) -> dict[tuple[str, str], dict[str, int]]:
     """Node counts per (cluster, site label) and health: one GROUP BY, whatever the
     fleet's size (the dashboard's overview of 10,000 nodes is a few dozen rows)."""

@@ -131,7 +131,13 @@ def test_an_anonymous_call_to_any_non_health_route_is_refused(
             refused[f"{method} {route.path}"] = resp.status_code
     assert len(refused) > 25
     # The dashboard sends a browser to its sign-in page; every other route is a 401.
-    pages = ("/", "/rollouts/{name}", "/models/{name}", "/clusters/{cluster}/nodes/{name}")
+    pages = (
+        "/",
+        "/rollouts/{name}",
+        "/models/{name}",
+        "/clusters/{name}",
+        "/clusters/{cluster}/nodes/{name}",
+    )
     for path in pages:
         assert refused.pop(f"GET {path}") == 303
         assert refused.pop(f"GET /live{path}") == 303

@@ -1,7 +1,7 @@
 """The dashboard in a real browser: Debian's chromium driven by Playwright, against the
 app under uvicorn on committed transactions (the pages' streams read from connections of
 their own). Pages load without console errors, a rollout's page follows its waves without
-reloading, the links lead from the fleet to a rollout, a node and a model.
+reloading, the links lead from the fleet to a rollout, a node, a model and a site's nodes.
 
 Screenshots are saved as test artifacts; with EDGEFLEET_SCREENSHOTS set (scripts/screenshots)
 into that directory instead: the README's pictures come from these tests."""
@@ -175,3 +175,11 @@ def test_from_the_fleet_to_a_rollout_a_node_and_a_model(
     expect(page).to_have_url(f"{server}/models/detector")
     expect(page.locator("#versions tr")).to_have_count(3)  # the header, 1.0.0, 2.0.0
     expect(page.locator("#live-status")).to_have_text("live")
+
+    # A site of the grid lists its nodes.
+    page.goto("/")
+    page.locator("#sites").get_by_role("link", name="paris").nth(1).click()
+    expect(page).to_have_url(f"{server}/clusters/paris?site=paris")
+    expect(page.locator("#nodes tr")).to_have_count(5)  # the header, 4 nodes
+    page.locator("#nodes").get_by_role("link", name="paris-n3").click()
+    expect(page).to_have_url(f"{server}/clusters/paris/nodes/paris-n3")
