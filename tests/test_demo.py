@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import yaml
+from playwright.sync_api import expect
 
+from tests.dashboard.browser import TIMEOUT_MS, chromium, sign_in, watch_errors
 from tests.live import free_port
 from tests.test_dashboard import Page
 
@@ -23,6 +25,20 @@ def embedded_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env.update({"NO_COLOR": "1", "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")})
     return env
+
+
+def in_chromium(url: str, token: str) -> None:
+    """The demo's pages in a real browser: each loads, goes live, logs no error."""
+    with chromium() as browser:
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        errors = watch_errors(page)
+        sign_in(page, url, token)
+        for path in ("/", "/rollouts/detector-1-2", "/models/detector", "/clusters/oslo"):
+            page.goto(f"{url}{path}")
+            expect(page.locator("#live-status")).to_have_text("live")
+        page.close()
+        assert errors == []
 
 
 def test_demo_plays_the_scenario(tmp_path: Path) -> None:
@@ -111,6 +127,7 @@ def test_demo_serves_the_dashboard(tmp_path: Path) -> None:
         detail = Page(browser.get("/rollouts/detector-1-2").text)
         assert detail.rows("waves")[0]["Phase"] == "Failed"
         assert any(e.get("class") == "limit" for e in detail.elements["line"])
+        in_chromium(url, context["token"])
         health = httpx.get(f"{url}/healthz", timeout=5)
         assert health.status_code == 200
         assert "embedded" in health.json()["checks"]["redis"]["mode"]

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from controller.rollouts import reconciler
 from controller.settings import Settings
 from tests.conftest import ADMIN_TOKEN
+from tests.dashboard.browser import TIMEOUT_MS, chromium, sign_in, watch_errors
 from tests.live import live_controller
 from tests.rollouts.helpers import (
     apply,
@@ -30,19 +31,11 @@ from tests.rollouts.helpers import (
     wave_phases,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
-TIMEOUT_MS = 10_000
-
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is not installed (scripts/test installs it)")
-    with sync_playwright() as p:
-        # --no-sandbox: CI runs as root, where chromium's sandbox refuses to start.
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
@@ -62,22 +55,11 @@ def page(browser: Browser, server: str) -> Iterator[Page]:
     context = browser.new_context(base_url=server, viewport={"width": 1100, "height": 760})
     context.set_default_timeout(TIMEOUT_MS)
     tab = context.new_page()
-    errors: list[str] = []
-    tab.on("console", lambda m: _console(errors, m))
-    tab.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
-    tab.goto("/")
-    expect(tab).to_have_url(f"{server}/login")
-    tab.fill("input[name=token]", ADMIN_TOKEN)
-    tab.click("button[type=submit]")
-    expect(tab).to_have_url(f"{server}/")
+    errors = watch_errors(tab)
+    sign_in(tab, server, ADMIN_TOKEN)
     yield tab
     context.close()  # the pages' streams end with it, before the server stops
     assert errors == []
-
-
-def _console(errors: list[str], message: ConsoleMessage) -> None:
-    if message.type == "error":
-        errors.append(f"{message.text} at {message.location.get('url')}")
 
 
 def shot(page: Page, name: str, tmp_path: Path) -> Path:
