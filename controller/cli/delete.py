@@ -50,13 +50,13 @@ def parse_target(target: str) -> tuple[str, str]:
 
 
 def _from_document(doc: Any, index: int) -> tuple[str, str]:
-    kind = doc.get("kind") if isinstance(doc, dict) else None
-    meta = doc.get("metadata") or {} if isinstance(doc, dict) else {}
-    spec = doc.get("spec") or {} if isinstance(doc, dict) else {}
-    if kind in ("Rollout", "Cluster") and meta.get("name"):
-        return kind, str(meta["name"])
-    if kind == "ModelVersion" and spec.get("model") and spec.get("version"):
-        return kind, f"{spec['model']}:{spec['version']}"
+    if isinstance(doc, dict):
+        kind, meta, spec = doc.get("kind"), doc.get("metadata"), doc.get("spec")
+        if kind in ("Rollout", "Cluster") and isinstance(meta, dict) and meta.get("name"):
+            return kind, str(meta["name"])
+        named = isinstance(spec, dict) and spec.get("model") and spec.get("version")
+        if kind == "ModelVersion" and isinstance(spec, dict) and named:
+            return kind, f"{spec['model']}:{spec['version']}"
     raise client_error(
         f"document {index} names no Rollout or Cluster (metadata.name) or ModelVersion "
         "(spec.model, spec.version)"

@@ -167,3 +167,13 @@ def test_completion_scripts_and_completions() -> None:
     assert complete("edgefleet del") == ["delete"]
     assert complete("edgefleet get ") == ["rollouts", "nodes", "clusters", "models"]
     assert complete("edgefleet get nodes -o ") == ["table", "wide", "json", "yaml"]
+
+
+def test_delete_names_a_document_it_cannot_place(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump_all([{"kind": "Rollout", "metadata": {}}, ["a list"]]))
+    # Nothing is sent: the controller's URL leads nowhere.
+    result = cli("http://127.0.0.1:9", "delete", "-f", str(manifest), "--yes")
+    assert result.exit_code == 1
+    assert "document 1 names no Rollout" in result.output  # the last one is read first
+    assert cli("http://127.0.0.1:9", "delete", "--yes").exit_code == 1
