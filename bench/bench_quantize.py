@@ -10,7 +10,8 @@ parent, and top-1 agreement, for two pipelines:
 Models: the test CNN (``samples.build_cnn``, weights in initializers), the Constant-
 weights CNN (``samples.build_constant_cnn``, paddle2onnx's way), and, when the
 rapidocr-onnxruntime wheel is installed (``scripts/test`` installs it), the PP-OCR text
-direction classifier (Constant weights, input ``[?, 3, ?, ?]``) and text detector.
+direction classifier (Constant weights, input ``[?, 3, ?, ?]``), text detector and text
+recognizer (top-1 agreement over its softmax per step).
 Inputs are uniform [0, 1) images at each model's natural shape; the first ``--calibrate``
 calibrate, the next ``--compare`` are compared. Latency: ``optimize.compare``, parent and
 variant alternating in one process, 1 intra-op thread each.
@@ -59,6 +60,7 @@ def models() -> list[tuple[str, bytes, str, tuple[int, ...]]]:
             (1, 3, 48, 192),
         ),
         ("PP-OCRv4 det (Constant weights)", "ch_PP-OCRv4_det_infer.onnx", (1, 3, 160, 160)),
+        ("PP-OCRv4 rec (SVTR, softmax per step)", "ch_PP-OCRv4_rec_infer.onnx", (1, 3, 48, 320)),
     ):
         path = _packaged("rapidocr_onnxruntime", f"models/{relative}")
         if path is not None:

@@ -135,6 +135,30 @@ class Settings(BaseSettings):
         5, ge=0, description="Untimed runs before the registry benchmark."
     )
     benchmark_threads: int = Field(1, ge=1, description="Runtime threads while benchmarking.")
+    comparison_runs: int = Field(
+        30,
+        ge=1,
+        description="Timed runs of each model, parent and variant alternating, in a variant's "
+        "comparison report (its latency ratios).",
+    )
+    # Variants: what a variant must meet to roll out where a Rollout's spec.comparison
+    # says nothing (controller/rollouts/planner.py), so one that disagrees with its
+    # parent is not shipped because a manifest forgot to ask.
+    variant_min_agreement: float = Field(
+        0.99,
+        ge=0,
+        le=1,
+        description="Top-1 agreement with its parent a variant needs to roll out (and to be "
+        "recommended by its comparison report) where a Rollout's spec.comparison sets no "
+        "minAgreement; a variant without classifier outputs must stay within its report's "
+        "tolerances instead.",
+    )
+    variant_max_abs_error: float | None = Field(
+        None,
+        ge=0,
+        description="Max absolute output error from its parent a variant may have to roll "
+        "out where a Rollout's spec.comparison sets no maxAbsError; unset: no limit.",
+    )
     # Versions stuck in Pending/Validating longer than this (a worker died, the broker
     # lost the message) are queued again by the beat sweeper.
     stuck_validation_s: float = Field(

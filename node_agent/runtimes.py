@@ -115,6 +115,21 @@ _ORT_TYPES = {
 }
 
 
+def class_scores(value: Any) -> np.ndarray:
+    """A non-tensor output as a tensor: a sequence of maps from class to score (what
+    scikit-learn models converted by skl2onnx answer, ZipMap's
+    ``seq(map(int64, tensor(float)))``) as one row of float32 scores per map, the classes
+    in sorted order, so it is served, validated and compared like any classifier's
+    output. Any other kind is refused, naming it."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        keys = sorted(value[0])
+        if all(sorted(v) == keys for v in value):
+            return np.array([[float(v[k]) for k in keys] for v in value], dtype=np.float32)
+    raise TypeError(
+        f"an output of kind {type(value).__name__} is not a tensor nor a sequence of maps"
+    )
+
+
 class OnnxRunner:
     def __init__(
         self,
@@ -160,7 +175,10 @@ class OnnxRunner:
         values = self._session.run(
             self._output_names, feeds if type(feeds) is dict else dict(feeds)
         )
-        return dict(zip(self._output_names, values, strict=True))
+        return {
+            name: value if isinstance(value, np.ndarray) else class_scores(value)
+            for name, value in zip(self._output_names, values, strict=True)
+        }
 
     def bind(
         self,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import signal
 import sys
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--port", type=int, help="listen port (default 8500; 0 picks a free one)")
     add("--threads", type=int, help="intra-op threads (default: from EDGEFLEET_CPU_LIMIT)")
     add("--warmup-runs", type=int, help="inferences before readiness (default 3)")
+    add(
+        "--warmup-inputs",
+        type=json.loads,
+        help="JSON: the version's validation hints for the warm-up inputs, "
+        'e.g. {"shapes": {"state": [2, 1, 128]}, "values": {"sr": 16000}}',
+    )
     add("--max-body-bytes", type=int, help="request body limit (413 above)")
     add(
         "--busy-poll-us",

@@ -48,6 +48,7 @@ os.environ.update(
         "EDGEFLEET_ARTIFACT_DIR": str(ARTIFACTS),
         "EDGEFLEET_BENCHMARK_RUNS": "20",
         "EDGEFLEET_BENCHMARK_WARMUP_RUNS": "2",
+        "EDGEFLEET_COMPARISON_RUNS": "10",
     }
 )
 

@@ -79,10 +79,20 @@ class ApiClient:
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params or None)
 
-    def push_version(self, path: Path, *, name: str, version: str, metadata: str | None) -> Any:
+    def push_version(
+        self,
+        path: Path,
+        *,
+        name: str,
+        version: str,
+        metadata: str | None,
+        parent: str | None = None,
+    ) -> Any:
         data = {"version": version}
         if metadata is not None:
             data["metadata"] = metadata
+        if parent is not None:
+            data["parent"] = parent
         with path.open("rb") as fh:
             return self.request(
                 "POST",

@@ -113,6 +113,13 @@ def models_push(
         str | None,
         typer.Option(help="JSON object, or @FILE: labels, description, validation hints."),
     ] = None,
+    parent: Annotated[
+        str | None,
+        typer.Option(
+            help="A version of this model the file is a variant of (same format and inputs, "
+            "e.g. an int8 .tflite of an fp32 one): linked, and compared with it."
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until validation and benchmark finish.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 600.0,
     output: OutputOpt = Output.table,
@@ -122,7 +129,11 @@ def models_push(
     client = ApiClient(api_url)
     try:
         result = client.push_version(
-            file, name=name, version=model_version, metadata=_read_metadata(metadata)
+            file,
+            name=name,
+            version=model_version,
+            metadata=_read_metadata(metadata),
+            parent=parent,
         )
         path = f"/v1/models/{name}/versions/{model_version}"
         deadline = time.monotonic() + timeout

@@ -498,6 +498,7 @@ def build_workload(
         artifact_url=artifact_url(settings, model, version.version),
         rollout=rollout,
         resources=resources,
+        warmup_inputs=dict((version.meta or {}).get("validation") or {}),
     )
 
 

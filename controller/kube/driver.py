@@ -23,6 +23,8 @@ class WorkloadSpec:
     artifact_url: str
     rollout: str
     resources: Mapping[str, Any] = field(default_factory=dict)
+    # The version's validation hints: edgefleet-serve warms up on inputs they size.
+    warmup_inputs: Mapping[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -33,6 +35,7 @@ class WorkloadSpec:
             "artifact_url": self.artifact_url,
             "rollout": self.rollout,
             "resources": dict(self.resources),
+            "warmup_inputs": dict(self.warmup_inputs),
         }
 
 

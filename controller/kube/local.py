@@ -20,6 +20,7 @@ this process, so the reconciler must run where the driver was used (tests, the d
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -201,6 +202,8 @@ class LocalDriver:
             "--warmup-runs",
             "1",
         ]
+        if w.warmup_inputs:
+            argv += ["--warmup-inputs", json.dumps(dict(w.warmup_inputs), sort_keys=True)]
         log = (cache / "serve.log").open("ab")
         # The controller's own settings (its secret key above all) stay out of a process
         # that loads untrusted models.

@@ -46,6 +46,7 @@ older API servers refuse the field)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -241,6 +242,14 @@ def daemonset(
                                 CACHE_DIR,
                                 "--port",
                                 str(port),
+                                *(
+                                    [
+                                        "--warmup-inputs",
+                                        json.dumps(spec.warmup_inputs, sort_keys=True),
+                                    ]
+                                    if spec.warmup_inputs
+                                    else []
+                                ),
                             ],
                             "env": [
                                 {

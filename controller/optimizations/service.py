@@ -32,7 +32,7 @@ from controller.registry.store import ArtifactStore, artifact_store
 from controller.settings import Settings
 from controller.tasks.celery_app import enqueue
 from node_agent.probe_launcher import ProbeRequest, probe_model
-from node_agent.runtimes import InputHints, OnnxRunner
+from node_agent.runtimes import InputHints, OnnxRunner, open_runner
 
 log = logging.getLogger(__name__)
 PARAMS = {
@@ -191,6 +191,89 @@ def peak_memory(
     return out
 
 
+def summary(method: str, parent: str, report: dict[str, Any]) -> str:
+    """A comparison report in one line (the VariantDerived and VariantCompared events)."""
+    return (
+        f"{method} of {parent}: size x{report['size_ratio']}, "
+        f"p50 x{report['latency_ratio']['p50']}, "
+        f"top-1 agreement {report['top1_agreement']}, "
+        f"max abs error {report['max_abs_error']}; "
+        + (
+            "recommended"
+            if report["verdict"]["recommended"]
+            else "not recommended: " + "; ".join(report["verdict"]["reasons"])
+        )
+    )
+
+
+PUSHED_SAMPLES = 8
+"""Generated inputs a pushed variant is compared with its parent on."""
+
+
+def compare_pushed(version_id: int, settings: Settings) -> str | None:
+    """The comparison report of a variant pushed with its parent (``--parent``: an int8
+    or lite ``.tflite`` of a float one, an fp16 ``.onnx``), run in the runtime of their
+    format on generated inputs sized by the variant's validation hints, else the
+    parent's. Stored in the variant's lineage as a derived variant's is, so rollouts read
+    both alike; a failure is stored instead (``comparison_error``), and a rollout that
+    needs the report then says why there is none."""
+    store = artifact_store(settings)
+    with session_scope() as session:
+        mv = session.get(ModelVersion, version_id)
+        if mv is None or mv.parent_id is None or "report" in (mv.lineage or {}):
+            return None  # a duplicate delivery
+        parent = session.get(ModelVersion, mv.parent_id)
+        model = session.get(Model, mv.model_id)
+        assert parent is not None
+        assert model is not None
+        fmt, label, parent_version = mv.format, f"{model.name}:{mv.version}", parent.version
+        paths = (store.require(parent.sha256), store.require(mv.sha256))
+        meta = mv.meta if (mv.meta or {}).get("validation") else parent.meta
+        hints = InputHints.from_metadata(meta)
+    report: dict[str, Any] | None = None
+    error = ""
+    try:
+        original, variant = (path.read_bytes() for path in paths)
+        specs = open_runner(original, fmt).inputs
+        samples = optimize.generated_samples(
+            specs, PUSHED_SAMPLES, settings.probe_default_dim, hints
+        )
+        report = optimize.compare(
+            original,
+            variant,
+            samples,
+            fmt=fmt,
+            latency_runs=settings.comparison_runs,
+            min_agreement=settings.variant_min_agreement,
+        )
+        report["warnings"] = [
+            "compared on generated random inputs (a pushed variant brings no samples)"
+        ]
+    except Exception as exc:  # the report says why, and rollouts needing it refuse
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("comparing %s with %s failed: %s", label, parent_version, error)
+    with session_scope() as session:
+        mv = session.get(ModelVersion, version_id, with_for_update=True)
+        assert mv is not None
+        lineage = dict(mv.lineage or {})
+        if report is not None:
+            lineage["report"] = report
+            reason, message = "VariantCompared", summary("pushed", parent_version, report)
+        else:
+            lineage["comparison_error"] = error
+            reason, message = "VariantComparisonFailed", error
+        mv.lineage = lineage
+        record_event(
+            session,
+            kind="ModelVersion",
+            name=label,
+            reason=reason,
+            message=message,
+            data={"lineage": {k: v for k, v in lineage.items() if k != "report"}},
+        )
+    return reason
+
+
 def run_job(job_id: int, settings: Settings) -> str | None:
     store = artifact_store(settings)
     with session_scope() as session:
@@ -213,7 +296,7 @@ def run_job(job_id: int, settings: Settings) -> str | None:
             "method": method,
             "params": params,
         }
-        parent_id, model_name = parent.id, model.name
+        parent_id, model_name, parent_version_label = parent.id, model.name, parent.version
         parent_meta = dict(parent.meta or {})
     try:
         original = parent_path.read_bytes()
@@ -244,6 +327,8 @@ def run_job(job_id: int, settings: Settings) -> str | None:
             held_out,
             rtol=float(params.get("rtol", 1e-2)),
             atol=float(params.get("atol", 1e-3)),
+            latency_runs=settings.comparison_runs,
+            min_agreement=settings.variant_min_agreement,
         )
         report["details"] = variant.details
         report["warnings"] = notes + variant.warnings
@@ -254,7 +339,11 @@ def run_job(job_id: int, settings: Settings) -> str | None:
     with session_scope() as session, store.stage([variant.data]) as staged:
         job = session.get(Optimization, job_id)
         assert job is not None
-        metadata = {"labels": {"variant-of": lineage_base["parent"], "method": method}}
+        metadata: dict[str, Any] = {
+            "labels": {"variant-of": lineage_base["parent"], "method": method}
+        }
+        if parent_meta.get("validation"):  # it takes the same inputs as its parent
+            metadata["validation"] = parent_meta["validation"]
         try:
             result = record_version(
                 session,
@@ -280,17 +369,7 @@ def run_job(job_id: int, settings: Settings) -> str | None:
             kind="ModelVersion",
             name=f"{model_name}:{target}",
             reason="VariantDerived",
-            message=(
-                f"{method} of {lineage_base['parent']}: size x{report['size_ratio']}, "
-                f"p50 x{report['latency_ratio']['p50']}, "
-                f"top-1 agreement {report['top1_agreement']}, "
-                f"max abs error {report['max_abs_error']}; "
-                + (
-                    "recommended"
-                    if report["verdict"]["recommended"]
-                    else "not recommended: " + "; ".join(report["verdict"]["reasons"])
-                )
-            ),
+            message=summary(method, parent_version_label, report),
             data={"lineage": lineage_base},
         )
     return OptimizationStatus.SUCCEEDED

@@ -10,3 +10,8 @@ from controller.tasks.celery_app import celery_app
 @celery_app.task(name="registry.derive_variant")
 def derive_variant(job_id: int) -> str | None:
     return service.run_job(job_id, get_settings())
+
+
+@celery_app.task(name="optimizations.compare_variant")
+def compare_variant(version_id: int) -> str | None:
+    return service.compare_pushed(version_id, get_settings())

@@ -56,10 +56,24 @@ def push_version(
     metadata: Annotated[
         str | None, Form(description="JSON object: labels, description, validation hints")
     ] = None,
+    parent: Annotated[
+        str | None,
+        Form(
+            description="a version of this model that the artifact is a variant of (an int8 "
+            "or lite build of it, in the same format): linked as its lineage, and compared "
+            "with it on the same inputs"
+        ),
+    ] = None,
 ) -> ModelVersionOut:
     meta = service.parse_metadata(metadata, settings)
     result = service.push_version(
-        session, store, name=name, version=version, chunks=iter_file(file.file), metadata=meta
+        session,
+        store,
+        name=name,
+        version=version,
+        chunks=iter_file(file.file),
+        metadata=meta,
+        parent=parent,
     )
     if not result.created:
         response.status_code = status.HTTP_200_OK

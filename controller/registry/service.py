@@ -84,7 +84,10 @@ def push_version(
     version: str,
     chunks: Iterable[bytes],
     metadata: dict[str, Any],
+    parent: str | None = None,
 ) -> PushResult:
+    """``parent``: a version of the same model this one is a variant of (an int8
+    ``.tflite`` of an fp32 one, say): linked as its lineage, and compared with it."""
     check_model_name(name)
     check_version(version)
     with store.stage(chunks) as staged:
@@ -95,10 +98,47 @@ def push_version(
         result = record_version(
             session, name, version, staged.path, staged.sha256, staged.size, metadata, "Pushed"
         )
+        if result.created and parent is not None:
+            _link_parent(session, result.version, name, parent)
         if result.created:
             faults.point("registry.push.before_promote")
             store.promote(staged)
     return result
+
+
+def _link_parent(session: Session, mv: ModelVersion, name: str, parent: str) -> None:
+    """Record ``parent`` as the lineage of the pushed variant ``mv`` and queue the
+    comparison of the two (the optimizations domain's). A parent of another format or
+    with other inputs could not be run on the same feeds: refused, naming the field."""
+    loc = ("body", "parent")
+    of = repo.get_version(session, name, parent)
+    if of is None:
+        raise InvalidInput(f"model {name!r} has no version {parent!r} to be a variant of", loc=loc)
+    if of.format != mv.format:
+        raise InvalidInput(
+            f"the parent {parent} is {of.format} and this artifact {mv.format}: a variant is "
+            "compared with its parent in one runtime",
+            loc=loc,
+        )
+    ours, theirs = _input_names(mv.signature), _input_names(of.signature)
+    if ours != theirs:
+        raise InvalidInput(
+            f"this artifact's inputs {ours} are not its parent {parent}'s {theirs}: a variant "
+            "takes the same inputs (name and dtype)",
+            loc=loc,
+        )
+    mv.parent_id = of.id
+    mv.lineage = {
+        "parent": of.version,
+        "parent_sha256": of.sha256,
+        "method": "pushed",
+        "params": {},
+    }
+    enqueue(session, "optimizations.compare_variant", mv.id)
+
+
+def _input_names(signature: dict[str, Any]) -> list[tuple[str, str]]:
+    return sorted((str(i["name"]), str(i["dtype"])) for i in signature.get("inputs", []))
 
 
 def record_version(

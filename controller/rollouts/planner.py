@@ -16,7 +16,7 @@ from typing import Any
 from controller.fleet.selectors import selector_matches
 from controller.kit.durations import parse_duration
 from controller.kit.quantity import cpu_millis, memory_bytes
-from controller.rollouts.spec import PERCENT, RolloutSpec, Strategy
+from controller.rollouts.spec import PERCENT, ComparisonRequirement, RolloutSpec, Strategy
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,12 @@ def preflight(
     supported_architectures: Sequence[str],
     owners: Mapping[str, list[str]],
     lineage: Mapping[str, Any] | None = None,
+    default_comparison: ComparisonRequirement | None = None,
 ) -> list[Problem]:
     """Everything that would make the rollout fail before it starts. ``owners`` maps
-    another active rollout's name to the nodes of this selection it holds."""
+    another active rollout's name to the nodes of this selection it holds;
+    ``default_comparison`` is what a variant must meet where spec.comparison is silent
+    (the settings' EDGEFLEET_VARIANT_*)."""
     problems: list[Problem] = []
     ref = f"{spec.model.name}:{spec.model.version}"
     if version_status is None:
@@ -178,7 +181,7 @@ def preflight(
     if spec.model.variants is None:
         # With variants, spec.comparison applies to each variant (a variant that misses it
         # is not chosen), not to the version they derive from.
-        problems.extend(_comparison_problems(spec, ref, lineage))
+        problems.extend(_comparison_problems(spec, ref, lineage, default_comparison))
     for owner, held in sorted(owners.items()):
         problems.append(
             Problem(
@@ -192,45 +195,89 @@ def preflight(
 
 
 def comparison_problem(
-    spec: RolloutSpec, ref: str, lineage: Mapping[str, Any] | None
+    spec: RolloutSpec,
+    ref: str,
+    lineage: Mapping[str, Any] | None,
+    default: ComparisonRequirement | None = None,
 ) -> str | None:
-    """Why the version ``ref`` misses spec.comparison, or None."""
-    found = _comparison_problems(spec, ref, lineage)
+    """Why the version ``ref`` misses spec.comparison (or, for a variant, ``default``
+    where spec.comparison is silent), or None."""
+    found = _comparison_problems(spec, ref, lineage, default)
     return "; ".join(p.message for p in found) if found else None
 
 
+DEFAULT_SOURCE = "the default requirement (EDGEFLEET_VARIANT_MIN_AGREEMENT, _MAX_ABS_ERROR)"
+
+
 def _comparison_problems(
-    spec: RolloutSpec, ref: str, lineage: Mapping[str, Any] | None
+    spec: RolloutSpec,
+    ref: str,
+    lineage: Mapping[str, Any] | None,
+    default: ComparisonRequirement | None,
 ) -> list[Problem]:
-    need = spec.comparison
-    if need is None or (need.minAgreement is None and need.maxAbsError is None):
+    """spec.comparison applies to any version it names; to a variant (a version with a
+    parent), each limit it leaves unset is ``default``'s. Under the default's agreement,
+    a variant with no classifier output (no top-1 to agree on) must stay within its
+    report's tolerances instead, as the report's own verdict asks."""
+    given = spec.comparison or ComparisonRequirement()
+    if lineage and lineage.get("parent") and default is not None:
+        need = ComparisonRequirement(
+            minAgreement=given.minAgreement
+            if given.minAgreement is not None
+            else default.minAgreement,
+            maxAbsError=given.maxAbsError if given.maxAbsError is not None else default.maxAbsError,
+        )
+    else:
+        need = given
+    if need.minAgreement is None and need.maxAbsError is None:
         return []
     report = (lineage or {}).get("report")
     if not report:
+        why = (lineage or {}).get("comparison_error")
         return [
             Problem(
                 "NoComparisonReport",
-                f"spec.comparison is set but {ref} is not a derived variant with a comparison "
-                "report (edgefleet models optimize creates one)",
+                f"{ref} has no comparison report"
+                + (f" (its comparison failed: {why})" if why else "")
+                + ", and "
+                + ("spec.comparison is set" if spec.comparison else DEFAULT_SOURCE + " applies")
+                + " (edgefleet models optimize, or a push with --parent, makes one)",
             )
         ]
     out = []
+    parent = (lineage or {}).get("parent", "?")
     agreement = report.get("top1_agreement")
-    if need.minAgreement is not None and (agreement is None or agreement < need.minAgreement):
-        out.append(
-            Problem(
-                "AgreementTooLow",
-                f"{ref} agrees with its parent {lineage.get('parent') if lineage else '?'} on "
-                f"{agreement} of top-1 predictions; the rollout requires {need.minAgreement}",
-            )
+    if need.minAgreement is not None:
+        source = (
+            "the rollout requires" if given.minAgreement is not None else DEFAULT_SOURCE + " is"
         )
+        if agreement is None and given.minAgreement is None:
+            if not report.get("allclose", False):
+                out.append(
+                    Problem(
+                        "OutputsDiffer",
+                        f"{ref} has no classifier output to agree on, and its outputs differ "
+                        f"from its parent {parent}'s beyond the report's tolerances (max abs "
+                        f"error {report.get('max_abs_error')}); set spec.comparison to accept "
+                        "it",
+                    )
+                )
+        elif agreement is None or agreement < need.minAgreement:
+            out.append(
+                Problem(
+                    "AgreementTooLow",
+                    f"{ref} agrees with its parent {parent} on {agreement} of top-1 "
+                    f"predictions; {source} {need.minAgreement}",
+                )
+            )
     error = report.get("max_abs_error")
     if need.maxAbsError is not None and (error is None or error > need.maxAbsError):
+        source = "the rollout allows" if given.maxAbsError is not None else DEFAULT_SOURCE + " is"
         out.append(
             Problem(
                 "AbsErrorTooHigh",
-                f"{ref} differs from its parent by up to {error} (max abs error); the rollout "
-                f"allows {need.maxAbsError}",
+                f"{ref} differs from its parent by up to {error} (max abs error); {source} "
+                f"{need.maxAbsError}",
             )
         )
     return out

@@ -37,7 +37,7 @@ from controller.rollouts import choice as choice_mod
 from controller.rollouts import planner
 from controller.rollouts import repository as repo
 from controller.rollouts.reconciler import WAITING, queue_step
-from controller.rollouts.spec import RolloutManifest, RolloutSpec
+from controller.rollouts.spec import ComparisonRequirement, RolloutManifest, RolloutSpec
 from controller.rollouts.state import ACTIVE_PHASES, transition
 from controller.schedules import service as schedules
 from controller.schedules import windows
@@ -122,6 +122,7 @@ def _plan_variants(
     version: ModelVersion,
     model: Model,
     selected: Sequence[planner.NodeView],
+    default_comparison: ComparisonRequirement,
 ) -> VariantPlan:
     """Resolve spec.model.variants and choose per node (controller/rollouts/choice.py)."""
     problems: list[planner.Problem] = []
@@ -165,7 +166,7 @@ def _plan_variants(
             v.version,
             reference=False,
             comparison_problem=planner.comparison_problem(
-                spec, f"{model.name}:{v.version}", v.lineage
+                spec, f"{model.name}:{v.version}", v.lineage, default_comparison
             ),
         )
         for v in found
@@ -227,6 +228,9 @@ def apply_rollout(
     fleet = _node_views(session, classes=spec.model.variants is not None)
     selected = planner.select_nodes(spec, fleet)
     owners = repo.owners(session, model.id, [n.id for n in selected], exclude=name) if model else {}
+    default_comparison = ComparisonRequirement(
+        minAgreement=settings.variant_min_agreement, maxAbsError=settings.variant_max_abs_error
+    )
     problems = planner.preflight(
         spec,
         selected,
@@ -235,10 +239,11 @@ def apply_rollout(
         supported_architectures=settings.inference_architectures,
         owners=owners,
         lineage=version.lineage if version else None,
+        default_comparison=default_comparison,
     )
     waves = planner.plan_waves(name, selected, spec.strategy)
     variants = (
-        _plan_variants(session, spec, version, model, selected)
+        _plan_variants(session, spec, version, model, selected, default_comparison)
         if spec.model.variants is not None and version is not None and model is not None
         else None
     )

@@ -94,6 +94,7 @@ class ModelSource:
     url: str | None = None
     sha256: str | None = None
     path: Path | None = None  # a local file instead of a download
+    hints: InputHints = _NO_HINTS  # the warm-up inputs' sizes and values
 
 
 def default_runner_factory(
@@ -232,17 +233,16 @@ def resolve_artifact(source: ModelSource, cache: ArtifactCache) -> tuple[Path, s
     return cache.fetch(source.url, source.sha256), source.sha256
 
 
-def warm_up(runner: Runner, runs: int, *, default_dim: int) -> None:
-    """``runs`` inferences on generated inputs (every dynamic non-batch dim at
-    ``default_dim``, then, if the model refuses that, at 1), so the first real request
-    does not pay for lazy allocations."""
+def warm_up(runner: Runner, runs: int, *, default_dim: int, hints: InputHints = _NO_HINTS) -> None:
+    """``runs`` inferences on generated inputs (sized and valued by the version's
+    validation ``hints``, every other dynamic non-batch dim at ``default_dim``, then, if
+    the model refuses that, at 1), so the first real request does not pay for lazy
+    allocations."""
     if runs <= 0:
         return
     failures = []
     for unknown in (None, 1):
-        feeds = generate_inputs(
-            runner.inputs, _NO_HINTS, default_dim=default_dim, unknown_dim=unknown
-        )
+        feeds = generate_inputs(runner.inputs, hints, default_dim=default_dim, unknown_dim=unknown)
         try:
             runner.run(feeds)
         except Exception as exc:
@@ -275,7 +275,7 @@ def load_model(
             f"{type(exc).__name__}: {exc}"
         ) from exc
     loaded = time.perf_counter()
-    warm_up(runner, warmup_runs, default_dim=warmup_dim)
+    warm_up(runner, warmup_runs, default_dim=warmup_dim, hints=source.hints)
     warmed = time.perf_counter()
     log.info(
         "loaded %s %s (%s, sha256 %s) with %s, %d thread(s): load %.3fs, %d warm-up runs %.3fs",
@@ -360,6 +360,7 @@ class ModelSlot:
             url=s.model_url,
             sha256=s.sha256,
             path=s.model_path,
+            hints=InputHints.from_metadata({"validation": s.warmup_inputs}),
         )
 
     def _load(self, source: ModelSource) -> ActiveModel:

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -88,6 +88,12 @@ class ServeSettings(BaseSettings):
     warmup_runs: int = Field(3, ge=0, description="Inferences run before turning ready.")
     warmup_dim: int = Field(
         64, ge=1, description="Size of a dynamic non-batch dimension in the warm-up inputs."
+    )
+    warmup_inputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The version's validation hints as a JSON object (dims, shapes, values): "
+        "the warm-up inputs' sizes and constant values, for a model that refuses generated "
+        "ones (a recurrent state of a fixed size, a sample rate).",
     )
 
     # Requests.

@@ -91,6 +91,30 @@ def test_unreachable_controller() -> None:
     assert "cannot reach the controller" in out
 
 
+def test_push_with_parent_compares_a_tflite_variant(api_url: str, tmp_path: Path) -> None:
+    """A smaller TFLite build pushed with --parent: its comparison report, run in
+    LiteRT, is in its description."""
+    full, lite = tmp_path / "full.tflite", tmp_path / "lite.tflite"
+    full.write_bytes(build_tflite_mlp(hidden=64))
+    lite.write_bytes(build_tflite_mlp(hidden=16))
+    code, out = cli(api_url, "models", "push", str(full), "-n", "sensor", "-v", "1")
+    assert code == 0, out
+    code, out = cli(
+        api_url, "models", "push", str(lite), "-n", "sensor", "-v", "1-lite", "--parent", "1"
+    )
+    assert code == 0, out
+    assert "Variant of:  1 (pushed {})" in out
+    code, out = cli(api_url, "models", "describe", "sensor", "1-lite", "-o", "json")
+    report = json.loads(out)["lineage"]["report"]
+    assert report["size_ratio"] == round(lite.stat().st_size / full.stat().st_size, 4) < 1
+    assert report["top1_agreement"] is not None  # a softmax output: agreement counted
+    code, out = cli(
+        api_url, "models", "push", str(lite), "-n", "sensor", "-v", "2", "--parent", "9"
+    )
+    assert code == 1
+    assert "body.parent" in out
+
+
 def test_optimize_prints_the_comparison(api_url: str, tmp_path: Path) -> None:
     model = tmp_path / "cnn.onnx"
     model.write_bytes(samples.build_cnn(channels=32))

@@ -4,12 +4,15 @@ server: test_handover.py.)"""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 
 from controller.kube import objects
 from controller.kube.driver import WorkloadSpec
 from node_agent.cluster import handover
+from node_agent.serve import load_settings
 from node_agent.server.settings import ServeSettings
 
 
@@ -103,6 +106,18 @@ def test_a_replaced_pod_drains_within_its_grace_period() -> None:
     assert (
         settings.shutdown_delay_s + settings.shutdown_grace_s < pod["terminationGracePeriodSeconds"]
     )
+
+
+def test_the_pod_warms_up_on_the_versions_validation_hints() -> None:
+    """The container's arguments, parsed by edgefleet-serve itself, carry the hints; a
+    version without hints adds no argument."""
+    hints = {"shapes": {"state": [2, 1, 128]}, "values": {"sr": 16000}}
+    for warmup, want in ((hints, hints), ({}, {})):
+        workload = replace(spec("1.0.0"), warmup_inputs=warmup)
+        pod = objects.daemonset(workload, namespace="w", image="img:1", port=8500)
+        args = pod["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert ("--warmup-inputs" in args) is bool(want)
+        assert load_settings(args).warmup_inputs == want
 
 
 def test_the_service_selects_every_version_of_its_model_on_the_callers_node() -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from controller.db.models import ModelVersion
 from controller.registry import samples
+from controller.settings import Settings
 from tests.rollouts.helpers import apply, cluster_doc, rollout_doc
 
 CNN = {"channels": 64, "size": 32}
@@ -255,3 +256,22 @@ def test_rollout_refuses_a_variant_that_misses_its_agreement(
         dry_run=True,
     )
     assert "NoComparisonReport" in {p["code"] for p in not_variant.json()["results"][0]["problems"]}
+
+    # Without spec.comparison, the settings' default (EDGEFLEET_VARIANT_MIN_AGREEMENT,
+    # 0.99) applies to a variant, and not to a version that is none.
+    assert Settings().variant_min_agreement == 0.99
+    assert good["report"]["top1_agreement"] >= 0.99
+    silent = apply(client, rollout_doc("r3", "1-p95"), dry_run=True).json()["results"][0]
+    (problem,) = [p for p in silent["problems"] if p["code"] == "AgreementTooLow"]
+    assert f"on {agreement} of top-1" in problem["message"]
+    assert "EDGEFLEET_VARIANT_MIN_AGREEMENT" in problem["message"]
+    for version in ("1-int8", "1"):
+        plain = apply(client, rollout_doc("r3", version), dry_run=True).json()["results"][0]
+        assert not {p["code"] for p in plain["problems"]} & {
+            "AgreementTooLow",
+            "NoComparisonReport",
+        }
+    # A manifest's own requirement overrides the default.
+    lenient = {"comparison": {"minAgreement": 0.0}}
+    allowed = apply(client, rollout_doc("r3", "1-p95", **lenient), dry_run=True).json()
+    assert "AgreementTooLow" not in {p["code"] for p in allowed["results"][0]["problems"]}

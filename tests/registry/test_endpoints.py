@@ -25,10 +25,13 @@ def push(
     version: str = "1.0.0",
     metadata: dict[str, Any] | str | None = None,
     filename: str = "model.bin",
+    parent: str | None = None,
 ) -> Any:
     form: dict[str, str] = {"version": version}
     if metadata is not None:
         form["metadata"] = metadata if isinstance(metadata, str) else json.dumps(metadata)
+    if parent is not None:
+        form["parent"] = parent
     return client.post(
         f"/v1/models/{name}/versions",
         data=form,
