@@ -1,5 +1,9 @@
 """Events by age: the index retention's batched DELETE reads.
 
+A plain CREATE INDEX blocks writes to events while it builds: on a large audit log,
+build it first with ``CREATE INDEX CONCURRENTLY ix_events_created_at ON events
+(created_at)``, and this migration finds it there.
+
 Revision ID: 0011
 Revises: 0010
 Create Date: 2026-12-05 16:00:00
@@ -18,7 +22,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_events_created_at", "events", ["created_at"])
+    op.create_index("ix_events_created_at", "events", ["created_at"], if_not_exists=True)
 
 
 def downgrade() -> None:
