@@ -244,6 +244,21 @@ class Settings(BaseSettings):
         2000, ge=1, description="Most heartbeats in one shared ingest transaction."
     )
 
+    # Retention. Heartbeats are not kept as history (each updates its node's and
+    # assignments' rows in place); the audit log is what grows with time.
+    event_retention_days: float = Field(
+        90.0,
+        ge=0,
+        description="Days an event (the audit log) is kept before beat's hourly purge deletes "
+        "it; an active rollout's events stay until it ends. 0: keep every event.",
+    )
+    retention_batch_rows: int = Field(
+        5000,
+        ge=1,
+        description="Rows one retention DELETE removes, each batch its own transaction (short "
+        "locks, bounded WAL).",
+    )
+
     # Access control. Every API route needs a token of a role (viewer, operator, admin);
     # these two open a read-only surface to callers that cannot send one.
     metrics_public: bool = Field(

@@ -289,6 +289,8 @@ class Event(Base):
     __table_args__ = (
         Index("ix_events_object", "object_kind", "object_name", "id"),
         Index("ix_events_rollout_id", "rollout_id", "id"),
+        # Retention deletes by age (0011).
+        Index("ix_events_created_at", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -1,9 +1,10 @@
-"""All SQL of rollouts, waves and assignments."""
+"""All SQL of rollouts, waves and assignments, and the retention of their events."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Select, and_, delete, func, or_, select
 from sqlalchemy.orm import Session, aliased, load_only
@@ -319,3 +320,21 @@ def node_workloads(session: Session, node_id: int) -> list[WorkloadRow]:
     """Every model a node is assigned, by model name."""
     rows = session.execute(_workloads().where(Assignment.node_id == node_id).order_by(Model.name))
     return [WorkloadRow(a, c, n, m, r, w, d, o) for a, c, n, m, r, w, d, o in rows]
+
+
+def delete_events_before(session: Session, before: datetime, *, limit: int) -> int:
+    """Delete up to ``limit`` events older than ``before``, oldest first, except an active
+    rollout's (its audit trail stays whole until it ends); how many were deleted. One
+    bounded batch: the caller commits between batches."""
+    active = select(Rollout.id).where(Rollout.phase.in_(ACTIVE_PHASES))
+    oldest = (
+        select(Event.id)
+        .where(
+            Event.created_at < before,
+            or_(Event.rollout_id.is_(None), Event.rollout_id.not_in(active)),
+        )
+        .order_by(Event.created_at)
+        .limit(limit)
+    )
+    result = session.execute(delete(Event).where(Event.id.in_(oldest)))
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ from controller.db.models import (
     Wave,
     WavePhase,
 )
+from controller.db.session import session_scope
 from controller.errors import Conflict, InvalidInput, NotFound
 from controller.fleet import repository as fleet_repo
 from controller.kit.collector import collector_paused
@@ -638,3 +639,20 @@ def delete(session: Session, name: str) -> None:
 
 def version_ready(version: ModelVersion) -> bool:
     return version.status == VersionStatus.READY
+
+
+def purge_events(settings: Settings, *, now: datetime | None = None) -> int:
+    """Delete the events older than ``event_retention_days`` (none when it is 0), in
+    batches of ``retention_batch_rows``, each batch its own transaction (so it opens its
+    own sessions, unlike the functions above): a purge of millions of rows holds no lock
+    long and never bloats one transaction's WAL. Returns how many were deleted."""
+    if not settings.event_retention_days:
+        return 0
+    before = (now or utcnow()) - timedelta(days=settings.event_retention_days)
+    deleted = 0
+    while True:
+        with session_scope() as session:
+            batch = repo.delete_events_before(session, before, limit=settings.retention_batch_rows)
+        deleted += batch
+        if batch < settings.retention_batch_rows:
+            return deleted

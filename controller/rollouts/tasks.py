@@ -4,7 +4,7 @@ import logging
 from typing import Any
 
 from controller.db.session import database_unavailable
-from controller.rollouts import reconciler
+from controller.rollouts import reconciler, service
 from controller.settings import get_settings
 from controller.tasks.celery_app import OUTAGE_MAX_RETRIES, celery_app, outage_countdown_s
 
@@ -34,3 +34,8 @@ def reconcile(self: Any, rollout_id: int) -> str | None:
 @celery_app.task(name="rollouts.tick")
 def tick() -> int:
     return len(reconciler.tick(get_settings()))
+
+
+@celery_app.task(name="events.purge")
+def purge_events() -> int:
+    return service.purge_events(get_settings())

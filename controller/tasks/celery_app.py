@@ -133,6 +133,8 @@ def configure(settings: Settings) -> Celery:
             "fleet-mark-silent": {"task": "fleet.mark_silent", "schedule": timedelta(seconds=15)},
             "fleet-repair-drift": {"task": "fleet.repair_drift", "schedule": timedelta(seconds=60)},
             "fleet-resync": {"task": "fleet.resync", "schedule": timedelta(seconds=300)},
+            # Retention of the audit log (event_retention_days), in bounded batches.
+            "events-purge": {"task": "events.purge", "schedule": timedelta(seconds=3600)},
         },
     )
     return celery_app
