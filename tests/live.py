@@ -18,9 +18,9 @@ import uvicorn
 from fastapi import FastAPI
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
 
@@ -45,19 +45,21 @@ def free_port_run(count: int, low: int = 21000, high: int = 29000) -> int:
 class LiveController:
     """The app under uvicorn, on a port that stays the same across ``stop()`` and
     ``start()`` (an agent keeps its controller URL). Give ``port`` when the app must
-    know its own URL before it starts (``EDGEFLEET_PUBLIC_URL``)."""
+    know its own URL before it starts (``EDGEFLEET_PUBLIC_URL``), ``host`` for another
+    address than loopback (the real node's pods reach the host on their bridge only)."""
 
-    def __init__(self, app: FastAPI, *, port: int | None = None) -> None:
+    def __init__(self, app: FastAPI, *, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.app = app
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         config = uvicorn.Config(
             self.app,
-            host="127.0.0.1",
+            host=self.host,
             port=self.port,
             # As `edgefleet server` runs it: agents keep their connection between beats.
             timeout_keep_alive=self.app.state.settings.api_keepalive_timeout_s,
@@ -81,8 +83,10 @@ class LiveController:
 
 
 @contextmanager
-def live_controller(app: FastAPI, *, port: int | None = None) -> Iterator[LiveController]:
-    controller = LiveController(app, port=port)
+def live_controller(
+    app: FastAPI, *, port: int | None = None, host: str = "127.0.0.1"
+) -> Iterator[LiveController]:
+    controller = LiveController(app, port=port, host=host)
     controller.start()
     try:
         yield controller

@@ -166,7 +166,6 @@ def daemonset(
         "app.kubernetes.io/version": spec.version,
         "app.kubernetes.io/component": "inference",
         "app.kubernetes.io/managed-by": MANAGED_BY,
-        "edgefleet.io/rollout": spec.rollout,
     }
     annotations = {
         "edgefleet.io/sha256": spec.sha256,
@@ -179,7 +178,11 @@ def daemonset(
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "labels": labels,
+            # The rollout that applied it last: on the DaemonSet only. In the pod template
+            # it would make a rollback (another rollout re-applying the version that
+            # serves) a change of template, and the DaemonSet would replace the very pods
+            # the rollback keeps (a real kubelet showed it: test_real_node_rollout.py).
+            "labels": {**labels, "edgefleet.io/rollout": spec.rollout},
             "annotations": annotations,
         },
         "spec": {

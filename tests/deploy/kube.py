@@ -1,11 +1,13 @@
 """Render the Helm charts with Helm's own engine (helm-python-sdk: the Helm v4 Go SDK
 through ctypes, no helm binary) and check the objects against Kubernetes' OpenAPI schemas
 (kubernetes-validate), strict: an unknown field is an error, as the API server's field
-validation would make it."""
+validation would make it. ``installed`` runs Helm's own install and uninstall actions
+against a real API server."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -190,6 +192,43 @@ def render(
             continue
         out.append(Rendered(template, tuple(load_yaml_documents(text))))
     return out
+
+
+@contextmanager
+def installed(
+    chart: str,
+    values: dict[str, Any],
+    *,
+    release: str,
+    namespace: str,
+    server: str,
+    token: str,
+    ca_file: str | None,
+    timeout_s: int = 120,
+) -> Iterator[dict[str, Any]]:
+    """``helm install --create-namespace --wait`` of ``chart`` into the cluster at
+    ``server`` (Helm's install action: its kubeVersion check, server-side apply, waiting
+    until every workload is ready); the release summary. ``helm uninstall --wait`` on
+    exit. Raises helm's HelmReleaseError when the install fails or times out."""
+    with (
+        helm.Config(
+            kube_apiserver=server, kube_token=token, kube_ca_file=ca_file, namespace=namespace
+        ) as config,
+        helm.Chart.load(chart_dir(chart)) as loaded,
+    ):
+        summary = config.install(
+            loaded,
+            release,
+            values,
+            namespace=namespace,
+            create_namespace=True,
+            wait="watcher",
+            timeout=timeout_s,
+        )
+        try:
+            yield summary
+        finally:
+            config.uninstall(release, wait="watcher", timeout=timeout_s)
 
 
 def merged_values(chart: str, values: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ fast machine or a slow, loaded one."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import signal
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +71,28 @@ class Controller(LiveController):
 
 
 class Traffic:
-    """Clients sending inferences to every node's server, shaped by its /v1/model."""
+    """Clients sending inferences, shaped by the server's /v1/model: one per target, a
+    function naming the server to call now (its base URL; None: none yet)."""
 
-    def __init__(self, ports: list[int]) -> None:
-        self.ports = ports
+    def __init__(self, targets: Sequence[Callable[[], str | None]]) -> None:
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.loop, args=(p,), daemon=True) for p in ports]
+        self.sent = 0  # inferences answered
+        self.threads = [threading.Thread(target=self.loop, args=(t,), daemon=True) for t in targets]
         for t in self.threads:
             t.start()
 
-    def loop(self, port: int) -> None:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    def loop(self, target: Callable[[], str | None]) -> None:
+        client: httpx.Client | None = None
         body, sha = b"", None
         while not self.stop.is_set():
+            url = target()
+            if url is None:
+                self.stop.wait(0.2)
+                continue
+            if client is None or str(client.base_url).rstrip("/") != url:
+                if client is not None:
+                    client.close()
+                client, sha = httpx.Client(base_url=url, timeout=10), None
             try:
                 model = client.get("/v1/model").json()
                 if model.get("sha256") != sha:
@@ -93,12 +103,15 @@ class Traffic:
                     arrays: dict[str, Any] = {spec["name"]: np.zeros(shape, dtype=np.float32)}
                     np.savez(buf, **arrays)
                     body = buf.getvalue()
-                client.post(
+                resp = client.post(
                     "/v1/infer", content=body, headers={"content-type": "application/x-npz"}
                 )
+                if resp.status_code == 200:
+                    self.sent += 1
             except (httpx.HTTPError, KeyError, ValueError):
                 self.stop.wait(0.1)  # the server is (re)starting: try again shortly
-        client.close()
+        if client is not None:
+            client.close()
 
     def close(self) -> None:
         self.stop.set()
@@ -147,7 +160,7 @@ def _fleet(controller: Controller, tmp_path: Path) -> Iterator[dict[str, Any]]:
     base = free_port_run(NODES)
     ports = [base + i for i in range(NODES)]
     agents: list[subprocess.Popen[bytes]] = []
-    traffic = Traffic(ports)
+    traffic = Traffic([functools.partial(str, f"http://127.0.0.1:{port}") for port in ports])
     try:
         cluster = builders.fleet(
             "loop",

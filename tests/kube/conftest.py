@@ -79,7 +79,7 @@ def shipped_images() -> dict[str, BuiltImage]:
     """The images of docker/*.Dockerfile that the real-node tests run."""
     require_real_node()
     try:
-        return built_images("inference")
+        return built_images("inference", "agent")
     except RuntimeError as exc:
         pytest.fail(f"{exc} (bash scripts/test builds them on first use)", pytrace=False)
 

@@ -26,6 +26,12 @@ What a node changes on the machine, and how it is kept or undone:
 - The network: pods get addresses on a bridge of their own (``efn...``), a /24 no route of
   the machine uses, with no default route out and no NAT: the host (the kubelet's probes,
   the tests) reaches the pods, the pods reach nothing else. The bridge is deleted at stop.
+- The ``kubernetes`` Service, as kube-proxy would make it (there is none: it rewrites
+  iptables): pods reach the API server at its ClusterIP, ``10.0.0.1:443``, what the
+  kubelet puts in every pod's ``KUBERNETES_SERVICE_HOST``/``PORT`` and a name of the API
+  server's certificate. Pods route that address to the bridge, the host holds it on the
+  bridge (it goes with the bridge), and a TCP relay in the test process forwards it to the
+  API server on 127.0.0.1. So one real node at a time on a machine.
 - iptables: untouched (``--make-iptables-util-chains=false``, no portmap, no masquerade).
 
 The kubelet registers as ``localhost`` and listens on 127.0.0.1 only (it refuses
@@ -52,6 +58,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -62,7 +69,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from tests.kube.controlplane import ControlPlane, kube_binaries
+from tests.kube.controlplane import SERVICE_CLUSTER_IP_RANGE, ControlPlane, kube_binaries
 
 NODE_NAME = "localhost"
 PAUSE_IMAGE = "k8s.gcr.io/pause:3.2"
@@ -75,6 +82,9 @@ CGROUP_PREFIX = "edgefleet-node-"
 RUNTIME_CGROUP = "runtime"  # containerd, its shims, the kubelet; pods go to kubepods/
 BRIDGE_PREFIX = "efn"
 POD_SUBNETS = ipaddress.IPv4Network("10.88.0.0/16")
+# The `kubernetes` Service's ClusterIP (the first address of the service range) and port.
+API_SERVICE_IP = next(ipaddress.IPv4Network(SERVICE_CLUSTER_IP_RANGE).hosts())
+API_SERVICE_PORT = 443
 # Set by the kubelet at start (setupKernelTunables) or by the bridge plugin per pod.
 SYSCTLS = (
     "vm/overcommit_memory",
@@ -211,6 +221,7 @@ class Node:
     timings: dict[str, float] = field(default_factory=dict)
     started_in_s: float = 0.0
     _processes: list[_Process] = field(default_factory=list, repr=False)
+    _relay: _Relay | None = field(default=None, repr=False)
     _mount_ns: str = field(default="", repr=False)
     _stopped: bool = field(default=False, repr=False)
 
@@ -304,6 +315,8 @@ class Node:
             self.cgroup_root, timeout=timeout, reap=[p.process for p in self._processes]
         )
         problems = [f"processes still in cgroup {self.cgroup_root}: {left}"] if left else []
+        if self._relay is not None:
+            self._relay.close()
         problems += _remove_cgroup_tree(self.cgroup_root)
         problems += _delete_bridge(self.bridge)
         problems += _restore_sysctls(self.saved_sysctls)
@@ -377,7 +390,8 @@ def _start(node: Node, images: tuple[Path, ...], *, t0: float, deadline: float) 
                         "ipam": {
                             "type": "host-local",
                             "ranges": [[{"subnet": str(node.subnet)}]],
-                            "routes": [],
+                            # The API server's Service address, through the host.
+                            "routes": [{"dst": f"{API_SERVICE_IP}/32"}],
                         },
                     }
                 ],
@@ -388,6 +402,9 @@ def _start(node: Node, images: tuple[Path, ...], *, t0: float, deadline: float) 
     # The bridge exists before the first pod (the plugin takes it as it finds it), so that
     # the host's address on it can be bound to from the start.
     _create_bridge(node.bridge, node.gateway, node.subnet)
+    _ip("addr", "add", f"{API_SERVICE_IP}/32", "dev", node.bridge)
+    api_port = int(cp.server.rpartition(":")[2])
+    node._relay = _Relay((str(API_SERVICE_IP), API_SERVICE_PORT), ("127.0.0.1", api_port))
     config = w / "containerd.toml"
     config.write_text(_containerd_config(node.tools["cni"], w / "cni"))
     resolv = w / "resolv.conf"
@@ -690,17 +707,81 @@ def _bridges() -> list[str]:
     ]
 
 
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
 def _create_bridge(
     name: str, address: ipaddress.IPv4Address, subnet: ipaddress.IPv4Network
 ) -> None:
-    for argv in (
-        ["ip", "link", "add", "name", name, "type", "bridge"],
-        ["ip", "addr", "add", f"{address}/{subnet.prefixlen}", "dev", name],
-        ["ip", "link", "set", name, "up"],
-    ):
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)}: {result.stderr.strip()}")
+    _ip("link", "add", "name", name, "type", "bridge")
+    _ip("addr", "add", f"{address}/{subnet.prefixlen}", "dev", name)
+    _ip("link", "set", name, "up")
+
+
+class _Relay:
+    """Forwards every TCP connection to ``listen`` to ``target``, both ways, in threads of
+    the test process: kube-proxy's rule for one Service, without iptables."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int]) -> None:
+        self._target = target
+        self._server = socket.create_server(listen)
+        self._server.settimeout(0.2)  # accept() wakes up to see close()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="api-relay", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._target, timeout=5.0)
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                self._open.update((client, upstream))
+            threading.Thread(target=self._connection, args=(client, upstream), daemon=True).start()
+
+    def _connection(self, client: socket.socket, upstream: socket.socket) -> None:
+        there = threading.Thread(target=self._pipe, args=(client, upstream), daemon=True)
+        there.start()
+        self._pipe(upstream, client)
+        there.join()
+        with self._lock:
+            self._open.difference_update((client, upstream))
+        client.close()
+        upstream.close()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(5.0)
+        self._server.close()
+        with self._lock:
+            for conn in self._open:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            self._open.clear()
 
 
 def _delete_bridge(name: str) -> list[str]:

@@ -137,6 +137,18 @@ def test_the_service_selects_every_version_of_its_model_on_the_callers_node() ->
     assert "internalTrafficPolicy" not in old_server["spec"]
 
 
+def test_the_pod_template_of_a_version_is_the_same_whichever_rollout_applies_it() -> None:
+    """A rollback re-applies the version that serves, under the failed rollout's name: a
+    pod template naming the rollout would change, and the DaemonSet would replace the
+    pods the rollback keeps."""
+    first = objects.daemonset(spec("1.0.0"), namespace="w", image="img:1", port=8500)
+    again = replace(spec("1.0.0"), rollout="the-rollback")
+    second = objects.daemonset(again, namespace="w", image="img:1", port=8500)
+    assert first["spec"] == second["spec"]
+    assert first["metadata"]["labels"]["edgefleet.io/rollout"] == "r"
+    assert second["metadata"]["labels"]["edgefleet.io/rollout"] == "the-rollback"
+
+
 def test_service_names_are_dns_1035_labels() -> None:
     long = "a" * 63
     name = objects.service_name(long)
