@@ -30,11 +30,12 @@ from kubernetes import client as k8s
 from pydantic import SecretStr
 
 from controller.api.app import create_app
-from controller.kube.objects import APP_NAME, CACHE_DIR, node_label
+from controller.kube.objects import APP_NAME, CACHE_DIR
 from controller.manifests import builders
 from controller.registry import samples
 from controller.settings import Settings
 from controller.tasks.celery_app import configure
+from node_agent.cluster.handover import node_label
 from tests.conftest import bearer
 from tests.deploy.kube import installed
 from tests.e2e.test_fleet_loopback import Traffic, gate_results, wait_until
