@@ -55,12 +55,13 @@ def namespace(core: Any) -> Iterator[str]:
     core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     # The API server's admission refuses a bare pod (500, "No API token found for service
     # account default") until the controller-manager has created the namespace's default
-    # ServiceAccount; a Deployment's ReplicaSet retries on its own, a test's pod does not.
+    # ServiceAccount and its token Secret (v1.20 mounts a Secret's token); a Deployment's
+    # ReplicaSet retries on its own, a test's pod does not.
     eventually(
         lambda: [
             sa
             for sa in core.list_namespaced_service_account(name).items
-            if sa.metadata.name == "default"
+            if sa.metadata.name == "default" and sa.secrets
         ],
         timeout_s=30,
         what=f"the default ServiceAccount of {name}",
