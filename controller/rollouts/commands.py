@@ -101,6 +101,10 @@ def _reset_for_retry(session: Session, rollout: Rollout) -> None:
         wave.started_at = wave.baked_at = wave.finished_at = None
     rollout.current_wave = 0
     rollout.started_at = rollout.finished_at = None
+    # A retry starts over: its schedule is read afresh (no windows that came and went
+    # since the last try to catch up on), and no follow-up of the last try holds back
+    # the new chain of steps.
+    rollout.schedule_evaluated_at = rollout.next_step_at = None
     retry = [(r.assignment, r.key) for r in rows if r.assignment.state != A.PENDING]
     move(session, rollout, retry, A.PENDING, reason="Retried")
     for r in rows:

@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from controller.db.models import Rollout, Wave
 from controller.db.session import session_scope
-from controller.rollouts import reconciler
+from controller.rollouts import commands, reconciler
 from controller.rollouts import repository as rollout_repo
 from controller.rollouts import service as rollout_service
 from controller.rollouts.spec import RolloutManifest
@@ -499,3 +499,35 @@ def test_freeze_routes_declare_and_check_their_callers(
     assert resp.status_code == 422
     assert resp.json()["detail"][0]["loc"][-1] == "duration"
     assert client.get("/v1/freezes/none").status_code == 404
+
+
+def test_a_retried_rollout_reads_its_schedule_afresh(
+    sites: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The windows that opened and closed between a try and its retry are not the
+    retry's: it catches up on none of them (no WindowsMissed), and starts only inside
+    its own next window."""
+    monkeypatch.setattr(commands, "queue_step", lambda *_, **__: None)
+    schedule = {"timeZone": "UTC", "windows": [{"cron": "0 1 * * *", "duration": "4h"}]}
+    doc = scheduled("again", schedule, strategy={"steps": [{"percent": 100}]})
+    assert apply(sites, doc).status_code == 200
+    night1 = datetime(2026, 11, 11, 1, tzinfo=UTC)
+    seen = run("again", settings, night1, night1)
+    assert seen.started
+    assert sites.post("/v1/rollouts/again/abort").status_code == 202
+    run("again", settings, night1 + TICK, night1 + 4 * TICK)
+    assert set(node_states("again").values()) == {"RolledBack"}
+
+    # Retried at noon three days on: three nights came and went since the last try.
+    noon = night1 + timedelta(days=3, hours=11)
+    resp = sites.post("/v1/rollouts/again/retry")
+    assert resp.status_code == 202, resp.text
+    view = sites.get("/v1/rollouts/again/schedule", params={"at": noon.isoformat()}).json()
+    assert view["evaluatedAt"] is None
+    retried = run("again", settings, noon, noon + TICK)
+    assert not retried.started
+    after = reasons("again")[reasons("again").index("Retried") :]
+    assert "WindowsMissed" not in after
+    assert "WaitingForWindow" in after
+    retried = run("again", settings, noon + timedelta(hours=14), noon + timedelta(hours=14))
+    assert set(retried.started.values()) == {noon + timedelta(hours=14)}  # 01:00 next night
