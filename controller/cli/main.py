@@ -1,7 +1,7 @@
 """``edgefleet``: the command line of the control plane.
 
-Client commands (``apply``, ``get``, ``describe``, ``rollout``, ``models``, ``login``,
-``tokens``, ``nodes``) talk to the REST API; process commands (``server``, ``worker``,
+Client commands (``apply``, ``get``, ``describe``, ``delete``, ``rollout``, ``models``,
+``login``, ``tokens``, ``nodes``) talk to the REST API; process commands (``server``, ``worker``,
 ``beat``, ``db``, ``demo``) run a part of the control plane."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import typer
 from controller import __version__
 from controller.cli import access
 from controller.cli.apply import apply_manifests
+from controller.cli.delete import delete_app
 from controller.cli.describe import describe_app
 from controller.cli.events import events
 from controller.cli.get import get_app
@@ -35,6 +36,7 @@ app.add_typer(db_app, name="db")
 app.command("apply")(apply_manifests)
 app.add_typer(get_app, name="get")
 app.add_typer(describe_app, name="describe")
+app.add_typer(delete_app, name="delete")
 app.command("events")(events)
 app.add_typer(rollout_app, name="rollout")
 app.command("login")(access.login)

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from controller.db.models import Rollout, Wave
+from controller.db.models import Event, Rollout, Wave
 from controller.db.session import session_scope
 from controller.rollouts import commands, reconciler
 from controller.rollouts import repository as rollout_repo
@@ -28,6 +28,7 @@ from controller.rollouts import service as rollout_service
 from controller.rollouts.spec import RolloutManifest
 from controller.schedules.windows import TIMEZONE_LABEL
 from controller.settings import Settings
+from tests.conftest import bearer
 from tests.rollouts.helpers import (
     apply,
     cluster_doc,
@@ -499,6 +500,38 @@ def test_freeze_routes_declare_and_check_their_callers(
     assert resp.status_code == 422
     assert resp.json()["detail"][0]["loc"][-1] == "duration"
     assert client.get("/v1/freezes/none").status_code == 404
+
+
+def test_deleting_a_freeze_lets_the_nodes_it_held_start(
+    sites: TestClient, settings: Settings
+) -> None:
+    """DELETE /v1/freezes/{name}: an operator's, audited, 404 for an unknown name; the
+    rollout it held starts its nodes at its next step."""
+    freeze = {"name": "hold", "start": T0.isoformat(), "end": (T0 + timedelta(days=2)).isoformat()}
+    assert sites.post("/v1/freezes", json=freeze).status_code == 201
+    doc = scheduled("held", {"timeZone": "UTC"}, strategy={"steps": [{"percent": 100}]})
+    assert apply(sites, doc).status_code == 200
+    assert not run("held", settings, T0, T0 + TICK).started
+
+    viewer = TestClient(sites.app, headers=bearer("viewer"))
+    denied = viewer.delete("/v1/freezes/hold")
+    assert denied.status_code == 403
+    assert "needs operator" in denied.json()["detail"]
+    operator = TestClient(sites.app, headers=bearer("operator"))
+    assert operator.delete("/v1/freezes/none").status_code == 404
+    resp = operator.delete("/v1/freezes/hold")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["name"] == "hold"
+    assert sites.get("/v1/freezes/hold").status_code == 404
+    assert operator.delete("/v1/freezes/hold").status_code == 404
+    with session_scope() as s:
+        [deleted] = s.scalars(
+            select(Event).where(Event.object_kind == "FreezePeriod", Event.reason == "Deleted")
+        ).all()
+        assert (deleted.object_name, deleted.actor) == ("hold", "token:test-operator")
+
+    seen = run("held", settings, T0 + 2 * TICK, T0 + 2 * TICK)
+    assert set(seen.started.values()) == {T0 + 2 * TICK}
 
 
 def test_a_retried_rollout_reads_its_schedule_afresh(
