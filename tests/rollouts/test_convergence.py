@@ -47,8 +47,6 @@ AWAY = "paris-n1"  # the node that is offline while the rollout runs
 KEY = f"paris/{AWAY}"
 # One wave of every node; one offline node may be deferred.
 ONE_WAVE = {"strategy": {"steps": [{"percent": 100}], "maxUnavailable": "100%", "maxDeferred": 1}}
-# While converging, a node runs the new version in state Applying: its agent reports it.
-CONVERGING = ("Applying", "Running", "Healthy")
 
 
 @pytest.fixture
@@ -172,7 +170,7 @@ def test_a_node_offline_across_a_rollout_converges_with_its_health_evidence(
     assert node_states("d2")[AWAY] == "Applying"
     assert "Converged" not in reasons("d2")
 
-    report(states=CONVERGING)  # its agent reports 2.0.0 within the gates
+    report()  # its agent reports 2.0.0 within the gates
     assert step("d2", settings) == "Succeeded"
     assert node_states("d2")[AWAY] == "Healthy"
     assert assignment(AWAY) == ("Healthy", "2.0.0", "1.0.0")
@@ -272,7 +270,7 @@ def test_a_node_back_after_a_later_rollout_ended_converges_to_the_later_one(
     assert rollout_id("d3") in work_left()
     assert rollout_id("d2") not in work_left()
     step("d3", settings)
-    report(states=CONVERGING)
+    report()
     step("d3", settings)
     assert node_states("d3")[AWAY] == "Healthy"
     assert set(running_versions(settings, CLUSTERS).values()) == {"3.0.0"}
@@ -291,7 +289,7 @@ def test_a_node_back_that_fails_its_health_check_is_reverted(
     assert step("d2", settings) == "Succeeded"
     assert running_versions(settings, CLUSTERS)[AWAY] == "2.0.0"
     if failure == "unhealthy":
-        report(lambda n: (400.0 if n == KEY else 12.0, 0), states=CONVERGING)
+        report(lambda n: (400.0 if n == KEY else 12.0, 0))
         assert step("d2", settings) == "Succeeded"
         why = "health check failed: p95 400.0 ms > 40.0 ms"
     else:  # its agent beats but reports no inference: the progress deadline (15m)
@@ -323,7 +321,7 @@ def test_a_revert_the_cluster_refuses_is_retried_until_it_lands(
     succeeded_without(fleet, settings, "d2", "2.0.0")
     come_back()
     step("d2", settings)
-    report(lambda n: (400.0, 0), states=CONVERGING)
+    report(lambda n: (400.0, 0))
     faults.apply["paris"] = transient()
     assert step("d2", settings) == "Succeeded"
     # Not recorded as reverted while it still runs 2.0.0: still on its way, retried.
@@ -356,7 +354,7 @@ def test_a_step_that_dies_after_the_push_loses_nothing_and_repeats_nothing(
     assert rollout_id("d2") in work_left()
     # The next step pushes again (the same objects) and records each move once.
     assert step("d2", settings) == "Succeeded"
-    report(states=CONVERGING)
+    report()
     assert step("d2", settings) == "Succeeded"
     after = reasons("d2")[len(before) :]
     assert after == ["NodeBack", "Converging", "Converged"]
