@@ -9,7 +9,7 @@ from controller import faults
 from controller.db.models import AssignmentState, Rollout, RolloutPhase, WavePhase
 from controller.errors import Conflict, NotFound
 from controller.rollouts import repository as repo
-from controller.rollouts.reconciler import queue_step
+from controller.rollouts.reconciler import queue_step, reverting_left
 from controller.rollouts.state import ACTIVE_PHASES, advance_wave, move, transition
 
 P, A = RolloutPhase, AssignmentState
@@ -73,10 +73,13 @@ def command(session: Session, name: str, action: str) -> Rollout:
                 f"rollout {name} is {rollout.phase}: only Failed, RolledBack or Aborted "
                 "rollouts can be retried"
             )
+        # Nodes still on their way back: a retry now would start over on nodes whose
+        # revert is not seen yet. An offline node's revert (pushed, seen once it is
+        # back) and one that failed on its previous version hold nothing up.
         reverting = [
             r.key
             for r in repo.rows_of(session, rollout.id)
-            if rollout.phase != P.FAILED and r.assignment.state != A.ROLLED_BACK
+            if rollout.phase != P.FAILED and reverting_left(r)
         ]
         if reverting:
             raise Conflict(

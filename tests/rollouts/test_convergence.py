@@ -336,6 +336,123 @@ def test_a_revert_the_cluster_refuses_is_retried_until_it_lands(
     assert reasons("d2").count("ConvergenceFailed") == 1
 
 
+# ---------------------------------------------------------------- rollbacks, verified
+
+
+def rolled_back_with(
+    fleet: TestClient, settings: Settings, faults: Faults, before_gate: Any = None
+) -> None:
+    """d2 (2.0.0) reaches every node, its gate fails and it rolls back; ``before_gate``
+    runs just before the failing step (a node goes offline, a cluster acts up)."""
+    apply(fleet, rollout_doc("d2", "2.0.0", **ONE_WAVE))
+    assert step("d2", settings) == "Progressing"
+    assert set(running_versions(settings, CLUSTERS).values()) == {"2.0.0"}
+    report(lambda n: (400.0, 0))
+    if before_gate is not None:
+        before_gate()
+    assert step("d2", settings) == "RolledBack"
+
+
+def message(fleet: TestClient, name: str) -> str:
+    text = fleet.get(f"/v1/rollouts/{name}").json()["message"]
+    assert isinstance(text, str)
+    return text
+
+
+def test_a_rollback_ends_only_when_every_node_is_seen_on_its_previous_version(
+    fleet: TestClient, settings: Settings, faults: Faults
+) -> None:
+    """paris-n0's previous version does not come up at once (a handover in progress):
+    the node stays Reverting and the rollout keeps stepping, says so, and counts it
+    pending, until its cluster shows 1.0.0 Ready there."""
+    rolled_back_with(fleet, settings, faults, lambda: faults.stuck.add("paris-n0"))
+    rid = rollout_id("d2")
+    states = node_states("d2")
+    assert states.pop("paris-n0") == "Reverting"
+    assert set(states.values()) == {"RolledBack"}
+    assert pending(fleet, "d2") == 1
+    assert "RolledBack (1 pending)" in table_text(fleet)
+    assert message(fleet, "d2") == "reverting: 1 node(s) not yet seen on their previous version"
+    assert rid in work_left()  # beat's tick steps it too
+    assert "RollbackComplete" not in reasons("d2")
+    assert step("d2", settings) == "RolledBack"
+    assert node_states("d2")["paris-n0"] == "Reverting"
+
+    faults.stuck.clear()
+    assert step("d2", settings) == "RolledBack"
+    assert set(node_states("d2").values()) == {"RolledBack"}
+    assert assignment("paris-n0") == ("RolledBack", "1.0.0", "1.0.0")
+    assert pending(fleet, "d2") == 0
+    assert rid not in work_left()
+    assert message(fleet, "d2") == "every node the rollout touched runs its previous version again"
+    events = rollout_events("d2")
+    assert [r for r, _ in events][-2:] == ["RolledBack", "RollbackComplete"]
+    assert events[-2][1]["nodes"] == ["paris/paris-n0"]
+    assert events[-2][1]["from"] == {"Reverting": 1}
+    assert events[-2][1]["versions"] == {"paris/paris-n0": "1.0.0"}
+    assert step("d2", settings) == "RolledBack"
+    assert rollout_events("d2") == events  # nothing more to do, nothing more said
+
+
+def test_a_node_offline_during_a_rollback_is_verified_once_it_is_back(
+    fleet: TestClient, settings: Settings, faults: Faults
+) -> None:
+    rolled_back_with(fleet, settings, faults, lambda: go_offline(settings))
+    rid = rollout_id("d2")
+    assert node_states("d2")[AWAY] == "Reverting"
+    assert pending(fleet, "d2") == 1
+    assert message(fleet, "d2") == (
+        "every node the rollout touched runs its previous version again, except 1 offline "
+        "node(s) reverted once they are back"
+    )
+    [(_, complete)] = [(r, d) for r, d in rollout_events("d2") if r == "RollbackComplete"]
+    assert complete["offline"] == [KEY]
+    detail = fleet.get("/v1/rollouts/d2").json()
+    # Nothing to step while it is away; a retry need not wait for it.
+    assert rid not in work_left()
+    before = rollout_events("d2")
+    assert step("d2", settings) == "RolledBack"
+    assert rollout_events("d2") == before
+    assert detail["states"] == {"RolledBack": 3, "Reverting": 1}
+
+    come_back()
+    assert rid in work_left()
+    assert step("d2", settings) == "RolledBack"
+    assert assignment(AWAY) == ("RolledBack", "1.0.0", "1.0.0")
+    assert pending(fleet, "d2") == 0
+    assert set(running_versions(settings, CLUSTERS).values()) == {"1.0.0"}
+    completions = [d for r, d in rollout_events("d2") if r == "RollbackComplete"]
+    assert [d["offline"] for d in completions] == [[KEY], []]
+    assert rid not in work_left()
+
+
+def test_a_node_whose_previous_version_fails_after_the_revert_is_failed_saying_why(
+    fleet: TestClient, settings: Settings, faults: Faults
+) -> None:
+    rolled_back_with(fleet, settings, faults, lambda: faults.failing.update({AWAY: "OOMKilled"}))
+    why = "its previous version 1.0.0 failed (OOMKilled) after the revert; it stays there"
+    assert assignment(AWAY) == ("Failed", "1.0.0", "1.0.0")
+    [(_, failed)] = [(r, d) for r, d in rollout_events("d2") if r == "RevertFailed"]
+    assert failed["nodes"] == [KEY]
+    assert failed["reasons"] == {str(failed_id(AWAY)): why}
+    [(_, complete)] = [(r, d) for r, d in rollout_events("d2") if r == "RollbackComplete"]
+    assert complete["failed"] == {KEY: why}
+    assert message(fleet, "d2").endswith("except 1 node(s) failing on their previous version")
+    assert pending(fleet, "d2") == 0
+    assert rollout_id("d2") not in work_left()
+    # Nothing is left reverting: a retry may start over.
+    assert fleet.post("/v1/rollouts/d2/retry").status_code == 202
+
+
+def failed_id(node: str) -> int:
+    with session_scope() as s:
+        found = s.scalar(
+            select(Assignment.id).join(Node, Node.id == Assignment.node_id).where(Node.name == node)
+        )
+        assert found is not None
+        return found
+
+
 # ---------------------------------------------------------------- crash in the middle
 
 
