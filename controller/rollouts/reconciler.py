@@ -77,15 +77,18 @@ def _follow_up(
     net for a lost one). Half an interval of slack: a follow-up runs at its ETA, a
     little late or early, and two chains due closer than that merge at their next step.
     ``wake``: nothing is worth doing before then (a rollout waiting for its maintenance
-    window), so the follow-up is queued for then rather than every interval."""
+    window), so the follow-up is queued for then rather than every interval. A follow-up
+    queued for later than this step wants one (for the end of a freeze since deleted, a
+    window since moved) does not count: a new chain starts now, and the late message
+    merges into it when it runs."""
     if celery_app.conf.task_always_eager:
         return  # in-process: the ticker drives follow-ups (see queue_step)
     interval = settings.reconcile_interval_s
-    if rollout.next_step_at is not None and rollout.next_step_at > now + timedelta(
-        seconds=interval / 2
-    ):
-        return
     delay = interval if wake is None else max(interval, (wake - now).total_seconds())
+    slack = timedelta(seconds=interval / 2)
+    due = rollout.next_step_at
+    if due is not None and now + slack < due <= now + timedelta(seconds=delay) + slack:
+        return
     rollout.next_step_at = now + timedelta(seconds=delay)
     queue_step(session, rollout.id, countdown=delay)
 
