@@ -52,6 +52,8 @@ P, A = RolloutPhase, AssignmentState
 # How a rollout's message begins while it waits for a maintenance window.
 WAITING = "waiting for a maintenance window"
 _OFFLINE = (NodeHealth.OFFLINE, NodeHealth.STALE, NodeHealth.NOT_READY)
+# The message of a reverted node that is offline (Step._verify_reverted).
+_OFFLINE_NOTE = "node offline: its previous version is pushed and is verified once it is back"
 
 
 def queue_step(session: Session, rollout_id: int, *, countdown: float | None = None) -> None:
@@ -691,9 +693,7 @@ class Step:
         last heard of it proves nothing). True when any row moved."""
         offline = [r for r in rows if r.node.health in _OFFLINE]
         for r in offline:
-            r.assignment.message = (
-                "node offline: its previous version is pushed and is verified once it is back"
-            )
+            r.assignment.message = _OFFLINE_NOTE
         back: list[Row] = []
         failed: dict[int, str] = {}
         for r, obs in self.observations([r for r in rows if r not in offline]):
@@ -712,7 +712,8 @@ class Step:
                 )
         for r in back:
             r.assignment.observed_version_id = r.assignment.previous_version_id
-            r.assignment.message = None
+            if r.assignment.message == _OFFLINE_NOTE:
+                r.assignment.message = None
         self.moved(back, A.ROLLED_BACK, "RolledBack", data=self._previous_of(back))
         broken = [r for r in rows if r.assignment.id in failed]
         self.moved(broken, A.FAILED, "RevertFailed", failed, data=self._previous_of(broken))
@@ -808,6 +809,12 @@ class Convergence(Step):
 
     def converge(self) -> None:
         rows = self.rows
+        # Reverted earlier and not seen back yet: told again (idempotent), seen below.
+        self.push(
+            self.in_state(rows, A.REVERTING),
+            lambda r: r.assignment.previous_version_id,
+            count_transient=True,
+        )
         back = [r for r in self.in_state(rows, A.DEFERRED) if r.node.health == NodeHealth.READY]
         self.moved(back, A.PENDING, "NodeBack", data=self._versions_of(back))
         away = [r for r in self.in_state(rows, A.PENDING) if r.node.health in _OFFLINE]
@@ -825,6 +832,7 @@ class Convergence(Step):
         healthy = self._judge_converging(applying, seen, failed)
         self.moved(healthy, A.HEALTHY, "Converged", data=self._versions_of(healthy))
         self._revert_converging([r for r in applying if r.assignment.id in failed], failed)
+        self._verify_reverted(self.in_state(rows, A.REVERTING))
 
     def _versions_of(self, rows: Iterable[Row]) -> dict[str, Any]:
         """The version each node moves to, for its Event (as many as it lists nodes)."""
@@ -901,8 +909,9 @@ class Convergence(Step):
         return healthy
 
     def _revert_converging(self, rows: list[Row], why: dict[int, str]) -> None:
-        """Back to the previous version; recorded only where the cluster took it, the
-        others stay Applying and are reverted again next step (never left half-way)."""
+        """Back to the previous version: Reverting where the cluster took it (RolledBack
+        once seen there, as in a rollback: Step.revert), the others stay Applying and
+        are reverted again next step (never left half-way)."""
         refused = {
             r.assignment.id
             for r in self.push(
@@ -912,11 +921,10 @@ class Convergence(Step):
         done = [r for r in rows if r.assignment.id not in refused]
         for r in done:
             r.assignment.desired_version_id = r.assignment.previous_version_id
-            r.assignment.observed_version_id = r.assignment.previous_version_id
         previous = {r.key: self._version_name(r.assignment.previous_version_id) for r in done[:500]}
         self.moved(
             done,
-            A.ROLLED_BACK,
+            A.REVERTING,
             "ConvergenceFailed",
             {r.assignment.id: f"{why[r.assignment.id]}; reverted" for r in done},
             data={
@@ -978,10 +986,14 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
             rollout.phase == P.PROGRESSING
             or (rollout.phase in (P.ROLLED_BACK, P.ABORTED) and any(map(reverting_left, step.rows)))
             or (
-                # Nodes back and on their way; the offline ones wait for beat's tick
-                # (repository.to_reconcile finds them once they are back).
+                # Nodes back and on their way (or on their way back); the offline ones
+                # wait for beat's tick (repository.to_reconcile finds them once back).
                 isinstance(step, Convergence)
-                and any(r.assignment.state in (A.PENDING, A.APPLYING) for r in step.rows)
+                and any(
+                    r.assignment.state in (A.PENDING, A.APPLYING)
+                    or (r.assignment.state == A.REVERTING and r.node.health not in _OFFLINE)
+                    for r in step.rows
+                )
             )
         ):
             _follow_up(session, rollout, settings, step.now, wake=step.wake_at())

@@ -210,7 +210,9 @@ def _converging() -> Select[int]:
             or_(
                 Assignment.state.in_(_ON_THEIR_WAY),
                 and_(
-                    Assignment.state == AssignmentState.DEFERRED,
+                    # Offline while it ran and back now; or one that failed its check,
+                    # on its way back to its previous version and reachable.
+                    Assignment.state.in_([AssignmentState.DEFERRED, AssignmentState.REVERTING]),
                     Node.health == NodeHealth.READY,
                 ),
             ),

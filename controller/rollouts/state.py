@@ -38,7 +38,7 @@ ASSIGNMENT_TRANSITIONS: dict[str, set[str]] = {
     # Applying -> Healthy: a node converging after its rollout ended (it was offline while
     # the rollout ran) counts as done only once its health check passed (reconciler.py
     # Step.converge); it has no wave left to bake in, so it does not rest in Running.
-    A.APPLYING: {A.RUNNING, A.HEALTHY, A.FAILED, A.REVERTING, A.ROLLED_BACK},
+    A.APPLYING: {A.RUNNING, A.HEALTHY, A.FAILED, A.REVERTING},
     A.RUNNING: {A.HEALTHY, A.FAILED, A.REVERTING},
     A.HEALTHY: {A.RUNNING, A.FAILED, A.REVERTING},
     A.FAILED: {A.REVERTING, A.PENDING},

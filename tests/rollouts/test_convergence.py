@@ -336,6 +336,30 @@ def test_a_revert_the_cluster_refuses_is_retried_until_it_lands(
     assert reasons("d2").count("ConvergenceFailed") == 1
 
 
+def test_a_converging_node_reverted_is_back_only_once_seen_on_its_previous_version(
+    fleet: TestClient, settings: Settings, faults: Faults
+) -> None:
+    """Its workload never comes up (neither 2.0.0 nor, at first, 1.0.0): past the
+    progress deadline it is reverted, and Reverting until 1.0.0 is seen there."""
+    succeeded_without(fleet, settings, "d2", "2.0.0")
+    come_back()
+    faults.stuck.add(AWAY)
+    assert step("d2", settings) == "Succeeded"
+    later = utcnow() + timedelta(minutes=16)  # past the progress deadline (15m)
+    assert step("d2", settings, now=later) == "Succeeded"
+    assert node_states("d2")[AWAY] == "Reverting"
+    assert "ConvergenceFailed" in reasons("d2")
+    assert rollout_id("d2") in work_left()  # stepped on until it is seen back
+    assert step("d2", settings, now=later) == "Succeeded"
+    assert node_states("d2")[AWAY] == "Reverting"
+    faults.stuck.clear()
+    assert step("d2", settings, now=later) == "Succeeded"
+    assert assignment(AWAY) == ("RolledBack", "1.0.0", "1.0.0")
+    assert rollout_id("d2") not in work_left()
+    [(_, back)] = [(r, d) for r, d in rollout_events("d2") if r == "RolledBack"]
+    assert (back["nodes"], back["from"]) == ([KEY], {"Reverting": 1})
+
+
 # ---------------------------------------------------------------- rollbacks, verified
 
 
