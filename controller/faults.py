@@ -55,7 +55,8 @@ Points, in the order a rollout meets them (``(c)`` marks a point after the commi
     rollout.rolling_back        -> RolledBack recorded, nothing reverted on the clusters
     rollout.revert.pushed       revert (rollback, abort, undo): the clusters told to run
                                 the previous versions, nothing recorded
-    rollout.revert.recorded     revert: nodes recorded RolledBack, not committed
+    rollout.revert.recorded     revert: nodes recorded Reverting, and RolledBack where
+                                seen back, not committed
     rollout.converge.pushed     a Succeeded rollout's nodes back from offline: the
                                 clusters told to run their version, nothing recorded
     rollout.step.committed      (c) the step committed, its follow-up step not sent

@@ -29,7 +29,11 @@ class RunningWorkload:
         return f"{self.cluster}/{self.node}"
 
 
-LIVE_STATES = (AssignmentState.RUNNING, AssignmentState.HEALTHY)
+# The nodes whose workload the controller set going, as their agents see them: a real
+# agent reports whatever runs on its node, also while the controller still counts the
+# node Applying (a node converging after its rollout ended waits there for its health
+# check, and its evidence is these reports).
+LIVE_STATES = (AssignmentState.APPLYING, AssignmentState.RUNNING, AssignmentState.HEALTHY)
 
 
 def report_running(
@@ -40,7 +44,9 @@ def report_running(
 ) -> int:
     """Stand in for the node agents: one heartbeat per node running a workload (with the
     numbers ``metrics_for`` gives it), ingested exactly as the agents' are. The demo, the
-    tests and the fleet bench report through here."""
+    tests and the fleet bench report through here. Each node reports the version the
+    controller last observed on it (Assignment.observed_version_id): a node Applying
+    whose new version is not up yet still runs, and reports, its previous one."""
     with session_scope() as s:
         rows = s.execute(
             select(Node.name, Node.architecture, Cluster.name, Model.name, ModelVersion)

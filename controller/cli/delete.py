@@ -1,6 +1,7 @@
 """``edgefleet delete KIND/NAME...`` and ``delete -f FILE``: what ``kubectl delete`` does,
-for rollouts, model versions and clusters. The server refuses what is still in use (409,
-naming it); a prompt asks first unless ``--yes`` (required when stdin is no terminal)."""
+for rollouts, model versions, clusters and freeze periods. The server refuses what is
+still in use (409, naming it); a prompt asks first unless ``--yes`` (required when stdin
+is no terminal)."""
 
 from __future__ import annotations
 
@@ -23,28 +24,32 @@ KINDS = {
     "modelversion": "ModelVersion",
     "cluster": "Cluster",
     "clusters": "Cluster",
+    "freeze": "FreezePeriod",
+    "freezes": "FreezePeriod",
+    "freezeperiod": "FreezePeriod",
 }
+# The kinds named by metadata.name (a ModelVersion is named by spec.model and spec.version).
+NAMED = {"Rollout": "rollouts", "Cluster": "clusters", "FreezePeriod": "freezes"}
 
 
 def _path(kind: str, name: str) -> str:
-    if kind == "Rollout":
-        return f"/v1/rollouts/{quote(name, safe='')}"
-    if kind == "Cluster":
-        return f"/v1/clusters/{quote(name, safe='')}"
+    if kind in NAMED:
+        return f"/v1/{NAMED[kind]}/{quote(name, safe='')}"
     model, _, version = name.partition(":")
     return f"/v1/models/{quote(model, safe='')}/versions/{quote(version, safe='')}"
 
 
 def parse_target(target: str) -> tuple[str, str]:
-    """``rollout/NAME``, ``model/MODEL:VERSION``, ``cluster/NAME`` -> (kind, name)."""
+    """``rollout/NAME``, ``model/MODEL:VERSION``, ``cluster/NAME``, ``freeze/NAME`` ->
+    (kind, name)."""
     kind, sep, name = target.partition("/")
     kind = KINDS.get(kind.lower(), "")
     model, colon, version = name.partition(":")
     whole = bool(model and colon and version)
     if not sep or not kind or not name or (kind == "ModelVersion" and not whole):
         raise client_error(
-            f"{target!r} is not KIND/NAME: KIND is rollout, model or cluster "
-            "(e.g. rollout/detector-1-2, model/detector:1.2.0, cluster/berlin)"
+            f"{target!r} is not KIND/NAME: KIND is rollout, model, cluster or freeze "
+            "(e.g. rollout/detector-1-2, model/detector:1.2.0, cluster/berlin, freeze/xmas)"
         )
     return kind, name
 
@@ -52,21 +57,23 @@ def parse_target(target: str) -> tuple[str, str]:
 def _from_document(doc: Any, index: int) -> tuple[str, str]:
     if isinstance(doc, dict):
         kind, meta, spec = doc.get("kind"), doc.get("metadata"), doc.get("spec")
-        if kind in ("Rollout", "Cluster") and isinstance(meta, dict) and meta.get("name"):
+        if kind in NAMED and isinstance(meta, dict) and meta.get("name"):
             return kind, str(meta["name"])
         named = isinstance(spec, dict) and spec.get("model") and spec.get("version")
         if kind == "ModelVersion" and isinstance(spec, dict) and named:
             return kind, f"{spec['model']}:{spec['version']}"
     raise client_error(
-        f"document {index} names no Rollout or Cluster (metadata.name) or ModelVersion "
-        "(spec.model, spec.version)"
+        f"document {index} names no Rollout, Cluster or FreezePeriod (metadata.name) or "
+        "ModelVersion (spec.model, spec.version)"
     )
 
 
 def delete(
     targets: Annotated[
         list[str] | None,
-        typer.Argument(help="KIND/NAME: rollout/NAME, model/MODEL:VERSION, cluster/NAME."),
+        typer.Argument(
+            help="KIND/NAME: rollout/NAME, model/MODEL:VERSION, cluster/NAME, freeze/NAME."
+        ),
     ] = None,
     filename: Annotated[
         list[str] | None,
@@ -78,10 +85,11 @@ def delete(
     output: OutputOpt = Output.table,
     api_url: ApiUrl = None,
 ) -> None:
-    """Delete rollouts, model versions and clusters that nothing uses.
+    """Delete rollouts, model versions and clusters that nothing uses, and freeze periods.
 
     A rollout once it is over; a model version no rollout and no node uses; a cluster
-    whose nodes run nothing. A manifest's objects are deleted last first: its rollouts
+    whose nodes run nothing; a freeze period at any time (the rollouts it held start
+    their nodes from their next step on). A manifest's objects are deleted last first: its rollouts
     before the versions they ship, before their clusters."""
     wanted = [parse_target(t) for t in targets or []]
     if filename:

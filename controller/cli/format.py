@@ -20,6 +20,7 @@ PHASE_STYLE = {
     "Pending": "white",
     "Paused": "yellow",
     "Deferred": "yellow",
+    "Reverting": "magenta",
     "Failed": "red",
     "RolledBack": "red",
     "Aborted": "red",

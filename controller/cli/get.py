@@ -72,7 +72,8 @@ def _listing(
 
 def _phase(r: dict[str, Any]) -> Text:
     """The phase, and for a Succeeded rollout with nodes that were offline while it ran
-    and have not yet converged, how many: ``Succeeded (2 pending)``."""
+    and have not yet converged, how many: ``Succeeded (2 pending)``; for a RolledBack
+    one, its nodes not yet seen back on their previous version: ``RolledBack (1 pending)``."""
     text = styled(r["phase"])
     pending = int((r.get("status") or {}).get("pending") or 0)
     if pending:

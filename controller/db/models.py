@@ -71,6 +71,8 @@ class AssignmentState(StrEnum):
     HEALTHY = "Healthy"
     FAILED = "Failed"
     DEFERRED = "Deferred"
+    # Told to return to its previous version, not yet seen running it (a revert).
+    REVERTING = "Reverting"
     ROLLED_BACK = "RolledBack"
 
 

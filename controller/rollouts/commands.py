@@ -9,7 +9,7 @@ from controller import faults
 from controller.db.models import AssignmentState, Rollout, RolloutPhase, WavePhase
 from controller.errors import Conflict, NotFound
 from controller.rollouts import repository as repo
-from controller.rollouts.reconciler import queue_step
+from controller.rollouts.reconciler import queue_step, reverting_left
 from controller.rollouts.state import ACTIVE_PHASES, advance_wave, move, transition
 
 P, A = RolloutPhase, AssignmentState
@@ -73,10 +73,13 @@ def command(session: Session, name: str, action: str) -> Rollout:
                 f"rollout {name} is {rollout.phase}: only Failed, RolledBack or Aborted "
                 "rollouts can be retried"
             )
+        # Nodes still on their way back: a retry now would start over on nodes whose
+        # revert is not seen yet. An offline node's revert (pushed, seen once it is
+        # back) and one that failed on its previous version hold nothing up.
         reverting = [
             r.key
             for r in repo.rows_of(session, rollout.id)
-            if rollout.phase != P.FAILED and r.assignment.state != A.ROLLED_BACK
+            if rollout.phase != P.FAILED and reverting_left(r)
         ]
         if reverting:
             raise Conflict(
@@ -101,6 +104,10 @@ def _reset_for_retry(session: Session, rollout: Rollout) -> None:
         wave.started_at = wave.baked_at = wave.finished_at = None
     rollout.current_wave = 0
     rollout.started_at = rollout.finished_at = None
+    # A retry starts over: its schedule is read afresh (no windows that came and went
+    # since the last try to catch up on), and no follow-up of the last try holds back
+    # the new chain of steps.
+    rollout.schedule_evaluated_at = rollout.next_step_at = None
     retry = [(r.assignment, r.key) for r in rows if r.assignment.state != A.PENDING]
     move(session, rollout, retry, A.PENDING, reason="Retried")
     for r in rows:

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 P, A = RolloutPhase, AssignmentState
 # How a rollout's message begins while it waits for a maintenance window.
 WAITING = "waiting for a maintenance window"
+_OFFLINE = (NodeHealth.OFFLINE, NodeHealth.STALE, NodeHealth.NOT_READY)
+# The message of a reverted node that is offline (Step._verify_reverted).
+_OFFLINE_NOTE = "node offline: its previous version is pushed and is verified once it is back"
 
 
 def queue_step(session: Session, rollout_id: int, *, countdown: float | None = None) -> None:
@@ -76,15 +79,18 @@ def _follow_up(
     net for a lost one). Half an interval of slack: a follow-up runs at its ETA, a
     little late or early, and two chains due closer than that merge at their next step.
     ``wake``: nothing is worth doing before then (a rollout waiting for its maintenance
-    window), so the follow-up is queued for then rather than every interval."""
+    window), so the follow-up is queued for then rather than every interval. A follow-up
+    queued for later than this step wants one (for the end of a freeze since deleted, a
+    window since moved) does not count: a new chain starts now, and the late message
+    merges into it when it runs."""
     if celery_app.conf.task_always_eager:
         return  # in-process: the ticker drives follow-ups (see queue_step)
     interval = settings.reconcile_interval_s
-    if rollout.next_step_at is not None and rollout.next_step_at > now + timedelta(
-        seconds=interval / 2
-    ):
-        return
     delay = interval if wake is None else max(interval, (wake - now).total_seconds())
+    slack = timedelta(seconds=interval / 2)
+    due = rollout.next_step_at
+    if due is not None and now + slack < due <= now + timedelta(seconds=delay) + slack:
+        return
     rollout.next_step_at = now + timedelta(seconds=delay)
     queue_step(session, rollout.id, countdown=delay)
 
@@ -268,9 +274,8 @@ class Step:
         return len(self.r.waves)
 
     def defer_offline(self, opened: list[Row]) -> None:
-        offline = (NodeHealth.OFFLINE, NodeHealth.STALE, NodeHealth.NOT_READY)
         self.moved(
-            [r for r in self.in_state(opened, A.PENDING) if r.node.health in offline],
+            [r for r in self.in_state(opened, A.PENDING) if r.node.health in _OFFLINE],
             A.DEFERRED,
             "NodeOffline",
         )
@@ -650,24 +655,137 @@ class Step:
     # -- reverting (rollback, abort, undo)
 
     def revert(self) -> None:
+        """Every node the rollout touched goes back to its previous version, and counts
+        as back (RolledBack) only once its cluster shows that version Ready there (or,
+        where the node ran none, no workload): until then it is Reverting, pushed again
+        and observed at every step, so the bad version serves nowhere longer than the
+        handover takes, not until drift repair. A node the rollout never touched still
+        runs its previous version: it is released at once. An offline node stays
+        Reverting (status.pending counts it) until it is back and seen; a node whose
+        previous version fails there is Failed, saying why, and nothing more is tried."""
         rows = [r for r in self.rows if r.assignment.state != A.ROLLED_BACK]
-        untouched = self.in_state(rows, A.PENDING, A.DEFERRED)
-        touched = [r for r in rows if r not in untouched]
+        untouched = [r for r in rows if _never_touched(r)]
+        targets = [r for r in rows if r not in untouched and not revert_failed(r)]
         refused = self.push(
-            touched, lambda r: r.assignment.previous_version_id, count_transient=True
+            targets, lambda r: r.assignment.previous_version_id, count_transient=True
         )
         faults.point("rollout.revert.pushed")
-        done = [r for r in touched if r not in refused]
-        for r in done:
+        self.moved(untouched, A.ROLLED_BACK, "RolledBack")
+        landed = [r for r in targets if r not in refused]
+        for r in landed:
             r.assignment.desired_version_id = r.assignment.previous_version_id
-            r.assignment.observed_version_id = r.assignment.previous_version_id
-        self.moved(untouched + done, A.ROLLED_BACK, "RolledBack")
+        started = [r for r in landed if r.assignment.state != A.REVERTING]
+        self.moved(started, A.REVERTING, "Reverting", data=self._previous_of(started))
+        verified = self._verify_reverted(self.in_state(rows, A.REVERTING))
         faults.point("rollout.revert.recorded")
+        self._say_revert(refused, changed=bool(untouched or verified))
+
+    def _previous_of(self, rows: Iterable[Row]) -> dict[str, Any]:
+        """The version each node returns to (None: it ran none), for its Event."""
+        versions = sorted(
+            (r.key, self._version_name(r.assignment.previous_version_id)) for r in rows
+        )
+        return {"versions": dict(versions[:500])}
+
+    def _verify_reverted(self, rows: list[Row]) -> bool:
+        """Reverting rows seen on their previous version become RolledBack, those whose
+        previous version fails Failed; an offline node is not asked (what its cluster
+        last heard of it proves nothing). True when any row moved."""
+        offline = [r for r in rows if r.node.health in _OFFLINE]
+        for r in offline:
+            r.assignment.message = _OFFLINE_NOTE
+        back: list[Row] = []
+        failed: dict[int, str] = {}
+        for r, obs in self.observations([r for r in rows if r not in offline]):
+            previous = r.assignment.previous_version_id
+            if previous is None:
+                if obs.phase == "Absent":
+                    back.append(r)
+                continue
+            sha = self._version(previous).sha256
+            if obs.phase == "Ready" and obs.sha256 == sha:
+                back.append(r)
+            elif obs.phase == "Failed" and obs.sha256 == sha:
+                failed[r.assignment.id] = (
+                    f"its previous version {self._version(previous).version} failed "
+                    f"({obs.reason or 'failed'}) after the revert; it stays there"
+                )
+        for r in back:
+            r.assignment.observed_version_id = r.assignment.previous_version_id
+            if r.assignment.message == _OFFLINE_NOTE:
+                r.assignment.message = None
+        self.moved(back, A.ROLLED_BACK, "RolledBack", data=self._previous_of(back))
+        broken = [r for r in rows if r.assignment.id in failed]
+        self.moved(broken, A.FAILED, "RevertFailed", failed, data=self._previous_of(broken))
+        return bool(back or broken)
+
+    def _say_revert(self, refused: list[Row], *, changed: bool) -> None:
+        """The rollout's message says how far the revert is; the step that finishes
+        it records ``RollbackComplete`` (with the nodes still offline or failed)."""
+        rows = self.rows
+        offline = [r for r in self.in_state(rows, A.REVERTING) if r.node.health in _OFFLINE]
+        failed = [r for r in self.in_state(rows, A.FAILED) if revert_failed(r)]
+        left = [r for r in rows if reverting_left(r)]
         if refused:
             self.r.message = f"revert incomplete: {len(refused)} node(s) not reached yet, retrying"
+            return
+        if left:
+            self.r.message = (
+                f"reverting: {len(left)} node(s) not yet seen on their previous version"
+            )
+            return
+        notes = []
+        if offline:
+            notes.append(f"{len(offline)} offline node(s) reverted once they are back")
+        if failed:
+            notes.append(f"{len(failed)} node(s) failing on their previous version")
+        message = "every node the rollout touched runs its previous version again" + (
+            f", except {' and '.join(notes)}" if notes else ""
+        )
+        if self.r.message == message or not changed:
+            return
+        self.r.message = message
+        self.event(
+            reason="RollbackComplete",
+            message=message,
+            data={
+                "offline": [r.key for r in offline][:500],
+                "failed": {r.key: r.assignment.message for r in failed[:500]},
+            },
+        )
+
+    def _version(self, version_id: int) -> ModelVersion:
+        if version_id not in self._versions:
+            self._versions.update(repo.versions_by_id(self.s, {version_id}))
+        return self._versions[version_id]
+
+    def _version_name(self, version_id: int | None) -> str | None:
+        """None: the node ran no version of the model before."""
+        return None if version_id is None else self._version(version_id).version
 
 
-_OFFLINE = (NodeHealth.OFFLINE, NodeHealth.STALE, NodeHealth.NOT_READY)
+def _never_touched(row: Row) -> bool:
+    """A node the rollout never told to change (Pending or Deferred, its desired version
+    still its previous one): it runs what it ran before, there is nothing to revert."""
+    a = row.assignment
+    return a.state in (A.PENDING, A.DEFERRED) and a.desired_version_id == a.previous_version_id
+
+
+def revert_failed(row: Row) -> bool:
+    """A node whose revert landed and whose previous version then failed there."""
+    a = row.assignment
+    return a.state == A.FAILED and a.desired_version_id == a.previous_version_id
+
+
+def reverting_left(row: Row) -> bool:
+    """A reverted rollout's node with work left for a step: its revert to push, or to
+    see on a node that is online (repository.to_reconcile says the same in SQL)."""
+    a = row.assignment
+    if a.state == A.ROLLED_BACK or revert_failed(row):
+        return False
+    return not (a.state == A.REVERTING and row.node.health in _OFFLINE)
+
+
 # Assignment.metrics key: when a converging node was told to switch (ISO time). Kept
 # through heartbeats (fleet/service.py OBSERVED_KEYS); its health evidence counts from
 # then and its progress deadline runs from then.
@@ -691,6 +809,12 @@ class Convergence(Step):
 
     def converge(self) -> None:
         rows = self.rows
+        # Reverted earlier and not seen back yet: told again (idempotent), seen below.
+        self.push(
+            self.in_state(rows, A.REVERTING),
+            lambda r: r.assignment.previous_version_id,
+            count_transient=True,
+        )
         back = [r for r in self.in_state(rows, A.DEFERRED) if r.node.health == NodeHealth.READY]
         self.moved(back, A.PENDING, "NodeBack", data=self._versions_of(back))
         away = [r for r in self.in_state(rows, A.PENDING) if r.node.health in _OFFLINE]
@@ -708,6 +832,7 @@ class Convergence(Step):
         healthy = self._judge_converging(applying, seen, failed)
         self.moved(healthy, A.HEALTHY, "Converged", data=self._versions_of(healthy))
         self._revert_converging([r for r in applying if r.assignment.id in failed], failed)
+        self._verify_reverted(self.in_state(rows, A.REVERTING))
 
     def _versions_of(self, rows: Iterable[Row]) -> dict[str, Any]:
         """The version each node moves to, for its Event (as many as it lists nodes)."""
@@ -784,8 +909,9 @@ class Convergence(Step):
         return healthy
 
     def _revert_converging(self, rows: list[Row], why: dict[int, str]) -> None:
-        """Back to the previous version; recorded only where the cluster took it, the
-        others stay Applying and are reverted again next step (never left half-way)."""
+        """Back to the previous version: Reverting where the cluster took it (RolledBack
+        once seen there, as in a rollback: Step.revert), the others stay Applying and
+        are reverted again next step (never left half-way)."""
         refused = {
             r.assignment.id
             for r in self.push(
@@ -795,11 +921,10 @@ class Convergence(Step):
         done = [r for r in rows if r.assignment.id not in refused]
         for r in done:
             r.assignment.desired_version_id = r.assignment.previous_version_id
-            r.assignment.observed_version_id = r.assignment.previous_version_id
         previous = {r.key: self._version_name(r.assignment.previous_version_id) for r in done[:500]}
         self.moved(
             done,
-            A.ROLLED_BACK,
+            A.REVERTING,
             "ConvergenceFailed",
             {r.assignment.id: f"{why[r.assignment.id]}; reverted" for r in done},
             data={
@@ -807,14 +932,6 @@ class Convergence(Step):
                 "why": {r.key: why[r.assignment.id] for r in done[:500]},
             },
         )
-
-    def _version_name(self, version_id: int | None) -> str | None:
-        """None: the node ran no version of the model before."""
-        if version_id is None:
-            return None
-        if version_id not in self._versions:
-            self._versions.update(repo.versions_by_id(self.s, {version_id}))
-        return self._versions[version_id].version
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -867,15 +984,16 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
             step.converge()
         if (
             rollout.phase == P.PROGRESSING
+            or (rollout.phase in (P.ROLLED_BACK, P.ABORTED) and any(map(reverting_left, step.rows)))
             or (
-                rollout.phase in (P.ROLLED_BACK, P.ABORTED)
-                and any(r.assignment.state != A.ROLLED_BACK for r in step.rows)
-            )
-            or (
-                # Nodes back and on their way; the offline ones wait for beat's tick
-                # (repository.to_reconcile finds them once they are back).
+                # Nodes back and on their way (or on their way back); the offline ones
+                # wait for beat's tick (repository.to_reconcile finds them once back).
                 isinstance(step, Convergence)
-                and any(r.assignment.state in (A.PENDING, A.APPLYING) for r in step.rows)
+                and any(
+                    r.assignment.state in (A.PENDING, A.APPLYING)
+                    or (r.assignment.state == A.REVERTING and r.node.health not in _OFFLINE)
+                    for r in step.rows
+                )
             )
         ):
             _follow_up(session, rollout, settings, step.now, wake=step.wake_at())

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Select, and_, delete, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select
 from sqlalchemy.orm import Session, aliased, load_only
 
 from controller.db.arrays import any_of
@@ -167,13 +167,31 @@ def to_reconcile(session: Session) -> Sequence[int]:
     reverting = (
         select(Rollout.id)
         .join(Assignment, Assignment.rollout_id == Rollout.id)
+        .join(Node, Node.id == Assignment.node_id)
         .where(
-            Rollout.phase.in_([RolloutPhase.ROLLED_BACK, RolloutPhase.ABORTED]),
-            Assignment.state != AssignmentState.ROLLED_BACK,
+            Rollout.phase.in_(_REVERTED),
+            _not_back(),
+            # An offline node's revert is seen once it is back: no work until then.
+            or_(Assignment.state != AssignmentState.REVERTING, Node.health == NodeHealth.READY),
         )
         .distinct()
     )
     return session.scalars(progressing.union(reverting, _converging())).all()
+
+
+_REVERTED = (RolloutPhase.ROLLED_BACK, RolloutPhase.ABORTED)
+
+
+def _not_back() -> ColumnElement[bool]:
+    """A reverted rollout's node not yet back on its previous version (reconciler.py
+    reverting_left): neither RolledBack nor Failed there after its revert landed."""
+    return and_(
+        Assignment.state != AssignmentState.ROLLED_BACK,
+        or_(
+            Assignment.state != AssignmentState.FAILED,
+            Assignment.desired_version_id.is_distinct_from(Assignment.previous_version_id),
+        ),
+    )
 
 
 # A Succeeded rollout's nodes still on their way to its version (reconciler.py
@@ -193,7 +211,9 @@ def _converging() -> Select[int]:
             or_(
                 Assignment.state.in_(_ON_THEIR_WAY),
                 and_(
-                    Assignment.state == AssignmentState.DEFERRED,
+                    # Offline while it ran and back now; or one that failed its check,
+                    # on its way back to its previous version and reachable.
+                    Assignment.state.in_([AssignmentState.DEFERRED, AssignmentState.REVERTING]),
                     Node.health == NodeHealth.READY,
                 ),
             ),
@@ -203,8 +223,10 @@ def _converging() -> Select[int]:
 
 
 def pending_counts(session: Session, rollout_ids: Sequence[int]) -> dict[int, int]:
-    """Per Succeeded rollout (by id), its nodes not yet on its version: offline while it
-    ran, or back and converging (status.pending)."""
+    """Per rollout (by id), its nodes not yet where it leaves them (status.pending): of
+    a Succeeded one, not yet on its version (offline while it ran, or back and
+    converging); of a RolledBack or Aborted one, not yet seen back on their previous
+    version (being reverted, or offline until they are back)."""
     if not rollout_ids:
         return {}
     rows = session.execute(
@@ -212,8 +234,13 @@ def pending_counts(session: Session, rollout_ids: Sequence[int]) -> dict[int, in
         .join(Rollout, Rollout.id == Assignment.rollout_id)
         .where(
             Assignment.rollout_id.in_(rollout_ids),
-            Assignment.state.in_(PENDING_STATES),
-            Rollout.phase == RolloutPhase.SUCCEEDED,
+            or_(
+                and_(
+                    Rollout.phase == RolloutPhase.SUCCEEDED,
+                    Assignment.state.in_(PENDING_STATES),
+                ),
+                and_(Rollout.phase.in_(_REVERTED), _not_back()),
+            ),
         )
         .group_by(Assignment.rollout_id)
     )

@@ -41,7 +41,9 @@ class WaveOut(BaseModel):
 
 class RolloutStatus(BaseModel):
     # Nodes a Succeeded rollout has still to bring to its version: offline while it ran,
-    # or back and converging (their health check not passed yet). 0 in other phases.
+    # or back and converging (their health check not passed yet). Of a RolledBack or
+    # Aborted one: nodes not yet seen back on their previous version (being reverted,
+    # or offline: reverted once they are back). 0 in other phases.
     pending: int = 0
 
 

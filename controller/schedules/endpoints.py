@@ -34,3 +34,10 @@ def create_freeze(body: FreezePeriod, session: SessionDep, response: Response) -
     if action != "created":
         response.status_code = status.HTTP_200_OK
     return FreezeOut.of(row)
+
+
+@router.delete("/{name}", response_model=FreezeOut, dependencies=[OPERATOR])
+def delete_freeze(name: str, session: SessionDep) -> FreezeOut:
+    """Delete a freeze period (404 when there is none of that name); returns it as it
+    was. Rollouts it held may start their nodes from their next step on."""
+    return FreezeOut.of(service.delete_freeze(session, name))

@@ -16,6 +16,11 @@ def get_freeze(session: Session, name: str) -> FreezePeriod | None:
     return session.scalar(select(FreezePeriod).where(FreezePeriod.name == name))
 
 
+def delete_freeze(session: Session, row: FreezePeriod) -> None:
+    session.delete(row)
+    session.flush()
+
+
 def list_freezes(session: Session) -> Sequence[FreezePeriod]:
     return session.scalars(select(FreezePeriod).order_by(FreezePeriod.name)).all()
 

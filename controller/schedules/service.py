@@ -89,6 +89,22 @@ def require_freeze(session: Session, name: str) -> FreezeRow:
     return row
 
 
+def delete_freeze(session: Session, name: str) -> FreezeRow:
+    """``DELETE /v1/freezes/{name}``: the freeze holds nothing from the next step of
+    every rollout on (steps read the freezes afresh). Returns the row as it was."""
+    row = require_freeze(session, name)
+    record_event(
+        session,
+        kind=KIND,
+        name=name,
+        reason="Deleted",
+        message=f"deleted (generation {row.generation}); it holds no start any more",
+        data={"spec": row.spec},
+    )
+    repo.delete_freeze(session, row)
+    return row
+
+
 def list_freezes(session: Session) -> Sequence[FreezeRow]:
     return repo.list_freezes(session)
 

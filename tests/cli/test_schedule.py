@@ -95,3 +95,14 @@ def test_schedule_show_set_cancel(api_url: str, tmp_path: Path) -> None:  # noqa
     assert cancelled["schedule"] is None
     result = cli(api_url, "rollout", "schedule", "nightly")
     assert "no schedule" in result.stdout
+
+
+def test_delete_freeze(api_url: str, tmp_path: Path) -> None:  # noqa: F811
+    path = manifests(tmp_path / "fleet")
+    assert cli(api_url, "apply", "-f", str(path)).exit_code == 0
+    result = cli(api_url, "delete", "freeze/new-year", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "freezeperiod.edgefleet.io/new-year deleted" in result.stdout
+    result = cli(api_url, "delete", "freeze/new-year", "--yes")
+    assert result.exit_code == 1
+    assert "freeze period 'new-year' not found" in result.output

@@ -264,6 +264,17 @@ def test_a_rollout_reaches_a_cluster_the_controller_cannot_connect_to(
     assert api.post("/v1/rollouts/v2/undo").status_code == 202
     run_until("v2", settings, site, done="RolledBack")
     eventually(site.settled_on("1.0.0"), what="rolled back to 1.0.0", beat=site.beat)
+    # The rollback is over once the cluster agent reported every node back on 1.0.0.
+
+    def pending() -> int:
+        return int(api.get("/v1/rollouts/v2").json()["status"]["pending"])
+
+    eventually(
+        lambda: pending() == 0,
+        what="every node seen on 1.0.0",
+        beat=lambda: step("v2", settings, site),
+    )
+    assert set(api.get("/v1/rollouts/v2").json()["states"]) == {"RolledBack"}
 
 
 def test_the_cluster_agent_works_with_exactly_the_chart_rbac(

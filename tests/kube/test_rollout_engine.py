@@ -16,8 +16,8 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from controller.db.session import session_scope
-from controller.fleet import service as fleet_service
 from controller.rollouts import reconciler
+from controller.rollouts import repository as rollout_repo
 from controller.settings import Settings
 from tests.kube.controlplane import ControlPlane, make_node
 from tests.kube.kubelet import eventually, finalize_terminating_pods, settle
@@ -131,6 +131,9 @@ def run(
 def test_rollout_and_rollback_on_two_real_clusters(
     client: TestClient, settings: Settings, sites: list[Site]
 ) -> None:
+    def pending(name: str) -> int:
+        return int(client.get(f"/v1/rollouts/{name}").json()["status"]["pending"])
+
     resp = apply(client, *(cluster_manifest(s.name, s.cp, s.ns) for s in sites))
     assert resp.status_code == 200, resp.text
     nodes = client.get("/v1/nodes", params={"limit": 1000}).json()["items"]
@@ -167,7 +170,14 @@ def test_rollout_and_rollback_on_two_real_clusters(
 
     # Undo: the nodes had nothing before v1, so nothing is left, on either cluster.
     assert client.post("/v1/rollouts/v1/undo").status_code == 202
-    assert reconciler.reconcile(rid, settings) == "RolledBack"
+
+    def undo_step() -> None:
+        for site in sites:
+            site.finalize()
+        assert reconciler.reconcile(rid, settings) == "RolledBack"
+
+    # Over once no node shows a workload any more (they ran none before v1).
+    eventually(lambda: pending("v1") == 0, what="v1's nodes seen empty", beat=undo_step)
     for site in sites:
         eventually(site.empty, what=f"{site.name}: no workloads at all", beat=site.finalize)
         assert not site.model_labels()
@@ -183,19 +193,33 @@ def test_rollout_and_rollback_on_two_real_clusters(
     assert apply(client, rollout_doc("v2", "2.0.0", selector=selector)).status_code == 200
     phases = run("v2", settings, sites, metrics=lambda node: (500.0, 0))
     assert phases[-1] == "RolledBack"
+    # The canary was told to go back, and is not back before 1.0.0 is Ready on it: the
+    # rollback is not over, and the rollout says so.
+    detail = client.get("/v1/rollouts/v2").json()
+    assert detail["status"]["pending"] == 1, story(client, "v2")
+    assert detail["states"] == {"Reverting": 1, "RolledBack": 5}
+    rid2 = rollout_id("v2")
+    with session_scope() as s:
+        assert rid2 in rollout_repo.to_reconcile(s)  # beat's tick steps it too
 
-    def beat() -> None:
-        # The revert landed, so the rollout is done; 2.0.0 serves on the canary until
-        # 1.0.0 is Ready there, and drift repair (every minute) retires it after.
+    def revert_step() -> None:
+        # The rollout's own steps finish the revert, no drift repair: each pushes the
+        # previous version again and observes, and the one that sees 1.0.0 Ready ends
+        # the handover, retiring 2.0.0 on the canary.
         for site in sites:
             site.beat()
-        with session_scope() as s:
-            fleet_service.repair_drift(s, settings)
+        assert reconciler.reconcile(rid2, settings) == "RolledBack"
 
+    eventually(lambda: pending("v2") == 0, what="the canary seen on 1.0.0", beat=revert_step)
+    with session_scope() as s:
+        assert rid2 not in rollout_repo.to_reconcile(s)
     for site in sites:
-        eventually(site.settled_on("1.0.0"), what=f"{site.name}: only 1.0.0 left", beat=beat)
+        eventually(
+            site.settled_on("1.0.0"), what=f"{site.name}: only 1.0.0 left", beat=site.finalize
+        )
     events = client.get("/v1/rollouts/v2/events").json()
     assert any(e["reason"] == "GateFailed" for e in events)
+    assert events[0]["reason"] == "RollbackComplete"  # newest first
     # v1 no longer owns the nodes: v2 claimed them. Undo says so instead of doing nothing.
     assert client.get("/v1/rollouts/v1").json()["states"] == {}
     assert client.get("/v1/rollouts/v2").json()["states"] == {"RolledBack": 6}

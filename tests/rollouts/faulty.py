@@ -5,7 +5,7 @@ driver (the reconciler, drift repair) runs the product's own code."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -28,6 +28,7 @@ class Faults:
     apply: dict[str, DriverError] = field(default_factory=dict)
     observe: dict[str, DriverError] = field(default_factory=dict)
     stuck: set[str] = field(default_factory=set)  # nodes whose workload never gets Ready
+    failing: dict[str, str] = field(default_factory=dict)  # node -> why its workload fails
     calls: list[tuple[str, str]] = field(default_factory=list)  # (cluster, "apply"|"observe")
     # Called with (cluster, "apply"|"observe") before every call: to block or count.
     hook: Callable[[str, str], None] | None = None
@@ -58,12 +59,16 @@ class FaultyDriver:
     def observe(self, model: str, nodes: Sequence[str]) -> dict[str, ObservedWorkload]:
         self._call("observe")
         seen = self.inner.observe(model, nodes)
-        return {
-            n: ObservedWorkload("Pending", reason="ContainerCreating")
-            if n in self.faults.stuck and o.phase != "Absent"
-            else o
-            for n, o in seen.items()
-        }
+        return {n: self._seen(n, o) for n, o in seen.items()}
+
+    def _seen(self, node: str, seen: ObservedWorkload) -> ObservedWorkload:
+        if seen.phase == "Absent":
+            return seen
+        if node in self.faults.stuck:
+            return ObservedWorkload("Pending", reason="ContainerCreating")
+        if node in self.faults.failing:
+            return replace(seen, phase="Failed", reason=self.faults.failing[node])
+        return seen
 
 
 def install(monkeypatch: pytest.MonkeyPatch) -> Faults:

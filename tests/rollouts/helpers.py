@@ -5,7 +5,7 @@ endpoint uses."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
@@ -13,7 +13,7 @@ import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from controller.agents.simulated import LIVE_STATES, RunningWorkload, report_running
+from controller.agents.simulated import RunningWorkload, report_running
 from controller.db.models import Assignment, Cluster, Event, Node, Rollout, Wave
 from controller.db.session import session_scope
 from controller.manifests.builders import RESOURCES, document, rollout, site_labels
@@ -100,13 +100,10 @@ def good(_: str) -> tuple[float, int]:
     return 12.0, 0
 
 
-def report(
-    metrics: Metrics = good, *, samples_per_node: int = 100, states: Sequence[str] = LIVE_STATES
-) -> int:
+def report(metrics: Metrics = good, *, samples_per_node: int = 100) -> int:
     """Every node running a workload reports, as its agent would, the version it runs
-    and its numbers. Returns how many heartbeats were ingested. ``states``: the
-    assignment states whose nodes report (a node converging after its rollout ended is
-    Applying while it runs the new version and waits for its health check)."""
+    and its numbers (controller/agents/simulated.py). Returns how many heartbeats were
+    ingested."""
 
     def numbers(w: RunningWorkload) -> InferenceMetrics:
         p95, errors = metrics(w.key)
@@ -114,7 +111,7 @@ def report(
             window_s=60, samples=samples_per_node, errors=errors, p50_ms=p95 / 2, p95_ms=p95
         )
 
-    return report_running(numbers, _seq, states=states)
+    return report_running(numbers, _seq)
 
 
 def drive(

@@ -47,8 +47,6 @@ AWAY = "paris-n1"  # the node that is offline while the rollout runs
 KEY = f"paris/{AWAY}"
 # One wave of every node; one offline node may be deferred.
 ONE_WAVE = {"strategy": {"steps": [{"percent": 100}], "maxUnavailable": "100%", "maxDeferred": 1}}
-# While converging, a node runs the new version in state Applying: its agent reports it.
-CONVERGING = ("Applying", "Running", "Healthy")
 
 
 @pytest.fixture
@@ -174,7 +172,7 @@ def test_a_node_offline_across_a_rollout_converges_with_its_health_evidence(
     assert node_states("d2")[AWAY] == "Applying"
     assert "Converged" not in reasons("d2")
 
-    report(states=CONVERGING)  # its agent reports 2.0.0 within the gates
+    report()  # its agent reports 2.0.0 within the gates
     assert step("d2", settings) == "Succeeded"
     assert node_states("d2")[AWAY] == "Healthy"
     assert assignment(AWAY) == ("Healthy", "2.0.0", "1.0.0")
@@ -274,7 +272,7 @@ def test_a_node_back_after_a_later_rollout_ended_converges_to_the_later_one(
     assert rollout_id("d3") in work_left()
     assert rollout_id("d2") not in work_left()
     step("d3", settings)
-    report(states=CONVERGING)
+    report()
     step("d3", settings)
     assert node_states("d3")[AWAY] == "Healthy"
     assert set(running_versions(settings, CLUSTERS).values()) == {"3.0.0"}
@@ -293,7 +291,7 @@ def test_a_node_back_that_fails_its_health_check_is_reverted(
     assert step("d2", settings) == "Succeeded"
     assert running_versions(settings, CLUSTERS)[AWAY] == "2.0.0"
     if failure == "unhealthy":
-        report(lambda n: (400.0 if n == KEY else 12.0, 0), states=CONVERGING)
+        report(lambda n: (400.0 if n == KEY else 12.0, 0))
         assert step("d2", settings) == "Succeeded"
         why = "health check failed: p95 400.0 ms > 40.0 ms"
     else:  # its agent beats but reports no inference: the progress deadline (15m)
@@ -325,7 +323,7 @@ def test_a_revert_the_cluster_refuses_is_retried_until_it_lands(
     succeeded_without(fleet, settings, "d2", "2.0.0")
     come_back()
     step("d2", settings)
-    report(lambda n: (400.0, 0), states=CONVERGING)
+    report(lambda n: (400.0, 0))
     faults.apply["paris"] = transient()
     assert step("d2", settings) == "Succeeded"
     # Not recorded as reverted while it still runs 2.0.0: still on its way, retried.
@@ -338,6 +336,147 @@ def test_a_revert_the_cluster_refuses_is_retried_until_it_lands(
     assert assignment(AWAY) == ("RolledBack", "1.0.0", "1.0.0")
     assert running_versions(settings, CLUSTERS)[AWAY] == "1.0.0"
     assert reasons("d2").count("ConvergenceFailed") == 1
+
+
+def test_a_converging_node_reverted_is_back_only_once_seen_on_its_previous_version(
+    fleet: TestClient, settings: Settings, faults: Faults
+) -> None:
+    """Its workload never comes up (neither 2.0.0 nor, at first, 1.0.0): past the
+    progress deadline it is reverted, and Reverting until 1.0.0 is seen there."""
+    succeeded_without(fleet, settings, "d2", "2.0.0")
+    come_back()
+    faults.stuck.add(AWAY)
+    assert step("d2", settings) == "Succeeded"
+    later = utcnow() + timedelta(minutes=16)  # past the progress deadline (15m)
+    assert step("d2", settings, now=later) == "Succeeded"
+    assert node_states("d2")[AWAY] == "Reverting"
+    assert "ConvergenceFailed" in reasons("d2")
+    assert rollout_id("d2") in work_left()  # stepped on until it is seen back
+    assert step("d2", settings, now=later) == "Succeeded"
+    assert node_states("d2")[AWAY] == "Reverting"
+    faults.stuck.clear()
+    assert step("d2", settings, now=later) == "Succeeded"
+    assert assignment(AWAY) == ("RolledBack", "1.0.0", "1.0.0")
+    assert rollout_id("d2") not in work_left()
+    [(_, back)] = [(r, d) for r, d in rollout_events("d2") if r == "RolledBack"]
+    assert (back["nodes"], back["from"]) == ([KEY], {"Reverting": 1})
+
+
+# ---------------------------------------------------------------- rollbacks, verified
+
+
+def rolled_back_with(
+    fleet: TestClient, settings: Settings, faults: Faults, before_gate: Any = None
+) -> None:
+    """d2 (2.0.0) reaches every node, its gate fails and it rolls back; ``before_gate``
+    runs just before the failing step (a node goes offline, a cluster acts up)."""
+    apply(fleet, rollout_doc("d2", "2.0.0", **ONE_WAVE))
+    assert step("d2", settings) == "Progressing"
+    assert set(running_versions(settings, CLUSTERS).values()) == {"2.0.0"}
+    report(lambda n: (400.0, 0))
+    if before_gate is not None:
+        before_gate()
+    assert step("d2", settings) == "RolledBack"
+
+
+def message(fleet: TestClient, name: str) -> str:
+    text = fleet.get(f"/v1/rollouts/{name}").json()["message"]
+    assert isinstance(text, str)
+    return text
+
+
+def test_a_rollback_ends_only_when_every_node_is_seen_on_its_previous_version(
+    fleet: TestClient, settings: Settings, faults: Faults
+) -> None:
+    """paris-n0's previous version does not come up at once (a handover in progress):
+    the node stays Reverting and the rollout keeps stepping, says so, and counts it
+    pending, until its cluster shows 1.0.0 Ready there."""
+    rolled_back_with(fleet, settings, faults, lambda: faults.stuck.add("paris-n0"))
+    rid = rollout_id("d2")
+    states = node_states("d2")
+    assert states.pop("paris-n0") == "Reverting"
+    assert set(states.values()) == {"RolledBack"}
+    assert pending(fleet, "d2") == 1
+    assert "RolledBack (1 pending)" in table_text(fleet)
+    assert message(fleet, "d2") == "reverting: 1 node(s) not yet seen on their previous version"
+    assert rid in work_left()  # beat's tick steps it too
+    assert "RollbackComplete" not in reasons("d2")
+    assert step("d2", settings) == "RolledBack"
+    assert node_states("d2")["paris-n0"] == "Reverting"
+
+    faults.stuck.clear()
+    assert step("d2", settings) == "RolledBack"
+    assert set(node_states("d2").values()) == {"RolledBack"}
+    assert assignment("paris-n0") == ("RolledBack", "1.0.0", "1.0.0")
+    assert pending(fleet, "d2") == 0
+    assert rid not in work_left()
+    assert message(fleet, "d2") == "every node the rollout touched runs its previous version again"
+    events = rollout_events("d2")
+    assert [r for r, _ in events][-2:] == ["RolledBack", "RollbackComplete"]
+    assert events[-2][1]["nodes"] == ["paris/paris-n0"]
+    assert events[-2][1]["from"] == {"Reverting": 1}
+    assert events[-2][1]["versions"] == {"paris/paris-n0": "1.0.0"}
+    assert step("d2", settings) == "RolledBack"
+    assert rollout_events("d2") == events  # nothing more to do, nothing more said
+
+
+def test_a_node_offline_during_a_rollback_is_verified_once_it_is_back(
+    fleet: TestClient, settings: Settings, faults: Faults
+) -> None:
+    rolled_back_with(fleet, settings, faults, lambda: go_offline(settings))
+    rid = rollout_id("d2")
+    assert node_states("d2")[AWAY] == "Reverting"
+    assert pending(fleet, "d2") == 1
+    assert message(fleet, "d2") == (
+        "every node the rollout touched runs its previous version again, except 1 offline "
+        "node(s) reverted once they are back"
+    )
+    [(_, complete)] = [(r, d) for r, d in rollout_events("d2") if r == "RollbackComplete"]
+    assert complete["offline"] == [KEY]
+    detail = fleet.get("/v1/rollouts/d2").json()
+    # Nothing to step while it is away; a retry need not wait for it.
+    assert rid not in work_left()
+    before = rollout_events("d2")
+    assert step("d2", settings) == "RolledBack"
+    assert rollout_events("d2") == before
+    assert detail["states"] == {"RolledBack": 3, "Reverting": 1}
+
+    come_back()
+    assert rid in work_left()
+    assert step("d2", settings) == "RolledBack"
+    assert assignment(AWAY) == ("RolledBack", "1.0.0", "1.0.0")
+    assert pending(fleet, "d2") == 0
+    assert set(running_versions(settings, CLUSTERS).values()) == {"1.0.0"}
+    completions = [d for r, d in rollout_events("d2") if r == "RollbackComplete"]
+    assert [d["offline"] for d in completions] == [[KEY], []]
+    assert rid not in work_left()
+
+
+def test_a_node_whose_previous_version_fails_after_the_revert_is_failed_saying_why(
+    fleet: TestClient, settings: Settings, faults: Faults
+) -> None:
+    rolled_back_with(fleet, settings, faults, lambda: faults.failing.update({AWAY: "OOMKilled"}))
+    why = "its previous version 1.0.0 failed (OOMKilled) after the revert; it stays there"
+    assert assignment(AWAY) == ("Failed", "1.0.0", "1.0.0")
+    [(_, failed)] = [(r, d) for r, d in rollout_events("d2") if r == "RevertFailed"]
+    assert failed["nodes"] == [KEY]
+    assert failed["reasons"] == {str(failed_id(AWAY)): why}
+    [(_, complete)] = [(r, d) for r, d in rollout_events("d2") if r == "RollbackComplete"]
+    assert complete["failed"] == {KEY: why}
+    assert message(fleet, "d2").endswith("except 1 node(s) failing on their previous version")
+    assert pending(fleet, "d2") == 0
+    assert rollout_id("d2") not in work_left()
+    # Nothing is left reverting: a retry may start over.
+    assert fleet.post("/v1/rollouts/d2/retry").status_code == 202
+
+
+def failed_id(node: str) -> int:
+    with session_scope() as s:
+        found = s.scalar(
+            select(Assignment.id).join(Node, Node.id == Assignment.node_id).where(Node.name == node)
+        )
+        assert found is not None
+        return found
 
 
 # ---------------------------------------------------------------- crash in the middle
@@ -358,7 +497,7 @@ def test_a_step_that_dies_after_the_push_loses_nothing_and_repeats_nothing(
     assert rollout_id("d2") in work_left()
     # The next step pushes again (the same objects) and records each move once.
     assert step("d2", settings) == "Succeeded"
-    report(states=CONVERGING)
+    report()
     assert step("d2", settings) == "Succeeded"
     after = reasons("d2")[len(before) :]
     assert after == ["NodeBack", "Converging", "Converged"]

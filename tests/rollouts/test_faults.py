@@ -32,7 +32,7 @@ import pytest
 import yaml
 from sqlalchemy import func, select
 
-from controller.agents.simulated import LIVE_STATES, RunningWorkload, report_running
+from controller.agents.simulated import RunningWorkload, report_running
 from controller.db.base import utcnow
 from controller.db.models import (
     Assignment,
@@ -236,15 +236,15 @@ def seed(settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def agents(bad_version: str | None = None, states: tuple[str, ...] = LIVE_STATES) -> Iterator[None]:
+def agents(bad_version: str | None = None) -> Iterator[None]:
     """Stand-ins for the node agents: every 0.1 s, healthy numbers, except from nodes
-    running ``bad_version`` (p95 far over the gate). ``states``: whose nodes report."""
+    running ``bad_version`` (p95 far over the gate)."""
 
     def numbers(w: RunningWorkload) -> InferenceMetrics:
         p95 = 400.0 if w.version.version == bad_version else 12.0
         return InferenceMetrics(window_s=60, samples=100, errors=0, p50_ms=p95 / 2, p95_ms=p95)
 
-    with repeating(lambda: report_running(numbers, _seq, states=states), 0.1, ignore=(Exception,)):
+    with repeating(lambda: report_running(numbers, _seq), 0.1, ignore=(Exception,)):
         yield
 
 
@@ -254,10 +254,6 @@ def beat(every_s: float = 1.0) -> Iterator[None]:
     in production (twice the default step interval), every second here."""
     with repeating(lambda: celery_app.send_task("rollouts.tick"), every_s):
         yield
-
-
-# While converging, a node runs the new version in state Applying: its agent reports it.
-CONVERGING = ("Applying", "Running", "Healthy")
 
 
 def heartbeat(node: str, *, at: datetime) -> None:
@@ -393,13 +389,12 @@ def test_worker_killed_at_fault_point(
     log = tmp_path / "faulty.log"
     spec = f"{case.point}={case.hit}*kill"
     steps: dict[str, Any] = {}
-    reporting = CONVERGING if scenario == "converge" else LIVE_STATES
     if scenario == "abort":  # wave 0 bakes long enough for the abort to land mid-rollout
         steps = {"strategy": {"steps": [{"nodes": 1, "bake": "60s"}, {"percent": 100}]}}
     try:
         with (
             faulty_worker(log, queue, spec) as (proc, ready),
-            agents(bad_version=NEW if scenario == "rollback" else None, states=reporting),
+            agents(bad_version=NEW if scenario == "rollback" else None),
         ):
             seed(settings)  # while the worker boots
             if scenario == "undo":

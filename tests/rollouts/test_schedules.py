@@ -20,14 +20,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from controller.db.models import Rollout, Wave
+from controller.db.models import Event, Rollout, Wave
 from controller.db.session import session_scope
-from controller.rollouts import reconciler
+from controller.rollouts import commands, reconciler
 from controller.rollouts import repository as rollout_repo
 from controller.rollouts import service as rollout_service
 from controller.rollouts.spec import RolloutManifest
 from controller.schedules.windows import TIMEZONE_LABEL
 from controller.settings import Settings
+from tests.conftest import bearer
 from tests.rollouts.helpers import (
     apply,
     cluster_doc,
@@ -499,3 +500,67 @@ def test_freeze_routes_declare_and_check_their_callers(
     assert resp.status_code == 422
     assert resp.json()["detail"][0]["loc"][-1] == "duration"
     assert client.get("/v1/freezes/none").status_code == 404
+
+
+def test_deleting_a_freeze_lets_the_nodes_it_held_start(
+    sites: TestClient, settings: Settings
+) -> None:
+    """DELETE /v1/freezes/{name}: an operator's, audited, 404 for an unknown name; the
+    rollout it held starts its nodes at its next step."""
+    freeze = {"name": "hold", "start": T0.isoformat(), "end": (T0 + timedelta(days=2)).isoformat()}
+    assert sites.post("/v1/freezes", json=freeze).status_code == 201
+    doc = scheduled("held", {"timeZone": "UTC"}, strategy={"steps": [{"percent": 100}]})
+    assert apply(sites, doc).status_code == 200
+    assert not run("held", settings, T0, T0 + TICK).started
+
+    viewer = TestClient(sites.app, headers=bearer("viewer"))
+    denied = viewer.delete("/v1/freezes/hold")
+    assert denied.status_code == 403
+    assert "needs operator" in denied.json()["detail"]
+    operator = TestClient(sites.app, headers=bearer("operator"))
+    assert operator.delete("/v1/freezes/none").status_code == 404
+    resp = operator.delete("/v1/freezes/hold")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["name"] == "hold"
+    assert sites.get("/v1/freezes/hold").status_code == 404
+    assert operator.delete("/v1/freezes/hold").status_code == 404
+    with session_scope() as s:
+        [deleted] = s.scalars(
+            select(Event).where(Event.object_kind == "FreezePeriod", Event.reason == "Deleted")
+        ).all()
+        assert (deleted.object_name, deleted.actor) == ("hold", "token:test-operator")
+
+    seen = run("held", settings, T0 + 2 * TICK, T0 + 2 * TICK)
+    assert set(seen.started.values()) == {T0 + 2 * TICK}
+
+
+def test_a_retried_rollout_reads_its_schedule_afresh(
+    sites: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The windows that opened and closed between a try and its retry are not the
+    retry's: it catches up on none of them (no WindowsMissed), and starts only inside
+    its own next window."""
+    monkeypatch.setattr(commands, "queue_step", lambda *_, **__: None)
+    schedule = {"timeZone": "UTC", "windows": [{"cron": "0 1 * * *", "duration": "4h"}]}
+    doc = scheduled("again", schedule, strategy={"steps": [{"percent": 100}]})
+    assert apply(sites, doc).status_code == 200
+    night1 = datetime(2026, 11, 11, 1, tzinfo=UTC)
+    seen = run("again", settings, night1, night1)
+    assert seen.started
+    assert sites.post("/v1/rollouts/again/abort").status_code == 202
+    run("again", settings, night1 + TICK, night1 + 4 * TICK)
+    assert set(node_states("again").values()) == {"RolledBack"}
+
+    # Retried at noon three days on: three nights came and went since the last try.
+    noon = night1 + timedelta(days=3, hours=11)
+    resp = sites.post("/v1/rollouts/again/retry")
+    assert resp.status_code == 202, resp.text
+    view = sites.get("/v1/rollouts/again/schedule", params={"at": noon.isoformat()}).json()
+    assert view["evaluatedAt"] is None
+    retried = run("again", settings, noon, noon + TICK)
+    assert not retried.started
+    after = reasons("again")[reasons("again").index("Retried") :]
+    assert "WindowsMissed" not in after
+    assert "WaitingForWindow" in after
+    retried = run("again", settings, noon + timedelta(hours=14), noon + timedelta(hours=14))
+    assert set(retried.started.values()) == {noon + timedelta(hours=14)}  # 01:00 next night

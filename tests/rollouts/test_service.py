@@ -147,10 +147,23 @@ def test_failing_gate_rolls_every_touched_node_back(fleet: TestClient, settings:
     # included, went back; wave 2's nodes were released without being touched.
     applying = [n for e in events if e["reason"] == "Applying" for n in e["data"]["nodes"]]
     assert sorted(applying) == sorted(waves[0] + waves[1])
-    (rolled_back,) = [e for e in events if e["reason"] == "RolledBack"]
-    assert rolled_back["data"]["from"] == {"Healthy": 1, "Running": 5, "Pending": 6}
-    assert rolled_back["data"]["nodes"] == sorted(n for w in waves for n in w)
+    # Wave 2's nodes at once; the touched ones told to revert, and RolledBack only once
+    # seen on 1.0.0 (the simulated cluster shows it at once: the same step).
+    released, verified = [e for e in events if e["reason"] == "RolledBack"]
+    assert released["data"]["from"] == {"Pending": 6}
+    assert released["data"]["nodes"] == sorted(waves[2])
+    (reverting,) = [e for e in events if e["reason"] == "Reverting"]
+    assert reverting["data"]["from"] == {"Healthy": 1, "Running": 5}
+    assert reverting["data"]["versions"] == dict.fromkeys(sorted(waves[0] + waves[1]), "1.0.0")
+    assert verified["data"]["from"] == {"Reverting": 6}
+    assert verified["data"]["nodes"] == sorted(waves[0] + waves[1])
+    (complete,) = [e for e in events if e["reason"] == "RollbackComplete"]
+    assert complete["data"] == {"offline": [], "failed": {}}
+    assert [e["reason"] for e in events][-1] == "RollbackComplete"
     assert set(node_states("d2").values()) == {"RolledBack"}
+    detail = fleet.get("/v1/rollouts/d2").json()
+    assert detail["status"]["pending"] == 0
+    assert detail["message"] == "every node the rollout touched runs its previous version again"
     assert running_versions(settings, CLUSTERS) == {
         f"{c}-n{i}": "1.0.0" for c in CLUSTERS for i in range(4)
     }
@@ -261,8 +274,8 @@ def test_gate_failing_in_a_later_wave_rolls_back_the_promoted_waves_too(
             came_from[paths[n][-1]] = came_from.get(paths[n][-1], 0) + 1
             paths[n].append(e["data"]["to"])
         assert came_from == e["data"]["from"], e
-    promoted_path = ["Pending", "Applying", "Running", "Healthy", "RolledBack"]
-    failed_path = ["Pending", "Applying", "Running", "RolledBack"]
+    promoted_path = ["Pending", "Applying", "Running", "Healthy", "Reverting", "RolledBack"]
+    failed_path = ["Pending", "Applying", "Running", "Reverting", "RolledBack"]
     assert paths == {
         **dict.fromkeys(waves[0] + waves[1], promoted_path),
         **dict.fromkeys(waves[2], failed_path),

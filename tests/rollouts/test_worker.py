@@ -7,16 +7,29 @@ import signal
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
+from controller.db.base import utcnow
 from controller.db.models import Event, Rollout
+from controller.rollouts import reconciler
 from controller.settings import Settings
-from controller.tasks.celery_app import celery_app
-from tests.rollouts.helpers import apply, cluster_doc, report, rollout_doc, running_versions
+from controller.tasks.celery_app import celery_app, configure
+from tests.rollouts.helpers import (
+    apply,
+    cluster_doc,
+    drive,
+    push_versions,
+    report,
+    rollout_doc,
+    rollout_id,
+    running_versions,
+)
 from tests.tasks.test_worker import queued, wait_for, worker
 
 __all__ = ["queued"]  # the fixture, re-exported for pytest
@@ -123,3 +136,101 @@ def push_versions_async(client: TestClient, version: str) -> None:
         60,
         "validation",
     )
+
+
+ONE_WAVE = {"strategy": {"steps": [{"percent": 100}], "maxUnavailable": "100%"}}
+SITES = ("done", "lost", "paused", "closed", "frozen")
+
+
+def on_site(name: str, site: str, **spec: Any) -> dict[str, Any]:
+    return rollout_doc(
+        name, "1.0.0", selector={"matchLabels": {"site": site}}, **{**ONE_WAVE, **spec}
+    )
+
+
+def rid(name: str) -> int:
+    return rollout_id(name)
+
+
+def evaluated_at(engine: Engine, name: str) -> datetime | None:
+    with engine.connect() as conn:
+        found: datetime | None = conn.scalar(
+            select(Rollout.schedule_evaluated_at).where(Rollout.name == name)
+        )
+    return found
+
+
+def test_beats_tick_steps_every_rollout_with_work_left(
+    queued: TestClient,
+    sim_fleet: None,
+    agents: None,
+    engine: Engine,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """Rollouts whose next step was lost (a worker gone, the follow-up with it), one
+    waiting for its window, one whose freeze was lifted while its follow-up waited for
+    the freeze's end: beat's tick (here, its call) finds each, a real worker steps them,
+    and each goes on by its own follow-ups from there. A paused or finished rollout is
+    left alone."""
+    now = utcnow()
+    configure(settings)  # set-up in process, eager: no follow-up is ever queued
+    assert apply(queued, *(cluster_doc(c, 2) for c in SITES)).status_code == 200
+    push_versions(queued, "1.0.0")
+    assert apply(queued, on_site("done", "done")).status_code == 200
+    assert drive("done", settings)[-1] == "Succeeded"
+    assert apply(queued, on_site("lost", "lost")).status_code == 200
+    assert (
+        apply(
+            queued,
+            on_site(
+                "paused",
+                "paused",
+                strategy={"steps": [{"percent": 100, "bake": "1h"}], "maxUnavailable": "100%"},
+            ),
+        ).status_code
+        == 200
+    )
+    assert queued.post("/v1/rollouts/paused/pause").status_code == 202
+    closed = {
+        "timeZone": "UTC",
+        "windows": [{"cron": f"0 {(now.hour + 2) % 24} * * *", "duration": "1h"}],
+    }
+    assert apply(queued, on_site("closed", "closed", schedule=closed)).status_code == 200
+    assert phase(queued, "lost") == phase(queued, "closed") == "Progressing"
+    freeze = {
+        "name": "hold",
+        "start": (now - timedelta(hours=1)).isoformat(),
+        "end": (now + timedelta(days=1)).isoformat(),
+        "selector": {"matchLabels": {"site": "frozen"}},
+    }
+    assert queued.post("/v1/freezes", json=freeze).status_code == 201
+    assert (
+        apply(queued, on_site("frozen", "frozen", schedule={"timeZone": "UTC"})).status_code == 200
+    )
+    # Through Redis from here on. The frozen rollout's step queues its follow-up for
+    # the freeze's end, a day away; then the freeze is lifted.
+    configure(settings.model_copy(update={"tasks_eager": False, "reconcile_interval_s": 0.2}))
+    assert (
+        reconciler.reconcile(
+            rid("frozen"), settings.model_copy(update={"reconcile_interval_s": 0.2})
+        )
+        == "Progressing"
+    )
+    assert queued.delete("/v1/freezes/hold").status_code == 200
+    celery_app.control.purge()  # every queued step lost, as with a worker gone
+    before = evaluated_at(engine, "closed")
+    assert before is not None
+
+    with worker(tmp_path / "w.log", **FAST):
+        stepped = set(reconciler.tick(settings))  # what beat sends every 10 s
+        assert stepped == {rid("lost"), rid("closed"), rid("frozen")}
+        wait_for(lambda: phase(queued, "lost") == "Succeeded", 60, "lost: Succeeded")
+        wait_for(lambda: phase(queued, "frozen") == "Succeeded", 60, "frozen: Succeeded")
+        wait_for(lambda: (evaluated_at(engine, "closed") or before) > before, 30, "closed: stepped")
+    assert phase(queued, "closed") == "Progressing"
+    assert (queued.get("/v1/rollouts/closed").json()["message"] or "").startswith(
+        reconciler.WAITING
+    )
+    assert phase(queued, "paused") == "Paused"
+    assert phase(queued, "done") == "Succeeded"
