@@ -6,9 +6,13 @@ tests start (the Celery worker, the server) reads the same settings."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,9 @@ def bearer(role: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[role]}"}
 
 
+# The CLI's rich console takes its width from COLUMNS when it is created, at import: the
+# CLI tests set COLUMNS per invocation instead (an xdist worker starts with COLUMNS=80).
+os.environ.pop("COLUMNS", None)
 os.environ.update(
     {
         # The CLI (and every process the tests start) calls the API as the run's admin,
@@ -61,6 +68,60 @@ from controller.db import migrate  # noqa: E402
 from controller.db.session import dispose_engines, get_engine, override_session_factory  # noqa: E402
 from controller.settings import Settings, get_settings  # noqa: E402
 from controller.tasks.celery_app import configure  # noqa: E402
+
+# scripts/test runs pytest on several xdist workers (--dist loadgroup). Each worker imports
+# this module, so each has its own run id above: its own database, Celery queue, simulated
+# clusters' Redis keys and artifact directory. What exists once per machine is not per
+# worker: the tests of each group below, found by the fixtures they use, run on one worker,
+# one after another. The real node is one kubelet and containerd; the stand-in control
+# planes would otherwise start again on every worker.
+XDIST_GROUPS = {
+    "real-node": {"real_node", "node_control_plane", "shipped_images"},
+    "kube": {"control_plane", "second_control_plane"},
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        group = next((g for g, fixtures in XDIST_GROUPS.items() if uses & fixtures), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+# A test marked `alone` (one that compares latencies it measures) runs while no other
+# test of the run does: every test holds a shared lock on TURNS/tests, an `alone` test
+# an exclusive one. Whoever waits for a lock holds TURNS/gate meanwhile, so the tests
+# that keep starting on the other workers cannot starve a waiting `alone` test. The
+# first process of the run (xdist's controller) makes the directory; its workers inherit
+# the variable.
+TURNS_VAR = "PYTEST_EDGEFLEET_TURNS"  # not EDGEFLEET_*: no setting of the controller
+_turns_owned = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TURNS_VAR not in os.environ:
+        os.environ[TURNS_VAR] = tempfile.mkdtemp(prefix="edgefleet-test-turns-")
+        config.stash[_turns_owned] = True
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if config.stash.get(_turns_owned, False):
+        shutil.rmtree(os.environ.pop(TURNS_VAR), ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    turns = Path(os.environ[TURNS_VAR])
+    alone = item.get_closest_marker("alone") is not None
+    with contextlib.ExitStack() as stack:
+        gate = stack.enter_context((turns / "gate").open("a"))
+        tests = stack.enter_context((turns / "tests").open("a"))
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(tests, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        return (yield)
 
 
 def _admin_engine() -> Engine:
