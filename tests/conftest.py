@@ -90,6 +90,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(group))
 
 
+@pytest.hookimpl(trylast=True)  # after xdist has put each group into its tests' ids
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On a loadgroup worker every grouped test's id ends in ``@group``: that suffix is
+    all xdist's scheduler sees. Without it two workers would start the one real node."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [
+        item.nodeid
+        for item in session.items
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+    ]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist lost the group of {len(lost)} tests ({lost[0]}): this pytest "
+            "and pytest-xdist disagree on where a test's id is kept (see pyproject.toml)"
+        )
+
+
 # A test marked `alone` (one that compares latencies it measures) runs while no other
 # test of the run does: every test holds a shared lock on TURNS/tests, an `alone` test
 # an exclusive one. Whoever waits for a lock holds TURNS/gate meanwhile, so the tests

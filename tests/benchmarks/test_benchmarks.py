@@ -274,9 +274,17 @@ def test_variant_requirements(client: TestClient, lab: dict[str, str]) -> None:
         got: dict[str, Any] = resp.json()["results"][0]
         return got
 
-    # Fastest everywhere, unless the comparison requirement rules it out.
-    free = plan(model={"variants": ["1-p97"]})
+    # Fastest everywhere, unless the comparison requirement rules it out: the rollout's
+    # own, or where it names none the controller's default (variant_min_agreement, 0.99),
+    # which a 97 % pruned variant does not meet.
+    free = plan(model={"variants": ["1-p97"]}, comparison={"minAgreement": 0})
     assert {c: v["version"] for c, v in free["plan"]["variants"].items()}["pi4"] == "1-p97"
+    default = plan(model={"variants": ["1-p97"]})["plan"]["variants"]["pi4"]
+    assert default["version"] == "1"
+    assert (
+        "agrees with its parent"
+        in {c["version"]: c for c in default["candidates"]}["1-p97"]["excluded"]
+    )
     strict = plan(model={"variants": ["1-p97"]}, comparison={"minAgreement": 0.9})
     pi4 = strict["plan"]["variants"]["pi4"]
     assert pi4["version"] == "1"
@@ -287,6 +295,7 @@ def test_variant_requirements(client: TestClient, lab: dict[str, str]) -> None:
     # A memory limit below the measured peak excludes it too (64 MiB measured).
     tight = plan(
         model={"variants": ["1-p97"]},
+        comparison={"minAgreement": 0},
         resources={"limits": {"cpu": "1", "memory": "32Mi"}, "requests": {"memory": "16Mi"}},
     )
     excluded = {c["version"]: c for c in tight["plan"]["variants"]["xeon"]["candidates"]}
