@@ -34,7 +34,7 @@ from controller.agents.coalesce import Coalescer
 from controller.audit import record_event
 from controller.db.base import utcnow
 from controller.db.models import Node
-from controller.db.session import session_scope
+from controller.db.session import lock_conflict, session_scope
 from controller.errors import (
     Conflict,
     EdgefleetError,
@@ -56,6 +56,11 @@ HEARTBEATS = Counter(
     "Heartbeats received from node agents, by result: accepted, duplicate (a replay), "
     "forbidden (for another node), unauthorized (requests with a bad credential).",
     ["result"],
+)
+CONFLICTS = Counter(
+    "edgefleet_heartbeat_conflicts_total",
+    "Heartbeat transactions Postgres aborted over a deadlock or a serialization failure, "
+    "run once more instead of failing the requests.",
 )
 
 
@@ -234,6 +239,18 @@ class HeartbeatIntake:
         return await self.coalescer.submit(request, weight=max(len(beats), 1))
 
     def _handle(self, requests: Sequence[HeartbeatRequest]) -> list[Receipt | EdgefleetError]:
+        """The batch in one transaction, run once more if Postgres aborted it over a
+        deadlock or a serialization failure (the other transaction has gone on by then):
+        the agents get their receipts, not a 500 and a retry of their own."""
+        try:
+            return self._receive(requests)
+        except DBAPIError as exc:
+            if not lock_conflict(exc):
+                raise
+            CONFLICTS.inc()
+            return self._receive(requests)
+
+    def _receive(self, requests: Sequence[HeartbeatRequest]) -> list[Receipt | EdgefleetError]:
         with session_scope() as session:
             return receive_heartbeats(session, self.settings, requests)
 

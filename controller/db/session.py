@@ -134,3 +134,16 @@ def database_unavailable(exc: BaseException) -> bool:
         return getattr(exc.orig, "sqlite_errorname", None) in _SQLITE_BUSY
     sqlstate = getattr(exc.orig, "sqlstate", None)
     return sqlstate is None or str(sqlstate).startswith(_UNAVAILABLE_SQLSTATES)
+
+
+# SQLSTATEs of a transaction Postgres aborted to resolve a conflict with another one:
+# 40001 serialization failure, 40P01 deadlock detected.
+_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def lock_conflict(exc: BaseException) -> bool:
+    """True when ``exc`` is Postgres aborting the transaction over a deadlock or a
+    serialization failure: the same transaction run again can succeed."""
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    return str(getattr(exc.orig, "sqlstate", None)) in _CONFLICT_SQLSTATES

@@ -300,9 +300,21 @@ _NODE_SEEN = (
         ),
     )
 )
+# A metric window is written only if its assignment row is free: a row another
+# transaction holds (a reconcile step changing it) is skipped, not waited for. A step
+# locks the rows it changes flush by flush, in no one order, and an ingest waiting for
+# one of them while holding others deadlocked with it. A skipped window is the node's
+# latest numbers missed for one heartbeat: the next heartbeat (agent_heartbeat_interval_s
+# later) brings a newer window, which replaces the stored one whole anyway.
 _ASSIGNMENT_METRICS = (
     update(_ASSIGNMENTS)
-    .where(_ASSIGNMENTS.c.id == bindparam("b_id", type_=_ASSIGNMENTS.c.id.type))
+    .where(
+        _ASSIGNMENTS.c.id
+        == select(_ASSIGNMENTS.c.id)
+        .where(_ASSIGNMENTS.c.id == bindparam("b_id", type_=_ASSIGNMENTS.c.id.type))
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
     .values(metrics=bindparam("b_metrics", type_=_ASSIGNMENTS.c.metrics.type))
 )
 
@@ -315,10 +327,10 @@ def write_heartbeats(
     now: datetime,
 ) -> None:
     """Nodes (by id) seen at ``now``: Ready, their last_seq and CPU model; assignments'
-    (by id) new metric windows. One executemany each (updated_at is set by the columns'
-    onupdate), in id order: the reconciler's flushes update assignments in id order too
-    (SQLAlchemy sorts a flush by primary key), and two writers that take row locks in
-    one order never deadlock."""
+    (by id) new metric windows, except for assignment rows locked by another transaction
+    (_ASSIGNMENT_METRICS). One executemany each (updated_at is set by the columns'
+    onupdate), in id order: concurrent ingests lock node rows in one order, and wait for
+    no assignment row, so they never deadlock with each other or with a reconcile step."""
     conn = session.connection()
     if nodes:
         conn.execute(

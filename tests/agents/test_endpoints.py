@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
-from sqlalchemy import select
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -386,6 +387,52 @@ def test_a_request_that_breaks_the_shared_transaction_fails_alone(
     assert intake.coalescer.batches == before + 4  # the batch, then each alone
     assert [node_row(n).last_seq for n in ("site-n0", "site-n1", "site-n2")] == [1, 0, 1]
     assert node_row("site-n1").last_heartbeat_at is None
+
+
+def test_a_heartbeat_picked_as_a_deadlock_victim_is_run_again(
+    committed_client: TestClient, sim_fleet: None, join_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real deadlock: another transaction holds the cluster row and waits for the node
+    row the heartbeat locked, while the heartbeat waits for the cluster row. Postgres
+    aborts the heartbeat (the other's deadlock_timeout is longer, so it is always the
+    heartbeat); the intake runs it again once the other has gone on, and answers 200."""
+    site = committed_client
+    assert apply(site, cluster_doc("site", 1)).status_code == 200
+    credential = credential_of(site, "site-n0", join_token)
+    node_id = node_row("site-n0").id
+    write = fleet_repo.write_heartbeats
+    calls: list[int] = []
+    locked = threading.Event()
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            with session_scope() as s:
+                s.execute(text("SET LOCAL deadlock_timeout = '60s'"))
+                s.execute(select(Cluster).where(Cluster.name == "site").with_for_update())
+                locked.set()
+                s.execute(update(Node).where(Node.id == node_id).values(health=Node.health))
+        except BaseException as exc:
+            errors.append(exc)
+            locked.set()
+
+    def deadlocking(session: Session, **kw: Any) -> None:
+        calls.append(1)
+        write(session, **kw)
+        if len(calls) == 1:
+            threading.Thread(target=other, daemon=True).start()
+            assert locked.wait(30)
+            session.execute(select(Cluster).where(Cluster.name == "site").with_for_update())
+
+    monkeypatch.setattr(fleet_repo, "write_heartbeats", deadlocking)
+    conflicts = REGISTRY.get_sample_value("edgefleet_heartbeat_conflicts_total") or 0.0
+    resp = send(site, credential, [beat("site-n0", 1)])
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["accepted"] == 1
+    assert len(calls) == 2
+    assert not errors, errors
+    assert REGISTRY.get_sample_value("edgefleet_heartbeat_conflicts_total") == conflicts + 1
+    assert node_row("site-n0").last_seq == 1
 
 
 # --- heartbeats feed the gates ------------------------------------------------------------

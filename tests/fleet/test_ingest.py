@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from controller.db.models import Assignment, Node
 from controller.db.session import session_scope
@@ -87,3 +87,44 @@ def test_a_node_in_a_handover_is_judged_on_the_version_it_moves_to(
                 select(Assignment.metrics).join(Node).where(Node.name == "site-n0")
             ).one()
         assert (metrics["sha256"], metrics["p95_ms"], metrics["on_desired"]) == (new, 5.0, True)
+
+
+def test_a_window_for_an_assignment_a_step_holds_is_skipped_not_waited_for(
+    committed_client: TestClient, sim_fleet: None, settings: Settings
+) -> None:
+    """Another transaction (a step changing the node's state) holds one assignment row:
+    the ingest neither waits for it nor fails; that node's window is not stored (its
+    next heartbeat's will be), the other node's is, and both nodes are seen."""
+    client = committed_client
+    apply(client, cluster_doc("site", 2))
+    push_versions(client, "1.0.0")
+    apply(client, rollout_doc("d", "1.0.0", strategy={"steps": [{"percent": 100}]}))
+    sha = client.get("/v1/models/detector/versions/1.0.0").json()["sha256"]
+    reconciler.reconcile(rollout_id("d"), settings)
+    now = datetime.now(UTC)
+    beats = [beat(n, 1, now, sha, "1.0.0") for n in ("site-n0", "site-n1")]
+    with session_scope() as step:
+        held = step.scalars(
+            select(Assignment)
+            .join(Node)
+            .where(Node.name == "site-n0")
+            .with_for_update(of=Assignment)
+        ).one()
+        held.message = "a step changing it"
+        step.flush()
+        with session_scope() as s:
+            s.execute(text("SET LOCAL lock_timeout = '5s'"))  # a wait fails the test
+            assert ingest_heartbeats(s, beats).accepted == 2
+    with session_scope() as s:
+        rows = s.execute(
+            select(Node.name, Node.last_seq, Assignment.metrics).join(Assignment)
+        ).all()
+    windows = {name: metrics.get("reported_at") for name, _, metrics in rows}
+    assert windows == {"site-n0": None, "site-n1": now.isoformat()}
+    assert {name: seq for name, seq, _ in rows} == {"site-n0": 1, "site-n1": 1}
+    with session_scope() as s:  # the next heartbeat, the row free again: stored
+        assert ingest_heartbeats(s, [beat("site-n0", 2, now, sha, "1.0.0")]).accepted == 1
+        metrics = s.scalars(
+            select(Assignment.metrics).join(Node).where(Node.name == "site-n0")
+        ).one()
+    assert metrics["reported_at"] == now.isoformat()
