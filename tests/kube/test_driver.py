@@ -203,7 +203,7 @@ def test_rbac_exactly_what_the_driver_needs(
                 },
                 {
                     "apiGroups": [""],
-                    "resources": ["pods", "events"],
+                    "resources": ["pods", "events", "endpoints"],
                     "verbs": ["get", "list", "watch"],
                 },
                 {

@@ -40,7 +40,12 @@ from node_agent.cluster.settings import ClusterAgentSettings
 from tests.kube.controlplane import ControlPlane, make_node
 from tests.kube.kubelet import eventually
 from tests.kube.test_chart_rbac import chart_rbac
-from tests.kube.test_objects_apply import start_pods
+from tests.kube.test_objects_apply import (
+    EndpointWatch,
+    Update,
+    assert_every_node_served,
+    start_pods,
+)
 from tests.kube.test_rollout_engine import Site, story
 from tests.live import LiveController
 from tests.rollouts.helpers import apply, push_versions, report, rollout_doc, rollout_id
@@ -356,45 +361,6 @@ def previous_labels(site: Site) -> dict[str, str]:
     return out
 
 
-class EndpointWatch:
-    """Every 10 ms, the (node, version) pairs the model's Service sends traffic to: its
-    Endpoints' ready addresses, made by the real endpoints controller from the pods'
-    readiness. There is no kube-proxy here; it sends a node's requests to exactly these
-    (``internalTrafficPolicy: Local``: the node's own), so a sample in which a node has
-    none is a request that fails there."""
-
-    def __init__(self, core: Any, namespace: str, versions: list[str]) -> None:
-        self.core, self.ns = core, namespace
-        self.by_prefix = {objects.workload_name("detector", v): v for v in versions}
-        self.samples: list[tuple[float, dict[str, set[str]]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def now(self) -> dict[str, set[str]]:
-        try:
-            ep = self.core.read_namespaced_endpoints(objects.service_name("detector"), self.ns)
-        except k8s.ApiException as exc:
-            if exc.status == 404:  # not made yet by the endpoints controller
-                return {}
-            raise
-        out: dict[str, set[str]] = {}
-        for subset in ep.subsets or []:
-            for address in subset.addresses or []:
-                prefix = address.target_ref.name.rsplit("-", 1)[0]  # <daemonset>-<suffix>
-                out.setdefault(address.node_name, set()).add(self.by_prefix[prefix])
-        return out
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.monotonic(), self.now()))
-            self._stop.wait(0.010)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-
 def test_a_pull_mode_version_change_keeps_every_node_served(
     api: TestClient,
     pull_settings: Settings,
@@ -444,7 +410,7 @@ def test_a_pull_mode_version_change_keeps_every_node_served(
     # Kubernetes 1.20 has no internalTrafficPolicy: the agent leaves it out there.
     assert "internalTrafficPolicy" not in (svc.to_dict()["spec"] or {})
     watch = EndpointWatch(site.core, site.ns, versions)
-    updates: list[tuple[float, float, str, str]] = []
+    updates: list[Update] = []
     try:
         eventually(lambda: serving("1.0.0"), what="1.0.0 served on every node", beat=beat)
         for old, new in [("1.0.0", "2.0.0"), ("2.0.0", "3.0.0"), ("3.0.0", "2.0.0")]:
@@ -466,24 +432,7 @@ def test_a_pull_mode_version_change_keeps_every_node_served(
     finally:
         watch.stop()
 
-    samples = [(t, seen) for t, seen in watch.samples if t >= updates[0][0]]
-    assert len(samples) > 100
-    overlap = 0
-    for t, seen in samples:
-        update = [u for u in updates if u[0] <= t][-1]
-        for node in nodes:
-            assert seen.get(node), f"{node} had no Ready endpoint at {t - update[0]:.2f} s"
-            assert seen[node] <= {update[2], update[3]}, (node, seen[node], update)
-            overlap += len(seen[node]) == 2
-    assert overlap, "the old and new versions never served together: break before make"
-    log.warning(
-        "pull-mode handovers: %d Endpoints samples over %d updates (%.1f s), every node "
-        "served in each; %d node-samples with both versions Ready",
-        len(samples),
-        len(updates),
-        updates[-1][1] - updates[0][0],
-        overlap,
-    )
+    assert_every_node_served(watch, nodes, updates)
     # The handovers left nothing behind: one DaemonSet, no previous labels.
     eventually(site.settled_on("2.0.0"), what="2.0.0 alone", beat=site.finalize)
     assert not previous_labels(site)
