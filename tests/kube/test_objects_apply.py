@@ -6,7 +6,6 @@ Ready; a rollback is the same backwards. tests/kube/kubelet.py plays the kubelet
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -21,12 +20,11 @@ from kubernetes import client as k8s
 from controller.kube import objects
 from controller.kube.client import KubernetesDriver
 from node_agent.cluster import handover
-from tests.kube.controlplane import make_node, mark_pods_ready
-from tests.kube.kubelet import eventually, finalize_terminating_pods
+from tests.kube.controlplane import make_node
+from tests.kube.kubelet import eventually, start_pods
 from tests.kube.test_driver import spec
 
 log = logging.getLogger(__name__)
-_ips = (f"10.244.{i // 250}.{i % 250 + 2}" for i in itertools.count())
 
 
 @pytest.fixture
@@ -37,21 +35,6 @@ def nodes(core: Any) -> Iterator[list[str]]:
     yield names
     for name in names:
         core.delete_node(name)
-
-
-def start_pods(core: Any, ns: str) -> None:
-    """The kubelet starting the pods bound to its node: an IP each (the endpoints
-    controller lists pods by IP), then Running and Ready, never before the IP (a pod
-    scheduled meanwhile waits for the next beat: Ready without an IP, it would count as
-    serving while the Service could not reach it); and finishing deleted ones."""
-    for pod in core.list_namespaced_pod(ns).items:
-        if pod.spec.node_name and not pod.status.pod_ip and not pod.metadata.deletion_timestamp:
-            ip = next(_ips)
-            core.patch_namespaced_pod_status(
-                pod.metadata.name, ns, {"status": {"podIP": ip, "podIPs": [{"ip": ip}]}}
-            )
-    mark_pods_ready(core, ns, f"app.kubernetes.io/name={objects.APP_NAME}", with_ip_only=True)
-    finalize_terminating_pods(core, ns)
 
 
 def pods(core: Any, ns: str) -> set[tuple[str, str]]:

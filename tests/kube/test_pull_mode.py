@@ -38,13 +38,12 @@ from node_agent.cluster.loop import ClusterAgent
 from node_agent.cluster.pods import observe_pod
 from node_agent.cluster.settings import ClusterAgentSettings
 from tests.kube.controlplane import ControlPlane, make_node
-from tests.kube.kubelet import eventually
+from tests.kube.kubelet import eventually, start_pods
 from tests.kube.test_chart_rbac import chart_rbac
 from tests.kube.test_objects_apply import (
     EndpointWatch,
     Update,
     assert_every_node_served,
-    start_pods,
 )
 from tests.kube.test_rollout_engine import Site, story
 from tests.live import LiveController
