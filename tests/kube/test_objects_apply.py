@@ -254,6 +254,13 @@ def test_a_push_mode_version_change_keeps_every_node_served(
             driver.apply("detector", dict.fromkeys(nodes, spec(new)))
             eventually(partial(serving, new), what=f"{new} served", beat=beat, timeout_s=60)
             updates.append((started, time.monotonic(), old, new))
+            # The old DaemonSet gone for good before the next change: one applied while
+            # its foreground deletion is still under way would go with it.
+            eventually(
+                lambda: len(driver.workloads("detector")) == 1,
+                what=f"{old}'s DaemonSet deleted",
+                beat=beat,
+            )
     finally:
         watch.stop()
     assert_every_node_served(watch, nodes, updates)
