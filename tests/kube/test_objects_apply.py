@@ -20,7 +20,7 @@ from kubernetes import client as k8s
 from controller.kube import objects
 from controller.kube.client import KubernetesDriver
 from node_agent.cluster import handover
-from tests.kube.controlplane import make_node
+from tests.kube.controlplane import make_node, mark_pods_ready
 from tests.kube.kubelet import eventually, start_pods
 from tests.kube.test_driver import spec
 
@@ -219,6 +219,37 @@ def test_handover_and_rollback_through_the_service(
         core.read_namespaced_service(objects.service_name("detector"), ns)
     assert gone.value.status == 404
     assert labels(core, a) == labels(core, b) == (None, None)
+
+
+def test_the_handover_waits_for_the_endpoints_not_the_pod(
+    driver: KubernetesDriver, nodes: list[str], core: Any, ns: str
+) -> None:
+    """A new pod Ready that the Service does not route to yet keeps the old one: here
+    Ready before it has an IP, so the endpoints controller cannot list it at all."""
+    a = nodes[0]
+    driver.apply("detector", {a: spec("1.0.0")})
+    eventually(
+        lambda: endpoints(core, ns) == {(a, "1.0.0")},
+        what="v1 served",
+        beat=lambda: start_pods(core, ns),
+    )
+    driver.apply("detector", {a: spec("2.0.0")})
+    eventually(lambda: (a, "2.0.0") in pods(core, ns), what="a v2 pod beside v1")
+    mark_pods_ready(core, ns, f"app.kubernetes.io/name={objects.APP_NAME}")  # no IP
+    for _ in range(3):
+        observed = driver.observe("detector", [a])[a]
+        assert (observed.phase, observed.version) == ("Ready", "2.0.0")
+        assert labels(core, a) == ("2.0.0", "1.0.0")  # v1 still serves
+        assert endpoints(core, ns) == {(a, "1.0.0")}
+        time.sleep(0.5)
+    # Its IP: the Endpoints list it, and the next look ends the handover.
+    eventually(
+        lambda: (a, "2.0.0") in endpoints(core, ns),
+        what="v2 in the Endpoints",
+        beat=lambda: start_pods(core, ns),
+    )
+    driver.observe("detector", [a])
+    assert labels(core, a) == ("2.0.0", None)
 
 
 def test_a_push_mode_version_change_keeps_every_node_served(
