@@ -37,7 +37,7 @@ from node_agent.cluster.kube import KubeApi
 from node_agent.cluster.loop import ClusterAgent
 from node_agent.cluster.pods import observe_pod
 from node_agent.cluster.settings import ClusterAgentSettings
-from tests.kube.controlplane import ControlPlane, make_node
+from tests.kube.controlplane import ControlPlane, make_node, mark_pods_ready
 from tests.kube.kubelet import eventually, start_pods
 from tests.kube.test_chart_rbac import chart_rbac
 from tests.kube.test_objects_apply import (
@@ -346,6 +346,89 @@ def test_the_cluster_agent_works_with_exactly_the_chart_rbac(
         left = apps.list_namespaced_daemon_set(ns).items
         assert all(d.metadata.deletion_timestamp for d in left)
         assert not admin.list_namespaced_service(ns).items
+    finally:
+        admin.delete_node(node)
+        agent.close()
+
+
+def test_the_cluster_agent_hands_over_once_the_endpoints_route_to_the_new_pod(
+    control_plane: ControlPlane, chart_rbac: str, tmp_path: Path
+) -> None:
+    """The agent, with exactly the chart's RBAC, keeps the old version while the new
+    pod is Ready but not among the ready addresses of the model's Endpoints (Ready
+    before it has an IP: the endpoints controller cannot list it), and releases it at
+    the first apply after they list it."""
+    ns = chart_rbac
+    token = tmp_path / "token"
+    token.write_text(control_plane.driver_token)
+    kube = KubeApi(
+        api_url=control_plane.server,
+        token_file=token,
+        ca_file=Path(control_plane.ca_cert_path) if control_plane.ca_cert_path else None,
+    )
+    agent = ClusterAgent(
+        ClusterAgentSettings(
+            controller_url="http://127.0.0.1:9", cluster=CLUSTER, state_dir=tmp_path / "state"
+        ),
+        kube=kube,
+    )
+    admin: Any = k8s.CoreV1Api(control_plane.api_client())
+    node = f"edge-{uuid.uuid4().hex[:6]}"
+    make_node(admin, node, labels={"tier": "retail"})
+    label, prev = handover.node_label("detector"), handover.previous_label("detector")
+
+    def desire(revision: int, version: str) -> DesiredState:
+        spec = WorkloadSpec("detector", version, "cd" * 32, "onnx", "http://c/a", "r", {})
+        return DesiredState(
+            cluster=CLUSTER,
+            revision=revision,
+            changed=True,
+            namespace=ns,
+            secret=objects.artifact_secret(ns, "token-1"),
+            daemonsets=[objects.daemonset(spec, namespace=ns, image="img:1", port=8500)],
+            services=[objects.service("detector", namespace=ns, port=8500)],
+            node_labels={node: {label: version}},
+            poll_timeout_s=1,
+        )
+
+    def apply_cleanly() -> None:
+        assert agent.apply_once()
+        assert agent.apply_error is None
+
+    def labels() -> tuple[str | None, str | None]:
+        got = admin.read_node(node).metadata.labels or {}
+        return got.get(label), got.get(prev)
+
+    def routed() -> set[str]:
+        return {
+            p.metadata.labels["edgefleet.io/version"]
+            for p in admin.list_namespaced_pod(ns).items
+            if p.metadata.name in handover.routed_pods(kube.list_endpoints(ns, INFERENCE_SELECTOR))
+        }
+
+    try:
+        agent.desired = desire(1, "1.0.0")
+        apply_cleanly()
+        eventually(
+            lambda: routed() == {"1.0.0"}, what="v1 served", beat=lambda: start_pods(admin, ns)
+        )
+        agent.desired = desire(2, "2.0.0")
+        apply_cleanly()
+        assert labels() == ("2.0.0", "1.0.0")
+        eventually(lambda: len(admin.list_namespaced_pod(ns).items) == 2, what="a v2 pod beside v1")
+        mark_pods_ready(admin, ns, INFERENCE_SELECTOR)  # v2 Ready, with no IP yet
+        for _ in range(3):
+            apply_cleanly()
+            assert labels() == ("2.0.0", "1.0.0")  # v1 still serves
+            assert routed() == {"1.0.0"}
+            time.sleep(0.5)
+        eventually(
+            lambda: "2.0.0" in routed(),
+            what="v2 in the Endpoints",
+            beat=lambda: start_pods(admin, ns),
+        )
+        apply_cleanly()
+        assert labels() == ("2.0.0", None)
     finally:
         admin.delete_node(node)
         agent.close()
