@@ -196,7 +196,12 @@ def test_handover_and_rollback_through_the_service(
         what="v1 Ready on node a",
         beat=lambda: start_pods(core, ns),
     )
-    assert labels(core, a) == ("1.0.0", None)
+
+    def released() -> bool:  # at the first look once the Endpoints list v1's pod
+        driver.observe("detector", [a])
+        return labels(core, a) == ("1.0.0", None)
+
+    eventually(released, what="the handover back to v1 finished")
     eventually(
         lambda: (
             endpoints(core, ns) == {(a, "1.0.0"), (b, "1.0.0")}
