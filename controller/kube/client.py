@@ -179,6 +179,7 @@ class KubernetesDriver:
         ("apps", "daemonsets", "delete", None),
         ("apps", "daemonsets", "list", None),
         ("", "pods", "list", None),
+        ("", "endpoints", "list", None),
         ("", "nodes", "list", None),
         ("", "nodes", "patch", None),
         ("", "services", "create", None),
@@ -302,8 +303,9 @@ class KubernetesDriver:
         """Server-side apply the model's Service and each version's DaemonSet, then label
         the nodes, make before break (see :mod:`controller.kube.objects`): a node moving
         to another version keeps the one that serves under its previous label until the
-        new one is Ready. Handovers of nodes not in ``desired`` are finished too; a
-        DaemonSet no node selects any more is deleted, and the Service with the last one."""
+        new one is Ready and in the Service's Endpoints. Handovers of nodes not in
+        ``desired`` are finished too; a DaemonSet no node selects any more is deleted,
+        and the Service with the last one."""
         specs = {s.version: s for s in desired.values() if s is not None}
         if specs:
             self.ensure_artifact_secret()
@@ -312,13 +314,14 @@ class KubernetesDriver:
             self.apply_daemonset(spec)
         labels = self._model_labels(model, handover.node_label(model))
         by_node = self._pods_by_node(model)
+        routed = self._routed(model)
         for node in sorted(set(desired) | set(labels)):
             current, previous = labels.get(node, (None, None))
             wanted = current  # a node not in ``desired`` stays; its handover may finish
             if node in desired:
                 wanted = w.version if (w := desired[node]) is not None else None
             labels[node] = self._set_labels(
-                model, node, wanted, current, previous, by_node.get(node)
+                model, node, wanted, current, previous, by_node.get(node), routed
             )
         self.collect_garbage(model, labels)
 
@@ -340,11 +343,11 @@ class KubernetesDriver:
         current: str | None,
         previous: str | None,
         pods_on_node: Sequence[Mapping[str, Any]] | None,
+        routed: frozenset[str],
     ) -> tuple[str | None, str | None]:
         """Patch ``node``'s labels of ``model`` to what :func:`handover.step` says, if
         they change; returns them."""
-        seen = [o for o in map(pods.observe_pod, pods_on_node or ()) if o is not None]
-        after = handover.step(wanted, current, previous, seen)
+        after = handover.step(wanted, current, previous, pods_on_node or (), routed)
         if after != (current, previous):
             key, prev_key = handover.node_label(model), handover.previous_label(model)
             patch = {"metadata": {"labels": {key: after[0], prev_key: after[1]}}}
@@ -485,15 +488,29 @@ class KubernetesDriver:
                 out.setdefault(node, []).append(pod)
         return out
 
+    def _routed(self, model: str) -> frozenset[str]:
+        """The pods of ``model`` its Service sends traffic to (listed after the pods: a
+        pod serves when both show it so). The endpoints controller gives the Endpoints
+        their Service's labels."""
+        listed = self._get_json(
+            "list endpoints",
+            self.core.list_namespaced_endpoints,
+            self.namespace,
+            label_selector=f"app.kubernetes.io/name={objects.APP_NAME},edgefleet.io/model={model}",
+        )
+        return handover.routed_pods(listed.get("items", []))
+
     def observe(self, model: str, nodes: Sequence[str]) -> dict[str, ObservedWorkload]:
         """What each node runs of ``model``. A node in a handover reports the version it
         moves to (Absent, Pending, Running, then Ready), never the one that serves until
-        then; and the handover finishes here, in the call that sees the new one Ready."""
+        then; and the handover finishes here, in the call that sees the new one Ready
+        and in the Service's Endpoints."""
         by_node = self._pods_by_node(model)
         moving = self._model_labels(model, handover.previous_label(model))
+        routed = self._routed(model) if moving else frozenset()
         for node, (current, previous) in moving.items():
             moving[node] = self._set_labels(
-                model, node, current, current, previous, by_node.get(node)
+                model, node, current, current, previous, by_node.get(node), routed
             )
         if any(after[1] is None for after in moving.values()):
             self.collect_garbage(model)  # a version may have left its last node

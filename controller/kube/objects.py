@@ -22,9 +22,10 @@ hot-swaps on instruction, or surge pods behind a node-local Service), edgefleet 
 - applications call the model's Service (:func:`service`, ``internalTrafficPolicy:
   Local``: the node's own pods only), which sends traffic to Ready pods only, so traffic
   moves when B turns Ready, by the kubelet's readiness probe, with no controller round trip;
-- the driver removes the previous label once it sees B Ready (``apply`` and ``observe``
-  both finish handovers; in pull mode the cluster agent does, at its next look at the
-  pods: the rule is node_agent/cluster/handover.py, one copy for both), and A's pod
+- the driver removes the previous label once it sees B Ready and in the Service's
+  Endpoints, which kube-proxy routes by (``apply`` and ``observe`` both finish
+  handovers; in pull mode the cluster agent does, at its next look at the pods and
+  Endpoints: the rule is node_agent/cluster/handover.py, one copy for both), and A's pod
   drains: it keeps accepting for ``SHUTDOWN_DELAY_S`` while kube-proxy catches up,
   answers every request with ``Connection: close`` so clients reconnect to B, and lets
   requests in flight finish.

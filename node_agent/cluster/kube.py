@@ -160,6 +160,19 @@ class KubeApi:
         )
         return items
 
+    def list_endpoints(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """The Endpoints of the Services with ``selector`` (the endpoints controller gives
+        each its Service's labels)."""
+        items: list[dict[str, Any]] = (
+            self.request(
+                "GET",
+                f"/api/v1/namespaces/{namespace}/endpoints",
+                params={"labelSelector": selector},
+            ).get("items")
+            or []
+        )
+        return items
+
     def list_daemonsets(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = (
             self.request(

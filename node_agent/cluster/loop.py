@@ -33,7 +33,6 @@ from node_agent.cluster.contract import (
     PREVIOUS_LABEL_PREFIX,
     DesiredState,
     ObservedReport,
-    WorkloadObservation,
 )
 from node_agent.cluster.kube import KubeApi, KubeError
 from node_agent.cluster.pods import node_report, observe_pod
@@ -211,10 +210,10 @@ class ClusterAgent:
         The Secret, the Services and the DaemonSets first, then each node's labels, make
         before break (node_agent/cluster/handover.py): a node moving to another version
         keeps the one that serves under its previous label until the new one's pod is
-        Ready, as this agent sees the pods; the handover finishes in the apply that sees
-        it Ready (the worker applies every ``report_interval_s`` while one is under
-        way). Then the DaemonSets of versions no node names any more go, and the Service
-        of a model no node names."""
+        Ready and in its Service's Endpoints, as this agent sees them; the handover
+        finishes in the apply that sees it so (the worker applies every
+        ``report_interval_s`` while one is under way). Then the DaemonSets of versions
+        no node names any more go, and the Service of a model no node names."""
         with self._lock:
             desired = self.desired
         if desired is None:
@@ -259,11 +258,15 @@ class ClusterAgent:
     def _hand_over(self, desired: DesiredState) -> set[tuple[str, str]]:
         """Label each node for the version it should run of each model, make before
         break; the (model, version) pairs some node's labels name afterwards."""
-        seen: dict[tuple[str, str], list[WorkloadObservation]] = {}
+        seen: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for pod in self.kube.list_pods(desired.namespace, INFERENCE_SELECTOR):
             o = observe_pod(pod)
             if o is not None:
-                seen.setdefault((o.node, o.model), []).append(o)
+                seen.setdefault((o.node, o.model), []).append(pod)
+        # A pod serves when both show it so: Ready above and among the ready addresses.
+        routed = handover.routed_pods(
+            self.kube.list_endpoints(desired.namespace, INFERENCE_SELECTOR)
+        )
         used: set[tuple[str, str]] = set()
         for item in self.kube.list_nodes():
             node = item["metadata"]["name"]
@@ -281,7 +284,9 @@ class ClusterAgent:
                 # A node the desired state does not name keeps its version; its
                 # handover may finish.
                 wanted = wanted_labels.get(key, current)
-                after = handover.step(wanted, current, previous, seen.get((node, model), ()))
+                after = handover.step(
+                    wanted, current, previous, seen.get((node, model), ()), routed
+                )
                 if after != (current, previous):
                     self.kube.label_node(node, {key: after[0], prev_key: after[1]})
                 used.update((model, v) for v in after if v is not None)

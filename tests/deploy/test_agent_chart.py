@@ -24,6 +24,8 @@ EXPECTED_ROLE = {
     ("events.k8s.io", "events"): READ,
     # Each model's Service, the applications' endpoint on the nodes.
     ("", "services"): {"get", "list", "create", "patch", "delete"},
+    # Its Endpoints: a handover ends once they route to the new version's pod.
+    ("", "endpoints"): READ,
     # The inference pods' artifact token, and no other Secret.
     ("", "secrets"): {"create"},
     ("", "secrets", "edgefleet-artifact-token"): {"get", "patch"},

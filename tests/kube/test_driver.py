@@ -16,7 +16,7 @@ from controller.kube.client import Conflict, Forbidden, KubernetesDriver, Unreac
 from controller.kube.driver import WorkloadSpec
 from node_agent.cluster import handover
 from tests.kube.controlplane import ControlPlane, credentials, make_node
-from tests.kube.kubelet import eventually, finalize_terminating_pods, settle
+from tests.kube.kubelet import eventually, finalize_terminating_pods, start_pods
 
 RESOURCES = {
     "requests": {"cpu": "250m", "memory": "256Mi"},
@@ -76,7 +76,7 @@ def test_apply_pins_pods_and_reapply_changes_nothing(
     obs = driver.observe("detector", nodes)
     assert obs[nodes[0]].phase == "Pending"
     assert obs[nodes[2]].phase == "Absent"
-    settle(core, ns)
+    start_pods(core, ns)
     obs = driver.observe("detector", nodes)
     assert (obs[nodes[0]].phase, obs[nodes[0]].version, obs[nodes[0]].sha256) == (
         "Ready",
@@ -97,11 +97,13 @@ def test_moving_a_node_to_a_new_version(
     driver: KubernetesDriver, nodes: list[str], core: Any, ns: str
 ) -> None:
     driver.apply("detector", {nodes[0]: spec("1.0.0"), nodes[1]: spec("1.0.0")})
-    eventually(lambda: len(pods_on(core, ns)) == 2, what="v1 pods", beat=lambda: settle(core, ns))
+    eventually(
+        lambda: len(pods_on(core, ns)) == 2, what="v1 pods", beat=lambda: start_pods(core, ns)
+    )
     driver.apply("detector", {nodes[0]: spec("2.0.0")})
 
     def beat() -> None:  # the kubelet, and the reconciler observing (finishes handovers)
-        settle(core, ns)
+        start_pods(core, ns)
         driver.observe("detector", nodes)
 
     eventually(
@@ -118,7 +120,7 @@ def test_removal_leaves_nothing_behind(
     driver: KubernetesDriver, nodes: list[str], core: Any, ns: str
 ) -> None:
     driver.apply("detector", {nodes[0]: spec("1.0.0"), nodes[1]: spec("2.0.0")})
-    eventually(lambda: len(pods_on(core, ns)) == 2, what="pods", beat=lambda: settle(core, ns))
+    eventually(lambda: len(pods_on(core, ns)) == 2, what="pods", beat=lambda: start_pods(core, ns))
     driver.apply("detector", {nodes[0]: None, nodes[1]: None})
     eventually(
         lambda: not driver.workloads("detector") and not core.list_namespaced_pod(ns).items,
@@ -203,7 +205,7 @@ def test_rbac_exactly_what_the_driver_needs(
                 },
                 {
                     "apiGroups": [""],
-                    "resources": ["pods", "events"],
+                    "resources": ["pods", "events", "endpoints"],
                     "verbs": ["get", "list", "watch"],
                 },
                 {

@@ -20,7 +20,7 @@ from controller.rollouts import reconciler
 from controller.rollouts import repository as rollout_repo
 from controller.settings import Settings
 from tests.kube.controlplane import ControlPlane, make_node
-from tests.kube.kubelet import eventually, finalize_terminating_pods, settle
+from tests.kube.kubelet import eventually, finalize_terminating_pods, start_pods
 from tests.rollouts.helpers import apply, push_versions, report, rollout_doc, rollout_id
 
 
@@ -54,7 +54,7 @@ class Site:
             make_node(self.core, node, labels={"tier": "retail", "site": name})
 
     def beat(self) -> None:
-        settle(self.core, self.ns)
+        start_pods(self.core, self.ns)
 
     def pods(self) -> dict[str, str]:
         return {
