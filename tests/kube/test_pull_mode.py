@@ -281,15 +281,13 @@ def test_a_rollout_reaches_a_cluster_the_controller_cannot_connect_to(
     assert set(api.get("/v1/rollouts/v2").json()["states"]) == {"RolledBack"}
 
 
-def test_the_cluster_agent_works_with_exactly_the_chart_rbac(
-    control_plane: ControlPlane, chart_rbac: str, tmp_path: Path
-) -> None:
-    """The agent chart binds the cluster agent to the driver's Role and ClusterRole (as
-    it binds the controller in push mode): with exactly those rights, rendered by Helm
-    and applied to a real API server, the agent applies, reads and cleans up."""
-    ns = chart_rbac
+def _agent_with_the_charts_rights(
+    control_plane: ControlPlane, tmp_path: Path
+) -> tuple[KubeApi, ClusterAgent]:
+    """A cluster agent whose kube client is the user the chart's RBAC is bound to, and
+    whose controller is unreachable (the tests set its desired state by hand)."""
     token = tmp_path / "token"
-    token.write_text(control_plane.driver_token)  # the user the chart's RBAC is bound to
+    token.write_text(control_plane.driver_token)
     kube = KubeApi(
         api_url=control_plane.server,
         token_file=token,
@@ -301,6 +299,17 @@ def test_the_cluster_agent_works_with_exactly_the_chart_rbac(
         ),
         kube=kube,
     )
+    return kube, agent
+
+
+def test_the_cluster_agent_works_with_exactly_the_chart_rbac(
+    control_plane: ControlPlane, chart_rbac: str, tmp_path: Path
+) -> None:
+    """The agent chart binds the cluster agent to the driver's Role and ClusterRole (as
+    it binds the controller in push mode): with exactly those rights, rendered by Helm
+    and applied to a real API server, the agent applies, reads and cleans up."""
+    ns = chart_rbac
+    kube, agent = _agent_with_the_charts_rights(control_plane, tmp_path)
     admin: Any = k8s.CoreV1Api(control_plane.api_client())
     node = f"edge-{uuid.uuid4().hex[:6]}"
     make_node(admin, node, labels={"tier": "retail"})
@@ -359,19 +368,7 @@ def test_the_cluster_agent_hands_over_once_the_endpoints_route_to_the_new_pod(
     before it has an IP: the endpoints controller cannot list it), and releases it at
     the first apply after they list it."""
     ns = chart_rbac
-    token = tmp_path / "token"
-    token.write_text(control_plane.driver_token)
-    kube = KubeApi(
-        api_url=control_plane.server,
-        token_file=token,
-        ca_file=Path(control_plane.ca_cert_path) if control_plane.ca_cert_path else None,
-    )
-    agent = ClusterAgent(
-        ClusterAgentSettings(
-            controller_url="http://127.0.0.1:9", cluster=CLUSTER, state_dir=tmp_path / "state"
-        ),
-        kube=kube,
-    )
+    kube, agent = _agent_with_the_charts_rights(control_plane, tmp_path)
     admin: Any = k8s.CoreV1Api(control_plane.api_client())
     node = f"edge-{uuid.uuid4().hex[:6]}"
     make_node(admin, node, labels={"tier": "retail"})
