@@ -276,12 +276,28 @@ class Assignment(Base):
     # picked for the node's class (spec.model.variants). Null: the rollout's version.
     target_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     previous_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    # The rollout whose spec (resources) the previous version ran under (0012). Null:
+    # unknown (it was deleted, or the row is older): the claiming rollout's then.
+    previous_rollout_id: Mapped[int | None] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="SET NULL")
+    )
     observed_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     state: Mapped[str] = mapped_column(String(16), default=AssignmentState.PENDING)
     message: Mapped[str | None] = mapped_column(Text)
     # Rolling inference metrics reported by the node agent (window, p95, error rate...).
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    @property
+    def shipped_by(self) -> int | None:
+        """The rollout whose spec the node's desired version runs under: the claiming
+        rollout's, unless the node is (back) on its previous version."""
+        if (
+            self.desired_version_id is not None
+            and self.desired_version_id == self.previous_version_id
+        ):
+            return self.previous_rollout_id
+        return self.rollout_id
 
 
 class Event(Base):

@@ -505,7 +505,8 @@ def build_workload(
 def _workload_for(
     session: Session, model: str, version: ModelVersion, settings: Settings, assignment: Assignment
 ) -> WorkloadSpec:
-    rollout = session.get(Rollout, assignment.rollout_id) if assignment.rollout_id else None
+    shipped_by = assignment.shipped_by
+    rollout = session.get(Rollout, shipped_by) if shipped_by is not None else None
     return build_workload(
         model,
         version,

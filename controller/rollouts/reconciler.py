@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -111,6 +111,9 @@ class Step:
         self._drivers: dict[str, ClusterDriver] = {}
         self.unobserved: dict[str, str] = {}  # cluster -> why this step could not observe it
         self._versions: dict[int, ModelVersion] = {self.target.id: self.target}
+        self.resources = self.spec.resources.model_dump(mode="json", exclude_none=True)
+        # Other rollouts' resources by id (previous_workload); None: that rollout is gone.
+        self._resources: dict[int, dict[str, Any] | None] = {}
         chosen = {r.assignment.target_version_id for r in self.rows} - {None, self.target.id}
         self._versions.update(repo.versions_by_id(session, {v for v in chosen if v is not None}))
 
@@ -140,7 +143,9 @@ class Step:
             self._drivers[cluster] = cluster_driver(row, self.settings)
         return self._drivers[cluster]
 
-    def workload(self, version_id: int | None) -> WorkloadSpec | None:
+    def workload(
+        self, version_id: int | None, resources: dict[str, Any] | None = None
+    ) -> WorkloadSpec | None:
         if version_id is None:
             return None
         if version_id not in self._versions:
@@ -150,8 +155,28 @@ class Step:
             self._versions[version_id],
             self.settings,
             rollout=self.r.name,
-            resources=self.spec.resources.model_dump(mode="json", exclude_none=True),
+            resources=self.resources if resources is None else resources,
         )
+
+    def target_workload(self, row: Row) -> WorkloadSpec | None:
+        return self.workload(self.target_of(row).id)
+
+    def previous_workload(self, row: Row) -> WorkloadSpec | None:
+        """The version a node returns to, as it ran before this rollout: under the
+        resources of the rollout that had shipped it. Its pod template is then the one
+        its pods run, so a rollback restarts none of them, on this node or on the nodes
+        this rollout never touched (one DaemonSet per version). Unknown (that rollout
+        deleted since): this rollout's resources."""
+        a = row.assignment
+        return self.workload(a.previous_version_id, self._resources_of(a.previous_rollout_id))
+
+    def _resources_of(self, rollout_id: int | None) -> dict[str, Any] | None:
+        if rollout_id is None or rollout_id == self.r.id:
+            return None
+        if rollout_id not in self._resources:
+            spec = repo.spec_of(self.s, rollout_id)
+            self._resources[rollout_id] = None if spec is None else spec.get("resources", {})
+        return self._resources[rollout_id]
 
     def by_cluster(self, rows: Iterable[Row]) -> dict[str, list[Row]]:
         out: dict[str, list[Row]] = defaultdict(list)
@@ -160,15 +185,19 @@ class Step:
         return out
 
     def push(
-        self, rows: Sequence[Row], version_of: Any, *, count_transient: bool = False
+        self,
+        rows: Sequence[Row],
+        workload_of: Callable[[Row], WorkloadSpec | None],
+        *,
+        count_transient: bool = False,
     ) -> list[Row]:
-        """Send each row's desired workload to its cluster. Returns the rows whose
-        cluster refused permanently; transient errors are retried next step. A revert
-        passes ``count_transient``: its rows are done only where the call landed, and
-        the rows returned are retried until it does."""
+        """Send each row's workload (``target_workload``, ``previous_workload``) to its
+        cluster. Returns the rows whose cluster refused permanently; transient errors
+        are retried next step. A revert passes ``count_transient``: its rows are done
+        only where the call landed, and the rows returned are retried until it does."""
         refused: list[Row] = []
         for cluster, group in self.by_cluster(rows).items():
-            desired = {r.node.name: self.workload(version_of(r)) for r in group}
+            desired = {r.node.name: workload_of(r) for r in group}
             try:
                 self.driver(cluster).apply(self.spec.model.name, desired)
             except DriverError as exc:
@@ -259,7 +288,7 @@ class Step:
         self.admit(opened)
         faults.point("rollout.nodes.admitted")
         applying = self.in_state(self.rows, A.APPLYING)
-        refused = self.push(applying, lambda r: self.target_of(r).id)
+        refused = self.push(applying, self.target_workload)
         faults.point("rollout.nodes.pushed")
         if refused:
             self.moved(refused, A.FAILED, "ClusterRefused")
@@ -666,9 +695,7 @@ class Step:
         rows = [r for r in self.rows if r.assignment.state != A.ROLLED_BACK]
         untouched = [r for r in rows if _never_touched(r)]
         targets = [r for r in rows if r not in untouched and not revert_failed(r)]
-        refused = self.push(
-            targets, lambda r: r.assignment.previous_version_id, count_transient=True
-        )
+        refused = self.push(targets, self.previous_workload, count_transient=True)
         faults.point("rollout.revert.pushed")
         self.moved(untouched, A.ROLLED_BACK, "RolledBack")
         landed = [r for r in targets if r not in refused]
@@ -810,18 +837,14 @@ class Convergence(Step):
     def converge(self) -> None:
         rows = self.rows
         # Reverted earlier and not seen back yet: told again (idempotent), seen below.
-        self.push(
-            self.in_state(rows, A.REVERTING),
-            lambda r: r.assignment.previous_version_id,
-            count_transient=True,
-        )
+        self.push(self.in_state(rows, A.REVERTING), self.previous_workload, count_transient=True)
         back = [r for r in self.in_state(rows, A.DEFERRED) if r.node.health == NodeHealth.READY]
         self.moved(back, A.PENDING, "NodeBack", data=self._versions_of(back))
         away = [r for r in self.in_state(rows, A.PENDING) if r.node.health in _OFFLINE]
         self.moved(away, A.DEFERRED, "NodeOffline")
         self._admit_back(rows)
         applying = self.in_state(rows, A.APPLYING)
-        refused = self.push(applying, lambda r: self.target_of(r).id)
+        refused = self.push(applying, self.target_workload)
         faults.point("rollout.converge.pushed")
         failed: dict[int, str] = {
             r.assignment.id: "the cluster refused the new version" for r in refused
@@ -913,10 +936,7 @@ class Convergence(Step):
         once seen there, as in a rollback: Step.revert), the others stay Applying and
         are reverted again next step (never left half-way)."""
         refused = {
-            r.assignment.id
-            for r in self.push(
-                rows, lambda r: r.assignment.previous_version_id, count_transient=True
-            )
+            r.assignment.id for r in self.push(rows, self.previous_workload, count_transient=True)
         }
         done = [r for r in rows if r.assignment.id not in refused]
         for r in done:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select
 from sqlalchemy.orm import Session, aliased, load_only
@@ -63,6 +64,11 @@ def list_rollouts(session: Session, *, limit: int, offset: int) -> tuple[Sequenc
         .offset(offset)
     ).all()
     return rows, total
+
+
+def spec_of(session: Session, rollout_id: int) -> dict[str, Any] | None:
+    """A rollout's stored spec by id (None: deleted)."""
+    return session.scalar(select(Rollout.spec).where(Rollout.id == rollout_id))
 
 
 def rows_of(session: Session, rollout_id: int) -> list[Row]:

@@ -566,7 +566,9 @@ def _claim_nodes(
                 a = Assignment(node_id=node.id, model_id=model_id, desired_version_id=None)
                 session.add(a)
             elif a.rollout_id != rollout.id or a.state == A.ROLLED_BACK:
-                # A new claim: what the node runs now is what it returns to on rollback.
+                # A new claim: what the node runs now is what it returns to on rollback,
+                # under the resources it runs with now.
+                a.previous_rollout_id = a.shipped_by
                 a.previous_version_id = a.desired_version_id
             a.rollout_id = rollout.id
             a.wave_id = wave.id

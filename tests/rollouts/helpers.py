@@ -175,20 +175,26 @@ def wave_phases(name: str) -> list[str]:
         )
 
 
-def running_versions(settings: Settings, clusters: Iterable[str]) -> dict[str, str | None]:
-    """What the simulated clusters really run, per node (None: no workload)."""
+def running_workloads(settings: Settings, clusters: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The workload each node of the simulated clusters really runs (WorkloadSpec as a
+    dict), by node; a node with none is absent."""
     import json
 
     import redis
 
     client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
-    out: dict[str, str | None] = {}
+    out: dict[str, dict[str, Any]] = {}
     for cluster in clusters:
         data = client.hgetall(f"{settings.sim_state_prefix}:{cluster}:detector")
         for node, raw in data.items():
-            out[node] = json.loads(raw)["version"]
+            out[node] = json.loads(raw)
     client.close()
     return out
+
+
+def running_versions(settings: Settings, clusters: Iterable[str]) -> dict[str, str | None]:
+    """What the simulated clusters really run, per node (None: no workload)."""
+    return {n: w["version"] for n, w in running_workloads(settings, clusters).items()}
 
 
 def rollout_events(name: str) -> list[tuple[str, dict[str, Any]]]:

@@ -9,7 +9,9 @@ from fastapi.testclient import TestClient
 
 from controller.db.models import NodeHealth
 from controller.db.session import session_scope
+from controller.fleet import service as fleet_service
 from controller.fleet.service import set_node_health
+from controller.manifests.builders import RESOURCES
 from controller.rollouts import reconciler
 from controller.settings import Settings
 from tests.rollouts.helpers import (
@@ -22,6 +24,7 @@ from tests.rollouts.helpers import (
     rollout_doc,
     rollout_id,
     running_versions,
+    running_workloads,
     wave_nodes,
     wave_phases,
 )
@@ -167,6 +170,49 @@ def test_failing_gate_rolls_every_touched_node_back(fleet: TestClient, settings:
     assert running_versions(settings, CLUSTERS) == {
         f"{c}-n{i}": "1.0.0" for c in CLUSTERS for i in range(4)
     }
+
+
+def test_a_rollback_restores_the_previous_version_under_its_own_resources(
+    fleet: TestClient, settings: Settings
+) -> None:
+    """A rollout with other limits that fails its gate returns the nodes it touched to
+    their previous version as it ran before: under the resources of the rollout that had
+    shipped it, not its own. (A cluster runs one DaemonSet per version: the failed
+    rollout's limits in its pod template would restart that version's pods on every
+    node, touched or not.) So does a second failed rollout after it, and drift repair."""
+    small = {
+        "requests": {"cpu": "100m", "memory": "128Mi"},
+        "limits": {"cpu": "500m", "memory": "256Mi"},
+    }
+    assert small != RESOURCES
+    assert rollout_to(fleet, settings, "d1", "1.0.0", resources=small)[-1] == "Succeeded"
+    nodes = {f"{c}-n{i}" for c in CLUSTERS for i in range(4)}
+
+    def as_shipped_by_d1() -> dict[str, tuple[str, Any]]:
+        return {
+            n: (w["version"], w["resources"])
+            for n, w in running_workloads(settings, CLUSTERS).items()
+        }
+
+    assert as_shipped_by_d1() == dict.fromkeys(nodes, ("1.0.0", small))
+    for name in ("d2", "d3"):  # d3 claims nodes d2 rolled back
+        resp = apply(fleet, rollout_doc(name, "2.0.0", resources=RESOURCES))
+        assert resp.status_code == 200, resp.text
+        assert drive(name, settings, metrics=lambda node: (95.0, 0))[-1] == "RolledBack"
+        touched = [n for n, s in node_states(name).items() if s == "RolledBack"]
+        assert touched
+        assert as_shipped_by_d1() == dict.fromkeys(nodes, ("1.0.0", small)), name
+    # A reverted node's workload lost behind the controller's back comes back as it was.
+    import redis
+
+    ((canary,),) = wave_nodes("d3")[:1]
+    cluster, node = canary.split("/")
+    r = redis.Redis.from_url(settings.redis_url or "")
+    r.hdel(f"{settings.sim_state_prefix}:{cluster}:detector", node)
+    r.close()
+    with session_scope() as s:
+        assert fleet_service.repair_drift(s, settings) == {f"{cluster}/detector": [node]}
+    assert as_shipped_by_d1() == dict.fromkeys(nodes, ("1.0.0", small))
 
 
 def collapse(seq: list[str]) -> list[str]:
