@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from tests.models import packaged_file
 
@@ -49,6 +50,7 @@ class ZooModel:
     methods: tuple[Method, ...] = ()
     variant: str | None = None  # a lighter build in the same package, pushed with --parent
     label: Callable[[np.ndarray], str] | None = None  # the parent's answer, in words
+    answer: Callable[[int], str] | None = None  # what ``label`` must say of feeds(seed)
 
     @property
     def file(self) -> Path:
@@ -152,7 +154,7 @@ def _ocr(shape: tuple[int, ...]) -> Callable[[int], Feeds]:
 
 
 DIGITS = {
-    "0": ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
+    "0": ("01110", "10001", "10001", "10001", "10001", "10001", "01110"),
     "1": ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
     "2": ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
     "3": ("11110", "00001", "00001", "01110", "00001", "00001", "11110"),
@@ -174,20 +176,39 @@ def _printed_line(shape: tuple[int, ...]) -> Callable[[int], Feeds]:
     classes that any rounding flips)."""
 
     def feeds(seed: int) -> Feeds:
-        rng = np.random.default_rng(seed)
         h, w, scale = shape[2], shape[3], 4
         page = np.full((h, w), 0.92, np.float32)
-        x, y = int(rng.integers(2, 10)), (h - 7 * scale) // 2
-        for digit in rng.choice(list(DIGITS), int(rng.integers(4, 7))):
+        x, y = _indent(seed), (h - 7 * scale) // 2
+        for digit in _digits(seed):
             glyph = np.array([[c == "1" for c in row] for row in DIGITS[digit]])
             ink = np.kron(glyph, np.ones((scale, scale), bool))
-            if x + ink.shape[1] > w:
-                break
             page[y : y + ink.shape[0], x : x + ink.shape[1]][ink] = 0.1
             x += ink.shape[1] + scale + 2
         return {"x": np.repeat(page[None, None] * 2 - 1, 3, axis=1).astype(np.float32)}
 
     return feeds
+
+
+def _indent(seed: int) -> int:
+    """Where :func:`_printed_line`'s first digit starts for ``seed``, in px."""
+    return int(np.random.default_rng(seed).integers(2, 10))
+
+
+def _digits(seed: int) -> str:
+    """The digits :func:`_printed_line` prints for ``seed`` (six fit in 160 px)."""
+    rng = np.random.default_rng(seed)
+    rng.integers(2, 10)  # (the indent)
+    return "".join(rng.choice(list(DIGITS), int(rng.integers(4, 7))))
+
+
+def _ocr_text(probabilities: np.ndarray) -> str:
+    """The recognizer's reading (CTC: the best class per step, repeats merged, blanks
+    (class 0) dropped), in characters of the dictionary its file carries."""
+    model = onnx.load(packaged_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx"))
+    chars = next(p.value for p in model.metadata_props if p.key == "character").splitlines()
+    best = probabilities[0].argmax(axis=-1)
+    steps = [int(c) for i, c in enumerate(best) if c and (i == 0 or best[i - 1] != c)]
+    return "".join(chars[c - 1] for c in steps)
 
 
 def _mediapipe(name: str, shape: tuple[int, ...]) -> Callable[[int], Feeds]:
@@ -231,6 +252,8 @@ CATALOGUE: tuple[ZooModel, ...] = (
         _printed_line((1, 3, 48, 160)),
         {"shapes": {"x": [1, 3, 48, 160]}},
         (Method("static-int8", max_size_ratio=0.35, min_agreement=0.99, int8_goal=True),),
+        label=_ocr_text,
+        answer=_digits,
     ),
     ZooModel(
         "silero-vad",
@@ -252,6 +275,7 @@ CATALOGUE: tuple[ZooModel, ...] = (
         {"shapes": {"bytes": [1, 2048]}},
         (Method("static-int8", max_size_ratio=0.35, min_agreement=0.99, int8_goal=True),),
         label=_magika_label,
+        answer=lambda seed: "python",  # SOURCES are Python files
     ),
     ZooModel(
         "iris",
