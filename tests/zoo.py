@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from tests.models import packaged_file
 
@@ -34,6 +35,7 @@ class Method:
     max_size_ratio: float | None = None
     min_agreement: float | None = None
     fails: str | None = None
+    int8_goal: bool = False  # held to INT8_GOAL (its variant meets it, or the report explains)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class ZooModel:
     methods: tuple[Method, ...] = ()
     variant: str | None = None  # a lighter build in the same package, pushed with --parent
     label: Callable[[np.ndarray], str] | None = None  # the parent's answer, in words
+    answer: Callable[[int], str] | None = None  # what ``label`` must say of feeds(seed)
 
     @property
     def file(self) -> Path:
@@ -150,10 +153,73 @@ def _ocr(shape: tuple[int, ...]) -> Callable[[int], Feeds]:
     return lambda seed: {"x": _text(shape, seed)}
 
 
+DIGITS = {
+    "0": ("01110", "10001", "10001", "10001", "10001", "10001", "01110"),
+    "1": ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
+    "2": ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
+    "3": ("11110", "00001", "00001", "01110", "00001", "00001", "11110"),
+    "4": ("00010", "00110", "01010", "10010", "11111", "00010", "00010"),
+    "5": ("11111", "10000", "11110", "00001", "00001", "10001", "01110"),
+    "6": ("00110", "01000", "10000", "11110", "10001", "10001", "01110"),
+    "7": ("11111", "00001", "00010", "00100", "01000", "01000", "01000"),
+    "8": ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
+    "9": ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
+}
+"""A 5x7 bitmap font of the digits (no font file: the test downloads nothing)."""
+
+
+def _printed_line(shape: tuple[int, ...]) -> Callable[[int], Feeds]:
+    """A cropped line of printed digits, NCHW, as the recognizer gets it from the
+    detector: four to six digits of the bitmap font, 28 px high, dark on light paper,
+    normalized to [-1, 1] as PP-OCR does. The recognizer reads them with confidence
+    (the glyph-like blocks of :func:`_text` it reads as noise, near ties between
+    classes that any rounding flips)."""
+
+    def feeds(seed: int) -> Feeds:
+        h, w, scale = shape[2], shape[3], 4
+        page = np.full((h, w), 0.92, np.float32)
+        x, y = _indent(seed), (h - 7 * scale) // 2
+        for digit in _digits(seed):
+            glyph = np.array([[c == "1" for c in row] for row in DIGITS[digit]])
+            ink = np.kron(glyph, np.ones((scale, scale), bool))
+            page[y : y + ink.shape[0], x : x + ink.shape[1]][ink] = 0.1
+            x += ink.shape[1] + scale + 2
+        return {"x": np.repeat(page[None, None] * 2 - 1, 3, axis=1).astype(np.float32)}
+
+    return feeds
+
+
+def _indent(seed: int) -> int:
+    """Where :func:`_printed_line`'s first digit starts for ``seed``, in px."""
+    return int(np.random.default_rng(seed).integers(2, 10))
+
+
+def _digits(seed: int) -> str:
+    """The digits :func:`_printed_line` prints for ``seed`` (six fit in 160 px)."""
+    rng = np.random.default_rng(seed)
+    rng.integers(2, 10)  # (the indent)
+    return "".join(rng.choice(list(DIGITS), int(rng.integers(4, 7))))
+
+
+def _ocr_text(probabilities: np.ndarray) -> str:
+    """The recognizer's reading (CTC: the best class per step, repeats merged, blanks
+    (class 0) dropped), in characters of the dictionary its file carries."""
+    model = onnx.load(packaged_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx"))
+    chars = next(p.value for p in model.metadata_props if p.key == "character").splitlines()
+    best = probabilities[0].argmax(axis=-1)
+    steps = [int(c) for i, c in enumerate(best) if c and (i == 0 or best[i - 1] != c)]
+    return "".join(chars[c - 1] for c in steps)
+
+
 def _mediapipe(name: str, shape: tuple[int, ...]) -> Callable[[int], Feeds]:
     return lambda seed: {name: _image(shape, seed)}
 
 
+INT8_GOAL = (0.35, 0.99)
+"""Issue #17's bar for static int8 of a CNN that classifies: at most this size ratio,
+at least this top-1 agreement; a variant that misses the size must have a report whose
+size breakdown shows why (no weight left in float: what remains is what int8 does not
+shrink)."""
 INT8_CNN = Method("static-int8", max_size_ratio=0.35)
 
 CATALOGUE: tuple[ZooModel, ...] = (
@@ -175,7 +241,7 @@ CATALOGUE: tuple[ZooModel, ...] = (
         "`?` dims; Constant weights; depthwise convolutions",
         _ocr((1, 3, 48, 192)),
         {"shapes": {"x": [1, 3, 48, 192]}},
-        (Method("static-int8", max_size_ratio=0.4, min_agreement=0.99),),
+        (Method("static-int8", max_size_ratio=0.4, min_agreement=0.99, int8_goal=True),),
     ),
     ZooModel(
         "ppocr-rec",
@@ -183,9 +249,11 @@ CATALOGUE: tuple[ZooModel, ...] = (
         "models/ch_PP-OCRv4_rec_infer.onnx",
         "text recognition (PP-OCRv4 SVTR, 6625 classes per step)",
         "`?` and named dims; a softmax per position; 10 MB",
-        _ocr((1, 3, 48, 160)),
+        _printed_line((1, 3, 48, 160)),
         {"shapes": {"x": [1, 3, 48, 160]}},
-        (Method("fp16", max_size_ratio=0.55, min_agreement=0.99),),
+        (Method("static-int8", max_size_ratio=0.35, min_agreement=0.99, int8_goal=True),),
+        label=_ocr_text,
+        answer=_digits,
     ),
     ZooModel(
         "silero-vad",
@@ -205,8 +273,9 @@ CATALOGUE: tuple[ZooModel, ...] = (
         "int32 byte input; Gemm bias of shape (1, N)",
         _file_features,
         {"shapes": {"bytes": [1, 2048]}},
-        (Method("static-int8", max_size_ratio=0.35, min_agreement=0.99),),
+        (Method("static-int8", max_size_ratio=0.35, min_agreement=0.99, int8_goal=True),),
         label=_magika_label,
+        answer=lambda seed: "python",  # SOURCES are Python files
     ),
     ZooModel(
         "iris",

@@ -303,6 +303,108 @@ def _strip(model: bytes) -> bytes:
     return bytes(proto.SerializeToString())
 
 
+_INT8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _quantized_op(node: onnx.NodeProto) -> bool:
+    """An operator that takes quantized tensors and their scales and zero points."""
+    return node.op_type in (
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QGemm",
+        "ConvInteger",
+        "MatMulInteger",
+    ) or node.op_type.startswith("QLinear")
+
+
+def size_breakdown(variant: bytes, parent_size: int) -> dict[str, Any]:
+    """Where a quantized variant's bytes go, each part as bytes and as a ratio to its
+    parent's size, read from the variant's graph: int8 weights (int8 initializers of
+    rank 2 and more), int32 biases (a quantized Conv or Gemm adds its bias in int32, so
+    it stays 4 bytes a value), scales and zero points (one per tensor, or per output
+    channel of a per-channel weight), float initializers still read in float (by the
+    operator types that read them, largest first), other initializers (shapes, axes)
+    and the graph itself (nodes and tensor names: what no weight format shrinks); in
+    the main graph and its subgraphs (If branches, Loop bodies).
+    ``floor``: everything but the int8 weights, the size the variant cannot go below by
+    shrinking its weights further; ``explanation`` says it in words."""
+    graphs = list(_graphs(onnx.load_from_string(variant).graph))
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for graph in graphs:
+        for node in graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+    parts = dict.fromkeys(
+        ("int8_weights", "int32_biases", "scales_and_zero_points", "float", "other", "graph"), 0
+    )
+    float_by_op: dict[str, int] = {}
+    largest_float: list[tuple[int, str, str]] = []
+    for tensor in (t for graph in graphs for t in graph.initializer):
+        size = len(tensor.SerializeToString())
+        by = readers.get(tensor.name, [])
+        if tensor.data_type in _INT8:
+            parts["int8_weights" if len(tensor.dims) >= 2 else "scales_and_zero_points"] += size
+        elif tensor.data_type == onnx.TensorProto.INT32 and any(_quantized_op(n) for n in by):
+            parts["int32_biases"] += size
+        elif tensor.data_type in _FLOATS and by and all(_quantized_op(n) for n in by):
+            parts["scales_and_zero_points"] += size
+        elif tensor.data_type in _FLOATS:
+            parts["float"] += size
+            ops = "/".join(sorted({n.op_type for n in by})) or "no operator"
+            float_by_op[ops] = float_by_op.get(ops, 0) + size
+            largest_float.append((size, tensor.name, ops))
+        else:
+            parts["other"] += size
+    parts["graph"] = len(variant) - sum(parts.values())
+    ratio = {k: round(v / parent_size, 4) for k, v in parts.items()}
+    floor = round((len(variant) - parts["int8_weights"]) / parent_size, 4)
+    largest_float.sort(reverse=True)
+    said = [
+        f"int32 biases x{ratio['int32_biases']}",
+        f"scales and zero points x{ratio['scales_and_zero_points']}",
+        f"float tensors not quantized x{ratio['float']}"
+        + (
+            " (read by " + ", ".join(f"{op} {b} B" for op, b in _by_size(float_by_op)) + ")"
+            if float_by_op
+            else ""
+        ),
+        f"graph nodes and names x{ratio['graph']}",
+    ]
+    if parts["other"]:
+        said.append(f"other initializers x{ratio['other']}")
+    return {
+        "bytes": parts,
+        "ratio": ratio,
+        "float_by_op": dict(_by_size(float_by_op)),
+        "largest_float": [
+            {"tensor": name, "bytes": size, "read_by": ops} for size, name, ops in largest_float[:5]
+        ],
+        "floor": floor,
+        "explanation": (
+            f"size x{round(len(variant) / parent_size, 4)}: int8 weights x"
+            f"{ratio['int8_weights']}, the rest x{floor}: " + ", ".join(said)
+        ),
+    }
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph in it (If branches, Loop and Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
+
+
+def _by_size(parts: Mapping[str, int]) -> list[tuple[str, int]]:
+    return sorted(parts.items(), key=lambda item: -item[1])
+
+
 def quantize(
     model: bytes,
     method: str,
@@ -386,7 +488,9 @@ def quantize(
                 calibration=calibration,
                 op_types=ops or "all the quantizer supports",
             )
-        return Variant(_strip(dst.read_bytes()), details, [])
+        data = _strip(dst.read_bytes())
+        details["size"] = size_breakdown(data, len(model))
+        return Variant(data, details, [])
 
 
 def to_fp16(model: bytes) -> Variant:

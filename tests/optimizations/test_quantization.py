@@ -192,6 +192,33 @@ def test_qdq_for_other_providers_and_the_calibration_options() -> None:
         assert "QLinearConv" not in ops
 
 
+def test_the_size_breakdown_says_where_the_variants_bytes_go() -> None:
+    """Every byte of the variant in one part; weights left in float named by the
+    operator that reads them; biases int32 beside int8 weights."""
+    model = samples.build_cnn(channels=32)
+    rng = np.random.default_rng(5)
+    feeds = [{"image": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(4)]
+    convs_only = optimize.quantize(model, "static-int8", samples=feeds, op_types=["Conv"])
+    size = convs_only.details["size"]
+    assert sum(size["bytes"].values()) == len(convs_only.data)
+    proto = onnx.load_from_string(convs_only.data)
+    sizes = {t.name: len(t.SerializeToString()) for t in proto.graph.initializer}
+    convs = [n for n in proto.graph.node if n.op_type == "QLinearConv"]
+    assert len(convs) == 2  # inputs: x, its scale, zero point, w, ..., y's, bias
+    assert size["bytes"]["int8_weights"] == sum(sizes[n.input[3]] for n in convs)
+    assert size["bytes"]["int32_biases"] == sum(sizes[n.input[8]] for n in convs)
+    # The Gemm stayed float: its weight and bias, and nothing else, in float.
+    assert size["float_by_op"] == {"Gemm": sizes["fc_w"] + sizes["fc_b"]}
+    assert size["largest_float"][0] == {"tensor": "fc_w", "bytes": sizes["fc_w"], "read_by": "Gemm"}
+    assert (
+        f"float tensors not quantized x{size['ratio']['float']} (read by Gemm"
+        in (size["explanation"])
+    )
+    everything = optimize.quantize(model, "static-int8", samples=feeds)
+    assert everything.details["size"]["bytes"]["float"] == 0
+    assert everything.details["size"]["floor"] < size["floor"]
+
+
 # ---------------------------------------------------------------- the verdict
 def _report(
     size: float, p50: float, agreement: float | None, allclose: bool = True
