@@ -226,3 +226,30 @@ def test_rollout_and_rollback_on_two_real_clusters(
     resp = client.post("/v1/rollouts/v1/undo")
     assert resp.status_code == 409
     assert "no longer owns any node" in resp.json()["detail"]
+
+
+@pytest.fixture
+def site(control_plane: ControlPlane) -> Iterator[Site]:
+    made = Site("gamma", control_plane, f"ef-{uuid.uuid4().hex[:8]}")
+    yield made
+    made.cleanup()
+
+
+def test_delete_cluster_cascade_removes_its_workloads_from_the_cluster(
+    client: TestClient, settings: Settings, site: Site
+) -> None:
+    """``DELETE /v1/clusters/NAME?cascade=true`` on a real API server: the DaemonSets,
+    their pods and the nodes' model labels go, then the cluster."""
+    assert apply(client, cluster_manifest(site.name, site.cp, site.ns)).status_code == 200
+    push_versions(client, "1.0.0")
+    selector = {"matchLabels": {"site": site.name}}
+    assert apply(client, rollout_doc("g1", "1.0.0", selector=selector)).status_code == 200
+    assert run("g1", settings, [site])[-1] == "Succeeded", story(client, "g1")
+    eventually(site.only("1.0.0"), what="1.0.0 on every node", beat=site.beat)
+    assert client.delete(f"/v1/clusters/{site.name}").status_code == 409
+    assert site.only("1.0.0")()  # refused: nothing touched
+    gone = client.delete(f"/v1/clusters/{site.name}", params={"cascade": "true"})
+    assert gone.status_code == 200, gone.text
+    eventually(site.empty, what="no workloads left", beat=site.finalize)
+    assert not site.model_labels()
+    assert client.get(f"/v1/clusters/{site.name}").status_code == 404
