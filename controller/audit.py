@@ -69,11 +69,15 @@ def record_event(
     return event
 
 
-def list_events(session: Session, *, kind: str, name: str, limit: int = 100) -> Sequence[Event]:
-    stmt = (
-        select(Event)
-        .where(Event.object_kind == kind, Event.object_name == name)
-        .order_by(Event.id.desc())
-        .limit(limit)
-    )
-    return session.scalars(stmt).all()
+def list_events(
+    session: Session, *, kind: str, name: str, limit: int = 100, after: int | None = None
+) -> Sequence[Event]:
+    """The object's last ``limit`` events, newest first; with ``after`` (a watcher's
+    cursor), its first ``limit`` events past that id, oldest first, so that a watcher
+    polling again from the last one it got misses none."""
+    stmt = select(Event).where(Event.object_kind == kind, Event.object_name == name)
+    if after is None:
+        stmt = stmt.order_by(Event.id.desc())
+    else:
+        stmt = stmt.where(Event.id > after).order_by(Event.id)
+    return session.scalars(stmt.limit(limit)).all()

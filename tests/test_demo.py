@@ -4,10 +4,13 @@ simulated fleet, the dashboard. Run as a user would, in a fresh directory."""
 from __future__ import annotations
 
 import os
+import pty
+import re
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,14 +55,19 @@ def test_demo_plays_the_scenario(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "'detector-1-1': 'Succeeded'" in proc.stdout
-    out = proc.stdout.replace("\n", "")
-    assert "'detector-1-2': 'RolledBack'" in out
-    assert "'detector-1-1-auto': 'Succeeded'" in out
     assert (tmp_path / ".edgefleet" / "demo.db").is_file()
     assert list((tmp_path / ".edgefleet" / "artifacts" / "sha256").rglob("*"))
-    # The story, one line per decision, and not buried under a line per Celery task.
-    story = [line.split()[1:3] for line in proc.stdout.splitlines() if line[:2].isdigit()]
+    lines = proc.stdout.splitlines()
+    # The logs went to a file, named first and last; the terminal has none of them.
+    logs = tmp_path / ".edgefleet" / "demo.log"
+    assert lines[0] == lines[-1] == f"logs: {logs}"
+    assert "succeeded in" in logs.read_text()  # every eager Celery task's line is there
+    assert "celery" not in proc.stdout + proc.stderr
+    assert proc.stderr == ""
+    # A header per act, then one line per decision, with the gate's numbers.
+    acts = [line.split(" · ")[0] for line in lines if line.startswith("Act ")]
+    assert acts == ["Act 1", "Act 2", "Act 3", "Act 4"]
+    story = [line.split()[1:3] for line in lines if line[:2].isdigit()]
     assert ["detector-1-1", "Succeeded"] in story
     assert ["detector-1-2", "GateFailed"] in story
     assert ["detector-1-2", "RollingBack"] in story
@@ -67,20 +75,56 @@ def test_demo_plays_the_scenario(tmp_path: Path) -> None:
     assert story.index(["detector-1-2", "GateFailed"]) < story.index(
         ["detector-1-2", "RollingBack"]
     )
-    assert "celery" not in proc.stdout + proc.stderr
-    assert len((proc.stdout + proc.stderr).splitlines()) < 80
+    (failed,) = [line for line in lines if "GateFailed" in line]
+    numbers = re.search(r"slowest p95 ([\d.]+) ms > gate ([\d.]+) ms", failed)
+    assert numbers is not None, failed
+    p95, limit = numbers.groups()
+    assert float(p95) > float(limit)
+    passed = [line for line in lines if "GatePassed" in line]
+    assert len(passed) == 8
+    assert all(" ms <= gate " in line for line in passed)
+    # The summary: each rollout's phase and decisive numbers, what the variant bought.
+    start = lines.index(next(line for line in lines if line.startswith("Summary ")))
+    rows = {r.split()[0]: r.split() for r in lines[start + 2 : start + 5]}
+    assert rows["detector-1-1"][1:5] == ["Succeeded", "4", "of", "4"]
+    assert rows["detector-1-2"][1:5] == ["RolledBack", "0", "of", "4"]
+    assert rows["detector-1-2"][5:7] == [p95, limit]
+    assert rows["detector-1-1-auto"][1] == "Succeeded"
+    assert re.match(
+        r"detector 1\.1\.0-int8: static-int8 of 1\.1\.0: size x[\d.]+, p50 x", lines[-2]
+    )
+    # Two screens, and not buried under a line per Celery task (it was 440 lines).
+    assert len(lines) < 80
 
 
 def test_demo_serves_the_dashboard(tmp_path: Path) -> None:
     port = free_port()
+    # On a terminal this time: the waves are drawn live while a rollout runs.
+    terminal, tty = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "controller.cli.main", "demo", "--port", str(port), "--bake", "0s"],
         cwd=tmp_path,
-        env=embedded_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        env=embedded_env(tmp_path) | {"COLUMNS": "120", "LINES": "40"},
+        stdin=subprocess.DEVNULL,
+        stdout=tty,
+        stderr=tty,
         start_new_session=True,
     )
+    os.close(tty)
+    screen = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # EIO: the demo closed its terminal
+                return
+            if not chunk:
+                return
+            screen.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     url = f"http://127.0.0.1:{port}"
     config = tmp_path / ".config" / "edgefleet" / "config.yaml"
     try:
@@ -164,3 +208,10 @@ def test_demo_serves_the_dashboard(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+        reader.join(10)
+        os.close(terminal)
+    shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", screen.decode(errors="replace"))
+    assert "dashboard " + url in shown
+    # The live table: the rollout's waves with their nodes' states and the gate.
+    assert re.search(r"detector-1-1: (Progressing|Succeeded)", shown), shown[-2000:]
+    assert re.search(r"wave\W+phase\W+nodes\W+states\W+slowest p95 ms\W+gate ms", shown)

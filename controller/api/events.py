@@ -33,6 +33,15 @@ def events(
         ),
     ],
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            description="Only events with a larger id, oldest first: the cursor of a watch "
+            "(`edgefleet events --watch`), which asks again from the last id it got.",
+        ),
+    ] = None,
 ) -> list[EventOut]:
-    """The object's events, newest first."""
-    return [EventOut.of(e) for e in list_events(session, kind=kind, name=name, limit=limit)]
+    """The object's events, newest first (with ``after``: the ones past it, oldest first)."""
+    found = list_events(session, kind=kind, name=name, limit=limit, after=after)
+    return [EventOut.of(e) for e in found]

@@ -28,7 +28,7 @@ from controller.cli.client import ApiClient, ApiError
 from controller.cli.errors import client_error, fail
 from controller.cli.format import SEVERITY_STYLE, duration, human_bytes
 from controller.cli.options import ApiUrl, OutputOpt
-from controller.cli.output import Output, console, emit, err_console
+from controller.cli.output import Output, console, emit, err_console, upload_progress
 from controller.registry.spec import ModelVersionManifest
 
 
@@ -331,9 +331,14 @@ def run_apply(
         if blocking:  # what the apply would refuse: refuse it before uploading
             raise ApiError(422, "validation_error", blocking)
         for a in pending:
-            a.uploaded = client.push_version(
-                a.file, name=a.model, version=a.version, metadata=json.dumps(a.metadata)
-            )
+            with upload_progress(a.file) as progress:
+                a.uploaded = client.push_version(
+                    a.file,
+                    name=a.model,
+                    version=a.version,
+                    metadata=json.dumps(a.metadata),
+                    progress=progress,
+                )
 
     reply = client.apply(_dump([_with_sha(d, by_index.get(i)) for i, d in enumerate(docs)]))
     results = reply["results"]

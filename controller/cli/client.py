@@ -4,8 +4,9 @@ same against a laptop demo and a production controller behind an ingress."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -29,6 +30,30 @@ class ApiError(Exception):
                 lines.append(f"  {loc}: {item.get('msg')}")
             return f"{self.error} ({self.status}):\n" + "\n".join(lines)
         return f"{self.error} ({self.status}): {self.detail}"
+
+
+class CountedReader:
+    """A file that tells ``advance`` how many bytes each read returned: httpx's multipart
+    encoder reads the upload in 64 KiB chunks as it sends them, so this follows the
+    upload itself (and the file is never read into memory whole)."""
+
+    def __init__(self, fh: BinaryIO, advance: Callable[[int], None]) -> None:
+        self._fh = fh
+        self._advance = advance
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._fh.read(size)
+        self._advance(len(chunk))
+        return chunk
 
 
 class ApiClient:
@@ -87,18 +112,21 @@ class ApiClient:
         version: str,
         metadata: str | None,
         parent: str | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Any:
+        """Upload the file as it is read (``progress`` is told each chunk's size)."""
         data = {"version": version}
         if metadata is not None:
             data["metadata"] = metadata
         if parent is not None:
             data["parent"] = parent
         with path.open("rb") as fh:
+            body = fh if progress is None else CountedReader(fh, progress)
             return self.request(
                 "POST",
                 f"/v1/models/{name}/versions",
                 data=data,
-                files={"file": (path.name, fh, "application/octet-stream")},
+                files={"file": (path.name, body, "application/octet-stream")},
             )
 
     def post(self, path: str, **kwargs: Any) -> Any:

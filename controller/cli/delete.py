@@ -1,7 +1,7 @@
 """``edgefleet delete KIND/NAME...`` and ``delete -f FILE``: what ``kubectl delete`` does,
 for rollouts, model versions, clusters and freeze periods. The server refuses what is
-still in use (409, naming it); a prompt asks first unless ``--yes`` (required when stdin
-is no terminal)."""
+still in use (409, naming it), except a cluster's workloads with ``--cascade``; a prompt
+asks first unless ``--yes`` (required when stdin is no terminal)."""
 
 from __future__ import annotations
 
@@ -82,13 +82,21 @@ def delete(
     yes: Annotated[
         bool, typer.Option("--yes", "-y", help="Do not ask (needed without a terminal).")
     ] = False,
+    cascade: Annotated[
+        bool,
+        typer.Option(
+            "--cascade",
+            help="Clusters: remove their workloads from their nodes first, then the cluster.",
+        ),
+    ] = False,
     output: OutputOpt = Output.table,
     api_url: ApiUrl = None,
 ) -> None:
     """Delete rollouts, model versions and clusters that nothing uses, and freeze periods.
 
     A rollout once it is over; a model version no rollout and no node uses; a cluster
-    whose nodes run nothing; a freeze period at any time (the rollouts it held start
+    whose nodes run nothing (with --cascade: its workloads are removed first, once no
+    rollout in progress holds its nodes); a freeze period at any time (the rollouts it held start
     their nodes from their next step on). A manifest's objects are deleted last first: its rollouts
     before the versions they ship, before their clusters."""
     wanted = [parse_target(t) for t in targets or []]
@@ -109,7 +117,8 @@ def delete(
     done: list[dict[str, Any]] = []
     try:
         for kind, name in wanted:
-            done.append(client.request("DELETE", _path(kind, name)))
+            params = {"cascade": "true"} if cascade and kind == "Cluster" else None
+            done.append(client.request("DELETE", _path(kind, name), params=params))
             if output is Output.table:
                 console.print(f"{kind.lower()}.edgefleet.io/{name} deleted", highlight=False)
     except ApiError as exc:

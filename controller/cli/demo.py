@@ -11,7 +11,12 @@ tasks, simulated clusters), with a scenario that plays out on the dashboard:
    and rollout ``detector-1-1-auto`` (``variants: auto``) ships, per class, the faster.
 
 The simulated agents report each node's latency from the version's *measured* benchmark
-(scaled for the node's architecture, with noise), so the gate decision is real."""
+(scaled for the node's architecture, with noise), so the gate decision is real.
+
+The terminal tells the story and nothing else: a header per act, one line per decision
+with its numbers, a live table of the waves while a rollout runs (on a terminal; a log
+or a pipe gets the lines alone), a closing summary. The logs go to a file unless
+``--verbose``."""
 
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
+from rich.live import Live
+from rich.table import Table
 from sqlalchemy import func, select
 
 from controller.agents import service as agents
@@ -39,6 +46,7 @@ from controller.cli.config import save_context
 from controller.cli.output import console
 from controller.db import migrate
 from controller.db.models import (
+    Assignment,
     BenchmarkStatus,
     Cluster,
     Event,
@@ -46,6 +54,7 @@ from controller.db.models import (
     NodeBenchmark,
     Role,
     Rollout,
+    Wave,
 )
 from controller.db.session import dispose_engines, session_scope
 from controller.manifests.builders import RESOURCES, fleet, rollout
@@ -219,11 +228,72 @@ STORY = (
 )
 
 
+def _gate_numbers(data: dict[str, Any]) -> str:
+    """The numbers a gate decided on: the slowest p95 against its limit."""
+    gate = data.get("gate") or {}
+    p95, limit = gate.get("max_p95_ms"), (gate.get("limits") or {}).get("maxP95LatencyMs")
+    if p95 is None or limit is None:
+        return ""
+    return f"; slowest p95 {p95:.3f} ms {'<=' if p95 <= limit else '>'} gate {limit:g} ms"
+
+
+def wave_table(name: str) -> Table:
+    """The waves of one rollout: their nodes' states and the slowest p95 against the gate."""
+    with session_scope() as s:
+        r = s.scalars(select(Rollout).where(Rollout.name == name)).one()
+        limit = r.spec.get("gates", {}).get("maxP95LatencyMs")
+        rows = s.execute(
+            select(Assignment.wave_id, Assignment.state, Assignment.metrics).where(
+                Assignment.rollout_id == r.id
+            )
+        ).all()
+        waves = s.scalars(select(Wave).where(Wave.rollout_id == r.id).order_by(Wave.index)).all()
+        table = Table(title=f"{name}: {r.phase}", title_justify="left")
+        for col in ("wave", "phase", "nodes", "states", "slowest p95 ms", "gate ms"):
+            table.add_column(col)
+        for w in waves:
+            mine = [row for row in rows if row.wave_id == w.id]
+            states: dict[str, int] = {}
+            for row in mine:
+                states[row.state] = states.get(row.state, 0) + 1
+            p95s = [row.metrics["p95_ms"] for row in mine if row.metrics.get("p95_ms") is not None]
+            table.add_row(
+                str(w.index),
+                w.phase,
+                str(w.node_count),
+                ", ".join(f"{k} {v}" for k, v in sorted(states.items())),
+                f"{max(p95s):.3f}" if p95s else "-",
+                f"{limit:g}" if limit is not None else "-",
+            )
+    return table
+
+
 class Narrator:
-    """Prints the story as it happens: each new event of the kinds in STORY, in order."""
+    """Prints the story as it happens: a header per act, each new event of the kinds in
+    STORY in order, and on a terminal a live table of the running rollout's waves."""
 
     def __init__(self) -> None:
         self.seen = 0
+        self.live: Live | None = None
+        self.watching: str | None = None
+
+    def act(self, title: str) -> None:
+        console.print()
+        console.rule(f"[bold]{title}", align="left")
+
+    def watch(self, rollout_name: str | None) -> None:
+        """Show the waves of this rollout live (a terminal only), or stop showing any."""
+        self.watching = rollout_name
+        if not console.is_terminal:
+            return
+        if rollout_name is None:
+            if self.live is not None:
+                self.live.stop()
+                self.live = None
+            return
+        if self.live is None:
+            self.live = Live(console=console, transient=True, auto_refresh=False)
+            self.live.start()
 
     def tell(self) -> None:
         with session_scope() as s:
@@ -237,10 +307,13 @@ class Narrator:
             mix = (data or {}).get("versions")
             if mix:  # a rollout with variants: which version each node class got
                 message += "; versions chosen: " + ", ".join(f"{v} x{n}" for v, n in mix.items())
+            message += _gate_numbers(data or {})
             console.print(
                 f"{at:%H:%M:%S}  {name:<20} {reason:<18} {message}", highlight=False, soft_wrap=True
             )
         self.seen = last or self.seen
+        if self.live is not None and self.watching is not None:
+            self.live.update(wave_table(self.watching), refresh=True)
 
 
 class Scenario:
@@ -272,31 +345,90 @@ class Scenario:
 
     def step(self) -> bool:
         """One beat of the demo; False once the story is told."""
+        tell = self.narrator
         if self.stage == 0:
+            tell.act("Act 1 · three sites, 16 nodes; model versions validated and benchmarked")
             self.apply(
                 _cluster("berlin", 6, "amd64"),
                 _cluster("paris", 6, "amd64"),
                 _cluster("oslo", 4, "arm64"),
             )
+            tell.tell()
+            tell.act(
+                f"Act 2 · detector 1.1.0, wave by wave, behind a p95 gate of {self.gate_ms:.3f} ms"
+            )
             self.apply(_rollout("detector-1-1", "1.1.0", self.gate_ms, self.bake))
+            tell.watch("detector-1-1")
             self.stage = 1
         rollouts.tick(self.settings)
         self.agents.report_once()
         if self.stage == 1 and self.phase("detector-1-1") == "Succeeded":
+            tell.tell()
+            tell.act("Act 3 · detector 1.2.0, a heavier network, behind the same gate")
             self.apply(_rollout("detector-1-2", "1.2.0", self.gate_ms, self.bake))
+            tell.watch("detector-1-2")
             self.stage = 2
         if self.stage == 2 and self.phase("detector-1-2") in TERMINAL:
+            tell.tell()
+            tell.watch(None)
+            tell.act("Act 4 · an int8 variant of 1.1.0, benchmarked per node class")
             self.derive_and_benchmark()
             self.stage = 3
         if self.stage == 3:
             self.agents.answer_benchmarks(self.settings)
             if self.benchmarked():
+                tell.tell()
                 doc = _rollout("detector-1-1-auto", "1.1.0", self.gate_ms, self.bake)
                 doc["spec"]["model"]["variants"] = "auto"
                 self.apply(doc)
+                tell.watch("detector-1-1-auto")
                 self.stage = 4
-        self.narrator.tell()
-        return not (self.stage == 4 and self.phase("detector-1-1-auto") in TERMINAL)
+        tell.tell()
+        if self.stage == 4 and self.phase("detector-1-1-auto") in TERMINAL:
+            if tell.watching is not None:
+                tell.watch(None)
+                self.summary()
+            return False
+        return True
+
+    def summary(self) -> None:
+        """The decisive numbers of each rollout, and what the variant bought."""
+        self.narrator.act("Summary")
+        table = Table(box=None, pad_edge=False)
+        for col in ("rollout", "phase", "waves passed", "slowest p95 ms", "gate ms", "versions"):
+            table.add_column(col)
+        with session_scope() as s:
+            for name in ROLLOUTS:
+                r = s.scalars(select(Rollout).where(Rollout.name == name)).one()
+                passed = sum(1 for w in r.waves if w.phase == "Passed")
+                gates = s.scalars(
+                    select(Event.data).where(
+                        Event.rollout_id == r.id, Event.reason.in_(("GatePassed", "GateFailed"))
+                    )
+                ).all()
+                p95s = [d["gate"]["max_p95_ms"] for d in gates if d["gate"].get("max_p95_ms")]
+                applied = s.scalars(
+                    select(Event.data)
+                    .where(Event.rollout_id == r.id, Event.reason == "Applied")
+                    .order_by(Event.id.desc())
+                ).first()
+                mix = (applied or {}).get("versions") or {r.spec["model"]["version"]: None}
+                table.add_row(
+                    name,
+                    r.phase,
+                    f"{passed} of {len(r.waves)}",
+                    f"{max(p95s):.3f}" if p95s else "-",
+                    f"{r.spec['gates']['maxP95LatencyMs']:g}",
+                    ", ".join(v if n is None else f"{v} x{n}" for v, n in mix.items()),
+                )
+            derived = s.scalars(
+                select(Event.message)
+                .where(Event.reason == "VariantDerived")
+                .order_by(Event.id.desc())
+            ).first()
+        console.print(table)
+        if derived:
+            console.print(f"detector {VARIANT}: {derived}", highlight=False, soft_wrap=True)
 
     def derive_and_benchmark(self) -> None:
         """An int8 variant of 1.1.0 (a real quantization job), then benchmarks of both on
@@ -356,12 +488,28 @@ def _admin_context(url: str) -> tuple[str, Path]:
     return token, save_context("demo", server=url, token=token)
 
 
+def _log_to(path: Path | None, *, verbose: bool) -> None:
+    """Every log line to ``path`` (or to stderr with ``verbose``): each eager Celery task
+    and each heartbeat logs one, and the terminal is for the story."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    assert path is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.FileHandler(path, mode="w")],
+    )
+
+
 def run_demo(
-    *, port: int, serve: bool, fresh: bool = True, bake: str = "3s"
+    *, port: int, serve: bool, fresh: bool = True, bake: str = "3s", verbose: bool = False
 ) -> dict[str, str | None]:
-    # The story is printed by the Narrator; logs are for what goes wrong (every eager
-    # Celery task would otherwise log a line of its own).
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logs = None if verbose else Path(".edgefleet", "demo.log").resolve()
+    _log_to(logs, verbose=verbose)
+    if logs is not None:
+        console.print(f"logs: {logs}", highlight=False, soft_wrap=True)
     settings = _embedded_settings()
     db = settings.database_url.removeprefix("sqlite:///")
     if fresh and settings.database_url.startswith("sqlite:///") and Path(db).exists():
@@ -370,32 +518,40 @@ def run_demo(
             Path(db + suffix).unlink(missing_ok=True)
     configure(settings)
     migrate.upgrade(settings)
+    url = f"http://127.0.0.1:{port}"
+    if serve:
+        token, config = _admin_context(url)
+        console.print(f"[bold]edgefleet demo[/bold] database {settings.database_url}")
+        console.print(f"  dashboard {url}/  (sign in with the token below)")
+        console.print(f"  API       {url}/docs")
+        console.print(f"  CLI       edgefleet get rollouts  (context 'demo' saved to {config})")
+        console.print(f"  token     {token}  (admin, this demo's database only)", highlight=False)
     seed_models(settings)
     scenario = Scenario(settings, bake=bake)
-    url = f"http://127.0.0.1:{port}"
     if not serve:
         while scenario.step():
             time.sleep(0.05)
         result = {n: scenario.phase(n) for n in ROLLOUTS}
-        console.print(f"edgefleet demo finished: {result}")
+        if logs is not None:
+            console.print(f"logs: {logs}", highlight=False, soft_wrap=True)
         return result
 
     def loop() -> None:
+        told = False
         while True:
             try:
                 if not scenario.step():
                     scenario.agents.report_once()
+                    if not told:
+                        console.print(f"dashboard {url}/  (Ctrl-C stops the demo)")
+                        if logs is not None:
+                            console.print(f"logs: {logs}", highlight=False, soft_wrap=True)
+                        told = True
             except Exception:
                 log.exception("demo step failed")
             time.sleep(1.0)
 
     threading.Thread(target=loop, name="edgefleet-demo", daemon=True).start()
-    token, config = _admin_context(url)
-    console.print(f"[bold]edgefleet demo[/bold] database {settings.database_url}")
-    console.print(f"  dashboard {url}/  (sign in with the token below)")
-    console.print(f"  API       {url}/docs")
-    console.print(f"  CLI       edgefleet get rollouts  (context 'demo' saved to {config})")
-    console.print(f"  token     {token}  (admin, this demo's database only)", highlight=False)
     import uvicorn  # lazy: --no-serve never starts a server
 
     from controller.api.app import create_app
@@ -405,6 +561,7 @@ def run_demo(
         host="127.0.0.1",
         port=port,
         timeout_keep_alive=settings.api_keepalive_timeout_s,
-        log_level="warning",
+        log_level="info" if verbose else "warning",
+        log_config=None,  # uvicorn's lines go where the demo's logs go
     )
     return {}

@@ -192,12 +192,15 @@ def demo(
         bool, typer.Option(help="Serve the dashboard; --no-serve plays the scenario and exits.")
     ] = True,
     bake: Annotated[str, typer.Option(help="Bake time of each rollout step.")] = "3s",
+    verbose: Annotated[
+        bool, typer.Option(help="Logs to stderr; without it they go to .edgefleet/demo.log.")
+    ] = False,
 ) -> None:
     """Embedded demo: SQLite, in-process tasks, a simulated fleet, the dashboard."""
     # Lazy, for start-up time: the demo loads the whole controller (~2 s).
     from controller.cli.demo import run_demo
 
-    result = run_demo(port=port, serve=serve, bake=bake)
+    result = run_demo(port=port, serve=serve, bake=bake, verbose=verbose)
     expected = {
         "detector-1-1": "Succeeded",
         "detector-1-2": "RolledBack",

@@ -12,7 +12,7 @@ from controller.cli.client import ApiClient, ApiError
 from controller.cli.errors import fail
 from controller.cli.format import human_bytes, make_table
 from controller.cli.options import ApiUrl, OutputOpt
-from controller.cli.output import Output, emit, err_console
+from controller.cli.output import Output, emit, err_console, upload_progress, waiting
 
 models_app = typer.Typer(help="Model registry: push, list and describe model versions.")
 
@@ -128,21 +128,25 @@ def models_push(
     """Push a model artifact (ONNX or TFLite) as a new immutable version."""
     client = ApiClient(api_url)
     try:
-        result = client.push_version(
-            file,
-            name=name,
-            version=model_version,
-            metadata=_read_metadata(metadata),
-            parent=parent,
-        )
+        with upload_progress(file) as progress:
+            result = client.push_version(
+                file,
+                name=name,
+                version=model_version,
+                metadata=_read_metadata(metadata),
+                parent=parent,
+                progress=progress,
+            )
         path = f"/v1/models/{name}/versions/{model_version}"
         deadline = time.monotonic() + timeout
-        while wait and result["status"] in ("Pending", "Validating"):
-            if time.monotonic() > deadline:
-                err_console.print(f"still {result['status']} after {timeout:g} s")
-                raise typer.Exit(code=2)
-            time.sleep(0.5)
-            result = client.get(path)
+        with waiting(f"{name} {model_version}") as seen:
+            while wait and result["status"] in ("Pending", "Validating"):
+                seen(result["status"])
+                if time.monotonic() > deadline:
+                    err_console.print(f"still {result['status']} after {timeout:g} s")
+                    raise typer.Exit(code=2)
+                time.sleep(0.5)
+                result = client.get(path)
     except ApiError as exc:
         raise fail(exc) from exc
     finally:
@@ -224,12 +228,14 @@ def models_optimize(
             "POST", f"/v1/models/{name}/versions/{model_version}/variants", data=data, files=files
         )
         deadline = time.monotonic() + timeout
-        while job["status"] in ("Pending", "Running"):
-            if time.monotonic() > deadline:
-                err_console.print(f"optimization still {job['status']} after {timeout:g} s")
-                raise typer.Exit(code=2)
-            time.sleep(0.5)
-            job = client.get(f"/v1/models/{name}/optimizations/{job['id']}")
+        with waiting(f"{method} of {name} {model_version}") as seen:
+            while job["status"] in ("Pending", "Running"):
+                seen(job["status"])
+                if time.monotonic() > deadline:
+                    err_console.print(f"optimization still {job['status']} after {timeout:g} s")
+                    raise typer.Exit(code=2)
+                time.sleep(0.5)
+                job = client.get(f"/v1/models/{name}/optimizations/{job['id']}")
     except ApiError as exc:
         raise fail(exc) from exc
     finally:
@@ -315,11 +321,14 @@ def models_benchmark(
             body = {"runs": runs, "selector": {"matchLabels": labels}}
             rows = client.post(path, json=body)
             deadline = time.monotonic() + wait
-            while any(r["status"] in ("Pending", "Running") for r in rows):
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(1.0)
-                rows = client.get(path)
+            with waiting(f"benchmarks of {name} {model_version}") as seen:
+                while any(r["status"] in ("Pending", "Running") for r in rows):
+                    done = sum(r["status"] not in ("Pending", "Running") for r in rows)
+                    seen(f"{done} of {len(rows)} node class(es) done")
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(1.0)
+                    rows = client.get(path)
     except ApiError as exc:
         raise fail(exc) from exc
     finally:

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 console = Console()
@@ -39,3 +49,37 @@ def emit(
             console.print(rendered)
     else:
         console.print(yaml.safe_dump(data, sort_keys=False), end="", markup=False, highlight=False)
+
+
+# Progress goes to stderr and only to a terminal: a pipe, a log or `-o json` gets the
+# result alone, with no bar drawn into it.
+
+
+@contextmanager
+def upload_progress(path: Path) -> Iterator[Callable[[int], None] | None]:
+    """A transfer bar over the upload of ``path`` (told each chunk sent), or None."""
+    if not err_console.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("uploading {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(path.name, total=path.stat().st_size)
+        yield lambda n: bar.advance(task, n)
+
+
+@contextmanager
+def waiting(what: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with the job's status while the command waits for it: the returned
+    function takes each status seen."""
+    if not err_console.is_terminal:
+        yield lambda status: None
+        return
+    with err_console.status(what) as spinner:
+        yield lambda status: spinner.update(f"{what}: {status}")

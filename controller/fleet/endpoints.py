@@ -41,9 +41,22 @@ def get_cluster(name: str, session: SessionDep) -> ClusterOut:
 
 
 @router.delete("/clusters/{name}", response_model=Deleted, dependencies=[ADMIN])
-def delete_cluster(name: str, session: SessionDep) -> Deleted:
-    """Delete a cluster whose nodes run no workload (409 while they do)."""
-    service.delete_cluster(session, name)
+def delete_cluster(
+    name: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    cascade: Annotated[
+        bool,
+        Query(
+            description="Remove the cluster's workloads first (through its driver), then "
+            "the cluster; without it, a cluster whose nodes run a workload is a 409."
+        ),
+    ] = False,
+) -> Deleted:
+    """Delete a cluster whose nodes run no workload (409 while they do), or, with
+    ``cascade``, remove its workloads first (409 while a rollout not over holds its
+    nodes, or for a pull cluster; 503 if its API refuses, with nothing deleted)."""
+    service.delete_cluster(session, name, settings, cascade=cascade)
     return Deleted(kind="Cluster", name=name)
 
 

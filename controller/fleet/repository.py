@@ -23,6 +23,8 @@ from controller.db.models import (
     NodeHealth,
     PullCluster,
     PullDesired,
+    Rollout,
+    RolloutPhase,
 )
 
 
@@ -44,6 +46,44 @@ def workload_count(session: Session, cluster_id: int) -> int:
             .where(Node.cluster_id == cluster_id, Assignment.desired_version_id.is_not(None))
         )
         or 0
+    )
+
+
+def cluster_workloads(session: Session, cluster_id: int) -> dict[str, list[str]]:
+    """Per model, the cluster's nodes that run (or are meant to run) a workload of it."""
+    rows = session.execute(
+        select(Model.name, Node.name)
+        .join(Assignment, Assignment.model_id == Model.id)
+        .join(Node, Node.id == Assignment.node_id)
+        .where(
+            Node.cluster_id == cluster_id,
+            (Assignment.desired_version_id.is_not(None))
+            | (Assignment.observed_version_id.is_not(None)),
+        )
+        .order_by(Model.name, Node.name)
+    ).all()
+    out: dict[str, list[str]] = {}
+    for model, node in rows:
+        out.setdefault(model, []).append(node)
+    return out
+
+
+# The rollout phases that still act on their nodes (rollouts' ACTIVE_PHASES: the fleet is
+# below the rollouts and does not import them).
+_ACTIVE = (RolloutPhase.PENDING, RolloutPhase.PROGRESSING, RolloutPhase.PAUSED, RolloutPhase.FAILED)
+
+
+def active_rollouts_on(session: Session, cluster_id: int) -> list[str]:
+    """The rollouts not over yet that hold nodes of the cluster."""
+    return list(
+        session.scalars(
+            select(Rollout.name)
+            .join(Assignment, Assignment.rollout_id == Rollout.id)
+            .join(Node, Node.id == Assignment.node_id)
+            .where(Node.cluster_id == cluster_id, Rollout.phase.in_(_ACTIVE))
+            .distinct()
+            .order_by(Rollout.name)
+        )
     )
 
 

@@ -26,7 +26,7 @@ from controller.db.models import (
     NodeHealth,
     Rollout,
 )
-from controller.errors import Conflict, InvalidInput, NotFound
+from controller.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from controller.fleet import repository as repo
 from controller.fleet.spec import ClusterManifest
 from controller.kit.diff import diff
@@ -103,21 +103,64 @@ def check_remote_access(manifest: ClusterManifest, settings: Settings) -> None:
         )
 
 
-def delete_cluster(session: Session, name: str) -> None:
+def delete_cluster(
+    session: Session, name: str, settings: Settings, *, cascade: bool = False
+) -> None:
     """Forget a cluster whose nodes run nothing of ours (409 otherwise: its workloads
     would keep running with no controller to roll them back). Its nodes, their
-    assignments and its pull state go with it."""
+    assignments and its pull state go with it.
+
+    ``cascade``: first remove its workloads through its driver, synchronously (each call
+    bounded by the driver's own timeouts), then forget it; refused while a rollout not
+    over holds its nodes (abort it first), and for a pull cluster, whose agent could no
+    longer learn that they are gone. A driver error leaves everything as it was (the
+    request's transaction rolls back); the removal is idempotent, so it can be asked
+    again."""
     cluster = repo.lock_cluster(session, name)
     if cluster is None:
         raise NotFound(f"cluster {name!r} not found")
-    workloads = repo.workload_count(session, cluster.id)
-    if workloads:
-        raise Conflict(
-            f"cluster {name!r} runs {workloads} workload(s) of edgefleet's on its nodes: "
-            "remove them first"
-        )
+    removed: dict[str, list[str]] = {}
+    if cascade:
+        active = repo.active_rollouts_on(session, cluster.id)
+        if active:
+            raise Conflict(
+                f"cluster {name!r} has nodes in rollout(s) not over yet: {', '.join(active)}; "
+                "abort them first (edgefleet rollout abort NAME)"
+            )
+        if cluster.spec.get("mode") == "pull":
+            raise Conflict(
+                f"cluster {name!r} is in pull mode: its agent removes workloads only when it "
+                "fetches that they are gone, and a deleted cluster has nothing to fetch; "
+                "remove its workloads first"
+            )
+        removed = repo.cluster_workloads(session, cluster.id)
+        driver = cluster_driver(cluster, settings)
+        for model, nodes in removed.items():
+            try:
+                driver.apply(model, dict.fromkeys(nodes))
+            except DriverError as exc:
+                raise ServiceUnavailable(
+                    f"cluster {name!r}: removing the workloads of model {model!r} failed "
+                    f"({exc}); nothing was deleted, ask again"
+                ) from exc
+        if removed:
+            record_event(
+                session,
+                kind="Cluster",
+                name=name,
+                reason="WorkloadsRemoved",
+                message=", ".join(f"{m} from {len(n)} node(s)" for m, n in removed.items()),
+                data={"workloads": {m: n[:100] for m, n in removed.items()}},
+            )
+    else:
+        workloads = repo.workload_count(session, cluster.id)
+        if workloads:
+            raise Conflict(
+                f"cluster {name!r} runs {workloads} workload(s) of edgefleet's on its nodes: "
+                "remove them first, or delete with cascade"
+            )
     session.delete(cluster)
-    record_event(session, kind="Cluster", name=name, reason="Deleted")
+    record_event(session, kind="Cluster", name=name, reason="Deleted", data={"cascade": cascade})
 
 
 def apply_cluster(session: Session, manifest: ClusterManifest, settings: Settings) -> ApplyOutcome:

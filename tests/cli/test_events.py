@@ -5,6 +5,12 @@ nodes, model versions and rollouts, for a viewer."""
 from __future__ import annotations
 
 import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -49,6 +55,7 @@ def test_events_of_a_cluster_node_and_model_version(fleet: TestClient) -> None:
         ({"kind": "Cluster", "name": "x" * 254}, "name"),
         ({"kind": "Cluster", "name": "berlin", "limit": 0}, "limit"),
         ({"kind": "Cluster"}, "name"),
+        ({"kind": "Cluster", "name": "berlin", "after": -1}, "after"),
     ],
 )
 def test_bad_queries_are_422_naming_the_parameter(
@@ -74,6 +81,66 @@ def test_cli_shows_the_events_oldest_first(api_url: str) -> None:
     data = json.loads(cli(api_url, "events", "model/detector:1.0.0", "-o", "json").stdout)
     assert data
     assert [e["id"] for e in data] == sorted(e["id"] for e in data)  # oldest first
+
+
+def test_watch_follows_new_events_until_ctrl_c(api_url: str, fleet: TestClient) -> None:
+    """As a user would: the list, then an event recorded after the watch started shows
+    up, and Ctrl-C ends the watch cleanly."""
+    command = ("events", "cluster/berlin", "--watch", "--interval", "0.5")
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "controller.cli.main", *command],
+        env=os.environ | {"EDGEFLEET_API_URL": api_url, "COLUMNS": "200"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in watch.stdout or ():
+            lines.put(line)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+
+    def next_line_with(text: str) -> str:
+        while True:
+            line = lines.get(timeout=30)
+            if text in line:
+                return line
+
+    try:
+        assert next_line_with("REASON").split()[:2] == ["AGE", "REASON"]
+        assert "created (generation 1)" in next_line_with("Applied")
+        assert apply(fleet, cluster_doc("berlin", 3)).status_code == 200
+        assert "configured (generation 2)" in next_line_with("Applied")
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(15) == 0, watch.stderr.read() if watch.stderr else ""
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        reader.join(10)
+    assert watch.stderr is not None
+    assert "Traceback" not in watch.stderr.read()
+
+
+def test_events_after_a_cursor_are_oldest_first(fleet: TestClient) -> None:
+    viewer = bearer("viewer")
+    query = {"kind": "Cluster", "name": "berlin"}
+    first = fleet.get("/v1/events", params=query, headers=viewer).json()[0]  # the newest
+    assert fleet.get("/v1/events", params=query | {"after": first["id"]}).json() == []
+    assert apply(fleet, cluster_doc("berlin", 3)).status_code == 200
+    assert apply(fleet, cluster_doc("berlin", 4)).status_code == 200
+    after = fleet.get("/v1/events", params=query | {"after": first["id"]}, headers=viewer).json()
+    assert [e["id"] for e in after] == sorted(e["id"] for e in after)
+    assert [e["message"] for e in after if e["reason"] == "Applied"] == [
+        "configured (generation 2)",
+        "configured (generation 3)",
+    ]
+    one = fleet.get("/v1/events", params=query | {"after": first["id"], "limit": 1}).json()
+    assert [e["id"] for e in one] == [after[0]["id"]]
 
 
 def test_cli_refuses_a_target_that_is_not_kind_slash_name(api_url: str) -> None:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +15,7 @@ from sqlalchemy import Connection
 from typer.testing import CliRunner
 
 from controller.api.app import create_app
+from controller.cli.client import ApiClient
 from controller.cli.main import app
 from controller.registry import samples
 from controller.registry.tflite_builder import build_tflite_mlp
@@ -64,6 +69,70 @@ def test_push_list_describe(api_url: str, tmp_path: Path) -> None:
 
     code, out = cli(api_url, "models", "describe", "cam", "1.0.0", "-o", "json")
     assert json.loads(out)["signature"]["inputs"][0]["name"] == "image"
+
+
+def test_push_streams_the_file_as_it_sends_it(api_url: str, tmp_path: Path) -> None:
+    """The upload is read in chunks while it is sent, never whole into memory first:
+    what the progress bar counts is the upload itself."""
+    model = tmp_path / "heavy.onnx"
+    model.write_bytes(samples.build_cnn(seed=2, channels=48, size=96))
+    size = model.stat().st_size
+    chunks: list[int] = []
+    client = ApiClient(api_url)
+    try:
+        pushed = client.push_version(
+            model, name="heavy", version="1", metadata=None, progress=chunks.append
+        )
+    finally:
+        client.close()
+    assert pushed["size_bytes"] == size
+    assert sum(chunks) == size
+    assert max(chunks) <= 64 * 1024
+    assert len([c for c in chunks if c]) >= size // (64 * 1024)
+
+
+def test_push_off_a_terminal_draws_no_progress(api_url: str, tmp_path: Path) -> None:
+    model = tmp_path / "heavy.onnx"
+    model.write_bytes(samples.build_cnn(seed=2, channels=48, size=96))
+    code, out = cli(api_url, "models", "push", str(model), "-n", "heavy", "-v", "1", "-o", "json")
+    assert code == 0, out
+    assert json.loads(out)["status"] == "Ready"  # the answer alone: no bar, no spinner
+    assert "\r" not in out
+    assert "uploading" not in out
+
+
+def test_push_on_a_terminal_shows_the_upload(api_url: str, tmp_path: Path) -> None:
+    model = tmp_path / "heavy.onnx"
+    model.write_bytes(samples.build_cnn(seed=2, channels=48, size=96))
+    terminal, tty = pty.openpty()
+    command = ("models", "push", str(model), "-n", "heavy", "-v", "1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller.cli.main", *command],
+        env=os.environ | {"EDGEFLEET_API_URL": api_url, "COLUMNS": "120"},
+        stdin=subprocess.DEVNULL,
+        stdout=tty,
+        stderr=tty,
+    )
+    os.close(tty)
+    shown = bytearray()
+    try:
+        while True:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # EIO: the command ended and closed its terminal
+                break
+            if not chunk:
+                break
+            shown.extend(chunk)
+        assert proc.wait(60) == 0, shown.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(terminal)
+    text = shown.decode(errors="replace")
+    assert "uploading heavy.onnx" in text
+    assert "Status:      Ready" in text
 
 
 def test_errors_are_explained(api_url: str, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from controller.api.app import create_app
 from controller.cli.main import app
+from controller.kube.factory import driver_for
 from controller.settings import Settings
 from tests.cli.test_rollouts import cli
 from tests.conftest import bearer
@@ -67,6 +68,41 @@ def test_an_active_rollout_is_deleted_only_once_aborted(fleet: TestClient) -> No
     assert "abort it first" in refused.json()["detail"]
     assert fleet.post("/v1/rollouts/live/abort").status_code == 202
     assert fleet.delete("/v1/rollouts/live").status_code == 200
+
+
+def test_delete_cluster_cascade_removes_its_workloads_first(
+    fleet: TestClient, settings: Settings
+) -> None:
+    assert apply(fleet, rollout_doc("good", "1.0.0")).status_code == 200
+    assert drive("good", settings)[-1] == "Succeeded"
+    driver = driver_for("berlin", "simulated", cluster_doc("berlin", 2)["spec"], settings)
+    nodes = ["berlin-n0", "berlin-n1"]
+    assert {o.phase for o in driver.observe("detector", nodes).values()} == {"Ready"}
+    refused = fleet.delete("/v1/clusters/berlin")
+    assert refused.status_code == 409
+    assert "delete with cascade" in refused.json()["detail"]
+    # Not while a rollout in progress holds its nodes: its workloads would come back.
+    assert apply(fleet, rollout_doc("live", "2.0.0")).status_code == 200
+    held = fleet.delete("/v1/clusters/berlin", params={"cascade": "true"})
+    assert held.status_code == 409
+    assert "rollout(s) not over yet: live" in held.json()["detail"]
+    assert fleet.post("/v1/rollouts/live/abort").status_code == 202
+    drive("live", settings)
+    operator = fleet.delete(
+        "/v1/clusters/berlin", params={"cascade": "true"}, headers=bearer("operator")
+    )
+    assert operator.status_code == 403
+    assert {o.phase for o in driver.observe("detector", nodes).values()} == {"Ready"}
+    gone = fleet.delete("/v1/clusters/berlin", params={"cascade": "true"})
+    assert gone.status_code == 200, gone.text
+    assert {o.phase for o in driver.observe("detector", nodes).values()} == {"Absent"}
+    assert fleet.get("/v1/clusters/berlin").status_code == 404
+    assert fleet.get("/v1/nodes", params={"cluster": "berlin"}).json()["total"] == 0
+    events = fleet.get("/v1/events", params={"kind": "Cluster", "name": "berlin"}).json()
+    assert [e["reason"] for e in events[:2]] == ["Deleted", "WorkloadsRemoved"]
+    assert events[1]["data"]["workloads"] == {"detector": nodes}
+    assert events[0]["data"] == {"cascade": True}
+    assert fleet.delete("/v1/clusters/berlin", params={"cascade": "true"}).status_code == 404
 
 
 @pytest.fixture
@@ -177,3 +213,15 @@ def test_delete_names_a_document_it_cannot_place(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "document 1 names no Rollout" in result.output  # the last one is read first
     assert cli("http://127.0.0.1:9", "delete", "--yes").exit_code == 1
+
+
+def test_cli_delete_cluster_cascade(api_url: str, fleet: TestClient, settings: Settings) -> None:
+    assert apply(fleet, rollout_doc("good", "1.0.0")).status_code == 200
+    assert drive("good", settings)[-1] == "Succeeded"
+    refused = cli(api_url, "delete", "cluster/berlin", "-y")
+    assert refused.exit_code == 1
+    assert "delete with cascade" in refused.output
+    result = cli(api_url, "delete", "cluster/berlin", "--cascade", "-y")
+    assert result.exit_code == 0, result.output
+    assert "cluster.edgefleet.io/berlin deleted" in result.stdout
+    assert fleet.get("/v1/clusters/berlin").status_code == 404

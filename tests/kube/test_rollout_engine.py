@@ -14,13 +14,16 @@ import pytest
 from fastapi.testclient import TestClient
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
+from sqlalchemy import select
 
+from controller.db.models import Cluster
 from controller.db.session import session_scope
 from controller.rollouts import reconciler
 from controller.rollouts import repository as rollout_repo
 from controller.settings import Settings
 from tests.kube.controlplane import ControlPlane, make_node
 from tests.kube.kubelet import eventually, finalize_terminating_pods, start_pods
+from tests.live import free_port
 from tests.rollouts.helpers import apply, push_versions, report, rollout_doc, rollout_id
 
 
@@ -226,3 +229,43 @@ def test_rollout_and_rollback_on_two_real_clusters(
     resp = client.post("/v1/rollouts/v1/undo")
     assert resp.status_code == 409
     assert "no longer owns any node" in resp.json()["detail"]
+
+
+@pytest.fixture
+def site(control_plane: ControlPlane) -> Iterator[Site]:
+    made = Site("gamma", control_plane, f"ef-{uuid.uuid4().hex[:8]}")
+    yield made
+    made.cleanup()
+
+
+def test_delete_cluster_cascade_removes_its_workloads_from_the_cluster(
+    client: TestClient, settings: Settings, site: Site
+) -> None:
+    """``DELETE /v1/clusters/NAME?cascade=true`` on a real API server: the DaemonSets,
+    their pods and the nodes' model labels go, then the cluster."""
+    assert apply(client, cluster_manifest(site.name, site.cp, site.ns)).status_code == 200
+    push_versions(client, "1.0.0")
+    selector = {"matchLabels": {"site": site.name}}
+    assert apply(client, rollout_doc("g1", "1.0.0", selector=selector)).status_code == 200
+    assert run("g1", settings, [site])[-1] == "Succeeded", story(client, "g1")
+    eventually(site.only("1.0.0"), what="1.0.0 on every node", beat=site.beat)
+    assert client.delete(f"/v1/clusters/{site.name}").status_code == 409
+    assert site.only("1.0.0")()  # refused: nothing touched
+    # Its API server unreachable: 503, and the cluster and its nodes stay as they were.
+    with session_scope() as s:
+        cluster = s.scalars(select(Cluster).where(Cluster.name == site.name)).one()
+        server = cluster.spec["server"]
+        cluster.spec = {**cluster.spec, "server": f"https://127.0.0.1:{free_port()}"}
+    unreachable = client.delete(f"/v1/clusters/{site.name}", params={"cascade": "true"})
+    assert unreachable.status_code == 503, unreachable.text
+    assert "nothing was deleted" in unreachable.json()["detail"]
+    assert client.get("/v1/nodes", params={"cluster": site.name}).json()["total"] == 3
+    with session_scope() as s:
+        cluster = s.scalars(select(Cluster).where(Cluster.name == site.name)).one()
+        cluster.spec = {**cluster.spec, "server": server}
+    assert site.only("1.0.0")()
+    gone = client.delete(f"/v1/clusters/{site.name}", params={"cascade": "true"})
+    assert gone.status_code == 200, gone.text
+    eventually(site.empty, what="no workloads left", beat=site.finalize)
+    assert not site.model_labels()
+    assert client.get(f"/v1/clusters/{site.name}").status_code == 404
