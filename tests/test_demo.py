@@ -81,7 +81,9 @@ def test_demo_plays_the_scenario(tmp_path: Path) -> None:
     p95, limit = numbers.groups()
     assert float(p95) > float(limit)
     passed = [line for line in lines if "GatePassed" in line]
-    assert len(passed) == 8
+    # detector-1-1's four waves (the variant rollout's count depends on its variant mix).
+    assert len([line for line in passed if " detector-1-1 " in line]) == 4
+    assert not [line for line in passed if " detector-1-2 " in line]
     assert all(" ms <= gate " in line for line in passed)
     # The summary: each rollout's phase and decisive numbers, what the variant bought.
     start = lines.index(next(line for line in lines if line.startswith("Summary ")))

@@ -109,8 +109,14 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# np.load reads each member's header with ast.literal_eval, and CPython 3.11.7's AST
+# builder is not safe across threads ("SystemError: AST constructor recursion depth
+# mismatch", fixed in 3.11.8): the tests' client threads decode one answer at a time.
+_NPZ_LOCK = threading.Lock()
+
+
 def load_npz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+    with _NPZ_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as archive:
         return {k: archive[k] for k in archive.files}
 
 
