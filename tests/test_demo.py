@@ -83,13 +83,14 @@ def test_demo_plays_the_scenario(tmp_path: Path) -> None:
     passed = [line for line in lines if "GatePassed" in line]
     # detector-1-1's four waves (the variant rollout's count depends on its variant mix).
     assert len([line for line in passed if " detector-1-1 " in line]) == 4
-    assert not [line for line in passed if " detector-1-2 " in line]
     assert all(" ms <= gate " in line for line in passed)
     # The summary: each rollout's phase and decisive numbers, what the variant bought.
     start = lines.index(next(line for line in lines if line.startswith("Summary ")))
     rows = {r.split()[0]: r.split() for r in lines[start + 2 : start + 5]}
     assert rows["detector-1-1"][1:5] == ["Succeeded", "4", "of", "4"]
-    assert rows["detector-1-2"][1:5] == ["RolledBack", "0", "of", "4"]
+    # The heavier model fails a gate, on its canary or a later wave (its p95 is near it).
+    assert rows["detector-1-2"][1] == "RolledBack"
+    assert rows["detector-1-2"][2:5] in (["0", "of", "4"], ["1", "of", "4"])
     assert rows["detector-1-2"][5:7] == [p95, limit]
     assert rows["detector-1-1-auto"][1] == "Succeeded"
     assert re.match(
