@@ -41,7 +41,8 @@ Points, in the order a rollout meets them (``(c)`` marks a point after the commi
   commands: pause, resume, abort, undo, retry (controller/rollouts/commands.py: command)
     rollout.command.locked      the rollout row locked, nothing changed
     rollout.command.recorded    the transition recorded (flushed), no step sent, no commit
-  reconcile step (controller/rollouts/reconciler.py: reconcile, Step)
+  reconcile step (controller/rollouts/reconciler.py reconcile, and the step's modules
+  waves.py, step.py, convergence.py)
     rollout.step.locked         the rollout row locked and its rows read, nothing changed
     rollout.started             Pending -> Progressing recorded, not committed
     rollout.wave.started        WaveStarted recorded (the wave Applying), no node admitted
@@ -99,18 +100,18 @@ POINTS: dict[str, str] = {
     "rollout.step.locked": "controller/rollouts/reconciler.py reconcile",
     "rollout.step.committed": "controller/rollouts/reconciler.py reconcile",
     "rollout.started": "controller/rollouts/reconciler.py reconcile",
-    "rollout.wave.started": "controller/rollouts/reconciler.py Step.progress",
-    "rollout.nodes.admitted": "controller/rollouts/reconciler.py Step.progress",
-    "rollout.nodes.pushed": "controller/rollouts/reconciler.py Step.progress",
-    "rollout.observed": "controller/rollouts/reconciler.py Step.progress",
-    "rollout.gate.evaluated": "controller/rollouts/reconciler.py Step.judge",
-    "rollout.wave.promoted": "controller/rollouts/reconciler.py Step.promote",
-    "rollout.succeeded": "controller/rollouts/reconciler.py Step.promote",
-    "rollout.failed": "controller/rollouts/reconciler.py Step.fail",
-    "rollout.rolling_back": "controller/rollouts/reconciler.py Step.fail",
-    "rollout.revert.pushed": "controller/rollouts/reconciler.py Step.revert",
-    "rollout.revert.recorded": "controller/rollouts/reconciler.py Step.revert",
-    "rollout.converge.pushed": "controller/rollouts/reconciler.py Convergence.converge",
+    "rollout.wave.started": "controller/rollouts/waves.py Step.progress",
+    "rollout.nodes.admitted": "controller/rollouts/waves.py Step.progress",
+    "rollout.nodes.pushed": "controller/rollouts/waves.py Step.progress",
+    "rollout.observed": "controller/rollouts/waves.py Step.progress",
+    "rollout.gate.evaluated": "controller/rollouts/waves.py Step.judge",
+    "rollout.wave.promoted": "controller/rollouts/waves.py Step.promote",
+    "rollout.succeeded": "controller/rollouts/waves.py Step.promote",
+    "rollout.failed": "controller/rollouts/waves.py Step.fail",
+    "rollout.rolling_back": "controller/rollouts/waves.py Step.fail",
+    "rollout.revert.pushed": "controller/rollouts/step.py StepBase.revert",
+    "rollout.revert.recorded": "controller/rollouts/step.py StepBase.revert",
+    "rollout.converge.pushed": "controller/rollouts/convergence.py Convergence.converge",
     "fleet.heartbeat.folded": "controller/fleet/service.py ingest_heartbeats",
     "agents.heartbeat.folded": "controller/agents/service.py receive_heartbeats",
     "registry.push.staged": "controller/registry/service.py push_version",

@@ -293,7 +293,7 @@ class IngestResult:
 # Keys of Assignment.metrics that the reconciler observes in the cluster or records
 # itself (not reported by agents): a heartbeat replaces the agent's window but keeps
 # these. converging_since: when a node back from offline was told to switch
-# (rollouts/reconciler.py Convergence).
+# (rollouts/convergence.py Convergence).
 OBSERVED_KEYS = ("restarts", "converging_since")
 
 

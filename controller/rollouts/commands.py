@@ -9,8 +9,9 @@ from controller import faults
 from controller.db.models import AssignmentState, Rollout, RolloutPhase, WavePhase
 from controller.errors import Conflict, NotFound
 from controller.rollouts import repository as repo
-from controller.rollouts.reconciler import queue_step, reverting_left
+from controller.rollouts.reconciler import queue_step
 from controller.rollouts.state import ACTIVE_PHASES, advance_wave, move, transition
+from controller.rollouts.step import reverting_left
 
 P, A = RolloutPhase, AssignmentState
 

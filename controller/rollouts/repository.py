@@ -189,7 +189,7 @@ _REVERTED = (RolloutPhase.ROLLED_BACK, RolloutPhase.ABORTED)
 
 
 def _not_back() -> ColumnElement[bool]:
-    """A reverted rollout's node not yet back on its previous version (reconciler.py
+    """A reverted rollout's node not yet back on its previous version (step.py
     reverting_left): neither RolledBack nor Failed there after its revert landed."""
     return and_(
         Assignment.state != AssignmentState.ROLLED_BACK,
@@ -200,7 +200,7 @@ def _not_back() -> ColumnElement[bool]:
     )
 
 
-# A Succeeded rollout's nodes still on their way to its version (reconciler.py
+# A Succeeded rollout's nodes still on their way to its version (convergence.py
 # Convergence): back and switching, or offline while it ran and now back. The ones
 # still offline are no work yet: a step would only look at them.
 _ON_THEIR_WAY = (AssignmentState.PENDING, AssignmentState.APPLYING)

@@ -37,9 +37,10 @@ from controller.kit.quantity import memory_bytes
 from controller.rollouts import choice as choice_mod
 from controller.rollouts import planner
 from controller.rollouts import repository as repo
-from controller.rollouts.reconciler import WAITING, queue_step
+from controller.rollouts.reconciler import queue_step
 from controller.rollouts.spec import ComparisonRequirement, RolloutManifest, RolloutSpec
 from controller.rollouts.state import ACTIVE_PHASES, transition
+from controller.rollouts.step_schedule import WAITING
 from controller.schedules import service as schedules
 from controller.schedules import windows
 from controller.schedules.service import Calendars

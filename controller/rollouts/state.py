@@ -32,12 +32,12 @@ TERMINAL_PHASES = (P.SUCCEEDED, P.ROLLED_BACK, P.ABORTED)
 # A revert (rollback, abort, undo) releases a node it never touched at once (-> RolledBack)
 # and moves every other to Reverting once its cluster took the previous version; the
 # node is RolledBack only when that version is seen Ready there, Failed when it fails
-# there (reconciler.py Step.revert).
+# there (step.py StepBase.revert).
 ASSIGNMENT_TRANSITIONS: dict[str, set[str]] = {
     A.PENDING: {A.APPLYING, A.DEFERRED, A.REVERTING, A.ROLLED_BACK},
     # Applying -> Healthy: a node converging after its rollout ended (it was offline while
-    # the rollout ran) counts as done only once its health check passed (reconciler.py
-    # Step.converge); it has no wave left to bake in, so it does not rest in Running.
+    # the rollout ran) counts as done only once its health check passed (convergence.py
+    # Convergence.converge); it has no wave left to bake in, so it does not rest in Running.
     A.APPLYING: {A.RUNNING, A.HEALTHY, A.FAILED, A.REVERTING},
     A.RUNNING: {A.HEALTHY, A.FAILED, A.REVERTING},
     A.HEALTHY: {A.RUNNING, A.FAILED, A.REVERTING},

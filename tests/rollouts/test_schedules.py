@@ -1,4 +1,4 @@
-"""Scheduled rollouts end to end: the engine (controller/rollouts/reconciler.py) admits a
+"""Scheduled rollouts end to end: the engine (controller/rollouts/step_schedule.py) admits a
 node only while its calendar allows a start, pauses a wave at a window's end, catches up
 once after an outage, and follows a schedule changed or cancelled mid-flight. Every step
 runs at an injected instant (reconcile(..., now=...)); nothing sleeps.
@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from controller.db.models import Event, Rollout, Wave
 from controller.db.session import session_scope
-from controller.rollouts import commands, reconciler
+from controller.rollouts import commands, reconciler, step_schedule, waves
 from controller.rollouts import repository as rollout_repo
 from controller.rollouts import service as rollout_service
 from controller.rollouts.spec import RolloutManifest
@@ -281,7 +281,7 @@ def test_a_freeze_applied_as_a_manifest_holds_a_wave_already_running(
     assert seen.started == before  # the nodes moved stay; no other starts
     message = rollout_message("held")
     assert message is not None
-    assert message.startswith(reconciler.WAITING)
+    assert message.startswith(step_schedule.WAITING)
     run("held", settings, T0 + timedelta(hours=6), T0 + timedelta(hours=8), seen=seen)
     assert seen.phase == "Succeeded"
     assert min(t for n, t in seen.started.items() if n not in before) == T0 + timedelta(hours=6)
@@ -312,7 +312,7 @@ def test_a_wave_that_cannot_finish_in_its_window_pauses_at_its_end(
     assert sorted(states.values()) == ["Healthy", "Healthy", "Pending", "Pending"]
     message = rollout_message("slow")
     assert message is not None
-    assert message.startswith(reconciler.WAITING)
+    assert message.startswith(step_schedule.WAITING)
     assert "2 node(s) not started" in message
     assert "2026-11-12T01:00:00+00:00" in message
     # Said once for the wait before the first night and once for the pause after it.
@@ -322,7 +322,7 @@ def test_a_wave_that_cannot_finish_in_its_window_pauses_at_its_end(
     with session_scope() as s:
         rollout = rollout_repo.lock(s, "slow")
         assert rollout is not None
-        step = reconciler.Step(s, rollout, settings, night1 + timedelta(hours=13))
+        step = waves.Step(s, rollout, settings, night1 + timedelta(hours=13))
         assert step.wake_at() == datetime(2026, 11, 12, 1, tzinfo=UTC)
         s.rollback()
 

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, select
 
 from controller.db.base import utcnow
 from controller.db.models import Event, Rollout
-from controller.rollouts import reconciler
+from controller.rollouts import reconciler, step_schedule
 from controller.settings import Settings
 from controller.tasks.celery_app import celery_app, configure
 from tests.rollouts.helpers import (
@@ -230,7 +230,7 @@ def test_beats_tick_steps_every_rollout_with_work_left(
         wait_for(lambda: (evaluated_at(engine, "closed") or before) > before, 30, "closed: stepped")
     assert phase(queued, "closed") == "Progressing"
     assert (queued.get("/v1/rollouts/closed").json()["message"] or "").startswith(
-        reconciler.WAITING
+        step_schedule.WAITING
     )
     assert phase(queued, "paused") == "Paused"
     assert phase(queued, "done") == "Succeeded"
