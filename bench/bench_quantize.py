@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from controller.optimizations import optimize
+from controller.optimizations import compare, optimize
 from controller.registry import samples
 
 Feeds = dict[str, np.ndarray]
@@ -112,7 +112,7 @@ def main() -> None:
         for pipeline, derive in pipelines:
             try:
                 variant = derive(model, calibration)
-                report = optimize.compare(model, variant, held_out, latency_runs=args.runs)
+                report = compare.compare(model, variant, held_out, latency_runs=args.runs)
             except Exception as exc:  # the old pipeline breaks some models outright
                 print(f"{label:44} {pipeline:8} failed: {type(exc).__name__}: {str(exc)[:160]}")
                 continue

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from controller.optimizations.optimize import LATENCY_NOISE
+from controller.optimizations.compare import LATENCY_NOISE
 from controller.registry import samples
 from controller.registry.tflite_builder import build_tflite_mlp
 from controller.settings import Settings

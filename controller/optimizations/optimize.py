@@ -6,13 +6,14 @@ quantization in QDQ format with calibration data (CNNs), fp16 conversion, and ma
 pruning to a target sparsity. The comparison runs both models (ONNX, or TFLite for a
 variant pushed with its parent) on the same inputs in one process: max and mean absolute
 error per output, allclose at given tolerances, top-1 agreement for classifier-like
-outputs, size ratios and side-by-side latency."""
+outputs, size ratios and side-by-side latency.
+
+The methods are here; sample inputs (uploaded or generated) in ``sample_inputs.py``, the
+comparison and its verdict in ``compare.py``."""
 
 from __future__ import annotations
 
-import io
 import tempfile
-import time
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,14 +24,6 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
-
-from node_agent.runtimes import (
-    InputHints,
-    TensorSpec,
-    fixed_dim,
-    generate_inputs,
-    open_runner,
-)
 
 METHODS = ("dynamic-int8", "static-int8", "fp16", "prune")
 Feeds = dict[str, np.ndarray]
@@ -47,106 +40,7 @@ class Variant:
     warnings: list[str]
 
 
-# ---------------------------------------------------------------- calibration / samples
-
-
-def load_samples(npz: bytes, specs: Sequence[TensorSpec]) -> list[Feeds]:
-    """Sample inputs uploaded as an ``.npz`` of arrays named like the model's inputs. For
-    an input ``[batch, 3, 32, 32]`` an array may be laid out either way:
-
-    - one axis more than the input, leading axis = samples: ``(N, 1, 3, 32, 32)`` gives
-      N feeds of ``(1, 3, 32, 32)``;
-    - the input's own rank, when its leading dim is dynamic or 1: ``(N, 3, 32, 32)`` is
-      split along the batch axis into N feeds of ``(1, 3, 32, 32)``.
-
-    Float arrays are cast to the input's float type (``np.random`` gives float64)."""
-    try:
-        arrays = dict(np.load(io.BytesIO(npz), allow_pickle=False))
-    except Exception as exc:
-        raise OptimizationError(f"calibration file is not a readable .npz: {exc}") from exc
-    names = [s.name for s in specs]
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise OptimizationError(
-            f"calibration .npz lacks input(s) {missing}; it has {sorted(arrays)} "
-            "(one array per model input, leading axis = samples)"
-        )
-    split = {spec.name: _sample_axis(arrays[spec.name], spec) for spec in specs}
-    for spec in specs:
-        if spec.dtype != "str" and arrays[spec.name].dtype != np.dtype(spec.dtype):
-            arrays[spec.name] = arrays[spec.name].astype(spec.dtype)
-    counts = {n: arrays[n].shape[0] for n in names}
-    if len(set(counts.values())) != 1:
-        raise OptimizationError(f"calibration arrays disagree on the sample count: {counts}")
-    n = next(iter(counts.values()))
-    # (np.array, not ascontiguousarray, which would turn a scalar input's samples 1-d)
-    return [
-        {
-            name: np.array(arrays[name][i : i + 1] if split[name] else arrays[name][i], order="C")
-            for name in names
-        }
-        for i in range(n)
-    ]
-
-
-def _tuple(dims: Sequence[str]) -> str:
-    return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
-
-
-def _layouts(spec: TensorSpec) -> str:
-    dims = ["?" if fixed_dim(d) is None else str(d) for d in spec.shape]
-    layouts = [f"{_tuple(['N', *dims])} (N samples of the input's shape)"]
-    if dims and fixed_dim(spec.shape[0]) in (None, 1):
-        layouts.append(f"{_tuple(['N', *dims[1:]])} (N samples along the batch axis)")
-    return " or ".join(layouts)
-
-
-def _signature(spec: TensorSpec) -> str:
-    return f"{spec.name!r} [{', '.join('?' if d is None else str(d) for d in spec.shape)}]"
-
-
-def _sample_axis(array: np.ndarray, spec: TensorSpec) -> bool:
-    """Whether the samples lie along ``spec``'s own batch axis (rank = the input's),
-    rather than along an extra leading axis (rank = the input's + 1). Checks the array's
-    sizes against the input's fixed dims and its dtype's kind."""
-    rank = len(spec.shape)
-    if array.ndim == rank + 1:
-        sample_shape, split = array.shape[1:], False
-    elif array.ndim == rank and rank and fixed_dim(spec.shape[0]) in (None, 1):
-        sample_shape, split = (1, *array.shape[1:]), True
-    else:
-        raise OptimizationError(
-            f"calibration array {spec.name!r} has shape {list(array.shape)}; for the input "
-            f"{_signature(spec)} the accepted layouts are {_layouts(spec)}"
-        )
-    for axis, (dim, size) in enumerate(zip(spec.shape, sample_shape, strict=True)):
-        if (want := fixed_dim(dim)) is not None and size != want:
-            raise OptimizationError(
-                f"calibration array {spec.name!r} has shape {list(array.shape)}: dim {axis} "
-                f"of the input {_signature(spec)} must be {want} (accepted layouts: "
-                f"{_layouts(spec)})"
-            )
-    if spec.dtype != "str" and np.dtype(spec.dtype).kind != array.dtype.kind:
-        raise OptimizationError(
-            f"calibration array {spec.name!r} is {array.dtype}; the input {spec.name!r} "
-            f"is {spec.dtype}"
-        )
-    return split
-
-
-def generated_samples(
-    specs: Sequence[TensorSpec], count: int, default_dim: int, hints: InputHints | None = None
-) -> list[Feeds]:
-    """``count`` generated feeds, sized by the version's validation ``hints`` where it
-    has them (as the probe sizes its inputs)."""
-    hints = hints or InputHints(dims={}, shapes={}, values={})
-    return [generate_inputs(specs, hints, default_dim=default_dim, seed=i) for i in range(count)]
-
-
-# ---------------------------------------------------------------- methods
-
-
-def _size_compressed(data: bytes) -> int:
+def size_compressed(data: bytes) -> int:
     return len(zlib.compress(data, 6))
 
 
@@ -579,7 +473,7 @@ def prune(model: bytes, *, sparsity: float, scope: str, min_elements: int = 16) 
             "scope": scope,
             "pruned_tensors": len(targets),
             "per_tensor": per_tensor,
-            "compressed_bytes": _size_compressed(data),
+            "compressed_bytes": size_compressed(data),
         },
         [
             "pruning alone does not shrink a dense ONNX file; the size win shows compressed "
@@ -617,144 +511,3 @@ def derive(
             scope=str(params.get("scope", "tensor")),
         )
     raise OptimizationError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-
-
-# ---------------------------------------------------------------- comparison
-
-
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    arr = np.asarray(samples)
-    return float(np.percentile(arr, 50)), float(np.percentile(arr, 95))
-
-
-MIN_AGREEMENT = 0.99
-"""The top-1 agreement below which the report calls a variant not worth shipping (a
-rollout's ``spec.comparison`` may ask for more, or less)."""
-LATENCY_NOISE = 0.05
-"""How much slower (p50) than its parent a variant may measure and still count as not
-slower: side-by-side runs on a shared machine differ by a few percent between two runs
-of the same model."""
-
-
-def verdict(report: Mapping[str, Any], *, min_agreement: float = MIN_AGREEMENT) -> dict[str, Any]:
-    """Whether the variant of this comparison ``report`` is worth shipping in place of
-    its parent (smaller, not slower, agreeing at ``min_agreement`` top-1), and every
-    reason it is not."""
-    reasons: list[str] = []
-    size = report["size_ratio"]
-    if size >= 1:
-        what = "bigger than" if size > 1 else "no smaller than"
-        reasons.append(f"it is {what} its parent (size x{size})")
-    p50 = report["latency_ratio"]["p50"]
-    if p50 > 1 + LATENCY_NOISE:
-        reasons.append(f"it is slower than its parent on this machine (p50 x{p50})")
-    agreement = report.get("top1_agreement")
-    if agreement is not None and agreement < min_agreement:
-        reasons.append(
-            f"its top-1 predictions agree with its parent's on {agreement} of the samples "
-            f"(below {min_agreement})"
-        )
-    elif agreement is None and not report["allclose"]:
-        reasons.append(
-            f"its outputs differ from its parent's beyond the tolerances (max abs error "
-            f"{report['max_abs_error']})"
-        )
-    return {
-        "recommended": not reasons,
-        "bigger": size >= 1,
-        "slower": p50 > 1 + LATENCY_NOISE,
-        "reasons": reasons,
-    }
-
-
-def _classes(value: np.ndarray) -> np.ndarray | None:
-    """``value`` as rows of class probabilities whose argmax is a prediction, or
-    ``None``: an output whose last axis (of more than one entry) holds probability
-    distributions, non-negative and summing to 1: a classifier's softmax per sample
-    (``[batch, classes]``) or per position (a text recognizer's ``[batch, steps,
-    classes]``). Other outputs are compared by their error alone: the argmax of a
-    landmark regressor's ``[1, 63]`` coordinates or a box regressor's ``[1, anchors,
-    16]`` predicts nothing, and agreeing on it would hide a large error."""
-    if value.ndim < 2 or value.shape[-1] < 2 or value.dtype.kind != "f":
-        return None
-    rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
-    if rows.min(initial=0.0) >= 0 and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3):
-        return rows
-    return None
-
-
-def compare(
-    original: bytes,
-    variant: bytes,
-    samples: list[Feeds],
-    *,
-    fmt: str = "onnx",
-    rtol: float = 1e-2,
-    atol: float = 1e-3,
-    latency_runs: int = 30,
-    min_agreement: float = MIN_AGREEMENT,
-) -> dict[str, Any]:
-    """Both models on the same inputs, in this process, in the runtime of their format
-    (onnxruntime, LiteRT). Latency is measured side by side, alternating runs, so both
-    see the same machine state. The report ends with its :func:`verdict`: a variant
-    bigger or slower than its parent says so."""
-    a, b = open_runner(original, fmt, threads=1), open_runner(variant, fmt, threads=1)
-    outputs: dict[str, dict[str, Any]] = {}
-    agree = classified = 0
-    for feeds in samples:
-        ra, rb = a.run(feeds), b.run(feeds)
-        for name, va in ra.items():
-            vb = rb[name].astype(va.dtype, copy=False)
-            diff = np.abs(va.astype(np.float64) - vb.astype(np.float64))
-            o = outputs.setdefault(
-                name, {"max_abs_error": 0.0, "sum_abs": 0.0, "n": 0, "allclose": True}
-            )
-            o["max_abs_error"] = max(o["max_abs_error"], float(diff.max(initial=0.0)))
-            o["sum_abs"] += float(diff.sum())
-            o["n"] += diff.size
-            o["allclose"] = o["allclose"] and bool(np.allclose(vb, va, rtol=rtol, atol=atol))
-            if (rows := _classes(va)) is not None:
-                classified += rows.shape[0]
-                other = vb.reshape(rows.shape)
-                agree += int(np.sum(np.argmax(rows, axis=1) == np.argmax(other, axis=1)))
-    report_outputs = {
-        name: {
-            "max_abs_error": round(o["max_abs_error"], 6),
-            "mean_abs_error": round(o["sum_abs"] / max(o["n"], 1), 6),
-            "allclose": o["allclose"],
-        }
-        for name, o in outputs.items()
-    }
-    lat_a, lat_b = [], []
-    feeds = samples[0]
-    for _ in range(3):
-        a.run(feeds)
-        b.run(feeds)
-    for _ in range(latency_runs):
-        t0 = time.perf_counter_ns()
-        a.run(feeds)
-        t1 = time.perf_counter_ns()
-        b.run(feeds)
-        t2 = time.perf_counter_ns()
-        lat_a.append((t1 - t0) / 1e6)
-        lat_b.append((t2 - t1) / 1e6)
-    pa50, pa95 = _percentiles(lat_a)
-    pb50, pb95 = _percentiles(lat_b)
-    report = {
-        "samples": len(samples),
-        "tolerances": {"rtol": rtol, "atol": atol},
-        "outputs": report_outputs,
-        "max_abs_error": max((o["max_abs_error"] for o in report_outputs.values()), default=0.0),
-        "allclose": all(o["allclose"] for o in report_outputs.values()),
-        "top1_agreement": round(agree / classified, 4) if classified else None,
-        "size_bytes": {"original": len(original), "variant": len(variant)},
-        "size_ratio": round(len(variant) / len(original), 4),
-        "compressed_size_ratio": round(_size_compressed(variant) / _size_compressed(original), 4),
-        "latency_ms": {
-            "original": {"p50": round(pa50, 4), "p95": round(pa95, 4)},
-            "variant": {"p50": round(pb50, 4), "p95": round(pb95, 4)},
-        },
-        "latency_ratio": {"p50": round(pb50 / pa50, 4), "p95": round(pb95 / pa95, 4)},
-    }
-    report["verdict"] = verdict(report, min_agreement=min_agreement)
-    return report

@@ -18,7 +18,7 @@ from controller.audit import record_event
 from controller.db.models import Model, ModelVersion, Optimization, OptimizationStatus
 from controller.db.session import session_scope
 from controller.errors import Conflict, InvalidInput, NotFound
-from controller.optimizations import optimize
+from controller.optimizations import compare, optimize, sample_inputs
 from controller.optimizations import repository as repo
 from controller.registry import repository as registry_repo
 from controller.registry.schemas import check_version
@@ -235,10 +235,10 @@ def compare_pushed(version_id: int, settings: Settings) -> str | None:
     try:
         original, variant = (path.read_bytes() for path in paths)
         specs = open_runner(original, fmt).inputs
-        samples = optimize.generated_samples(
+        samples = sample_inputs.generated_samples(
             specs, PUSHED_SAMPLES, settings.probe_default_dim, hints
         )
-        report = optimize.compare(
+        report = compare.compare(
             original,
             variant,
             samples,
@@ -303,9 +303,9 @@ def run_job(job_id: int, settings: Settings) -> str | None:
         specs = OnnxRunner(original, threads=1).inputs
         notes: list[str] = []
         if calibration is not None:
-            samples = optimize.load_samples(calibration, specs)
+            samples = sample_inputs.load_samples(calibration, specs)
         else:
-            samples = optimize.generated_samples(
+            samples = sample_inputs.generated_samples(
                 specs,
                 int(params.get("samples", 32)),
                 settings.probe_default_dim,
@@ -321,7 +321,7 @@ def run_job(job_id: int, settings: Settings) -> str | None:
         _set(job_id, stage=f"deriving ({method})")
         variant = optimize.derive(original, method, params, samples=calibrate)
         _set(job_id, stage="comparing")
-        report = optimize.compare(
+        report = compare.compare(
             original,
             variant.data,
             held_out,

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, status
 from pydantic import AwareDatetime
 
 from controller.auth.guard import OPERATOR, VIEWER
-from controller.rollouts import commands, service
+from controller.rollouts import commands, scheduling, service
 from controller.rollouts import repository as repo
 from controller.rollouts.schemas import EventOut, RolloutOut, RolloutSummary, WaveOut, summary
 from controller.schedules.schemas import ScheduleChange
@@ -18,7 +18,7 @@ router = APIRouter(prefix=f"{API_V1}/rollouts", tags=["rollouts"])
 
 
 def _detail(session: SessionDep, name: str) -> RolloutOut:
-    r = service.require(session, name)
+    r = repo.require(session, name)
     model, version = repo.model_version_label(session, r.model_version_id)
     counts = repo.state_counts(session, r.id)
     totals: dict[str, int] = {}
@@ -81,7 +81,7 @@ def delete_rollout(name: str, session: SessionDep) -> Deleted:
 def rollout_events(
     name: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[EventOut]:
-    r = service.require(session, name)
+    r = repo.require(session, name)
     return [EventOut.of(e) for e in repo.events(session, r.id, limit=limit)]
 
 
@@ -96,7 +96,7 @@ def get_schedule(
 ) -> dict[str, Any]:
     """The rollout's schedule and, per wave and per time zone of its nodes, the window
     open now, the next one, and what holds the nodes (a freeze, the start time)."""
-    return service.schedule_view(session, name, at)
+    return scheduling.schedule_view(session, name, at)
 
 
 # Declared before /{name}/{action}, which would otherwise take "schedule" for an action.
@@ -104,9 +104,9 @@ def get_schedule(
 def set_schedule(name: str, body: ScheduleChange, session: SessionDep) -> dict[str, Any]:
     """Set, replace or (``{"schedule": null}``) cancel the rollout's schedule, at any
     time. Nodes already moved stay; the next step admits by the new calendar."""
-    service.set_schedule(session, name, body.schedule)
+    scheduling.set_schedule(session, name, body.schedule)
     session.flush()
-    return service.schedule_view(session, name)
+    return scheduling.schedule_view(session, name)
 
 
 @router.post(

@@ -24,6 +24,7 @@ from controller.db.models import (
     RolloutPhase,
     Wave,
 )
+from controller.errors import NotFound
 from controller.rollouts.state import ACTIVE_PHASES
 
 
@@ -42,6 +43,14 @@ class Row:
 
 def get(session: Session, name: str) -> Rollout | None:
     return session.scalar(select(Rollout).where(Rollout.name == name))
+
+
+def require(session: Session, name: str) -> Rollout:
+    """The rollout named ``name``, or a 404 naming it."""
+    rollout = get(session, name)
+    if rollout is None:
+        raise NotFound(f"rollout {name!r} not found")
+    return rollout
 
 
 def lock(session: Session, name: str) -> Rollout | None:

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 
-from controller.optimizations import optimize
+from controller.optimizations import compare, optimize, sample_inputs
 from controller.registry import samples
 from controller.rollouts.choice import Candidate, Measured, choose
 from controller.rollouts.spec import Gates
@@ -31,8 +31,8 @@ def npz(**arrays: np.ndarray) -> bytes:
 # ---------------------------------------------------------------- calibration layouts
 def test_samples_along_the_batch_axis_or_an_extra_axis_are_the_same_feeds() -> None:
     images = np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32)
-    along_batch = optimize.load_samples(npz(image=images), [IMAGE])
-    extra_axis = optimize.load_samples(npz(image=images[:, None]), [IMAGE])
+    along_batch = sample_inputs.load_samples(npz(image=images), [IMAGE])
+    extra_axis = sample_inputs.load_samples(npz(image=images[:, None]), [IMAGE])
     assert len(along_batch) == len(extra_axis) == 6
     for a, b, image in zip(along_batch, extra_axis, images, strict=True):
         assert a["image"].shape == b["image"].shape == (1, 3, 8, 8)
@@ -43,7 +43,7 @@ def test_samples_along_the_batch_axis_or_an_extra_axis_are_the_same_feeds() -> N
 def test_float64_samples_are_cast_and_scalars_take_one_axis() -> None:
     rate = TensorSpec("sr", "int64", ())
     audio = TensorSpec("input", "float32", ("?", "?"))  # silero's [?, ?]
-    feeds = optimize.load_samples(
+    feeds = sample_inputs.load_samples(
         npz(sr=np.full(3, 16000), input=np.zeros((3, 512))), [audio, rate]
     )
     assert [f["input"].shape for f in feeds] == [(1, 512)] * 3
@@ -83,7 +83,7 @@ def test_a_wrong_layout_names_the_accepted_ones(
     spec: TensorSpec, shape: tuple[int, ...], message: str
 ) -> None:
     with pytest.raises(optimize.OptimizationError) as refused:
-        optimize.load_samples(npz(**{spec.name: np.zeros(shape, np.float32)}), [spec])
+        sample_inputs.load_samples(npz(**{spec.name: np.zeros(shape, np.float32)}), [spec])
     assert str(refused.value) == message
 
 
@@ -233,15 +233,15 @@ def _report(
 
 
 def test_the_verdict_flags_a_bigger_or_slower_variant() -> None:
-    assert optimize.verdict(_report(0.3, 0.8, 1.0)) == {
+    assert compare.verdict(_report(0.3, 0.8, 1.0)) == {
         "recommended": True,
         "bigger": False,
         "slower": False,
         "reasons": [],
     }
     # Within the latency noise: not slower.
-    assert optimize.verdict(_report(0.3, 1.04, 1.0))["recommended"] is True
-    worse = optimize.verdict(_report(1.29, 2.4, 0.9))
+    assert compare.verdict(_report(0.3, 1.04, 1.0))["recommended"] is True
+    worse = compare.verdict(_report(1.29, 2.4, 0.9))
     assert worse["recommended"] is False
     assert (worse["bigger"], worse["slower"]) == (True, True)
     assert worse["reasons"] == [
@@ -249,7 +249,7 @@ def test_the_verdict_flags_a_bigger_or_slower_variant() -> None:
         "it is slower than its parent on this machine (p50 x2.4)",
         "its top-1 predictions agree with its parent's on 0.9 of the samples (below 0.99)",
     ]
-    off = optimize.verdict(_report(0.5, 0.9, None, allclose=False))
+    off = compare.verdict(_report(0.5, 0.9, None, allclose=False))
     assert off["reasons"] == [
         "its outputs differ from its parent's beyond the tolerances (max abs error 0.5)"
     ]
