@@ -452,6 +452,27 @@ def _explain_documents(exc: ApiError, sources: Sequence[Source]) -> None:
         err_console.print(Text(f"  document {i} is {src.label}{where}"), highlight=False)
 
 
+def apply_files(
+    filename: list[str], api_url: str | None, *, dry_run: bool, refused_code: int = 1
+) -> dict[str, Any]:
+    """Read the manifests (``-f``), upload their artifacts and apply them (or dry-run).
+    An apply the server refuses is shown, with the file behind each document number,
+    and exits with ``refused_code`` (``diff`` exits 2: its 1 says "differences")."""
+    try:
+        docs, sources = read_manifests(filename)
+    except (ManifestError, OSError) as exc:
+        raise client_error(str(exc)) from exc
+    client = ApiClient(api_url)
+    try:
+        return run_apply(client, docs, sources, dry_run=dry_run)
+    except ApiError as exc:
+        fail(exc)
+        _explain_documents(exc, sources)
+        raise typer.Exit(code=refused_code) from exc
+    finally:
+        client.close()
+
+
 def apply_manifests(
     filename: Annotated[
         list[str],
@@ -473,19 +494,7 @@ def apply_manifests(
     ModelVersion documents may give spec.artifact.path (relative to the manifest's
     directory, or the working directory for stdin): the file is uploaded first.
     A dry-run exits 1 when a plan has error-severity problems."""
-    try:
-        docs, sources = read_manifests(filename)
-    except (ManifestError, OSError) as exc:
-        raise client_error(str(exc)) from exc
-    client = ApiClient(api_url)
-    try:
-        reply = run_apply(client, docs, sources, dry_run=dry_run)
-    except ApiError as exc:
-        failure = fail(exc)
-        _explain_documents(exc, sources)
-        raise failure from exc
-    finally:
-        client.close()
+    reply = apply_files(filename, api_url, dry_run=dry_run)
     if output is Output.table:
         console.print(_apply_view(reply))
     else:

@@ -11,9 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from controller.cli.apply import ManifestError, read_manifests, run_apply
-from controller.cli.client import ApiClient, ApiError
-from controller.cli.errors import client_error, fail
+from controller.cli.apply import apply_files
 from controller.cli.options import ApiUrl, OutputOpt
 from controller.cli.output import Output, console, emit
 
@@ -48,18 +46,7 @@ def diff(
 
     The server's own dry run compares. Exit code 0: no difference; 1: differences; 2: an
     error (what apply would refuse), as `kubectl diff`."""
-    try:
-        docs, sources = read_manifests(filename)
-    except (ManifestError, OSError) as exc:
-        raise client_error(str(exc)) from exc
-    client = ApiClient(api_url)
-    try:
-        reply = run_apply(client, docs, sources, dry_run=True)
-    except ApiError as exc:
-        fail(exc)  # the message
-        raise typer.Exit(code=2) from exc  # not 1: that says "differences"
-    finally:
-        client.close()
+    reply = apply_files(filename, api_url, dry_run=True, refused_code=2)
     changed = [r for r in reply["results"] if r["action"] != "unchanged"]
     if output is not Output.table:
         emit(changed, output)

@@ -13,12 +13,12 @@ router = APIRouter(prefix=f"{API_V1}/freezes", tags=["schedules"])
 
 @router.get("", response_model=list[FreezeOut], dependencies=[VIEWER])
 def list_freezes(session: SessionDep) -> list[FreezeOut]:
-    return [FreezeOut.of(f) for f in service.list_freezes(session)]
+    return [FreezeOut.model_validate(f) for f in service.list_freezes(session)]
 
 
 @router.get("/{name}", response_model=FreezeOut, dependencies=[VIEWER])
 def get_freeze(name: str, session: SessionDep) -> FreezeOut:
-    return FreezeOut.of(service.require_freeze(session, name))
+    return FreezeOut.model_validate(service.require_freeze(session, name))
 
 
 @router.post(
@@ -33,11 +33,11 @@ def create_freeze(body: FreezePeriod, session: SessionDep, response: Response) -
     row, action = service.create_freeze(session, body)
     if action != "created":
         response.status_code = status.HTTP_200_OK
-    return FreezeOut.of(row)
+    return FreezeOut.model_validate(row)
 
 
 @router.delete("/{name}", response_model=FreezeOut, dependencies=[OPERATOR])
 def delete_freeze(name: str, session: SessionDep) -> FreezeOut:
     """Delete a freeze period (404 when there is none of that name); returns it as it
     was. Rollouts it held may start their nodes from their next step on."""
-    return FreezeOut.of(service.delete_freeze(session, name))
+    return FreezeOut.model_validate(service.delete_freeze(session, name))
