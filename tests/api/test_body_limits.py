@@ -7,7 +7,6 @@ import asyncio
 import json
 import select
 import socket
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -351,17 +350,14 @@ def test_a_declared_upload_over_the_limit_is_refused_before_it_is_sent(
         while True:
             yield b"\0" * (64 * 1024)
 
-    started = time.perf_counter()
     (status, head, body), sent = stream(
         live_port, upload_head(content_length=declared), parts(), pause_s=0.05
     )
-    elapsed = time.perf_counter() - started
     assert status == 413, body
     assert body["error"] == "payload_too_large"
     assert f"limit of {small_artifacts} bytes (EDGEFLEET_MAX_ARTIFACT_BYTES" in body["detail"]
     assert head["connection"] == "close"
     assert sent <= len(first) + 64 * 1024  # answered on arrival: at most one part went out
-    assert elapsed < 5
     assert stored_versions(session) == 0
     assert new_files(settings, artifact_files) == set()
 

@@ -5,7 +5,6 @@ and its place). Every refusal stores nothing, and comes quickly."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,25 +75,20 @@ def test_ten_thousand_documents_are_refused_at_once(
     small = "---\nkind: Cluster\n" * 10_000  # 180 kB: under the size bound
     big = ("---\n" + yaml.safe_dump(rollout_doc("r", "1.0.0"))) * 10_000  # 4.5 MiB: over it
 
-    started = time.perf_counter()
-    error = refused(post(client, small))
-    counted_s = time.perf_counter() - started
+    # Past the 501st document, one that does not parse: a refusal for the count, not
+    # the syntax error, shows that parsing stopped at the bound.
+    error = refused(post(client, small + "---\nkind: [unclosed\n"))
     assert error["loc"] == ["body"]
     assert error["msg"] == (
         "more than 500 YAML documents in one request (EDGEFLEET_MAX_MANIFEST_DOCUMENTS)"
     )
 
-    started = time.perf_counter()
     refused(post(client, big), 413)
-    sized_s = time.perf_counter() - started
 
-    started = time.perf_counter()
     error = refused(post(client, json.dumps([{"kind": "Cluster"}] * 10_000), JSON))
-    listed_s = time.perf_counter() - started
     assert error["msg"] == (
         "10000 documents, more than the 500 one request may hold (EDGEFLEET_MAX_MANIFEST_DOCUMENTS)"
     )
-    assert max(counted_s, sized_s, listed_s) < 3, (counted_s, sized_s, listed_s)
 
 
 def test_the_document_limit_is_a_setting(
@@ -197,9 +191,8 @@ i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
 
 
 def test_a_billion_laughs_is_refused_unexpanded(client: TestClient, before: dict[str, int]) -> None:
-    started = time.perf_counter()
     error = refused(post(client, BILLION_LAUGHS))
-    assert time.perf_counter() - started < 1
+    # Refused at g, before h and i: counted as the aliases are met, never expanded.
     assert error["loc"] == ["body", 0, "g", 0]
     assert error["msg"] == (
         "more than 1000000 values, aliases counted as the values they repeat "
