@@ -156,13 +156,27 @@ def server(
 def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
     loglevel: Annotated[str, typer.Option()] = "INFO",
+    max_tasks_per_child: Annotated[
+        int | None,
+        typer.Option(min=1, help="Replace a pool process after this many tasks (default: never)."),
+    ] = None,
 ) -> None:
     """Run a Celery worker (validation, benchmarks, rollout reconciles)."""
     # Lazy, for start-up time: Celery and the task modules take ~0.8 s.
     from controller.settings import get_settings
-    from controller.tasks.celery_app import celery_app
 
     settings = get_settings()
+    if settings.worker_metrics_port:
+        # Before anything imports prometheus_client: it picks its value class at import.
+        from controller.tasks.worker_metrics import enable_multiprocess
+
+        enable_multiprocess()
+    from controller.tasks.celery_app import celery_app
+
+    if settings.worker_metrics_port:
+        from controller.api.worker_metrics import serve_from_worker
+
+        serve_from_worker(settings)
     celery_app.worker_main(
         [
             "worker",
@@ -171,6 +185,7 @@ def worker(
             f"--queues={settings.celery_queue}",
             "--without-gossip",
             "--without-mingle",
+            *([f"--max-tasks-per-child={max_tasks_per_child}"] if max_tasks_per_child else []),
         ]
     )
 
