@@ -18,7 +18,7 @@ from sqlalchemy import Engine, func, select
 from controller.db.models import Event, ModelVersion, Rollout, VersionStatus, Wave
 from controller.tasks.worker_metrics import DIR_NAME
 from tests.conftest import bearer
-from tests.live import free_port
+from tests.live import free_port, repeating
 from tests.rollouts.helpers import apply, cluster_doc, rollout_doc
 from tests.rollouts.test_worker import agents, push_versions_async
 from tests.tasks.test_restarts import process
@@ -149,9 +149,12 @@ def test_counts_of_replaced_children_are_kept_once(
 ) -> None:
     """Each child runs one task and exits (``--max-tasks-per-child 1``): a rollout runs
     in dozens of processes, most gone by the scrape, and still every transition and
-    gate decision is there exactly once."""
+    gate decision is there exactly once. Prometheus scrapes all along, so children are
+    forked from a main process whose token look-ups hold database connections: each
+    child must leave those to its parent (a log without a traceback says none broke)."""
     with worker_with_exporter(tmp_path / "w", "--max-tasks-per-child", "1") as url:
-        drive_a_rollout(queued)
+        with repeating(lambda: scrape(url), 0.1):
+            drive_a_rollout(queued)
         samples = scrape(url)
     check_counts_against_the_log(samples, engine)
     files = list((tmp_path / "w" / DIR_NAME).glob("counter_*.db"))
