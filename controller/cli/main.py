@@ -168,9 +168,13 @@ def worker(
     settings = get_settings()
     if settings.worker_metrics_port:
         # Before anything imports prometheus_client: it picks its value class at import.
-        from controller.tasks.worker_metrics import enable_multiprocess
+        from controller.tasks.worker_metrics import MetricsDirInUse, enable_multiprocess
 
-        enable_multiprocess()
+        try:
+            enable_multiprocess()
+        except MetricsDirInUse as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(2) from None
     from controller.tasks.celery_app import celery_app
 
     if settings.worker_metrics_port:

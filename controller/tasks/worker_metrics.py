@@ -21,12 +21,13 @@ opens the same file and goes on from the value in it: nothing is counted twice.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from celery.signals import worker_process_shutdown
 
@@ -40,9 +41,20 @@ def metrics_dir() -> Path:
     return Path(tempfile.gettempdir()) / DIR_NAME
 
 
+class MetricsDirInUse(RuntimeError):
+    pass
+
+
+# The lock on the directory, held (open) for the life of the worker.
+_held: list[IO[str]] = []
+
+
 def enable_multiprocess() -> Path:
     """Create (or empty) the directory and point prometheus_client at it; connect the
-    child processes' exit bookkeeping. Returns the directory."""
+    child processes' exit bookkeeping. Returns the directory.
+
+    Raises :class:`MetricsDirInUse` when another worker holds it (two workers sharing a
+    ``TMPDIR``): emptying it would throw that worker's counts away."""
     if "prometheus_client.values" in sys.modules:
         from prometheus_client import values
 
@@ -52,6 +64,15 @@ def enable_multiprocess() -> Path:
                 "call enable_multiprocess() first"
             )
     path = metrics_dir()
+    lock = (path.parent / f"{DIR_NAME}.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise MetricsDirInUse(
+            f"another worker exports its metrics from {path}: give each worker a TMPDIR of its own"
+        ) from None
+    _held.append(lock)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     os.environ[ENV] = str(path)

@@ -6,6 +6,9 @@ event log of the rollout it drove and the versions it validated."""
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, func, select
 
 from controller.db.models import Event, ModelVersion, Rollout, VersionStatus, Wave
+from controller.settings import Settings
 from controller.tasks.worker_metrics import DIR_NAME
 from tests.conftest import bearer
 from tests.live import free_port, repeating
@@ -159,3 +163,25 @@ def test_counts_of_replaced_children_are_kept_once(
     check_counts_against_the_log(samples, engine)
     files = list((tmp_path / "w" / DIR_NAME).glob("counter_*.db"))
     assert len(files) > 4, files  # children were replaced while the rollout ran
+
+
+def test_a_second_worker_on_the_same_directory_refuses_to_start(
+    settings: Settings, redis_available: None, tmp_path: Path
+) -> None:
+    """Starting would empty the directory, and with it the first worker's counts."""
+    with worker_with_exporter(tmp_path / "w"):
+        second = subprocess.run(
+            [sys.executable, "-m", "controller.cli.main", "worker", "--concurrency", "1"],
+            env={
+                **os.environ,
+                "EDGEFLEET_TASKS_EAGER": "false",
+                "EDGEFLEET_WORKER_METRICS_PORT": str(free_port()),
+                "TMPDIR": str(tmp_path / "w"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "give each worker a TMPDIR of its own" in second.stderr
+        assert (tmp_path / "w" / DIR_NAME).is_dir()  # the first one's, left alone
