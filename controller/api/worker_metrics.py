@@ -55,8 +55,10 @@ def create_exporter_app(settings: Settings) -> FastAPI:
 class Exporter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        host = settings.worker_metrics_host
         self.socket = socket.create_server(
-            (settings.worker_metrics_host, settings.worker_metrics_port or 0)
+            (host, settings.worker_metrics_port or 0),
+            family=socket.AF_INET6 if ":" in host else socket.AF_INET,
         )
         self.server = uvicorn.Server(
             uvicorn.Config(

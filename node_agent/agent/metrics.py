@@ -12,6 +12,7 @@ Loopback unless configured: the chart binds the pod's own IP so Prometheus can s
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -84,7 +85,8 @@ class MetricsServer:
     use fails the agent's start, not a thread later."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self._http = ThreadingHTTPServer((host, port), _handler(registry))
+        server = _IPv6Server if ":" in host else ThreadingHTTPServer
+        self._http = server((host, port), _handler(registry))
         self._http.daemon_threads = True
         self.host, self.port = self._http.server_address[:2]
         self._thread = threading.Thread(
@@ -97,6 +99,12 @@ class MetricsServer:
         self._http.shutdown()
         self._http.server_close()
         self._thread.join(5)
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    """For an IPv6 address (the pod's IP on an IPv6-only cluster)."""
+
+    address_family = socket.AF_INET6
 
 
 def _handler(registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from node_agent.agent.client import ControllerClient
 from node_agent.agent.loop import Agent
+from node_agent.agent.metrics import AgentMetrics, MetricsServer
 from node_agent.agent.settings import AgentSettings
 from tests.agents.fakes import JOIN_TOKEN, FakeClock, LiveController
 from tests.live import free_port
@@ -106,7 +107,6 @@ def test_the_agents_metrics_follow_an_outage_and_its_replay(
         agent.run(threading.Event())
         after = scrape(url)
         left = len(agent.queue)
-        assert httpx.get(url.removesuffix("metrics") + "anything", timeout=5).status_code == 404
     finally:
         agent.close()
 
@@ -148,3 +148,18 @@ def test_the_agents_metrics_follow_an_outage_and_its_replay(
     assert value(after, "edgefleet_agent_heartbeats_dropped") == 0
     last = value(after, "edgefleet_agent_last_heartbeat_timestamp_seconds")
     assert last == wire.answered[-1][1].timestamp() > during["last_answer"].timestamp()
+
+
+def test_only_metrics_is_served_on_ipv4_and_ipv6() -> None:
+    """On the address given (the chart's pod IP may be IPv6), GET /metrics only."""
+    metrics = AgentMetrics()
+    metrics.sent.inc(3)
+    for host in ("127.0.0.1", "::1"):
+        server = MetricsServer(metrics.registry, host, 0)
+        try:
+            base = f"http://{'[::1]' if ':' in host else host}:{server.port}"
+            assert value(scrape(f"{base}/metrics"), "edgefleet_agent_heartbeats_sent_total") == 3
+            assert httpx.get(f"{base}/", timeout=5).status_code == 404
+            assert httpx.post(f"{base}/metrics", timeout=5).status_code == 501
+        finally:
+            server.close()
