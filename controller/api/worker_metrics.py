@@ -25,11 +25,11 @@ from typing import Any
 import uvicorn
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from fastapi import APIRouter, FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller.auth.guard import METRICS
 from controller.db.session import forget_inherited_connections
+from controller.kit.multiprocess import scrape_registry
 from controller.settings import Settings
 from controller.web.errors import install_error_handlers
 
@@ -39,9 +39,7 @@ router = APIRouter()
 
 @router.get("/metrics", dependencies=[METRICS])
 def metrics() -> Response:
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(scrape_registry()), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_exporter_app(settings: Settings) -> FastAPI:

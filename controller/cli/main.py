@@ -118,6 +118,9 @@ def db_current() -> None:
     )
 
 
+API_METRICS_DIR = "edgefleet-api-metrics"
+
+
 @app.command()
 def server(
     host: Annotated[str | None, typer.Option(help="Bind address (EDGEFLEET_API_HOST).")] = None,
@@ -128,7 +131,17 @@ def server(
     # Lazy, for start-up time: uvicorn and pydantic-settings add 50-90 ms to every command.
     import uvicorn
 
+    from controller.kit.multiprocess import MetricsDirInUse, enable
     from controller.settings import get_settings
+
+    if workers > 1:
+        # Each scrape is answered by one of the processes: /metrics must sum them all.
+        # Before anything imports prometheus_client (the processes inherit the variable).
+        try:
+            enable(API_METRICS_DIR)
+        except MetricsDirInUse as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(2) from None
 
     settings = get_settings()
     if settings.api_keepalive_timeout_s <= settings.agent_heartbeat_interval_s:
@@ -168,7 +181,8 @@ def worker(
     settings = get_settings()
     if settings.worker_metrics_port:
         # Before anything imports prometheus_client: it picks its value class at import.
-        from controller.tasks.worker_metrics import MetricsDirInUse, enable_multiprocess
+        from controller.kit.multiprocess import MetricsDirInUse
+        from controller.tasks.worker_metrics import enable_multiprocess
 
         try:
             enable_multiprocess()

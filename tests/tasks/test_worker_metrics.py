@@ -183,5 +183,5 @@ def test_a_second_worker_on_the_same_directory_refuses_to_start(
             timeout=60,
         )
         assert second.returncode == 2, second.stdout + second.stderr
-        assert "give each worker a TMPDIR of its own" in second.stderr
+        assert "give each a TMPDIR of its own" in second.stderr
         assert (tmp_path / "w" / DIR_NAME).is_dir()  # the first one's, left alone
