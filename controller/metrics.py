@@ -1,4 +1,6 @@
-"""Prometheus metrics of the controller (one registry: the client's default)."""
+"""Prometheus metrics of the controller (one registry: the client's default; in the
+processes of a Celery worker or of ``edgefleet server --workers N``, prometheus_client's
+multiprocess mode, ``controller/kit/multiprocess.py``)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,16 @@ GATE_EVALUATIONS = Counter(
     "edgefleet_gate_evaluations_total", "Gate evaluations by decision.", ["decision"]
 )
 # Fleet-wide state, read from the database at scrape time (every replica reports the
-# same numbers: aggregate with max() in PromQL).
-ROLLOUTS = Gauge("edgefleet_rollouts", "Rollouts by phase.", ["phase"])
-NODES = Gauge("edgefleet_nodes", "Nodes by health.", ["health"])
-MODEL_VERSIONS = Gauge("edgefleet_model_versions", "Model versions by status.", ["status"])
+# same numbers: aggregate with max() in PromQL). Under `edgefleet server --workers N`
+# (multiprocess mode) the process that answers the scrape has just counted: its values,
+# the most recent, are the ones served (a mode the single-process registry ignores).
+ROLLOUTS = Gauge(
+    "edgefleet_rollouts", "Rollouts by phase.", ["phase"], multiprocess_mode="mostrecent"
+)
+NODES = Gauge("edgefleet_nodes", "Nodes by health.", ["health"], multiprocess_mode="mostrecent")
+MODEL_VERSIONS = Gauge(
+    "edgefleet_model_versions",
+    "Model versions by status.",
+    ["status"],
+    multiprocess_mode="mostrecent",
+)

@@ -267,6 +267,21 @@ class Settings(BaseSettings):
     dashboard_public: bool = Field(
         False, description="Serve the dashboard without signing in (a trusted network only)."
     )
+    # A Celery worker's counters (transitions, gate decisions, validations, pushes) are
+    # incremented in its pool's child processes: they reach Prometheus only through an
+    # exporter in the worker's main process that sums every child's (multiprocess mode).
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of a Celery worker's Prometheus exporter (GET /metrics, served by "
+        "the worker's main process and summed over its pool's child processes; a viewer "
+        "token is required unless EDGEFLEET_METRICS_PUBLIC). Unset or 0: no exporter, and "
+        "the worker keeps no counters.",
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="Bind address of a Celery worker's Prometheus exporter."
+    )
     # Live dashboard pages hold a connection each (server-sent events): bounded in number
     # per process and in length (the browser reconnects, and is authorized again). A
     # stopping server waits for open streams like any request: their length bounds that.

@@ -15,6 +15,7 @@ from controller.auth.guard import METRICS
 from controller.db.gauges import refresh_state_gauges
 from controller.db.migrate import current_revision, head_revision
 from controller.db.session import get_engine
+from controller.kit.multiprocess import scrape_registry
 from controller.settings import Settings
 
 router = APIRouter(tags=["health"])
@@ -93,4 +94,4 @@ def metrics(request: Request) -> Response:
             refresh_state_gauges(conn)
     except Exception:  # the scrape still serves the process metrics
         log.warning("could not read fleet state for /metrics", exc_info=True)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(scrape_registry()), media_type=CONTENT_TYPE_LATEST)

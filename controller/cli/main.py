@@ -118,6 +118,9 @@ def db_current() -> None:
     )
 
 
+API_METRICS_DIR = "edgefleet-api-metrics"
+
+
 @app.command()
 def server(
     host: Annotated[str | None, typer.Option(help="Bind address (EDGEFLEET_API_HOST).")] = None,
@@ -128,7 +131,17 @@ def server(
     # Lazy, for start-up time: uvicorn and pydantic-settings add 50-90 ms to every command.
     import uvicorn
 
+    from controller.kit.multiprocess import MetricsDirInUse, enable
     from controller.settings import get_settings
+
+    if workers > 1:
+        # Each scrape is answered by one of the processes: /metrics must sum them all.
+        # Before anything imports prometheus_client (the processes inherit the variable).
+        try:
+            enable(API_METRICS_DIR)
+        except MetricsDirInUse as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(2) from None
 
     settings = get_settings()
     if settings.api_keepalive_timeout_s <= settings.agent_heartbeat_interval_s:
@@ -156,13 +169,32 @@ def server(
 def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
     loglevel: Annotated[str, typer.Option()] = "INFO",
+    max_tasks_per_child: Annotated[
+        int | None,
+        typer.Option(min=1, help="Replace a pool process after this many tasks (default: never)."),
+    ] = None,
 ) -> None:
     """Run a Celery worker (validation, benchmarks, rollout reconciles)."""
     # Lazy, for start-up time: Celery and the task modules take ~0.8 s.
     from controller.settings import get_settings
-    from controller.tasks.celery_app import celery_app
 
     settings = get_settings()
+    if settings.worker_metrics_port:
+        # Before anything imports prometheus_client: it picks its value class at import.
+        from controller.kit.multiprocess import MetricsDirInUse
+        from controller.tasks.worker_metrics import enable_multiprocess
+
+        try:
+            enable_multiprocess()
+        except MetricsDirInUse as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+    from controller.tasks.celery_app import celery_app
+
+    if settings.worker_metrics_port:
+        from controller.api.worker_metrics import serve_from_worker
+
+        serve_from_worker(settings)
     celery_app.worker_main(
         [
             "worker",
@@ -171,6 +203,7 @@ def worker(
             f"--queues={settings.celery_queue}",
             "--without-gossip",
             "--without-mingle",
+            *([f"--max-tasks-per-child={max_tasks_per_child}"] if max_tasks_per_child else []),
         ]
     )
 

@@ -63,6 +63,15 @@ def dispose_engines() -> None:
         _factories.clear()
 
 
+def forget_inherited_connections() -> None:
+    """In a forked child: drop the pooled connections the parent opened without closing
+    them (they are the parent's; a child using one would interleave its queries with the
+    parent's on one socket). The child opens its own on first use."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose(close=False)
+
+
 _factory_override: sessionmaker[Session] | None = None
 # One sessionmaker per configured engine: each sessionmaker makes a Session subclass of
 # its own, and the first session of a new class builds that class's event dispatch (the

@@ -15,6 +15,7 @@ from node_agent.agent.backoff import Backoff
 from node_agent.agent.client import ControllerClient, Refused, Unreachable, artifact_url
 from node_agent.agent.clock import SYSTEM_CLOCK, Clock
 from node_agent.agent.credentials import ControllerAuth, write_secret
+from node_agent.agent.metrics import AgentMetrics, MetricsServer, failure_reason
 from node_agent.agent.settings import AgentSettings, discovery_for
 from node_agent.benchmarks import BenchmarkWorker, Finished, failed
 from node_agent.cache import ArtifactCache
@@ -22,7 +23,7 @@ from node_agent.contract import BenchmarkJob, Heartbeat
 from node_agent.discovery import PodDiscovery
 from node_agent.metrics_reader import MetricsReader
 from node_agent.probe_launcher import ProbeLimits
-from node_agent.queue import HeartbeatQueue
+from node_agent.queue import Entry, HeartbeatQueue
 from node_agent.sysinfo import SystemProbe
 
 log = logging.getLogger("edgefleet.agent")
@@ -90,6 +91,10 @@ class Agent:
         self.interval_s = self._interval()
         self.backoff = Backoff(self.interval_s, settings.retry_max_s, clock)
         self.stats = Stats()
+        self.own_metrics = AgentMetrics()
+        # The outbox's newest entry, built this cycle: any other one it acknowledges
+        # waited for a later cycle (a replay).
+        self._fresh_seq = 0
         self._credential: str | None = None
         self._dropped_logged = self.queue.dropped
         self.benchmarks = BenchmarkWorker(
@@ -110,8 +115,18 @@ class Agent:
         self._jobs_checked = False
         self._unsent_results: list[Finished] = []
         self._next_jobs_fetch_at = 0.0
+        self._observe_outbox()
+        # Last: its socket is bound here (a port in use stops the start, like an
+        # unwritable state directory), and nothing above can fail after it.
+        self.metrics_server = (
+            MetricsServer(self.own_metrics.registry, settings.metrics_host, settings.metrics_port)
+            if settings.metrics_port
+            else None
+        )
 
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.benchmarks.close()
         self.queue.close()
         self.client.close()
@@ -212,6 +227,7 @@ class Agent:
             ).model_dump_json(exclude_none=True)
 
         seq = self.queue.append(build)
+        self._fresh_seq = seq
         dropped = self.queue.dropped
         if dropped > self._dropped_logged:
             log.warning(
@@ -240,6 +256,7 @@ class Agent:
                 ack = self.client.heartbeats(credential, body)
             except Unreachable as exc:
                 self.stats.failures += 1
+                self.own_metrics.failures.labels(failure_reason(None)).inc()
                 delay = self.backoff.failure(at_least_s=exc.retry_after_s)
                 log.warning(
                     "controller unreachable (%s); %d heartbeat(s) queued, next try in %.0f s",
@@ -250,6 +267,7 @@ class Agent:
                 return False
             except Refused as exc:
                 self.stats.failures += 1
+                self.own_metrics.failures.labels(failure_reason(exc.status)).inc()
                 if exc.status == 401 and self.settings.join_token is not None and not reenrolled:
                     log.warning("node credential rejected (%s): enrolling again", exc.detail)
                     self._forget_credential()
@@ -271,6 +289,7 @@ class Agent:
                 self.backoff.failure(permanent=True)
                 return False
             self.queue.ack(ack.last_seq)
+            self._count_acknowledged(entries, ack.last_seq)
             self.backoff.success()
             self.benchmarks_pending = ack.benchmarks_pending
             self.stats.batches += 1
@@ -281,6 +300,17 @@ class Agent:
                     "controller acknowledged %d of a batch up to %d", ack.last_seq, entries[-1].seq
                 )
                 return False
+
+    def _count_acknowledged(self, entries: list[Entry], last_seq: int) -> None:
+        m = self.own_metrics
+        acked = [e.seq for e in entries if e.seq <= last_seq]
+        m.sent.inc(len(acked))
+        m.replayed.inc(sum(1 for seq in acked if seq != self._fresh_seq))
+        m.last_success.set(self.clock.now().timestamp())
+
+    def _observe_outbox(self) -> None:
+        self.own_metrics.queued.set(len(self.queue))
+        self.own_metrics.dropped.set(self.queue.dropped)
 
     # -- benchmarks ---------------------------------------------------------------------
 
@@ -398,7 +428,9 @@ class Agent:
         if self.credential is None and self.backoff.ready():
             self.enroll()
         self.collect()
-        if self.backoff.ready() and self.flush():
+        flushed = self.backoff.ready() and self.flush()
+        self._observe_outbox()
+        if flushed:
             self.benchmark_step()
 
     def run(self, stop: threading.Event) -> None:
@@ -434,5 +466,6 @@ class Agent:
             log.warning("benchmark thread still busy after %.0f s; leaving it", SHUTDOWN_GRACE_S)
         if len(self.queue) and self.credential is not None:
             self.flush()
+            self._observe_outbox()
         if self.credential is not None and self.backoff.ready():
             self.post_benchmark_results()

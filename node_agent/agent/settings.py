@@ -108,6 +108,21 @@ class AgentSettings(BaseSettings):
     benchmark_cpu_limit_s: int = Field(
         600, ge=1, description="CPU seconds (RLIMIT_CPU, all threads) of a benchmark's child."
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the agent's own GET /metrics (heartbeats sent, queued, "
+        "replayed, failures by reason, the last acknowledged one's time); no credential, "
+        "no secret in it. Unset: not served.",
+    )
+    # Open to whoever reaches it (docs/security.md): loopback unless an operator opens
+    # it; the chart binds the pod's IP (status.podIP), where Prometheus scrapes.
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Bind address of the agent's /metrics: loopback unless set (it "
+        "answers anyone who reaches it); the chart sets the pod's IP.",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @field_validator("inference_urls", mode="before")

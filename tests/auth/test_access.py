@@ -19,6 +19,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from controller.api.app import create_app
+from controller.api.worker_metrics import create_exporter_app
 from controller.auth.service import hash_token
 from controller.crypto import mint_artifact_token, verify_artifact_token
 from controller.db.base import utcnow
@@ -92,6 +93,19 @@ def test_routes_outside_the_openapi_document_declare_their_caller_too(settings: 
             if not any(isinstance(d.call, SecurityBase) for d in _flat(route.dependant)):
                 missing.append(f"{method} {route.path}")
     assert missing == []
+
+
+def test_the_worker_exporters_route_declares_its_caller(settings: Settings) -> None:
+    """A Celery worker's own /metrics (controller/api/worker_metrics.py) is guarded by
+    the API's /metrics dependency itself, not a copy of it."""
+    app = create_exporter_app(settings)
+    (route,) = api_routes(app.routes)
+    (api_metrics,) = [r for r in api_routes(create_app(settings).routes) if r.path == "/metrics"]
+    assert route.path == "/metrics"
+    assert [d.call for d in route.dependant.dependencies] == [
+        d.call for d in api_metrics.dependant.dependencies
+    ]
+    assert any(isinstance(d.call, SecurityBase) for d in _flat(route.dependant))
 
 
 def api_routes(routes: Iterable[Any]) -> Iterator[APIRoute]:

@@ -40,17 +40,51 @@ KUBE_VERSIONS: tuple[str, ...] = tuple(
 )
 
 # Custom resources, whose schemas kubernetes-validate does not ship: a focused schema of
-# the fields the charts use (prometheus-operator's ServiceMonitor, monitoring.coreos.com/v1).
+# the fields the charts use (prometheus-operator's ServiceMonitor and PodMonitor,
+# monitoring.coreos.com/v1).
 _LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
 _DURATION = {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}
-CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+# A scrape endpoint, the same in a ServiceMonitor's endpoints and a PodMonitor's
+# podMetricsEndpoints.
+_ENDPOINT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["port"],
+    "properties": {
+        "port": {"type": "string"},
+        "path": {"type": "string", "pattern": "^/"},
+        "interval": _DURATION,
+        "scrapeTimeout": _DURATION,
+        # SafeAuthorization: a Secret key, never an inline token.
+        "authorization": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "type": {"type": "string"},
+                "credentials": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["key"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "key": {"type": "string"},
+                        "optional": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def _monitor(kind: str, endpoints: str) -> dict[str, Any]:
+    return {
         "type": "object",
         "additionalProperties": False,
         "required": ["apiVersion", "kind", "metadata", "spec"],
         "properties": {
             "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "kind": {"const": "ServiceMonitor"},
+            "kind": {"const": kind},
             "metadata": {
                 "type": "object",
                 "additionalProperties": False,
@@ -65,7 +99,7 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
             "spec": {
                 "type": "object",
                 "additionalProperties": False,
-                "required": ["selector", "endpoints"],
+                "required": ["selector", endpoints],
                 "properties": {
                     "selector": {
                         "type": "object",
@@ -80,43 +114,16 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                             "any": {"type": "boolean"},
                         },
                     },
-                    "endpoints": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["port"],
-                            "properties": {
-                                "port": {"type": "string"},
-                                "path": {"type": "string", "pattern": "^/"},
-                                "interval": _DURATION,
-                                "scrapeTimeout": _DURATION,
-                                # SafeAuthorization: a Secret key, never an inline token.
-                                "authorization": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "properties": {
-                                        "type": {"type": "string"},
-                                        "credentials": {
-                                            "type": "object",
-                                            "additionalProperties": False,
-                                            "required": ["key"],
-                                            "properties": {
-                                                "name": {"type": "string"},
-                                                "key": {"type": "string"},
-                                                "optional": {"type": "boolean"},
-                                            },
-                                        },
-                                    },
-                                },
-                            },
-                        },
-                    },
+                    endpoints: {"type": "array", "minItems": 1, "items": _ENDPOINT},
                 },
             },
         },
-    },
+    }
+
+
+CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): _monitor("ServiceMonitor", "endpoints"),
+    ("monitoring.coreos.com/v1", "PodMonitor"): _monitor("PodMonitor", "podMetricsEndpoints"),
 }
 
 Obj = dict[str, Any]

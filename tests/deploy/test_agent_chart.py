@@ -6,6 +6,7 @@ from __future__ import annotations
 import helm_python as helm
 import pytest
 
+from node_agent.agent.settings import AgentSettings
 from tests.deploy import kube
 from tests.deploy.cli import check_command
 from tests.deploy.kube import Obj
@@ -322,3 +323,65 @@ def test_no_cluster_agent_by_default() -> None:
     assert kube.by_kind(objs, "PersistentVolumeClaim") == []
     with pytest.raises(helm.HelmValuesError):
         kube.render(CHART, {"clusterAgent": {"persistence": {"type": "nfs"}}})
+
+
+def test_agent_metrics_on_the_pods_address(scenario: str) -> None:
+    """The agent's /metrics (EDGEFLEET_METRICS_PORT) is bound on the pod's own IP (its
+    default outside the chart is loopback), named as a container port, and found by
+    Prometheus through the pod annotations or a PodMonitor; it sends no token (the
+    route asks for none, docs/security.md)."""
+    objs = render(scenario)
+    values = kube.merged_values(CHART, kube.scenario_values(CHART, scenario))
+    port = values["metrics"]["port"]
+    agent = agent_container(objs)
+    env = kube.env_of(agent)
+    assert env["EDGEFLEET_METRICS_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    settings = AgentSettings(
+        controller_url="http://controller",
+        node_name="n",
+        cluster="c",
+        metrics_port=env["EDGEFLEET_METRICS_PORT"]["value"],
+    )
+    assert settings.metrics_port == port > 0
+    assert AgentSettings.model_fields["metrics_host"].default == "127.0.0.1"
+    assert agent["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    template = daemonset(objs)["spec"]["template"]
+    annotations = template["metadata"].get("annotations", {})
+    own = values["podAnnotations"]
+    assert annotations["prometheus.io/scrape"] == own.get("prometheus.io/scrape", "true")
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    monitors = kube.by_kind(objs, "PodMonitor")
+    if not values["metrics"]["podMonitor"]["enabled"]:
+        assert monitors == []
+        return
+    (monitor,) = monitors
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    assert selector <= template["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    assert "authorization" not in endpoint
+
+
+def test_the_pod_monitor_leaves_the_cluster_agent_out() -> None:
+    """Pull mode's cluster agent (a Deployment of the same release) serves no metrics."""
+    values = kube.scenario_values(CHART, "pull")
+    values["metrics"] = {"podMonitor": {"enabled": True}}
+    objs = kube.objects(kube.render(CHART, values))
+    selector = kube.one(objs, "PodMonitor")["spec"]["selector"]["matchLabels"].items()
+    (deployment,) = kube.by_kind(objs, "Deployment")
+    assert not selector <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert selector <= daemonset(objs)["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_agent_metrics_can_be_off() -> None:
+    objs = kube.objects(
+        kube.render(CHART, {"metrics": {"port": 0, "podMonitor": {"enabled": True}}})
+    )
+    agent = agent_container(objs)
+    assert "EDGEFLEET_METRICS_PORT" not in kube.env_of(agent)
+    assert "ports" not in agent
+    assert "prometheus.io/scrape" not in daemonset(objs)["spec"]["template"]["metadata"].get(
+        "annotations", {}
+    )
+    assert kube.by_kind(objs, "PodMonitor") == []

@@ -345,3 +345,59 @@ def test_worker_liveness_probe(scenario: str, tmp_path: Path) -> None:
     stale = time.time() - max_age - 5
     os.utime(file, (stale, stale))
     assert not probe_passes(command)
+
+
+def _workload(objs: list[Obj], component: str) -> Obj:
+    (found,) = [
+        o
+        for o in kube.by_kind(objs, "Deployment")
+        if o["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
+    return found
+
+
+def test_workers_export_their_metrics(scenario: str) -> None:
+    """Each worker serves its counters on worker.metricsPort (EDGEFLEET_WORKER_METRICS_PORT
+    from the ConfigMap, bound on the pod's address); with the ServiceMonitor on, a
+    PodMonitor scrapes exactly the worker pods there, with the API's token."""
+    objs = render(scenario)
+    values = kube.merged_values(CHART, kube.scenario_values(CHART, scenario))
+    port = values["worker"]["metricsPort"]
+    config = kube.one(objs, "ConfigMap")["data"]
+    settings = Settings(
+        _env_file=None,
+        worker_metrics_port=config["EDGEFLEET_WORKER_METRICS_PORT"],
+        worker_metrics_host=config["EDGEFLEET_WORKER_METRICS_HOST"],
+    )
+    assert settings.worker_metrics_port == port > 0
+    assert settings.worker_metrics_host == "0.0.0.0"
+    worker = _workload(objs, "worker")
+    (box,) = worker["spec"]["template"]["spec"]["containers"]
+    assert box["command"][:2] == ["edgefleet", "worker"]
+    assert box["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    monitors = kube.by_kind(objs, "PodMonitor")
+    if not values["metrics"]["serviceMonitor"]["enabled"]:
+        assert monitors == []
+        return
+    (monitor,) = monitors
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    assert selector <= worker["spec"]["template"]["metadata"]["labels"].items()
+    for other in ("api", "beat"):  # the API's /metrics is the ServiceMonitor's
+        labels = _workload(objs, other)["spec"]["template"]["metadata"]["labels"]
+        assert not selector <= labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    service_monitor = kube.one(objs, "ServiceMonitor")
+    assert endpoint["authorization"] == service_monitor["spec"]["endpoints"][0]["authorization"]
+    assert monitor["metadata"]["labels"].items() >= {"release": "kube-prometheus-stack"}.items()
+
+
+def test_worker_metrics_can_be_off() -> None:
+    values = {"worker": {"metricsPort": 0}, "metrics": {"serviceMonitor": {"enabled": True}}}
+    objs = kube.objects(kube.render(CHART, values))
+    assert kube.one(objs, "ConfigMap")["data"]["EDGEFLEET_WORKER_METRICS_PORT"] == "0"
+    assert Settings(_env_file=None, worker_metrics_port=0).worker_metrics_port == 0
+    (box,) = _workload(objs, "worker")["spec"]["template"]["spec"]["containers"]
+    assert "ports" not in box
+    assert kube.by_kind(objs, "PodMonitor") == []
+    assert kube.by_kind(objs, "ServiceMonitor") != []
