@@ -12,6 +12,7 @@ import random
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -213,15 +214,18 @@ class LivenessFile(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is 
 
     requires = {"celery.worker.components:Timer"}
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, parent: Any, clock: Callable[[], float] = time.monotonic, **kwargs: Any
+    ) -> None:
         super().__init__(parent, **kwargs)
         self.path = liveness_file()
-        self._loop_turned = time.monotonic()
+        self._clock = clock  # a test's moves time instead of sleeping past the staleness
+        self._loop_turned = clock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self, worker: Any) -> None:
-        self._loop_turned = time.monotonic()
+        self._loop_turned = self._clock()
         self._touch()
         worker.timer.call_repeatedly(LIVENESS_INTERVAL_S, self._turned)
         self._thread = threading.Thread(
@@ -234,14 +238,21 @@ class LivenessFile(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is 
         self.path.unlink(missing_ok=True)  # a stopping worker is not alive
 
     def _turned(self) -> None:
-        self._loop_turned = time.monotonic()
+        self._loop_turned = self._clock()
 
     def _watch(self, worker: Any) -> None:
         while not self._stop.wait(LIVENESS_INTERVAL_S):
-            consumer = getattr(worker, "consumer", None)
-            reconnecting = consumer is not None and consumer.connection is None
-            if reconnecting or time.monotonic() - self._loop_turned < LIVENESS_LOOP_STALE_S:
-                self._touch()
+            self.check(worker)
+
+    def check(self, worker: Any) -> bool:
+        """One look, as the watcher takes every ``LIVENESS_INTERVAL_S``: touch the file
+        when the worker can make progress; whether it did."""
+        consumer = getattr(worker, "consumer", None)
+        reconnecting = consumer is not None and consumer.connection is None
+        if reconnecting or self._clock() - self._loop_turned < LIVENESS_LOOP_STALE_S:
+            self._touch()
+            return True
+        return False
 
     def _touch(self) -> None:
         try:

@@ -163,6 +163,16 @@ def moved(clients: list[Client], version: str, timeout_s: float = 30) -> None:
     raise AssertionError(f"traffic did not move to {version} within {timeout_s} s")
 
 
+def answered(clients: list[Client], n: int, timeout_s: float = 30) -> None:
+    """Wait until every client has had ``n`` more answers: traffic on the version in
+    place, between two changes."""
+    wanted = [len(c.answers) + n for c in clients]
+    deadline = time.monotonic() + timeout_s
+    while any(len(c.answers) < w for c, w in zip(clients, wanted, strict=True)):
+        assert time.monotonic() < deadline, f"fewer than {n} answers in {timeout_s} s"
+        time.sleep(0.05)
+
+
 def test_updates_and_a_rollback_lose_no_request(
     fleet: tuple[LocalDriver, dict[str, int]], artifacts: tuple[str, dict[str, str]]
 ) -> None:
@@ -174,7 +184,7 @@ def test_updates_and_a_rollback_lose_no_request(
     # (started, finished, from, to) of each update; "to" is what the nodes end on.
     updates: list[tuple[float, float, str, str]] = []
     try:
-        time.sleep(0.5)
+        answered(clients, 50)
         plan = [("1.0.0", "2.0.0"), ("2.0.0", "3.0.0"), ("3.0.0", "2.0.0")]  # 3 -> 2: rollback
         for old, new in plan:
             started = time.monotonic()
@@ -182,16 +192,18 @@ def test_updates_and_a_rollback_lose_no_request(
             converge(driver, new)
             moved(clients, new)
             updates.append((started, time.monotonic(), old, new))
-            time.sleep(0.3)
+            answered(clients, 30)
         # A change reverted in the middle of its handover: 2 keeps serving throughout.
         started = time.monotonic()
         driver.apply(MODEL, {n: workload(base, shas, "1.0.0") for n in NODES})
-        time.sleep(0.2)
+        # In the middle of it: 1.0.0 started on every node, not Ready, 2.0.0 serving.
+        starting = driver.observe(MODEL, list(NODES))
+        assert {(o.phase, o.version) for o in starting.values()} == {("Running", "1.0.0")}, starting
         driver.apply(MODEL, {n: workload(base, shas, "2.0.0") for n in NODES})
         converge(driver, "2.0.0")
         moved(clients, "2.0.0")
         updates.append((started, time.monotonic(), "1.0.0", "2.0.0"))
-        time.sleep(0.3)
+        answered(clients, 30)
     finally:
         for c in clients:
             c.close()

@@ -481,6 +481,9 @@ def test_model_that_fails_warm_up_never_turns_ready(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- hot swap
+ANSWERS = 10  # each client's, before the swap and again after it
+
+
 def test_hot_swap_under_load_drops_nothing(models: Models, tmp_path: Path) -> None:
     x = image(seed=11)
     v1 = ort_run(models.cnn, {"image": x})["probabilities"]
@@ -491,20 +494,24 @@ def test_hot_swap_under_load_drops_nothing(models: Models, tmp_path: Path) -> No
         url = origin.add("/v1/models/cnn/versions/2/artifact", models.bytes("cnn_v2"))
         stop = threading.Event()
         swapped_at: list[float] = []
+        # What each client has been answered so far (appended by its thread).
+        seen: list[list[tuple[float, int, str, np.ndarray | None]]] = [[] for _ in range(6)]
 
-        def hammer() -> list[tuple[float, int, str, np.ndarray | None]]:
-            seen = []
+        def hammer(answers: list[tuple[float, int, str, np.ndarray | None]]) -> None:
             with httpx.Client(base_url=server.url, timeout=30) as c:
                 while not stop.is_set():
                     sent = time.monotonic()
                     r = c.post("/v1/infer", content=payload, headers={"Content-Type": NPZ})
                     out = load_npz(r.content)["probabilities"] if r.status_code == 200 else None
-                    seen.append((sent, r.status_code, r.headers.get("x-model-version", ""), out))
-            return seen
+                    answers.append((sent, r.status_code, r.headers.get("x-model-version", ""), out))
+
+        def each_answered(n: int, after: float = 0.0) -> bool:
+            return all(sum(1 for a in answers if a[0] > after) >= n for answers in seen)
 
         with ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(hammer) for _ in range(6)]
-            time.sleep(0.3)
+            futures = [pool.submit(hammer, answers) for answers in seen]
+            # Every client under way on the old version before the swap...
+            assert wait_for(lambda: each_answered(ANSWERS), 60), [len(a) for a in seen]
             with httpx.Client(base_url=server.url, timeout=60) as admin:
                 resp = admin.post(
                     "/v1/admin/swap",
@@ -518,11 +525,14 @@ def test_hot_swap_under_load_drops_nothing(models: Models, tmp_path: Path) -> No
             swapped_at.append(time.monotonic())
             assert resp.status_code == 200, resp.text
             assert resp.json()["version"] == "2"
-            time.sleep(0.3)
+            # ...and answered again after it (sent after the swap returned).
+            assert wait_for(lambda: each_answered(ANSWERS, after=swapped_at[0]), 60)
             stop.set()
-            results = [item for f in futures for item in f.result()]
+            for f in futures:
+                f.result()
+            results = [item for answers in seen for item in answers]
 
-        assert len(results) > 100
+        assert len(results) >= 2 * ANSWERS * len(seen)
         assert [r for r in results if r[1] != 200] == []  # zero failures during the swap
         versions = {r[2] for r in results}
         assert versions == {"1", "2"}

@@ -22,9 +22,9 @@ from tests.tasks.test_worker import wait_for
 
 @pytest.fixture
 def fast_liveness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The watcher looks every 50 ms (the staleness is the fake clock's)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(module, "LIVENESS_INTERVAL_S", 0.05)
-    monkeypatch.setattr(module, "LIVENESS_LOOP_STALE_S", 0.3)
     return tmp_path / module.LIVENESS_FILE_NAME
 
 
@@ -39,31 +39,34 @@ def test_liveness_file_follows_the_event_loop(fast_liveness: Path) -> None:
         consumer=consumer,
         timer=SimpleNamespace(call_repeatedly=lambda secs, fun: timer.append(fun)),
     )
-    step = module.LivenessFile(worker)
+    clock = [1024.0]  # the loop's monotonic seconds, moved by the test (exact binary sums)
+    step = module.LivenessFile(worker, clock=lambda: clock[0])
     step.start(worker)
     try:
         assert fast_liveness.exists()
         (turned,) = timer  # what the event loop's timer calls
         old = time.time() - 100
 
-        # The loop turns: the file stays fresh.
+        # The loop turns: the watcher thread keeps the file fresh.
         os.utime(fast_liveness, (old, old))
+        clock[0] += 10.0
+        turned()
+        wait_for(lambda: touched_since(fast_liveness, old), 5, "a touch while the loop turns")
+        # Still fresh just short of the staleness since the last turn.
+        clock[0] += module.LIVENESS_LOOP_STALE_S - 0.5
+        assert step.check(worker)
 
-        def turning() -> bool:
-            turned()
-            return touched_since(fast_liveness, old)
-
-        wait_for(turning, 5, "a touch while the loop turns")
-
-        # The loop is stuck while connected: no more touches.
-        time.sleep(0.4)  # past LIVENESS_LOOP_STALE_S since the last turn
+        # The loop is stuck while connected: at the staleness, no more touches (neither
+        # the thread's, which reads the same clock, nor this one).
+        clock[0] += 0.5
         os.utime(fast_liveness, (old, old))
-        time.sleep(0.3)  # several touch intervals
+        assert not step.check(worker)
         assert not touched_since(fast_liveness, old)
 
         # Reconnecting to the broker blocks the loop by design: still alive.
         consumer.connection = None
         wait_for(lambda: touched_since(fast_liveness, old), 5, "a touch while reconnecting")
+        assert step.check(worker)
     finally:
         step.stop(worker)
     assert not fast_liveness.exists()
