@@ -61,6 +61,8 @@ class StepBase:
         self.target: ModelVersion = session.get(ModelVersion, rollout.model_version_id)  # type: ignore[assignment]
         self._drivers: dict[str, ClusterDriver] = {}
         self.unobserved: dict[str, str] = {}  # cluster -> why this step could not observe it
+        # cluster -> its permanent refusal to observe (403, 404, ...) this step
+        self.refusing: dict[str, str] = {}
         self._versions: dict[int, ModelVersion] = {self.target.id: self.target}
         self.resources = self.spec.resources.model_dump(mode="json", exclude_none=True)
         # Other rollouts' resources by id (previous_workload); None: that rollout is gone.
@@ -166,7 +168,8 @@ class StepBase:
         An unanswered observe says nothing about the nodes: they hold where they are, the
         next step observes again and the progress deadline bounds the wait. The error is
         recorded, and a deadline that fails the wave names it, so the operator sees why
-        the nodes never showed up Ready."""
+        the nodes never showed up Ready. A permanent one is remembered in ``refusing``:
+        a wave's step fails the nodes it hides (Waves.observe)."""
         for cluster, group in self.by_cluster(rows).items():
             try:
                 seen = self.driver(cluster).observe(
@@ -185,6 +188,8 @@ class StepBase:
         deadline that fails the wave names it) and recorded as an event."""
         log.warning("observe %s failed: %s", cluster, exc)
         self.unobserved[cluster] = str(exc)
+        if not exc.transient:
+            self.refusing[cluster] = str(exc)
         self.event(
             reason="DriverError",
             message=f"cluster {cluster}: observe failed: {exc}",

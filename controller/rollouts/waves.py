@@ -133,6 +133,20 @@ class Step(ScheduledStep):
                     ready.append(r)
         self.moved(ready, A.RUNNING, "WorkloadReady")
         self.moved(failed, A.FAILED, "WorkloadFailed", reasons)
+        # A cluster that refuses to report (a permanent error: forbidden, not found) will
+        # not report next step either: its nodes still applying fail now, with its answer,
+        # as a refused apply fails them, instead of holding until the progress deadline.
+        # Nodes it had seen Ready keep their state: their health comes from heartbeats.
+        for cluster, error in sorted(self.refusing.items()):
+            hidden = [r for r in self.in_state(watched, A.APPLYING) if r.cluster == cluster]
+            note = f"cluster {cluster} refused to report it: {error}"
+            self.moved(
+                hidden,
+                A.FAILED,
+                "ClusterRefused",
+                {r.assignment.id: note for r in hidden},
+                data={"cluster": cluster, "call": "observe", "error": error},
+            )
         if restarted:
             self.event(
                 reason="WorkloadRestarted",

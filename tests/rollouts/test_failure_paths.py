@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from controller.db.base import utcnow
-from controller.db.models import Event, Node
+from controller.db.models import Assignment, Event, Node
 from controller.db.session import session_scope
 from controller.fleet import service as fleet_service
 from controller.kube.driver import DriverError
@@ -120,10 +120,10 @@ def test_permanent_apply_error_fails_the_refused_nodes(
     assert running_versions(settings, CLUSTERS) == {"berlin-n0": "1.0.0", "berlin-n1": "1.0.0"}
 
 
-def test_observe_error_holds_the_nodes_until_the_cluster_answers(
+def test_transient_observe_error_holds_the_nodes_until_the_cluster_answers(
     fleet: TestClient, faults: Faults, settings: Settings
 ) -> None:
-    faults.observe["paris"] = permanent("connection refused")
+    faults.observe["paris"] = transient("API server unreachable: connection refused")
     apply(fleet, rollout_doc("d", "1.0.0", **ONE_WAVE))
     for _ in range(3):
         assert reconciler.reconcile(rollout_id("d"), settings) == "Progressing"
@@ -137,16 +137,69 @@ def test_observe_error_holds_the_nodes_until_the_cluster_answers(
     blind = [d for r, d in events(rollout="d") if r == "DriverError"]
     assert blind
     assert all(d["call"] == "observe" and d["nodes"] == 2 for d in blind)
+    assert "ClusterRefused" not in reasons("d")
 
     faults.observe.clear()
     assert drive("d", settings)[-1] == "Succeeded"
     assert set(node_states("d").values()) == {"Healthy"}
 
 
+def test_permanent_observe_error_fails_the_nodes_it_hides_at_once(
+    fleet: TestClient, faults: Faults, settings: Settings
+) -> None:
+    """A cluster that refuses to say what runs (403: the driver may not read pods) will
+    not say it next step either: its nodes still applying fail in the step that asked,
+    the cluster's answer in the event and on each node, instead of holding until the
+    progress deadline (15 minutes by default)."""
+    faults.observe["paris"] = permanent("403 Forbidden: pods is forbidden")
+    apply(fleet, rollout_doc("d", "1.0.0", onFailure="pause", **ONE_WAVE))  # the first step
+    refused = [d for r, d in events(rollout="d") if r == "ClusterRefused"]
+    assert len(refused) == 1, refused
+    assert sorted(refused[0]["nodes"]) == sorted(f"paris/{n}" for n in PARIS)
+    assert refused[0]["from"] == {"Applying": 2}
+    assert (refused[0]["cluster"], refused[0]["call"], refused[0]["error"]) == (
+        "paris",
+        "observe",
+        "403 Forbidden: pods is forbidden",
+    )
+    states = node_states("d")
+    assert {states[n] for n in PARIS} == {"Failed"}
+    assert {s for n, s in states.items() if n not in PARIS} == {"Running"}
+    with session_scope() as s:
+        messages = s.execute(
+            select(Node.name, Assignment.message)
+            .join(Assignment, Assignment.node_id == Node.id)
+            .where(Assignment.rollout_id == rollout_id("d"), Node.name.in_(PARIS))
+        ).all()
+    assert {m for _, m in messages} == {
+        "cluster paris refused to report it: 403 Forbidden: pods is forbidden"
+    }
+    # Two of four nodes failed: the gate fails the wave in the same step, not the deadline.
+    assert phase_of(fleet, "d") == "Paused"
+    assert "GateFailed" in reasons("d")
+    assert "ProgressDeadlineExceeded" not in reasons("d")
+
+
+def test_permanent_observe_error_keeps_nodes_already_seen_ready(
+    fleet: TestClient, faults: Faults, settings: Settings
+) -> None:
+    """Nodes seen Ready before the cluster stopped answering are judged by their
+    heartbeats, as every node past Applying is: a refusal says nothing new about them."""
+    baking = {"strategy": {"steps": [{"percent": 100, "bake": "1h"}], "maxUnavailable": "100%"}}
+    apply(fleet, rollout_doc("d", "1.0.0", **baking))  # every node Running
+    faults.observe["paris"] = permanent("403 Forbidden: pods is forbidden")
+    for _ in range(2):
+        report()
+        assert reconciler.reconcile(rollout_id("d"), settings) == "Progressing"
+    assert ("paris", "observe") in faults.calls
+    assert set(node_states("d").values()) == {"Healthy"}
+    assert "ClusterRefused" not in reasons("d")
+
+
 def test_progress_deadline_names_the_cluster_that_could_not_be_observed(
     fleet: TestClient, faults: Faults, settings: Settings
 ) -> None:
-    faults.observe["paris"] = permanent("403 Forbidden: pods is forbidden")
+    faults.observe["paris"] = transient("503 Service Unavailable: etcdserver: leader changed")
     spec = {"strategy": {**ONE_WAVE["strategy"], "progressDeadline": "2m"}}
     apply(fleet, rollout_doc("d", "1.0.0", onFailure="pause", **spec))
     rid = rollout_id("d")
@@ -155,14 +208,19 @@ def test_progress_deadline_names_the_cluster_that_could_not_be_observed(
     failed = [d for r, d in events(rollout="d") if r == "ProgressDeadlineExceeded"]
     assert len(failed) == 1
     assert sorted(failed[0]["gate"]["applying_nodes"]) == sorted(f"paris/{n}" for n in PARIS)
-    assert failed[0]["gate"]["unobserved_clusters"] == {"paris": "403 Forbidden: pods is forbidden"}
+    assert failed[0]["gate"]["unobserved_clusters"] == {
+        "paris": "503 Service Unavailable: etcdserver: leader changed"
+    }
     with session_scope() as s:
         message = s.scalars(
             select(Event.message).where(
                 Event.rollout_id == rid, Event.reason == "ProgressDeadlineExceeded"
             )
         ).one()
-    assert "could not observe cluster paris (403 Forbidden: pods is forbidden)" in message
+    assert (
+        "could not observe cluster paris (503 Service Unavailable: etcdserver: leader changed)"
+        in message
+    )
 
 
 # ---------------------------------------------------------------- reverting
