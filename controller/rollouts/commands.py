@@ -87,7 +87,8 @@ def command(session: Session, name: str, action: str) -> Rollout:
                 f"rollout {name} is {rollout.phase} but still reverting: {len(reverting)} "
                 f"node(s) not back on their previous version yet ({', '.join(reverting[:5])}"
                 f"{', ...' if len(reverting) > 5 else ''}); retry once the revert has "
-                "finished (edgefleet rollout status shows it)"
+                "finished (edgefleet rollout status shows it). Its last step said: "
+                f"{rollout.message}"
             )
         _reset_for_retry(session, rollout)
     else:

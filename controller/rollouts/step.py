@@ -300,6 +300,13 @@ class StepBase:
             self.r.message = (
                 f"reverting: {len(left)} node(s) not yet seen on their previous version"
             )
+            # A cluster that cannot tell (unreachable, or refusing: a 403 waits for its
+            # RBAC to be repaired) is named: the wait is on its side, not the rollout's.
+            blind = sorted({r.cluster for r in left} & self.unobserved.keys())
+            if blind:
+                self.r.message += "; could not observe " + "; ".join(
+                    f"cluster {c} ({self.unobserved[c]})" for c in blind
+                )
             return
         notes = []
         if offline:

@@ -290,6 +290,35 @@ def test_incomplete_revert_is_retried_until_every_node_is_back(
     assert phase_of(fleet, "d2") != "RolledBack"
 
 
+def test_a_revert_a_cluster_will_not_report_says_why_it_waits(
+    fleet: TestClient, faults: Faults, settings: Settings
+) -> None:
+    """A rollback on a cluster that refuses to report (a 403: the driver lost the right to
+    read pods) cannot be verified there: its nodes stay Reverting, and the rollout's
+    message and a refused retry name the cluster and its answer, so the operator knows
+    the fix is on the cluster's side; once it answers, the revert finishes."""
+    apply(fleet, rollout_doc("d1", "1.0.0", **ONE_WAVE))
+    assert drive("d1", settings)[-1] == "Succeeded"
+    faults.observe["paris"] = permanent("403 Forbidden: pods is forbidden")
+    apply(fleet, rollout_doc("d2", "2.0.0", **ONE_WAVE))  # Paris fails, Berlin reverts
+    rid = rollout_id("d2")
+    for _ in range(2):
+        assert reconciler.reconcile(rid, settings) == "RolledBack"
+    assert {node_states("d2")[n] for n in PARIS} == {"Reverting"}
+    why = "could not observe cluster paris (403 Forbidden: pods is forbidden)"
+    message = fleet.get("/v1/rollouts/d2").json()["message"]
+    assert message == f"reverting: 2 node(s) not yet seen on their previous version; {why}"
+    early = fleet.post("/v1/rollouts/d2/retry")
+    assert early.status_code == 409
+    assert why in early.json()["detail"]
+
+    faults.observe.clear()  # the cluster's RBAC repaired
+    assert reconciler.reconcile(rid, settings) == "RolledBack"
+    assert set(node_states("d2").values()) == {"RolledBack"}
+    assert set(running_versions(settings, CLUSTERS).values()) == {"1.0.0"}
+    assert fleet.post("/v1/rollouts/d2/retry").status_code == 202
+
+
 # ---------------------------------------------------------------- progress deadline
 
 
