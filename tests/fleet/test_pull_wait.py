@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, text
 
 from controller.db import notify
+from controller.db.models import PullCluster
 from controller.db.session import get_engine, session_scope
 from controller.fleet import pull
 from controller.kube.driver import WorkloadSpec
@@ -64,25 +65,39 @@ class Statements:
         self.sent.append(statement)
 
 
+async def revision_read(statements: Statements, timeout_s: float = 10) -> None:
+    """Until a poll has read its cluster's revision: from then on, only a wake-up (or its
+    timeout) ends its wait, so a commit after this cannot reach it by its first read."""
+    deadline = time.monotonic() + timeout_s
+    while not any(f"{PullCluster.__tablename__}.revision" in q for q in statements.sent):
+        assert time.monotonic() < deadline, "the poll never read the revision"
+        await asyncio.sleep(0.01)
+
+
 def test_a_new_revision_wakes_a_waiting_poll_at_once(settings: Settings, shop: int) -> None:
     wait_s = 20.0
+    listener = notify.listener(settings.database_url, PULL_CHANNEL)
+    assert listener is not None
 
-    async def scenario() -> tuple[Any, float, float]:
-        started = time.monotonic()
-        poll = asyncio.create_task(pull.wait_for_desired(settings, "shop", since=1, wait_s=wait_s))
-        await asyncio.sleep(0.5)
+    async def scenario() -> tuple[Any, float]:
+        with Statements(settings) as statements:
+            poll = asyncio.create_task(
+                pull.wait_for_desired(settings, "shop", since=1, wait_s=wait_s)
+            )
+            await revision_read(statements)
         assert not poll.done()  # nothing new yet: it waits
         await asyncio.to_thread(publish, "2.0.0")
         committed = time.monotonic()
         got = await poll
-        return got, time.monotonic() - committed, committed - started
+        return got, time.monotonic() - committed
 
-    got, latency, waited = asyncio.run(scenario())
+    notified = listener.received
+    got, latency = asyncio.run(scenario())
     assert (got.changed, got.revision) == (True, 2)
     assert got.node_labels == {"n1": {"model.edgefleet.io/detector": "2.0.0"}}
     log.warning("pull poll woken %.1f ms after the commit (timeout %.0f s)", latency * 1e3, wait_s)
+    assert listener.received > notified  # the commit's NOTIFY reached this process
     assert latency < wait_s / 4, latency  # woken by the commit, not by its timeout
-    assert waited >= 0.5
 
 
 def _idle_poll(settings: Settings, wait_s: float) -> Any:
@@ -123,8 +138,9 @@ def test_a_cut_listener_falls_back_to_checking(
     assert listener is not None
 
     async def scenario() -> tuple[Any, float]:
-        poll = asyncio.create_task(pull.wait_for_desired(settings, "shop", since=1, wait_s=20))
-        await asyncio.sleep(0.3)
+        with Statements(settings) as statements:
+            poll = asyncio.create_task(pull.wait_for_desired(settings, "shop", since=1, wait_s=20))
+            await revision_read(statements)  # waiting on the listener now
         # Cut the listener's connection (as a database restart or a proxy would).
         with get_engine(settings).begin() as conn:
             cut = conn.execute(
