@@ -143,15 +143,29 @@ def test_a_cut_listener_falls_back_to_checking(
             await revision_read(statements)  # waiting on the listener now
         # Cut the listener's connection (as a database restart or a proxy would).
         with get_engine(settings).begin() as conn:
-            cut = conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE query = :q AND datname = current_database()"
-                ),
-                {"q": f'LISTEN "{PULL_CHANNEL}"'},
-            ).all()
+            cut = [
+                pid
+                for pid, _ in conn.execute(
+                    text(
+                        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE query = :q AND datname = current_database()"
+                    ),
+                    {"q": f'LISTEN "{PULL_CHANNEL}"'},
+                )
+            ]
         assert cut, "no listening connection found"
-        await asyncio.sleep(0.2)
+        # Until its backend is gone (terminating is asynchronous).
+        deadline = time.monotonic() + 10
+        while True:
+            with get_engine(settings).connect() as conn:
+                alive = conn.scalar(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)"),
+                    {"pids": list(cut)},
+                )
+            if not alive:
+                break
+            assert time.monotonic() < deadline, "the listener's backend did not end"
+            await asyncio.sleep(0.01)
         # Committed while nobody listens: no NOTIFY reaches this process.
         await asyncio.to_thread(publish, "2.0.0")
         committed = time.monotonic()
