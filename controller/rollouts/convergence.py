@@ -99,7 +99,9 @@ class Convergence(ScheduledStep):
 
     def _observe_converging(self, rows: list[Row], failed: dict[int, str]) -> set[int]:
         """The ids of the rows whose cluster shows the new version Ready; a workload that
-        failed goes into ``failed``. An unanswered observe holds its nodes."""
+        failed goes into ``failed``. An unanswered observe holds its nodes, unless the
+        cluster refused for good (a permanent error): those fail now, saying so, as a
+        wave's do (Waves.observe), rather than at the progress deadline."""
         ready: set[int] = set()
         for r, obs in self.observations(rows):
             if obs.phase == "Failed":
@@ -107,6 +109,10 @@ class Convergence(ScheduledStep):
             elif obs.phase == "Ready" and obs.sha256 == self.target_of(r).sha256:
                 r.assignment.observed_version_id = self.target_of(r).id
                 ready.add(r.assignment.id)
+        for r in rows:
+            error = self.refusing.get(r.cluster)
+            if error is not None:
+                failed[r.assignment.id] = f"cluster {r.cluster} refused to report it: {error}"
         return ready
 
     def _judge_converging(

@@ -27,7 +27,7 @@ from controller.rollouts import reconciler
 from controller.rollouts import repository as repo
 from controller.settings import Settings
 from node_agent.contract import Heartbeat
-from tests.rollouts.faulty import Faults, install, transient
+from tests.rollouts.faulty import Faults, install, permanent, transient
 from tests.rollouts.helpers import (
     apply,
     cluster_doc,
@@ -336,6 +336,27 @@ def test_a_revert_the_cluster_refuses_is_retried_until_it_lands(
     assert assignment(AWAY) == ("RolledBack", "1.0.0", "1.0.0")
     assert running_versions(settings, CLUSTERS)[AWAY] == "1.0.0"
     assert reasons("d2").count("ConvergenceFailed") == 1
+
+
+def test_a_node_back_on_a_cluster_that_refuses_to_report_is_reverted_at_once(
+    fleet: TestClient, settings: Settings, faults: Faults
+) -> None:
+    """Its cluster took the new version but will not say what runs (a 403): it returns
+    to its previous version in that step, saying why, not after the progress deadline;
+    RolledBack once the cluster answers again and shows it there."""
+    succeeded_without(fleet, settings, "d2", "2.0.0")
+    come_back()
+    faults.observe["paris"] = permanent("403 Forbidden: pods is forbidden")
+    assert step("d2", settings) == "Succeeded"
+    why = "cluster paris refused to report it: 403 Forbidden: pods is forbidden"
+    (failed,) = [d for r, d in rollout_events("d2") if r == "ConvergenceFailed"]
+    assert (failed["nodes"], failed["why"]) == ([KEY], {KEY: why})
+    assert assignment(AWAY) == ("Reverting", "1.0.0", "1.0.0")  # not seen back yet
+    assert running_versions(settings, CLUSTERS)[AWAY] == "1.0.0"
+    faults.observe.clear()
+    assert step("d2", settings) == "Succeeded"
+    assert assignment(AWAY) == ("RolledBack", "1.0.0", "1.0.0")
+    assert "Converged" not in reasons("d2")
 
 
 def test_a_converging_node_reverted_is_back_only_once_seen_on_its_previous_version(
