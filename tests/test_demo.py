@@ -132,7 +132,8 @@ def test_demo_serves_the_dashboard(tmp_path: Path) -> None:
     config = tmp_path / ".config" / "edgefleet" / "config.yaml"
     try:
         deadline = time.monotonic() + 120
-        while not config.exists() and time.monotonic() < deadline:
+        while not config.exists():
+            assert time.monotonic() < deadline, "the demo never saved its CLI context"
             time.sleep(0.2)
         saved = yaml.safe_load(config.read_text())
         assert saved["current-context"] == "demo"
@@ -142,18 +143,21 @@ def test_demo_serves_the_dashboard(tmp_path: Path) -> None:
         http = httpx.Client(
             base_url=url, timeout=5, headers={"Authorization": f"Bearer {context['token']}"}
         )
-        while time.monotonic() < deadline:
+        while True:
+            assert time.monotonic() < deadline, "the demo's server never answered healthy"
             try:
                 if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         # Nothing is open but health: the demo's token is what the CLI and the page use.
         assert httpx.get(f"{url}/v1/rollouts", timeout=5).status_code == 401
         signin = httpx.get(f"{url}/", timeout=5)
         assert (signin.status_code, signin.headers["location"]) == (303, "/login")
         phases: dict[str, str] = {}
-        while time.monotonic() < deadline:
+        while True:
+            assert time.monotonic() < deadline, f"the scenario did not end: {phases}"
             try:
                 items = http.get("/v1/rollouts").json()["items"]
                 phases = {r["name"]: r["phase"] for r in items}
