@@ -236,7 +236,18 @@ def test_a_rollout_reaches_a_cluster_the_controller_cannot_connect_to(
             break
     eventually(lambda: len(site.pods()) == 3, what="all three nodes serve", beat=site.beat)
     controller.stop()
-    time.sleep(1.0)  # whatever the agent had fetched, it has applied
+    live_agent = agent.agent
+    assert live_agent is not None
+
+    def applied() -> bool:  # whatever the agent had fetched, it has applied
+        desired = live_agent.desired
+        return (
+            desired is not None
+            and live_agent.applied_revision == desired.revision
+            and not live_agent.handing_over
+        )
+
+    eventually(applied, what="the agent applied what it had fetched", beat=site.beat)
     before = site.pods()
     assert sorted(before.values()) == ["1.0.0", "1.0.0", "2.0.0"]
 
