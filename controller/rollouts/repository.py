@@ -174,6 +174,25 @@ def events(session: Session, rollout_id: int, *, limit: int) -> Sequence[Event]:
     ).all()
 
 
+def trailing_data(
+    session: Session, rollout_id: int, reason: str, *, limit: int = 20
+) -> list[dict[str, Any]]:
+    """The data of the rollout's latest events of ``reason``, newest first, up to the
+    first event of another reason (at most ``limit`` read: index ix_events_rollout_id)."""
+    out: list[dict[str, Any]] = []
+    rows = session.execute(
+        select(Event.reason, Event.data)
+        .where(Event.rollout_id == rollout_id)
+        .order_by(Event.id.desc())
+        .limit(limit)
+    )
+    for got, data in rows:
+        if got != reason:
+            break
+        out.append(data or {})
+    return out
+
+
 def to_reconcile(session: Session) -> Sequence[int]:
     """Rollouts with work left: progressing, or reverted phases with nodes not yet back."""
     progressing = select(Rollout.id).where(

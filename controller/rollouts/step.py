@@ -63,6 +63,8 @@ class StepBase:
         self.unobserved: dict[str, str] = {}  # cluster -> why this step could not observe it
         # cluster -> its permanent refusal to observe (403, 404, ...) this step
         self.refusing: dict[str, str] = {}
+        # DriverError keys the rollout's latest events hold (driver_error), read once.
+        self._said_errors: list[dict[str, Any]] | None = None
         self._versions: dict[int, ModelVersion] = {self.target.id: self.target}
         self.resources = self.spec.resources.model_dump(mode="json", exclude_none=True)
         # Other rollouts' resources by id (previous_workload); None: that rollout is gone.
@@ -154,10 +156,10 @@ class StepBase:
             try:
                 self.driver(cluster).apply(self.spec.model.name, desired)
             except DriverError as exc:
-                self.event(
-                    reason="DriverError",
-                    message=f"cluster {cluster}: {exc}",
-                    data={"transient": exc.transient, "nodes": len(group)},
+                self.driver_error(
+                    f"cluster {cluster}: {exc}",
+                    {"cluster": cluster, "call": "apply", "transient": exc.transient},
+                    nodes=len(group),
                 )
                 if count_transient or not exc.transient:
                     refused.extend(group)
@@ -190,11 +192,29 @@ class StepBase:
         self.unobserved[cluster] = str(exc)
         if not exc.transient:
             self.refusing[cluster] = str(exc)
-        self.event(
-            reason="DriverError",
-            message=f"cluster {cluster}: observe failed: {exc}",
-            data={"transient": exc.transient, "nodes": nodes, "call": "observe"},
+        self.driver_error(
+            f"cluster {cluster}: observe failed: {exc}",
+            {"cluster": cluster, "call": "observe", "transient": exc.transient},
+            nodes=nodes,
         )
+
+    def driver_error(self, message: str, key: dict[str, Any], *, nodes: int) -> None:
+        """A ``DriverError`` event, unless the rollout's latest events already say it:
+        the same cluster, call and kind of error, with nothing else recorded since. A
+        cluster that stays unreachable would otherwise add one at every step (beat steps
+        a held revert every 10 s: 8,640 a day), burying the events that matter; the
+        rollout's message and status name the cluster meanwhile. Once anything else
+        happens, the next error is recorded again."""
+        if self._said_errors is None:
+            self._said_errors = [
+                {k: d.get(k) for k in key}
+                for d in repo.trailing_data(self.s, self.r.id, "DriverError")
+            ]
+        if key in self._said_errors:
+            log.debug("%s (recorded already; not again)", message)
+            return
+        self._said_errors.append(key)
+        self.event(reason="DriverError", message=message, data={**key, "nodes": nodes})
 
     def wave_rows(self, index: int) -> list[Row]:
         wave_id = self.r.waves[index].id

@@ -144,6 +144,35 @@ def test_transient_observe_error_holds_the_nodes_until_the_cluster_answers(
     assert set(node_states("d").values()) == {"Healthy"}
 
 
+def test_a_cluster_that_stays_unreachable_is_recorded_once_until_something_else_happens(
+    fleet: TestClient, faults: Faults, settings: Settings
+) -> None:
+    """Every step observes the unreachable cluster again, but its DriverError is recorded
+    once, not once a step (beat steps a held revert every 10 s: 8,640 events a day), and
+    again as soon as anything else happened to the rollout."""
+    faults.observe["paris"] = transient("API server unreachable: connection refused")
+    apply(fleet, rollout_doc("d", "1.0.0", **ONE_WAVE))  # the eager first step
+    for _ in range(5):
+        assert reconciler.reconcile(rollout_id("d"), settings) == "Progressing"
+    assert faults.calls.count(("paris", "observe")) == 6  # it failed at every step
+    # Six observes failed: recorded in the first step, then once more only because
+    # Berlin's nodes were seen ready after it; steps 3 to 6 added nothing.
+    assert reasons("d")[-3:] == ["DriverError", "WorkloadReady", "DriverError"]
+    errors = [d for r, d in events(rollout="d") if r == "DriverError"]
+    assert errors == [{"cluster": "paris", "call": "observe", "transient": True, "nodes": 2}] * 2
+
+    for command in ("pause", "resume"):  # something else happens: two events
+        assert fleet.post(f"/v1/rollouts/d/{command}").status_code == 202
+    assert reconciler.reconcile(rollout_id("d"), settings) == "Progressing"
+    log = reasons("d")
+    assert log.count("DriverError") == 3
+    assert log[-1] == "DriverError"  # recorded again, after the commands
+
+    faults.observe.clear()
+    report()
+    assert drive("d", settings)[-1] == "Succeeded"
+
+
 def test_permanent_observe_error_fails_the_nodes_it_hides_at_once(
     fleet: TestClient, faults: Faults, settings: Settings
 ) -> None:
