@@ -175,13 +175,54 @@ _BY_KEY = attrgetter("cluster", "name")
 def list_nodes(
     session: Session, *, cluster: str | None, limit: int, offset: int
 ) -> tuple[Sequence[tuple[Node, str]], int]:
-    base = select(Node, Cluster.name).join(Cluster)
-    count = select(func.count()).select_from(Node).join(Cluster)
+    """A page of nodes by cluster name, then node name (of one cluster, or the fleet),
+    and how many there are. The work is bounded by the page, not by its offset: the
+    clusters' node counts (one aggregate over the ``(cluster_id, name)`` index) tell
+    which clusters the page falls in, and only their nodes are read. An ORDER BY over
+    the join with an OFFSET read and sorted every node before it instead: 250 ms for the
+    last page of 100,000 nodes (bench/bench_reads.py)."""
+    clusters = select(Cluster.id, Cluster.name).order_by(Cluster.name)
+    per_cluster = select(Node.cluster_id, func.count()).group_by(Node.cluster_id)
     if cluster is not None:
-        base = base.where(Cluster.name == cluster)
-        count = count.where(Cluster.name == cluster)
-    rows = session.execute(base.order_by(Cluster.name, Node.name).limit(limit).offset(offset))
-    return [(r[0], r[1]) for r in rows], session.scalar(count) or 0
+        clusters = clusters.where(Cluster.name == cluster)
+        per_cluster = per_cluster.join(Cluster).where(Cluster.name == cluster)
+    counts: dict[int, int] = {int(cid): int(n) for cid, n in session.execute(per_cluster).all()}
+    total = sum(counts.values())
+    spanned: list[tuple[int, str]] = []
+    skip, wanted = offset, limit
+    first_offset = 0
+    for cid, name in session.execute(clusters).all():
+        have = counts.get(cid, 0)
+        if not spanned and skip >= have:
+            skip -= have
+            continue
+        if not spanned:
+            first_offset, have = skip, have - skip
+        spanned.append((cid, name))
+        wanted -= have
+        if wanted <= 0:
+            break
+    if not spanned:
+        return [], total
+    if len(spanned) == 1:  # by the (cluster_id, name) index, in its order
+        ((cid, name),) = spanned
+        one = session.scalars(
+            select(Node)
+            .where(Node.cluster_id == cid)
+            .order_by(Node.name)
+            .limit(limit)
+            .offset(first_offset)
+        )
+        return [(n, name) for n in one], total
+    rows = session.execute(
+        select(Node, Cluster.name)
+        .join(Cluster)
+        .where(any_of(Node.cluster_id, [cid for cid, _ in spanned]))
+        .order_by(Cluster.name, Node.name)
+        .limit(limit)
+        .offset(first_offset)
+    )
+    return [(r[0], r[1]) for r in rows], total
 
 
 def get_node(session: Session, cluster: str, node: str) -> Node | None:
