@@ -100,8 +100,9 @@ def overview_body(session: Session) -> str:
     rollouts_html = ""
     rows_r, _ = rollout_repo.list_rollouts(session, limit=50, offset=0)
     live_states = rollout_repo.state_totals(session, [r.id for r in rows_r])
+    labels = rollout_repo.model_version_labels(session, [r.model_version_id for r in rows_r])
     for r in rows_r:
-        model, version = rollout_repo.model_version_label(session, r.model_version_id)
+        model, version = labels[r.model_version_id]
         # Progress from the waves, the rollout's own history: its nodes may since belong
         # to a later rollout of the same model, which then holds their live state.
         planned = sum(w.node_count for w in r.waves) or 0

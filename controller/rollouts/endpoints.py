@@ -55,12 +55,8 @@ def _detail(session: SessionDep, name: str) -> RolloutOut:
 def list_rollouts(session: SessionDep, page: PageDep) -> Page[RolloutSummary]:
     rows, total = repo.list_rollouts(session, limit=page.limit, offset=page.offset)
     pending = repo.pending_counts(session, [r.id for r in rows])
-    items = [
-        summary(
-            r, *repo.model_version_label(session, r.model_version_id), pending=pending.get(r.id, 0)
-        )
-        for r in rows
-    ]
+    labels = repo.model_version_labels(session, [r.model_version_id for r in rows])
+    items = [summary(r, *labels[r.model_version_id], pending=pending.get(r.id, 0)) for r in rows]
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, delete, func, literal, or_, select
-from sqlalchemy.orm import Session, aliased, load_only
+from sqlalchemy.orm import Session, aliased, load_only, selectinload
 
 from controller.db.arrays import any_of
 from controller.db.models import (
@@ -59,6 +59,7 @@ def list_rollouts(session: Session, *, limit: int, offset: int) -> tuple[Sequenc
     total = session.scalar(select(func.count()).select_from(Rollout)) or 0
     rows = session.scalars(
         select(Rollout)
+        .options(selectinload(Rollout.waves))  # one query for every listed rollout's
         .order_by(Rollout.created_at.desc(), Rollout.id.desc())
         .limit(limit)
         .offset(offset)
@@ -232,25 +233,33 @@ def pending_counts(session: Session, rollout_ids: Sequence[int]) -> dict[int, in
     """Per rollout (by id), its nodes not yet where it leaves them (status.pending): of
     a Succeeded one, not yet on its version (offline while it ran, or back and
     converging); of a RolledBack or Aborted one, not yet seen back on their previous
-    version (being reverted, or offline until they are back)."""
+    version (being reverted, or offline until they are back). Only rollouts in those
+    phases are counted, a Succeeded one by ``ix_assignments_rollout_id_state`` (its
+    pending states alone): the rows of a rollout in progress over 100,000 nodes are
+    never read."""
     if not rollout_ids:
         return {}
-    rows = session.execute(
-        select(Assignment.rollout_id, func.count())
-        .join(Rollout, Rollout.id == Assignment.rollout_id)
-        .where(
-            Assignment.rollout_id.in_(rollout_ids),
-            or_(
-                and_(
-                    Rollout.phase == RolloutPhase.SUCCEEDED,
-                    Assignment.state.in_(PENDING_STATES),
-                ),
-                and_(Rollout.phase.in_(_REVERTED), _not_back()),
-            ),
-        )
-        .group_by(Assignment.rollout_id)
+    phases = dict(
+        session.execute(
+            select(Rollout.id, Rollout.phase).where(any_of(Rollout.id, rollout_ids))
+        ).all()
     )
-    return {int(rid): int(n) for rid, n in rows.all() if rid is not None}
+    succeeded = [i for i, p in phases.items() if p == RolloutPhase.SUCCEEDED]
+    reverted = [i for i, p in phases.items() if p in _REVERTED]
+    out: dict[int, int] = {}
+    for ids, where in (
+        (succeeded, Assignment.state.in_(PENDING_STATES)),
+        (reverted, _not_back()),
+    ):
+        if not ids:
+            continue
+        rows = session.execute(
+            select(Assignment.rollout_id, func.count())
+            .where(any_of(Assignment.rollout_id, ids), where)
+            .group_by(Assignment.rollout_id)
+        )
+        out.update({int(rid): int(n) for rid, n in rows.all() if rid is not None})
+    return out
 
 
 def state_counts(session: Session, rollout_id: int) -> dict[int | None, dict[str, int]]:
@@ -351,6 +360,20 @@ def phase_counts(session: Session) -> dict[str, int]:
         row[0]: row[1]
         for row in session.execute(select(Rollout.phase, func.count()).group_by(Rollout.phase))
     }
+
+
+def model_version_labels(
+    session: Session, version_ids: Sequence[int]
+) -> dict[int, tuple[str, str]]:
+    """(model, version) of each version id, in one query: a listing's rows."""
+    if not version_ids:
+        return {}
+    rows = session.execute(
+        select(ModelVersion.id, Model.name, ModelVersion.version)
+        .join(Model)
+        .where(any_of(ModelVersion.id, set(version_ids)))
+    )
+    return {int(i): (str(m), str(v)) for i, m, v in rows.all()}
 
 
 def model_version_label(session: Session, version_id: int) -> tuple[str, str]:
