@@ -41,18 +41,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import _env
 import httpx
 from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from controller.auth.service import create_token
 from controller.db import migrate
 from controller.db.models import Role
-from controller.db.session import get_engine, session_scope
+from controller.db.session import dispose_engines, get_engine, session_scope
 from controller.settings import get_settings
 
 GOAL_MS = 200.0
@@ -290,12 +290,13 @@ def _events(conn: Connection, first: int, last: int, *, final: int, clusters: in
     conn.commit()
 
 
-def populate(nodes: int, events: int, *, final_events: int, done_events: int) -> dict[str, float]:
+def populate(
+    engine: Engine, nodes: int, events: int, *, final_events: int, done_events: int = 0
+) -> dict[str, float]:
     """Grow the fleet to ``nodes`` and the log to ``events`` (both set-based); the rollout
     ``fleet`` is laid out again over every node. Seconds per part."""
     clusters = nodes // PER_CLUSTER
     took: dict[str, float] = {}
-    engine = get_engine(get_settings())
     with engine.connect() as conn:
         t0 = time.perf_counter()
         have = conn.scalar(text("SELECT count(*) FROM clusters")) or 0
@@ -362,15 +363,16 @@ def populate(nodes: int, events: int, *, final_events: int, done_events: int) ->
 
 
 @contextmanager
-def uvicorn_server() -> Iterator[str]:
-    """A real uvicorn serving the controller (one worker process, as ``edgefleet
-    server`` starts by default); yields its base URL."""
+def uvicorn_server(database_url: str) -> Iterator[str]:
+    """A real uvicorn serving the controller on ``database_url`` (one worker process, as
+    ``edgefleet server`` starts by default); yields its base URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     args = ["--factory", "controller.api.app:create_app", "--port", str(port)]
     args += ["--log-level", "warning", "--no-access-log"]
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", *args])
+    env = {**os.environ, "EDGEFLEET_DATABASE_URL": database_url}
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", *args], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -458,27 +460,48 @@ def _first_page_event(client: httpx.Client, p: Path) -> None:
     raise RuntimeError(f"{p.url}: the stream ended before its first page")
 
 
-def measure(url: str, token: str, todo: list[Path], repeat: int) -> dict[str, list[float]]:
-    """Each path ``repeat`` times, round-robin; milliseconds per call."""
-    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
-    browser = httpx.Client(base_url=url, timeout=120)
-    signed = browser.post("/login", data={"token": token})
-    if signed.status_code != 303 or "edgefleet_session" not in browser.cookies:
-        raise RuntimeError(f"sign-in failed: {signed.status_code} {signed.text[:300]}")
-    clients = {"api": api, "page": browser}
-    out: dict[str, list[float]] = {p.name: [] for p in todo}
+@dataclass
+class Target:
+    """One size's database, served by its own uvicorn."""
+
+    label: str
+    nodes: int
+    events: int
+    url: str = ""
+    token: str = ""
+    paths: list[Path] = field(default_factory=list)
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+
+def measure(targets: list[Target], repeat: int) -> None:
+    """Each path ``repeat`` times on every target, interleaved (path by path, one call on
+    each size in turn), so that the machine's load, which other work on it moves, falls
+    on both sizes alike; milliseconds per call into each target's ``times``."""
+    clients: list[dict[str, httpx.Client]] = []
     try:
-        for p in todo:  # one warm-up each (plans cached, pages touched)
-            _call(clients[p.client], p)
+        for t in targets:
+            api = httpx.Client(
+                base_url=t.url, headers={"Authorization": f"Bearer {t.token}"}, timeout=120
+            )
+            browser = httpx.Client(base_url=t.url, timeout=120)
+            clients.append({"api": api, "page": browser})
+            signed = browser.post("/login", data={"token": t.token})
+            if signed.status_code != 303 or "edgefleet_session" not in browser.cookies:
+                raise RuntimeError(f"sign-in failed: {signed.status_code} {signed.text[:300]}")
+            t.times = {p.name: [] for p in t.paths}
+            for p in t.paths:  # one warm-up each (plans cached, pages touched)
+                _call(clients[-1][p.client], p)
         for _ in range(repeat):
-            for p in todo:
-                t0 = time.perf_counter()
-                _call(clients[p.client], p)
-                out[p.name].append((time.perf_counter() - t0) * 1000)
+            for i in range(len(targets[0].paths)):
+                for t, c in zip(targets, clients, strict=True):
+                    p = t.paths[i]
+                    t0 = time.perf_counter()
+                    _call(c[p.client], p)
+                    t.times[p.name].append((time.perf_counter() - t0) * 1000)
     finally:
-        api.close()
-        browser.close()
-    return out
+        for c in clients:
+            for client in c.values():
+                client.close()
 
 
 def _call(client: httpx.Client, p: Path) -> None:
@@ -499,31 +522,28 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def report(
-    sizes: list[tuple[int, int]],
-    results: list[dict[str, list[float]]],
-    loads: list[str],
-) -> bool:
-    (n0, e0), (n1, e1) = sizes
-    base, big = results
-    calls = len(next(iter(big.values())))
-    print(f"\nedgefleet read paths over HTTP (uvicorn x1, Postgres), {calls} calls each")
-    print(f"  baseline: {n0:,} nodes, {e0:,} events (load average {loads[0]})")
-    print(f"  full:     {n1:,} nodes, {e1:,} events (load average {loads[1]})")
+def report(base: Target, full: Target, loads: tuple[str, str]) -> bool:
+    calls = len(next(iter(full.times.values())))
+    print(f"\nedgefleet read paths over HTTP (uvicorn x1 per size, Postgres), {calls} calls each,")
+    print("  the two sizes interleaved call by call")
+    print(f"  baseline: {base.nodes:,} nodes, {base.events:,} events")
+    print(f"  full:     {full.nodes:,} nodes, {full.events:,} events")
+    print(f"  load average before: {loads[0]}; after: {loads[1]}")
     head = ("path", "base p50", "p95", "full p50", "p95", "p99", "p95 x", "goal")
     print("\n  {:<38} {:>9} {:>7} {:>9} {:>7} {:>7} {:>6}  {}".format(*head))
     met_all = True
-    for name in big:
-        b95 = pct(base[name], 0.95)
-        f50, f95, f99 = (pct(big[name], q) for q in (0.5, 0.95, 0.99))
+    for name, big in full.times.items():
+        small = base.times[name]
+        b95 = pct(small, 0.95)
+        f50, f95, f99 = (pct(big, q) for q in (0.5, 0.95, 0.99))
         met = f95 <= GOAL_MS
         met_all &= met
         print(
-            f"  {name:<38} {pct(base[name], 0.5):7.1f}ms {b95:5.1f}ms {f50:7.1f}ms {f95:5.1f}ms"
+            f"  {name:<38} {pct(small, 0.5):7.1f}ms {b95:5.1f}ms {f50:7.1f}ms {f95:5.1f}ms"
             f" {f99:5.1f}ms {f95 / b95:5.1f}x  {'met' if met else 'NOT MET'}"
         )
     print(
-        f"\n  goal: p95 <= {GOAL_MS:.0f} ms at {n1:,} nodes and {e1:,} events: "
+        f"\n  goal: p95 <= {GOAL_MS:.0f} ms at {full.nodes:,} nodes and {full.events:,} events: "
         f"{'met on every path' if met_all else 'not met on every path'}"
     )
     return met_all
@@ -535,44 +555,52 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--repeat", type=int, default=40)
     parser.add_argument(
-        "--keep", action="store_true", help="keep the database afterwards (to EXPLAIN its queries)"
+        "--keep", action="store_true", help="keep the databases afterwards (to EXPLAIN)"
     )
     args = parser.parse_args()
-    sizes = [(args.nodes // 10, args.events // 10), (args.nodes, args.events)]
-    if args.keep:
-        _env.admin(f'CREATE DATABASE "{_env.DB}"')
-    with nullcontext() if args.keep else _env.database():
-        settings = get_settings()
-        migrate.upgrade(settings)
-        with session_scope() as s:
-            _, token = create_token(
-                s, name="bench-viewer", role=Role.VIEWER, expires=None, created_by="bench"
-            )
-        results, loads = [], []
-        done = 0
-        with uvicorn_server() as url:
-            for nodes, events in sizes:
+    targets = [
+        Target("base", args.nodes // 10, args.events // 10),
+        Target("full", args.nodes, args.events),
+    ]
+    names = [f"{_env.DB}_{t.label}" for t in targets]
+    settings = get_settings()
+    try:
+        with ExitStack() as servers:
+            for t, name in zip(targets, names, strict=True):
+                _env.admin(f'CREATE DATABASE "{name}"')
+                mine = settings.model_copy(update={"database_url": f"{_env.PG}/{name}"})
+                migrate.upgrade(mine)
+                engine = get_engine(mine)
+                with session_scope(engine) as s:
+                    _, t.token = create_token(
+                        s, name="bench-viewer", role=Role.VIEWER, expires=None, created_by="bench"
+                    )
                 t0 = time.perf_counter()
-                took = populate(nodes, events, final_events=args.events, done_events=done)
-                done = events
+                took = populate(engine, t.nodes, t.events, final_events=t.events)
                 parts = ", ".join(f"{k} {v:.1f} s" for k, v in took.items())
                 print(
-                    f"filled {nodes:,} nodes, {events:,} events in "
+                    f"filled {t.nodes:,} nodes, {t.events:,} events in "
                     f"{time.perf_counter() - t0:.1f} s ({parts})",
                     flush=True,
                 )
-                with session_scope() as s:
-                    fleet_id = s.scalar(text("SELECT id FROM rollouts WHERE name = 'fleet'"))
+                with session_scope(engine) as s:
                     after = s.scalar(
-                        text("SELECT max(id) - 5 FROM events WHERE rollout_id = :r"),
-                        {"r": fleet_id},
+                        text(
+                            "SELECT max(e.id) - 5 FROM events e JOIN rollouts r"
+                            " ON r.id = e.rollout_id WHERE r.name = 'fleet'"
+                        )
                     )
-                loads.append(loadavg())
-                results.append(measure(url, token, paths(nodes, int(after or 0)), args.repeat))
-                loads[-1] += f" -> {loadavg()}"
-        report(sizes, results, loads)
+                t.paths = paths(t.nodes, int(after or 0))
+                t.url = servers.enter_context(uvicorn_server(mine.database_url))
+            before = loadavg()
+            measure(targets, args.repeat)
+            report(targets[0], targets[1], (before, loadavg()))
+    finally:
+        dispose_engines()
+        for name in names if not args.keep else ():
+            _env.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         if args.keep:
-            print(f"  database {_env.DB} kept")
+            print(f"  databases {', '.join(names)} kept")
 
 
 if __name__ == "__main__":
