@@ -1,6 +1,7 @@
 """The read paths at fleet scale (#18): ``edgefleet get nodes``, ``describe rollout``,
-``events`` and the dashboard's pages, over HTTP on a real uvicorn, at a baseline size and
-at 100,000 nodes with 10 million events, in one run and one database.
+``events`` and the dashboard's pages, over HTTP on a real uvicorn, at a baseline size
+(10,000 nodes, a million events) and at 100,000 nodes with 10 million events, in one run:
+one database of each size, each served by its own uvicorn.
 
 The fleet is written with set-based SQL (``INSERT ... SELECT generate_series``), shaped
 as the controller writes it: clusters of 1,000 nodes (``site<k>``, their ``site`` label
@@ -10,13 +11,17 @@ fleet, and one rollout ``fleet`` over every node in four waves (1, 10 %, 50 %, 1
 canary and the second wave Healthy, the third Running, the last Pending) with its
 assignments and their metric windows. Events, oldest first, the way ``audit.record_event``
 writes them: 60 % of a rollout (transitions, one per wave and state change, with their
-node lists cut short), 25 % of a cluster (syncs, drift repair), 10 % of a node, 5 % of a
-model version, over 90 days.
+node lists cut short; each rollout's in a stretch of time of its own, in the order they
+were created, ``fleet``'s the newest), 25 % of a cluster (syncs, drift repair), 10 % of a
+node (about ten each), 5 % of a model version, over 90 days. Then, as autovacuum leaves
+tables at rest, VACUUM (ANALYZE); then one heartbeat interval of a fleet in service
+(every node row and metric window written once: dead row versions, pages no longer
+all-visible).
 
-Then, for each size (the baseline: ``--nodes``/10 nodes and ``--events``/10 events; then
-the full size, grown in place), every request below ``--repeat`` times, round-robin so a
-machine's load moves all of them alike, with a viewer token (the CLI's bearer, the
-browser's session cookie from ``/login``):
+Every request below, ``--repeat`` times on each size, the sizes interleaved call by call
+(one on the baseline, the same on the full size, then the next), so that the load of
+other work on a shared machine falls on both alike; with a viewer token (the CLI's
+bearer, the browser's session cookie from ``/login``):
 
 - ``get nodes``: the CLI's pages of 1,000 (``limit``/``offset``): the first, the last
   (deepest), and the first with ``--cluster``;
@@ -60,7 +65,6 @@ PER_CLUSTER = 1000
 MODELS = ("detector", "classifier", "segmenter", "ocr", "tracker")
 VERSIONS_PER_MODEL = 8
 FINISHED_ROLLOUTS = 20
-NODE = ("site3", "site3-n500")
 
 _CLUSTERS = text(
     """
@@ -200,13 +204,13 @@ _EVENTS = text(
     SELECT now() - make_interval(secs => (CAST(:final AS bigint) - i) * 7776000.0 / :final),
            CASE WHEN i % 100 < 60 THEN 'Rollout' WHEN i % 100 < 85 THEN 'Cluster'
                 WHEN i % 100 < 95 THEN 'Node' ELSE 'ModelVersion' END,
-           CASE WHEN i % 100 < 60 THEN ro.names[1 + i % ro.n]
+           CASE WHEN i % 100 < 60 THEN ro.names[1 + i * ro.n / :final]
                 WHEN i % 100 < 85 THEN 'site' || (i / 100) % :clusters
-                WHEN i % 100 < 95 THEN 'site' || (i / 7) % :clusters || '/site'
-                                       || (i / 7) % :clusters || '-n' || (i / 13) % :per
+                WHEN i % 100 < 95 THEN 'site' || node.k / :per || '/site' || node.k / :per
+                                       || '-n' || node.k % :per
                 ELSE (ARRAY['detector', 'classifier', 'segmenter'])[1 + i % 3] || CHR(58) || '1.'
                      || (i / 100) % 8 || '.0' END,
-           CASE WHEN i % 100 < 60 THEN ro.ids[1 + i % ro.n] END,
+           CASE WHEN i % 100 < 60 THEN ro.ids[1 + i * ro.n / :final] END,
            CASE WHEN i % 100 < 60
                 THEN (ARRAY['WaveStarted', 'NodesApplying', 'NodesRunning', 'NodesHealthy',
                             'GatePassed', 'WaveBaking'])[1 + i % 6]
@@ -224,7 +228,9 @@ _EVENTS = text(
            CASE WHEN i % 100 BETWEEN 85 AND 94 THEN 'token:ops' END
     FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) AS i,
          (SELECT array_agg(id ORDER BY id) AS ids, array_agg(name ORDER BY id) AS names,
-                 count(*) AS n FROM rollouts) AS ro
+                 count(*) AS n FROM rollouts) AS ro,
+         -- the node events' nodes: a permutation (7919 is prime) spreads them evenly
+         LATERAL (SELECT ((i / 100) * 10 + i % 10) * 7919 % (:clusters * :per) AS k) AS node
     """
 )
 
@@ -401,8 +407,8 @@ class Path:
     stream: bool = False  # a live page: time to its first ``page`` event
 
 
-def paths(nodes: int, after: int) -> list[Path]:
-    cluster, node = NODE
+def paths(nodes: int, after: int, node_key: str) -> list[Path]:
+    cluster, node = node_key.split("/")
     deep = nodes - PER_CLUSTER
     return [
         Path("get nodes: first page", "api", "/v1/nodes", {"limit": 1000, "offset": 0}),
@@ -415,6 +421,13 @@ def paths(nodes: int, after: int) -> list[Path]:
         ),
         Path("describe rollout", "api", "/v1/rollouts/fleet"),
         Path("describe rollout --events 50", "api", "/v1/rollouts/fleet/events", {"limit": 50}),
+        Path("describe rollout (90 days old)", "api", "/v1/rollouts/detector-0"),
+        Path(
+            "events rollout/... (90 days old)",
+            "api",
+            "/v1/events",
+            {"kind": "Rollout", "name": "detector-0", "limit": 50},
+        ),
         Path("describe node", "api", f"/v1/clusters/{cluster}/nodes/{node}"),
         Path(
             "events node/... (and describe node)",
@@ -437,6 +450,7 @@ def paths(nodes: int, after: int) -> list[Path]:
         Path("get rollouts", "api", "/v1/rollouts", {"limit": 1000, "offset": 0}),
         Path("page: fleet", "page", "/"),
         Path("page: rollout fleet", "page", "/rollouts/fleet"),
+        Path("page: rollout (90 days old)", "page", "/rollouts/detector-0"),
         Path("page: node", "page", f"/clusters/{cluster}/nodes/{node}"),
         Path("page: site", "page", f"/clusters/{cluster}", {"site": cluster}),
         Path("page: model", "page", "/models/detector"),
@@ -590,7 +604,14 @@ def main() -> None:
                             " ON r.id = e.rollout_id WHERE r.name = 'fleet'"
                         )
                     )
-                t.paths = paths(t.nodes, int(after or 0))
+                    # A node with events (the newest node event's).
+                    node_key = s.scalar(
+                        text(
+                            "SELECT object_name FROM events WHERE object_kind = 'Node'"
+                            " ORDER BY id DESC LIMIT 1"
+                        )
+                    )
+                t.paths = paths(t.nodes, int(after or 0), str(node_key))
                 t.url = servers.enter_context(uvicorn_server(mine.database_url))
             before = loadavg()
             measure(targets, args.repeat)
