@@ -230,7 +230,8 @@ _EVENTS = text(
          (SELECT array_agg(id ORDER BY id) AS ids, array_agg(name ORDER BY id) AS names,
                  count(*) AS n FROM rollouts) AS ro,
          -- the node events' nodes: a permutation (7919 is prime) spreads them evenly
-         LATERAL (SELECT ((i / 100) * 10 + i % 10) * 7919 % (:clusters * :per) AS k) AS node
+         LATERAL (SELECT ((i / 100) * 10 + i % 10) * 7919
+                         % (CAST(:clusters AS bigint) * :per) AS k) AS node
     """
 )
 
