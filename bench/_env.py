@@ -41,7 +41,7 @@ os.environ.update(
 )
 
 
-def _admin(sql: str) -> None:
+def admin(sql: str) -> None:
     engine = create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(text(sql))
@@ -55,9 +55,9 @@ def database() -> Iterator[None]:
     # Imported here, once this checkout is on sys.path and the settings above are set.
     from controller.db.session import dispose_engines
 
-    _admin(f'CREATE DATABASE "{DB}"')
+    admin(f'CREATE DATABASE "{DB}"')
     try:
         yield
     finally:
         dispose_engines()
-        _admin(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
+        admin(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')

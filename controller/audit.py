@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import literal, select, tuple_
 from sqlalchemy.orm import Session
 
 from controller.db.models import Event
@@ -69,15 +69,28 @@ def record_event(
     return event
 
 
+_LAST_ID = 2**63 - 1
+
+
 def list_events(
     session: Session, *, kind: str, name: str, limit: int = 100, after: int | None = None
 ) -> Sequence[Event]:
     """The object's last ``limit`` events, newest first; with ``after`` (a watcher's
     cursor), its first ``limit`` events past that id, oldest first, so that a watcher
-    polling again from the last one it got misses none."""
-    stmt = select(Event).where(Event.object_kind == kind, Event.object_name == name)
-    if after is None:
-        stmt = stmt.order_by(Event.id.desc())
-    else:
-        stmt = stmt.where(Event.id > after).order_by(Event.id)
+    polling again from the last one it got misses none.
+
+    The object is a range of ``ix_events_object``'s key past its kind, ``(name, id)``,
+    so that only that index gives the order: with equalities on kind and name, Postgres
+    may take the ORDER BY to be ``id`` alone and walk the primary key from the newest
+    event, filtering: every later event read, for an object of months ago (as
+    ``rollouts.repository.events``). The kind stays an equality: a range over the whole
+    key ``(kind, name, id)`` ends the index scan only where the kind ends (31 ms, 2,900
+    pages, for a node's 10 events among a million node events)."""
+    key = tuple_(Event.object_name, Event.id)
+    low = tuple_(literal(name), literal(0 if after is None else after))
+    high = tuple_(literal(name), literal(_LAST_ID))
+    stmt = select(Event).where(Event.object_kind == kind, key > low, key < high)
+    columns = (Event.object_name, Event.id)
+    order = [c.desc() for c in columns] if after is None else list(columns)
+    stmt = stmt.order_by(*order)
     return session.scalars(stmt.limit(limit)).all()

@@ -73,11 +73,17 @@ def _stream(request: Request, render: Callable[[Session], str]) -> LiveStream:
 
 
 def overview_body(session: Session) -> str:
-    counts = fleet_repo.node_counts(session)
+    # One pass over the nodes for the sites' grid and the clusters' counts both.
+    health = fleet_repo.site_health(session)
+    counts: dict[str, dict[str, int]] = {}
+    for (cluster, _), per_site in health.items():
+        mine = counts.setdefault(cluster, {})
+        for state, n in per_site.items():
+            mine[state] = mine.get(state, 0) + n
     clusters = "".join(
         f"<tr><td>{cluster_link(c.name)}</td><td>{escape(c.driver)}</td><td>{tag(c.status)}</td>"
-        f"<td>{sum(counts.get(c.id, {}).values())}</td>"
-        f"<td>{escape(', '.join(f'{k} {v}' for k, v in sorted(counts.get(c.id, {}).items())))}</td></tr>"
+        f"<td>{sum(counts.get(c.name, {}).values())}</td>"
+        f"<td>{escape(', '.join(f'{k} {v}' for k, v in sorted(counts.get(c.name, {}).items())))}</td></tr>"
         for c in fleet_repo.list_clusters(session)
     )
     models, _ = registry_repo.list_models(session, limit=100, offset=0)
@@ -93,18 +99,16 @@ def overview_body(session: Session) -> str:
             )
     rollouts_html = ""
     rows_r, _ = rollout_repo.list_rollouts(session, limit=50, offset=0)
+    live_states = rollout_repo.state_totals(session, [r.id for r in rows_r])
+    labels = rollout_repo.model_version_labels(session, [r.model_version_id for r in rows_r])
     for r in rows_r:
-        model, version = rollout_repo.model_version_label(session, r.model_version_id)
+        model, version = labels[r.model_version_id]
         # Progress from the waves, the rollout's own history: its nodes may since belong
         # to a later rollout of the same model, which then holds their live state.
         planned = sum(w.node_count for w in r.waves) or 0
         promoted = sum(w.node_count for w in r.waves if w.phase == "Passed")
         pct = 100 * promoted // planned if planned else 100
-        states = rollout_repo.state_counts(session, r.id)
-        totals: dict[str, int] = {}
-        for per_wave in states.values():
-            for state, n in per_wave.items():
-                totals[state] = totals.get(state, 0) + n
+        totals = live_states.get(r.id, {})
         live = (
             ", ".join(f"{k} {v}" for k, v in sorted(totals.items()))
             or "nodes now held by a later rollout"
@@ -119,7 +123,7 @@ def overview_body(session: Session) -> str:
         )
     return f"""<h1>edgefleet</h1>
 <h2>Rollouts</h2><table id="rollouts"><tr><th>Name</th><th>Model</th><th>Phase</th><th>Wave</th><th>Progress</th><th>Message</th></tr>{rollouts_html}</table>
-<h2>Sites</h2>{sites(fleet_repo.site_health(session))}
+<h2>Sites</h2>{sites(health)}
 <h2>Clusters</h2><table id="clusters"><tr><th>Name</th><th>Driver</th><th>Status</th><th>Nodes</th><th>Health</th></tr>{clusters}</table>
 <h2>Model versions</h2><table id="versions"><tr><th>Model</th><th>Version</th><th>Format</th><th>Status</th><th>p50 ms</th><th>p95 ms</th><th>sha256</th></tr>{versions}</table>"""
 
@@ -156,7 +160,8 @@ def rollout_page_body(session: Session, name: str) -> str:
     if r is None:
         raise NotFound(f"rollout {name!r} not found")
     model, version = rollout_repo.model_version_label(session, r.model_version_id)
-    states = rollout_repo.state_counts(session, r.id)
+    tally = rollout_repo.tally(session, r)
+    states = tally.states
     waves = [
         WaveView(w.index, w.phase, w.node_count, states.get(w.id, {}), w.started_at, w.finished_at)
         for w in r.waves
@@ -165,7 +170,7 @@ def rollout_page_body(session: Session, name: str) -> str:
         EventView(e.created_at, e.reason, e.message, e.actor, e.data or {})
         for e in rollout_repo.events(session, r.id, limit=200)
     ]
-    nodes, total = rollout_repo.rollout_workloads(session, r.id, limit=NODES_SHOWN)
+    nodes = rollout_repo.rollout_workloads(session, r, limit=NODES_SHOWN)
     return rollout_body(
         name=r.name,
         model=model,
@@ -173,10 +178,10 @@ def rollout_page_body(session: Session, name: str) -> str:
         phase=r.phase,
         message=r.message,
         waves=waves,
-        versions=rollout_repo.target_counts(session, r),
+        versions=tally.versions,
         events=events,
         nodes=[_workload(n) for n in nodes],
-        node_total=total,
+        node_total=sum(n for per_wave in states.values() for n in per_wave.values()),
     )
 
 

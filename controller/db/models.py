@@ -264,6 +264,8 @@ class Assignment(Base):
     __table_args__ = (
         UniqueConstraint("node_id", "model_id"),
         Index("ix_assignments_rollout_id_state", "rollout_id", "state"),
+        # A rollout's page lists its nodes wave by wave (0013).
+        Index("ix_assignments_wave_id", "wave_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -75,7 +75,10 @@ def list_nodes(
 ) -> Page[NodeOut]:
     rows, total = repo.list_nodes(session, cluster=cluster, limit=page.limit, offset=page.offset)
     return Page(
-        items=[NodeOut.of(n, c) for n, c in rows], total=total, limit=page.limit, offset=page.offset
+        items=[NodeOut(**r._asdict()) for r in rows],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
     )
 
 

@@ -20,9 +20,9 @@ router = APIRouter(prefix=f"{API_V1}/rollouts", tags=["rollouts"])
 def _detail(session: SessionDep, name: str) -> RolloutOut:
     r = repo.require(session, name)
     model, version = repo.model_version_label(session, r.model_version_id)
-    counts = repo.state_counts(session, r.id)
+    tally = repo.tally(session, r)
     totals: dict[str, int] = {}
-    for per_wave in counts.values():
+    for per_wave in tally.states.values():
         for state, n in per_wave.items():
             totals[state] = totals.get(state, 0) + n
     waves = [
@@ -31,19 +31,19 @@ def _detail(session: SessionDep, name: str) -> RolloutOut:
             phase=w.phase,
             nodes=w.node_count,
             bake_s=w.bake_s,
-            states=counts.get(w.id, {}),
+            states=tally.states.get(w.id, {}),
             started_at=w.started_at,
             baked_at=w.baked_at,
             finished_at=w.finished_at,
         )
         for w in r.waves
     ]
-    base = summary(r, model, version, pending=repo.pending_counts(session, [r.id]).get(r.id, 0))
+    base = summary(r, model, version, pending=tally.pending)
     return RolloutOut(
         **base.model_dump(),
         spec=r.spec,
         states=totals,
-        versions=repo.target_counts(session, r),
+        versions=tally.versions,
         wave_detail=waves,
         started_at=r.started_at,
         finished_at=r.finished_at,
@@ -55,12 +55,8 @@ def _detail(session: SessionDep, name: str) -> RolloutOut:
 def list_rollouts(session: SessionDep, page: PageDep) -> Page[RolloutSummary]:
     rows, total = repo.list_rollouts(session, limit=page.limit, offset=page.offset)
     pending = repo.pending_counts(session, [r.id for r in rows])
-    items = [
-        summary(
-            r, *repo.model_version_label(session, r.model_version_id), pending=pending.get(r.id, 0)
-        )
-        for r in rows
-    ]
+    labels = repo.model_version_labels(session, [r.model_version_id for r in rows])
+    items = [summary(r, *labels[r.model_version_id], pending=pending.get(r.id, 0)) for r in rows]
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 
