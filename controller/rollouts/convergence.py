@@ -112,7 +112,7 @@ class Convergence(ScheduledStep):
         for r in rows:
             error = self.refusing.get(r.cluster)
             if error is not None:
-                failed[r.assignment.id] = f"cluster {r.cluster} refused to report it: {error}"
+                failed[r.assignment.id] = self.refused_note(r.cluster, error)
         return ready
 
     def _judge_converging(

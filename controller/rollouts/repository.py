@@ -191,18 +191,12 @@ def trailing_data(
     session: Session, rollout_id: int, reason: str, *, limit: int = 20
 ) -> list[dict[str, Any]]:
     """The data of the rollout's latest events of ``reason``, newest first, up to the
-    first event of another reason (at most ``limit`` read: index ix_events_rollout_id)."""
+    first event of another reason (at most ``limit`` read, as :func:`events` reads)."""
     out: list[dict[str, Any]] = []
-    rows = session.execute(
-        select(Event.reason, Event.data)
-        .where(Event.rollout_id == rollout_id)
-        .order_by(Event.id.desc())
-        .limit(limit)
-    )
-    for got, data in rows:
-        if got != reason:
+    for e in events(session, rollout_id, limit=limit):
+        if e.reason != reason:
             break
-        out.append(data or {})
+        out.append(e.data or {})
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -185,6 +185,22 @@ class StepBase:
                 if obs is not None:
                     yield r, obs
 
+    def blind(self, rows: Iterable[Row]) -> dict[str, str]:
+        """The clusters of ``rows`` this step could not observe, with their errors."""
+        return {
+            c: self.unobserved[c] for c in sorted({r.cluster for r in rows}) if c in self.unobserved
+        }
+
+    @staticmethod
+    def could_not_observe(blind: Mapping[str, str]) -> str:
+        """``blind`` (see :meth:`blind`) as a message's tail."""
+        return "; could not observe " + "; ".join(f"cluster {c} ({e})" for c, e in blind.items())
+
+    @staticmethod
+    def refused_note(cluster: str, error: str) -> str:
+        """A node's message where its cluster refused for good to report it."""
+        return f"cluster {cluster} refused to report it: {error}"
+
     def observe_failed(self, cluster: str, nodes: int, exc: DriverError) -> None:
         """A cluster that could not be observed this step: logged, remembered (a progress
         deadline that fails the wave names it) and recorded as an event."""
@@ -322,11 +338,9 @@ class StepBase:
             )
             # A cluster that cannot tell (unreachable, or refusing: a 403 waits for its
             # RBAC to be repaired) is named: the wait is on its side, not the rollout's.
-            blind = sorted({r.cluster for r in left} & self.unobserved.keys())
+            blind = self.blind(left)
             if blind:
-                self.r.message += "; could not observe " + "; ".join(
-                    f"cluster {c} ({self.unobserved[c]})" for c in blind
-                )
+                self.r.message += self.could_not_observe(blind)
             return
         notes = []
         if offline:

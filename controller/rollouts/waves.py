@@ -139,7 +139,7 @@ class Step(ScheduledStep):
         # Nodes it had seen Ready keep their state: their health comes from heartbeats.
         for cluster, error in sorted(self.refusing.items()):
             hidden = [r for r in self.in_state(watched, A.APPLYING) if r.cluster == cluster]
-            note = f"cluster {cluster} refused to report it: {error}"
+            note = self.refused_note(cluster, error)
             self.moved(
                 hidden,
                 A.FAILED,
@@ -203,12 +203,10 @@ class Step(ScheduledStep):
                 f"{len(still_applying)} node(s) not running the new version"
             )
             result.snapshot["applying_nodes"] = [r.key for r in still_applying][:100]
-            blind = sorted({r.cluster for r in still_applying} & self.unobserved.keys())
+            blind = self.blind(still_applying)
             if blind:
-                result.reason += "; could not observe " + "; ".join(
-                    f"cluster {c} ({self.unobserved[c]})" for c in blind
-                )
-                result.snapshot["unobserved_clusters"] = {c: self.unobserved[c] for c in blind}
+                result.reason += self.could_not_observe(blind)
+                result.snapshot["unobserved_clusters"] = blind
             self.fail(wave, result, reason="ProgressDeadlineExceeded")
 
     def _node_health(self, rows: list[Row]) -> None:
