@@ -56,6 +56,16 @@ class RolloutPhase(StrEnum):
     ABORTED = "Aborted"
 
 
+# A rollout not over yet: it still acts on its nodes (rollouts/state.py ACTIVE_PHASES;
+# defined here so the fleet, below the rollouts, reads the same set).
+ACTIVE_ROLLOUT_PHASES = (
+    RolloutPhase.PENDING,
+    RolloutPhase.PROGRESSING,
+    RolloutPhase.PAUSED,
+    RolloutPhase.FAILED,
+)
+
+
 class WavePhase(StrEnum):
     PENDING = "Pending"
     APPLYING = "Applying"

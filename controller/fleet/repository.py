@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from controller.db.arrays import any_of
 from controller.db.models import (
+    ACTIVE_ROLLOUT_PHASES,
     Assignment,
     Cluster,
     Model,
@@ -24,7 +25,6 @@ from controller.db.models import (
     PullCluster,
     PullDesired,
     Rollout,
-    RolloutPhase,
 )
 
 
@@ -68,11 +68,6 @@ def cluster_workloads(session: Session, cluster_id: int) -> dict[str, list[str]]
     return out
 
 
-# The rollout phases that still act on their nodes (rollouts' ACTIVE_PHASES: the fleet is
-# below the rollouts and does not import them).
-_ACTIVE = (RolloutPhase.PENDING, RolloutPhase.PROGRESSING, RolloutPhase.PAUSED, RolloutPhase.FAILED)
-
-
 def active_rollouts_on(session: Session, cluster_id: int) -> list[str]:
     """The rollouts not over yet that hold nodes of the cluster."""
     return list(
@@ -80,7 +75,7 @@ def active_rollouts_on(session: Session, cluster_id: int) -> list[str]:
             select(Rollout.name)
             .join(Assignment, Assignment.rollout_id == Rollout.id)
             .join(Node, Node.id == Assignment.node_id)
-            .where(Node.cluster_id == cluster_id, Rollout.phase.in_(_ACTIVE))
+            .where(Node.cluster_id == cluster_id, Rollout.phase.in_(ACTIVE_ROLLOUT_PHASES))
             .distinct()
             .order_by(Rollout.name)
         )

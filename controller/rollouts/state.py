@@ -12,7 +12,15 @@ from sqlalchemy.orm import Session
 from controller import metrics
 from controller.audit import record_event
 from controller.db.base import utcnow
-from controller.db.models import Assignment, AssignmentState, Rollout, RolloutPhase, Wave, WavePhase
+from controller.db.models import (
+    ACTIVE_ROLLOUT_PHASES,
+    Assignment,
+    AssignmentState,
+    Rollout,
+    RolloutPhase,
+    Wave,
+    WavePhase,
+)
 from controller.errors import Conflict
 
 P, A, W = RolloutPhase, AssignmentState, WavePhase
@@ -26,7 +34,7 @@ ROLLOUT_TRANSITIONS: dict[str, set[str]] = {
     P.ROLLED_BACK: {P.PENDING},
     P.ABORTED: {P.PENDING},
 }
-ACTIVE_PHASES = (P.PENDING, P.PROGRESSING, P.PAUSED, P.FAILED)
+ACTIVE_PHASES = ACTIVE_ROLLOUT_PHASES
 TERMINAL_PHASES = (P.SUCCEEDED, P.ROLLED_BACK, P.ABORTED)
 
 # A revert (rollback, abort, undo) releases a node it never touched at once (-> RolledBack)
