@@ -296,19 +296,6 @@ def pending_counts(session: Session, rollout_ids: Sequence[int]) -> dict[int, in
     return out
 
 
-def state_counts(session: Session, rollout_id: int) -> dict[int | None, dict[str, int]]:
-    """Assignment counts per wave id and state."""
-    out: dict[int | None, dict[str, int]] = {}
-    rows = session.execute(
-        select(Assignment.wave_id, Assignment.state, func.count())
-        .where(Assignment.rollout_id == rollout_id)
-        .group_by(Assignment.wave_id, Assignment.state)
-    )
-    for wave_id, state, n in rows:
-        out.setdefault(wave_id, {})[state] = n
-    return out
-
-
 @dataclass
 class Tally:
     """A rollout's assignments counted in one pass (``tally``)."""
@@ -322,9 +309,9 @@ class Tally:
 
 
 def tally(session: Session, rollout: Rollout) -> Tally:
-    """What ``state_counts``, ``target_counts`` and ``pending_counts`` tell of one rollout,
-    from one aggregate over its assignments instead of three (each reads all of them:
-    100,000 rows for a rollout over the fleet)."""
+    """A rollout's assignments per wave and state, per planned version and pending, from
+    one aggregate over them instead of three (each read all of them: 100,000 rows for a
+    rollout over the fleet; tests/rollouts/helpers.py keeps the three as the oracle)."""
     target = Assignment.target_version_id  # null: the rollout's own version
     moved = Assignment.desired_version_id.is_distinct_from(Assignment.previous_version_id)
     rows = session.execute(
@@ -352,7 +339,7 @@ def tally(session: Session, rollout: Rollout) -> Tally:
     names = versions_by_id(session, set(by_target))
     versions: dict[str, int] = {}
     for version_id, n in by_target.items():
-        if version_id in names:  # as target_counts' inner join
+        if version_id in names:  # a version since deleted is not counted
             name = names[version_id].version
             versions[name] = versions.get(name, 0) + n
     return Tally(states, dict(sorted(versions.items())), pending)
@@ -373,20 +360,6 @@ def state_totals(session: Session, rollout_ids: Sequence[int]) -> dict[int, dict
         if rollout_id is not None:
             out.setdefault(rollout_id, {})[state] = n
     return out
-
-
-def target_counts(session: Session, rollout: Rollout) -> dict[str, int]:
-    """How many of the rollout's nodes it plans on which version (by name): its own, or
-    the variants chosen per node class (spec.model.variants)."""
-    target = func.coalesce(Assignment.target_version_id, rollout.model_version_id)
-    rows = session.execute(
-        select(ModelVersion.version, func.count())
-        .select_from(Assignment)
-        .join(ModelVersion, ModelVersion.id == target)
-        .where(Assignment.rollout_id == rollout.id)
-        .group_by(ModelVersion.version)
-    )
-    return dict(sorted((str(v), int(n)) for v, n in rows.all()))
 
 
 def phase_counts(session: Session) -> dict[str, int]:

@@ -11,10 +11,11 @@ from typing import Any
 import httpx
 import yaml
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from controller.agents.simulated import RunningWorkload, report_running
-from controller.db.models import Assignment, Cluster, Event, Node, Rollout, Wave
+from controller.db.models import Assignment, Cluster, Event, ModelVersion, Node, Rollout, Wave
 from controller.db.session import session_scope
 from controller.manifests.builders import RESOURCES, document, rollout, site_labels
 from controller.registry import samples
@@ -207,3 +208,30 @@ def rollout_events(name: str) -> list[tuple[str, dict[str, Any]]]:
             .order_by(Event.id)
         ).all()
     return [(r[0], r[1] or {}) for r in rows]
+
+
+def state_counts(session: Session, rollout_id: int) -> dict[int | None, dict[str, int]]:
+    """Assignment counts per wave id and state (an oracle of repository.tally)."""
+    out: dict[int | None, dict[str, int]] = {}
+    rows = session.execute(
+        select(Assignment.wave_id, Assignment.state, func.count())
+        .where(Assignment.rollout_id == rollout_id)
+        .group_by(Assignment.wave_id, Assignment.state)
+    )
+    for wave_id, state, n in rows:
+        out.setdefault(wave_id, {})[state] = n
+    return out
+
+
+def target_counts(session: Session, rollout: Rollout) -> dict[str, int]:
+    """How many of the rollout's nodes it plans on which version (by name): its own, or
+    the variants chosen per node class (an oracle of repository.tally)."""
+    target = func.coalesce(Assignment.target_version_id, rollout.model_version_id)
+    rows = session.execute(
+        select(ModelVersion.version, func.count())
+        .select_from(Assignment)
+        .join(ModelVersion, ModelVersion.id == target)
+        .where(Assignment.rollout_id == rollout.id)
+        .group_by(ModelVersion.version)
+    )
+    return dict(sorted((str(v), int(n)) for v, n in rows.all()))

@@ -23,6 +23,7 @@ from controller.db.models import (
 )
 from controller.rollouts import repository as repo
 from tests.plans import captured
+from tests.rollouts.helpers import state_counts, target_counts
 
 CLUSTERS = ("west", "east", "central")  # created in this order: ids and names differ
 PER_CLUSTER = 400
@@ -171,8 +172,8 @@ def test_the_tally_is_what_the_three_counts_say(
     session.flush()
     session.expire_all()
     tally = repo.tally(session, r)
-    assert tally.states == repo.state_counts(session, r.id)
-    assert tally.versions == repo.target_counts(session, r)
+    assert tally.states == state_counts(session, r.id)
+    assert tally.versions == target_counts(session, r)
     assert tally.versions == {"1.0.0": 800, "1.0.0-int8": 400}
     assert tally.pending == repo.pending_counts(session, [r.id]).get(r.id, 0)
     if phase != RolloutPhase.PROGRESSING:

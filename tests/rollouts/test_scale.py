@@ -11,7 +11,6 @@ from sqlalchemy import select, text
 from controller.db.models import Cluster
 from controller.db.session import session_scope
 from controller.rollouts import reconciler
-from controller.rollouts import repository as repo
 from controller.settings import Settings
 from tests.rollouts.helpers import (
     apply,
@@ -20,6 +19,7 @@ from tests.rollouts.helpers import (
     report,
     rollout_doc,
     rollout_id,
+    state_counts,
     wave_phases,
 )
 
@@ -82,7 +82,7 @@ def test_a_rollout_over_more_nodes_than_bind_parameters(
     assert resp.status_code == 200, resp.text[:2000]
     rid = rollout_id("wide")
     with session_scope() as s:
-        counts = repo.state_counts(s, rid)
+        counts = state_counts(s, rid)
         waves = {w: sum(n.values()) for w, n in counts.items()}
         assert sorted(waves.values()) == [1, TOTAL // 2 - 1, TOTAL // 2]
         canary_wave = next(w for w, n in waves.items() if n == 1)
