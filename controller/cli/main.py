@@ -8,6 +8,7 @@ plane."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -121,6 +122,18 @@ def db_current() -> None:
 API_METRICS_DIR = "edgefleet-api-metrics"
 
 
+def _multiprocess_metrics(enable: Callable[[], object]) -> None:
+    """Turn on prometheus_client's multiprocess mode with ``enable``, or exit 2 when
+    another process of the same kind holds its directory (kit/multiprocess.py)."""
+    from controller.kit.multiprocess import MetricsDirInUse
+
+    try:
+        enable()
+    except MetricsDirInUse as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def server(
     host: Annotated[str | None, typer.Option(help="Bind address (EDGEFLEET_API_HOST).")] = None,
@@ -131,17 +144,13 @@ def server(
     # Lazy, for start-up time: uvicorn and pydantic-settings add 50-90 ms to every command.
     import uvicorn
 
-    from controller.kit.multiprocess import MetricsDirInUse, enable
+    from controller.kit.multiprocess import enable
     from controller.settings import get_settings
 
     if workers > 1:
         # Each scrape is answered by one of the processes: /metrics must sum them all.
         # Before anything imports prometheus_client (the processes inherit the variable).
-        try:
-            enable(API_METRICS_DIR)
-        except MetricsDirInUse as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
-            raise typer.Exit(2) from None
+        _multiprocess_metrics(lambda: enable(API_METRICS_DIR))
 
     settings = get_settings()
     if settings.api_keepalive_timeout_s <= settings.agent_heartbeat_interval_s:
@@ -181,14 +190,9 @@ def worker(
     settings = get_settings()
     if settings.worker_metrics_port:
         # Before anything imports prometheus_client: it picks its value class at import.
-        from controller.kit.multiprocess import MetricsDirInUse
         from controller.tasks.worker_metrics import enable_multiprocess
 
-        try:
-            enable_multiprocess()
-        except MetricsDirInUse as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
-            raise typer.Exit(2) from None
+        _multiprocess_metrics(enable_multiprocess)
     from controller.tasks.celery_app import celery_app
 
     if settings.worker_metrics_port:
