@@ -181,7 +181,7 @@ def rollout_page_body(session: Session, name: str) -> str:
         versions=tally.versions,
         events=events,
         nodes=[_workload(n) for n in nodes],
-        node_total=sum(n for per_wave in states.values() for n in per_wave.values()),
+        node_total=sum(tally.totals.values()),
     )
 
 

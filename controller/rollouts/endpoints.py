@@ -21,10 +21,6 @@ def _detail(session: SessionDep, name: str) -> RolloutOut:
     r = repo.require(session, name)
     model, version = repo.model_version_label(session, r.model_version_id)
     tally = repo.tally(session, r)
-    totals: dict[str, int] = {}
-    for per_wave in tally.states.values():
-        for state, n in per_wave.items():
-            totals[state] = totals.get(state, 0) + n
     waves = [
         WaveOut(
             index=w.index,
@@ -42,7 +38,7 @@ def _detail(session: SessionDep, name: str) -> RolloutOut:
     return RolloutOut(
         **base.model_dump(),
         spec=r.spec,
-        states=totals,
+        states=tally.totals,
         versions=tally.versions,
         wave_detail=waves,
         started_at=r.started_at,

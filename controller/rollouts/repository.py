@@ -307,6 +307,15 @@ class Tally:
     # Its nodes not yet where it leaves them (as ``pending_counts``).
     pending: int
 
+    @property
+    def totals(self) -> dict[str, int]:
+        """The rollout's assignments per state, over all its waves."""
+        out: dict[str, int] = {}
+        for per_wave in self.states.values():
+            for state, n in per_wave.items():
+                out[state] = out.get(state, 0) + n
+        return out
+
 
 def tally(session: Session, rollout: Rollout) -> Tally:
     """A rollout's assignments per wave and state, per planned version and pending, from
