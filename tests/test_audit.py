@@ -13,9 +13,10 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from controller.audit import list_events
-from controller.db.models import Model, ModelVersion, Rollout
+from controller.db.models import Rollout
 from controller.rollouts import repository as rollout_repo
 from tests.plans import captured
+from tests.rollouts.helpers import stored_version
 
 OLD, NEWER = 1000, 3000  # events
 
@@ -37,14 +38,7 @@ def rollouts(session: Session) -> int:
     alternating, the statistics taken: the id of "long-ago". It is made last (the
     highest id), so that the log is not in rollout_id order (as a real log is not, with
     rollouts running side by side)."""
-    model = Model(name="audited")
-    session.add(model)
-    session.flush()
-    version = ModelVersion(
-        model_id=model.id, version="1", format="onnx", sha256="a" * 64, size_bytes=1
-    )
-    session.add(version)
-    session.flush()
+    version = stored_version(session, "audited", "1")
     ids: dict[str, int] = {}
     for name in ("recent-a", "recent-b", "long-ago"):
         r = Rollout(name=name, spec={}, model_version_id=version.id, phase="Succeeded")

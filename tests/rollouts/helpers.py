@@ -15,7 +15,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from controller.agents.simulated import RunningWorkload, report_running
-from controller.db.models import Assignment, Cluster, Event, ModelVersion, Node, Rollout, Wave
+from controller.db.models import (
+    Assignment,
+    Cluster,
+    Event,
+    Model,
+    ModelVersion,
+    Node,
+    Rollout,
+    Wave,
+)
 from controller.db.session import session_scope
 from controller.manifests.builders import RESOURCES, document, rollout, site_labels
 from controller.registry import samples
@@ -235,3 +244,17 @@ def target_counts(session: Session, rollout: Rollout) -> dict[str, int]:
         .group_by(ModelVersion.version)
     )
     return dict(sorted((str(v), int(n)) for v, n in rows.all()))
+
+
+def stored_version(session: Session, model: str, version: str = "1.0.0") -> ModelVersion:
+    """A model and one version of it as rows only (no artifact): for tests of what the
+    database does with rollouts, their waves and events."""
+    row = Model(name=model)
+    session.add(row)
+    session.flush()
+    mv = ModelVersion(
+        model_id=row.id, version=version, format="onnx", sha256="a" * 64, size_bytes=1
+    )
+    session.add(mv)
+    session.flush()
+    return mv

@@ -23,7 +23,7 @@ from controller.db.models import (
 )
 from controller.rollouts import repository as repo
 from tests.plans import captured
-from tests.rollouts.helpers import state_counts, target_counts
+from tests.rollouts.helpers import state_counts, stored_version, target_counts
 
 CLUSTERS = ("west", "east", "central")  # created in this order: ids and names differ
 PER_CLUSTER = 400
@@ -75,21 +75,14 @@ def fleet(session: Session) -> Fleet:
         session.add(cluster)
         session.flush()
         session.execute(_NODES, {"cluster_id": cluster.id, "cluster": name, "count": PER_CLUSTER})
-    model = Model(name="listed")
-    session.add(model)
-    session.flush()
-    version = ModelVersion(
-        model_id=model.id, version="1.0.0", format="onnx", sha256="a" * 64, size_bytes=1
-    )
-    session.add(version)
-    session.flush()
+    version = stored_version(session, "listed")
     rollout = Rollout(name="everywhere", spec={}, model_version_id=version.id, phase="Progressing")
     session.add(rollout)
     session.flush()
     session.add_all(Wave(rollout_id=rollout.id, index=i, node_count=n) for i, n in enumerate(WAVES))
     session.flush()
     session.execute(
-        _ASSIGN, {"model_id": model.id, "rollout_id": rollout.id, "version_id": version.id}
+        _ASSIGN, {"model_id": version.model_id, "rollout_id": rollout.id, "version_id": version.id}
     )
     session.execute(text("ANALYZE nodes"))
     session.execute(text("ANALYZE assignments"))

@@ -16,6 +16,7 @@ from controller.db.models import Event, Model, ModelVersion, Rollout, RolloutPha
 from controller.rollouts import repository as repo
 from controller.rollouts import service
 from controller.settings import Settings
+from tests.rollouts.helpers import stored_version
 
 
 @pytest.fixture
@@ -30,19 +31,10 @@ def retention(settings: Settings) -> Iterator[Settings]:
 
 
 def _rollout(session: Session, name: str, phase: str) -> int:
-    model = session.scalar(select(Model).where(Model.name == "retained"))
-    if model is None:
-        model = Model(name="retained")
-        session.add(model)
-        session.flush()
-        session.add(
-            ModelVersion(
-                model_id=model.id, version="1", format="onnx", sha256="a" * 64, size_bytes=1
-            )
-        )
-        session.flush()
-    version_id = session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model.id))
-    assert version_id is not None
+    version_id = (
+        session.scalar(select(ModelVersion.id).join(Model).where(Model.name == "retained"))
+        or stored_version(session, "retained", "1").id
+    )
     rollout = Rollout(name=name, spec={}, model_version_id=version_id, phase=phase)
     session.add(rollout)
     session.flush()

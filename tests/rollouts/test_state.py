@@ -20,7 +20,6 @@ from controller.db.models import (
     AssignmentState,
     Cluster,
     Event,
-    Model,
     ModelVersion,
     Node,
     Rollout,
@@ -41,6 +40,7 @@ from controller.rollouts.state import (
     move,
     transition,
 )
+from tests.rollouts.helpers import stored_version
 
 P, A = RolloutPhase, AssignmentState
 
@@ -181,14 +181,7 @@ def test_assignment_table_matches_the_documented_one(src: str, dst: str) -> None
 
 
 def make_rollout(session: Session, phase: RolloutPhase = P.PENDING) -> Rollout:
-    model = Model(name="detector")
-    session.add(model)
-    session.flush()
-    version = ModelVersion(
-        model_id=model.id, version="1.0.0", format="onnx", sha256="a" * 64, size_bytes=1
-    )
-    session.add(version)
-    session.flush()
+    version = stored_version(session, "detector")
     rollout = Rollout(name="r", spec={}, model_version_id=version.id, phase=phase)
     session.add(rollout)
     session.flush()
