@@ -13,9 +13,12 @@ project (``python bench/bench_x.py`` puts bench/ on ``sys.path``, so it is found
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,3 +64,48 @@ def database() -> Iterator[None]:
     finally:
         dispose_engines()
         admin(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
+
+
+@contextmanager
+def uvicorn_server(
+    *args: str, workers: int = 1, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A real uvicorn serving the controller in processes of its own (a load generator
+    in the same interpreter would share its GIL), on a free port of 127.0.0.1, with
+    uvicorn's extra ``args`` and ``env`` over this process's environment; yields the
+    process and its port once it answers (and, with ``workers``, once every worker is
+    up)."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = ["--factory", "controller.api.app:create_app", "--port", str(port), *args]
+    command += ["--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", *command], env={**os.environ, **(env or {})}
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz")
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the controller did not start") from None
+                time.sleep(0.1)
+        if workers > 1:  # every worker up, not only the first
+            while len(children(server.pid)) < workers and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(2.0)
+        yield server, port
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def children(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]

@@ -42,14 +42,12 @@ import hashlib
 import json
 import os
 import pstats
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -337,48 +335,16 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@contextmanager
-def uvicorn_server(workers: int = 1) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """A real uvicorn serving the controller (its own processes: a load generator in the
-    same interpreter would share its GIL); yields the process and its port."""
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = ["--factory", "controller.api.app:create_app", "--port", str(port)]
-    args += ["--timeout-keep-alive", str(get_settings().api_keepalive_timeout_s)]
-    args += ["--workers", str(workers), "--log-level", "warning", "--no-access-log"]
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", *args])
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/openapi.json")
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the controller did not start") from None
-                time.sleep(0.1)
-        if workers > 1:  # every worker up, not only the first
-            while len(_children(server.pid)) < workers and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(2.0)
-        yield server, port
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(c) for c in f.read().split()]
+def _keepalive() -> list[str]:
+    """uvicorn's keep-alive as ``edgefleet server`` sets it: longer than an agent's
+    heartbeat interval, so an agent's connection is reused."""
+    return ["--timeout-keep-alive", str(get_settings().api_keepalive_timeout_s)]
 
 
 def _tree_cpu_s(pid: int) -> float:
     """CPU seconds of a process and its children (uvicorn's workers)."""
     total = 0.0
-    for p in [pid, *_children(pid)]:
+    for p in [pid, *_env.children(pid)]:
         with suppress(FileNotFoundError):
             total += _cpu_s(p)
     return total
@@ -393,7 +359,7 @@ def via_http(batch: list[Heartbeat], concurrency: int) -> int:
 
     local = threading.local()
 
-    with uvicorn_server() as (server, port):
+    with _env.uvicorn_server(*_keepalive()) as (server, port):
 
         def post(beat: Heartbeat) -> int:
             if not hasattr(local, "client"):
@@ -537,7 +503,7 @@ def at_rate(
     while len(requests) < total:
         requests += [raw_request(b) for b in beats(keys[: total - len(requests)], seq)]
         seq += 1
-    with uvicorn_server(workers) as (server, port):
+    with _env.uvicorn_server(*_keepalive(), workers=workers) as (server, port):
         asyncio.run(open_loop(port, warm, rate, connections))
         before = _stored()
         backends = _backend_pids()

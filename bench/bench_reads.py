@@ -41,12 +41,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import _env
@@ -369,34 +365,6 @@ def populate(
     return took
 
 
-@contextmanager
-def uvicorn_server(database_url: str) -> Iterator[str]:
-    """A real uvicorn serving the controller on ``database_url`` (one worker process, as
-    ``edgefleet server`` starts by default); yields its base URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = ["--factory", "controller.api.app:create_app", "--port", str(port)]
-    args += ["--log-level", "warning", "--no-access-log"]
-    env = {**os.environ, "EDGEFLEET_DATABASE_URL": database_url}
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", *args], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/healthz")
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the controller did not start") from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
 @dataclass
 class Path:
     """One HTTP call the CLI or a browser makes."""
@@ -613,7 +581,10 @@ def main() -> None:
                         )
                     )
                 t.paths = paths(t.nodes, int(after or 0), str(node_key))
-                t.url = servers.enter_context(uvicorn_server(mine.database_url))
+                _, port = servers.enter_context(
+                    _env.uvicorn_server(env={"EDGEFLEET_DATABASE_URL": mine.database_url})
+                )
+                t.url = f"http://127.0.0.1:{port}"
             before = loadavg()
             measure(targets, args.repeat)
             report(targets[0], targets[1], (before, loadavg()))
