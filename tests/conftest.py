@@ -61,11 +61,17 @@ os.environ.update(
 
 from fastapi.testclient import TestClient  # noqa: E402
 from sqlalchemy import Connection, Engine, create_engine, text  # noqa: E402
+from sqlalchemy.exc import DBAPIError  # noqa: E402
 from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 
 from controller.api.app import create_app  # noqa: E402
 from controller.db import migrate  # noqa: E402
-from controller.db.session import dispose_engines, get_engine, override_session_factory  # noqa: E402
+from controller.db.session import (  # noqa: E402
+    dispose_engines,
+    get_engine,
+    lock_conflict,
+    override_session_factory,
+)
 from controller.settings import Settings, get_settings  # noqa: E402
 from controller.tasks.celery_app import configure  # noqa: E402
 
@@ -288,8 +294,18 @@ def committed(engine: Engine) -> Iterator[None]:
 
     # The run's API tokens stay: they were committed once, before any test.
     tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables if t.name != "api_tokens")
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    # A worker of the test (or of its module) may still be in a transaction of its last
+    # task, holding one table while wanting another that TRUNCATE, locking table after
+    # table, already holds: Postgres aborts one of the two. When it picks the TRUNCATE,
+    # the worker's transaction has gone on by then, and the TRUNCATE run again succeeds.
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+            return
+        except DBAPIError as exc:
+            if attempt == 4 or not lock_conflict(exc):
+                raise
 
 
 @pytest.fixture
