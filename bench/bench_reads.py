@@ -49,11 +49,13 @@ import _env
 import httpx
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
 
 from controller.auth.service import create_token
 from controller.db import migrate
 from controller.db.models import Role
 from controller.db.session import dispose_engines, get_engine, session_scope
+from controller.rollouts import repository as rollout_repo
 from controller.settings import get_settings
 
 GOAL_MS = 200.0
@@ -340,6 +342,10 @@ def populate(
             total = nodes // every
             conn.execute(_WAVES, {"name": name, "wave": wave, "total": total})
             conn.execute(_ASSIGNMENTS, {"name": name, "wave": wave, "total": total, "every": every})
+        # The counts the triggers started (0014), folded as the rollouts' steps fold them.
+        with Session(bind=conn) as s:
+            for rollout_id in rollout_repo.unfolded(s):
+                rollout_repo.fold_counts(s, rollout_id)
         conn.commit()
         took["rollouts"] = time.perf_counter() - t0
 

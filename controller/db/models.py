@@ -13,11 +13,14 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
+    Column,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -310,6 +313,41 @@ class Assignment(Base):
         ):
             return self.previous_rollout_id
         return self.rollout_id
+
+
+# A rollout's assignments counted per (wave, state, planned version, moved off its
+# previous version), kept by triggers on assignments (migration 0014): every change of a
+# counted column appends -1 for the old key and +1 for the new one to the deltas, which
+# rollouts/repository.fold_counts adds into the counts under the rollout's row lock. The
+# count of a key is its row plus its deltas not yet folded. wave_id 0: in no wave;
+# target_version_id 0: the rollout's own version.
+_COUNT_KEY = (
+    ("wave_id", BigId),
+    ("state", String(16)),
+    ("target_version_id", BigId),
+    ("moved", Boolean()),
+)
+assignment_counts = Table(
+    "assignment_counts",
+    Base.metadata,
+    Column(
+        "rollout_id",
+        BigId,
+        ForeignKey("rollouts.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    *(Column(name, type_, primary_key=True) for name, type_ in _COUNT_KEY),
+    Column("n", BigInteger, nullable=False),
+)
+# No foreign key: deleting a rollout sets its assignments' rollout_id null, and the
+# trigger writes deltas of a rollout already gone (folding drops them).
+assignment_count_deltas = Table(
+    "assignment_count_deltas",
+    Base.metadata,
+    Column("rollout_id", BigId, nullable=False, index=True),
+    *(Column(name, type_, nullable=False) for name, type_ in _COUNT_KEY),
+    Column("n", Integer, nullable=False),
+)
 
 
 class Event(Base):

@@ -84,63 +84,70 @@ def reconcile(rollout_id: int, settings: Settings, *, now: datetime | None = Non
         rollout = repo.try_lock(session, rollout_id)
         if rollout is None:
             return None
-        at = now or utcnow()
-        step: Step | Convergence = (
-            Convergence(session, rollout, settings, at)
-            if rollout.phase == P.SUCCEEDED
-            else Step(session, rollout, settings, at)
-        )
-        faults.on_commit(session, "rollout.step.committed")
-        faults.point("rollout.step.locked")
-        if rollout.phase == P.PENDING and step.target.status != VersionStatus.READY:
-            if step.target.status == VersionStatus.INVALID:
-                transition(
-                    session,
-                    rollout,
-                    P.FAILED,
-                    reason="ModelVersionInvalid",
-                    message=(
-                        f"model version {step.target.version} failed validation: "
-                        f"{step.target.status_message}"
-                    ),
-                )
-            else:
-                rollout.message = (
-                    f"waiting for model version {step.target.version} to be validated "
-                    f"({step.target.status})"
-                )
-                _follow_up(session, rollout, settings, step.now)
-            return rollout.phase
-        if rollout.phase == P.PENDING:
-            if not rollout.waves:
-                transition(
-                    session, rollout, P.SUCCEEDED, reason="Succeeded", message="no nodes to update"
-                )
-                return rollout.phase
-            transition(session, rollout, P.PROGRESSING, reason="Started", message="wave 0 starting")
-            faults.point("rollout.started")
-        if rollout.phase == P.PROGRESSING and isinstance(step, Step):
-            step.progress()
-        elif rollout.phase in (P.ROLLED_BACK, P.ABORTED):
-            step.revert()
-        elif isinstance(step, Convergence):
-            step.converge()
-        if (
-            rollout.phase == P.PROGRESSING
-            or (rollout.phase in (P.ROLLED_BACK, P.ABORTED) and any(map(reverting_left, step.rows)))
-            or (
-                # Nodes back and on their way (or on their way back); the offline ones
-                # wait for beat's tick (repository.to_reconcile finds them once back).
-                isinstance(step, Convergence)
-                and any(
-                    r.assignment.state in (A.PENDING, A.APPLYING)
-                    or (r.assignment.state == A.REVERTING and r.node.health not in OFFLINE)
-                    for r in step.rows
-                )
+        phase = _step(session, rollout, settings, now or utcnow())
+        # The counts of the nodes it moved, under the lock the fold needs (repository).
+        repo.fold_counts(session, rollout.id)
+        return phase
+
+
+def _step(session: Session, rollout: Rollout, settings: Settings, at: datetime) -> str:
+    """The step itself, on the locked rollout; returns its phase."""
+    step: Step | Convergence = (
+        Convergence(session, rollout, settings, at)
+        if rollout.phase == P.SUCCEEDED
+        else Step(session, rollout, settings, at)
+    )
+    faults.on_commit(session, "rollout.step.committed")
+    faults.point("rollout.step.locked")
+    if rollout.phase == P.PENDING and step.target.status != VersionStatus.READY:
+        if step.target.status == VersionStatus.INVALID:
+            transition(
+                session,
+                rollout,
+                P.FAILED,
+                reason="ModelVersionInvalid",
+                message=(
+                    f"model version {step.target.version} failed validation: "
+                    f"{step.target.status_message}"
+                ),
             )
-        ):
-            _follow_up(session, rollout, settings, step.now, wake=step.wake_at())
+        else:
+            rollout.message = (
+                f"waiting for model version {step.target.version} to be validated "
+                f"({step.target.status})"
+            )
+            _follow_up(session, rollout, settings, step.now)
         return rollout.phase
+    if rollout.phase == P.PENDING:
+        if not rollout.waves:
+            transition(
+                session, rollout, P.SUCCEEDED, reason="Succeeded", message="no nodes to update"
+            )
+            return rollout.phase
+        transition(session, rollout, P.PROGRESSING, reason="Started", message="wave 0 starting")
+        faults.point("rollout.started")
+    if rollout.phase == P.PROGRESSING and isinstance(step, Step):
+        step.progress()
+    elif rollout.phase in (P.ROLLED_BACK, P.ABORTED):
+        step.revert()
+    elif isinstance(step, Convergence):
+        step.converge()
+    if (
+        rollout.phase == P.PROGRESSING
+        or (rollout.phase in (P.ROLLED_BACK, P.ABORTED) and any(map(reverting_left, step.rows)))
+        or (
+            # Nodes back and on their way (or on their way back); the offline ones
+            # wait for beat's tick (repository.to_reconcile finds them once back).
+            isinstance(step, Convergence)
+            and any(
+                r.assignment.state in (A.PENDING, A.APPLYING)
+                or (r.assignment.state == A.REVERTING and r.node.health not in OFFLINE)
+                for r in step.rows
+            )
+        )
+    ):
+        _follow_up(session, rollout, settings, step.now, wake=step.wake_at())
+    return rollout.phase
 
 
 def tick(settings: Settings) -> list[int]:
@@ -150,4 +157,9 @@ def tick(settings: Settings) -> list[int]:
         ids = list(repo.to_reconcile(session))
         for rollout_id in ids:
             enqueue(session, "rollouts.reconcile", rollout_id)
+        # Counts of rollouts without a step to fold them: nodes another rollout took
+        # over, or deleted. One skipped (locked by a command) is folded next tick.
+        for rollout_id in set(repo.unfolded(session)) - set(ids):
+            if repo.try_lock(session, rollout_id) is not None:
+                repo.fold_counts(session, rollout_id)
     return ids

@@ -7,7 +7,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, delete, func, literal, or_, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    delete,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    tuple_,
+    union_all,
+)
 from sqlalchemy.orm import Session, aliased, load_only, selectinload
 
 from controller.db.arrays import any_of
@@ -23,6 +35,8 @@ from controller.db.models import (
     Rollout,
     RolloutPhase,
     Wave,
+    assignment_count_deltas,
+    assignment_counts,
 )
 from controller.errors import NotFound
 from controller.rollouts.state import ACTIVE_PHASES
@@ -267,10 +281,8 @@ def pending_counts(session: Session, rollout_ids: Sequence[int]) -> dict[int, in
     """Per rollout (by id), its nodes not yet where it leaves them (status.pending): of
     a Succeeded one, not yet on its version (offline while it ran, or back and
     converging); of a RolledBack or Aborted one, not yet seen back on their previous
-    version (being reverted, or offline until they are back). Only rollouts in those
-    phases are counted, a Succeeded one by ``ix_assignments_rollout_id_state`` (its
-    pending states alone): the rows of a rollout in progress over 100,000 nodes are
-    never read."""
+    version (being reverted, or offline until they are back). From the rollouts' counts
+    (``counted``): the rows of a rollout over 100,000 nodes are never read."""
     if not rollout_ids:
         return {}
     phases = dict(
@@ -278,22 +290,101 @@ def pending_counts(session: Session, rollout_ids: Sequence[int]) -> dict[int, in
             select(Rollout.id, Rollout.phase).where(any_of(Rollout.id, rollout_ids))
         ).all()
     )
-    succeeded = [i for i, p in phases.items() if p == RolloutPhase.SUCCEEDED]
-    reverted = [i for i, p in phases.items() if p in _REVERTED]
     out: dict[int, int] = {}
-    for ids, where in (
-        (succeeded, Assignment.state.in_(PENDING_STATES)),
-        (reverted, _not_back()),
-    ):
-        if not ids:
-            continue
-        rows = session.execute(
-            select(Assignment.rollout_id, func.count())
-            .where(any_of(Assignment.rollout_id, ids), where)
-            .group_by(Assignment.rollout_id)
-        )
-        out.update({int(rid): int(n) for rid, n in rows.all() if rid is not None})
+    for c in counted(session, [i for i, p in phases.items() if p in _SETTLED]):
+        if _pending(phases[c.rollout_id], c.state, c.moved):
+            out[c.rollout_id] = out.get(c.rollout_id, 0) + c.n
     return out
+
+
+_SETTLED = (RolloutPhase.SUCCEEDED, *_REVERTED)
+
+
+def _pending(phase: str, state: str, moved: bool) -> bool:
+    """Whether a node of a rollout in ``phase``, in ``state``, is not yet where the
+    rollout leaves it: a Succeeded one's not yet on its version; a reverted one's not
+    back on its previous version (``_not_back``: not RolledBack, and not Failed there)."""
+    if phase == RolloutPhase.SUCCEEDED:
+        return state in PENDING_STATES
+    if phase in _REVERTED:
+        return state != AssignmentState.ROLLED_BACK and (state != AssignmentState.FAILED or moved)
+    return False
+
+
+@dataclass(frozen=True)
+class Count:
+    """How many of a rollout's assignments share a counted key."""
+
+    rollout_id: int
+    wave_id: int | None
+    """None: in no wave."""
+    state: str
+    target_version_id: int | None
+    """None: the rollout's own version."""
+    moved: bool
+    """Desired differs from previous: the node is (to be) off its previous version."""
+    n: int
+
+
+_COUNTS, _DELTAS = assignment_counts, assignment_count_deltas
+_KEY = ("wave_id", "state", "target_version_id", "moved")
+
+
+def counted(session: Session, rollout_ids: Sequence[int]) -> list[Count]:
+    """The rollouts' assignments counted by key: each key's folded count plus its deltas
+    not yet folded (the triggers of migration 0014 keep both). A few rows per wave and
+    state, however many nodes: not an aggregate over the assignments."""
+    if not rollout_ids:
+        return []
+    parts = [
+        select(t.c.rollout_id, *(t.c[k] for k in _KEY), t.c.n).where(
+            any_of(t.c.rollout_id, rollout_ids)
+        )
+        for t in (_COUNTS, _DELTAS)
+    ]
+    both = union_all(*parts).subquery()
+    key = [both.c.rollout_id, *(both.c[k] for k in _KEY)]
+    total = func.sum(both.c.n)
+    rows = session.execute(select(*key, total).group_by(*key).having(total != 0))
+    return [Count(int(r[0]), r[1] or None, r[2], r[3] or None, bool(r[4]), int(r[5])) for r in rows]
+
+
+def fold_counts(session: Session, rollout_id: int) -> None:
+    """Add the rollout's deltas into its counts and delete them, so that reads sum a
+    handful of rows. Only under the rollout's row lock (a step's, a command's, the
+    tick's): two folds of one rollout never run at once. On Postgres in one statement,
+    one snapshot: a delta committed meanwhile by another transaction (an apply taking
+    the rollout's nodes) is either folded and deleted, or left for the next fold."""
+    session.flush()  # text() statements do not autoflush: the step's last moves first
+    params = {"r": rollout_id}
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_FOLD_POSTGRES, params)
+    else:  # SQLite: one writer at a time, so two statements see the same deltas
+        session.execute(_FOLD_SQLITE, params)
+        session.execute(delete(_DELTAS).where(_DELTAS.c.rollout_id == rollout_id))
+    session.execute(delete(_COUNTS).where(_COUNTS.c.rollout_id == rollout_id, _COUNTS.c.n == 0))
+
+
+_COLUMNS = ", ".join(_KEY)
+_UPSERT = f"""
+    INSERT INTO assignment_counts (rollout_id, {_COLUMNS}, n)
+    SELECT :r, {_COLUMNS}, sum(n) FROM {{source}}
+    GROUP BY {_COLUMNS} HAVING sum(n) <> 0 ORDER BY {_COLUMNS}
+    ON CONFLICT (rollout_id, {_COLUMNS}) DO UPDATE SET n = assignment_counts.n + excluded.n
+"""
+_FOLD_POSTGRES = text(
+    f"WITH folded AS (DELETE FROM assignment_count_deltas WHERE rollout_id = :r "
+    f"RETURNING {_COLUMNS}, n) " + _UPSERT.format(source="folded")
+)
+_FOLD_SQLITE = text(_UPSERT.format(source="assignment_count_deltas WHERE rollout_id = :r"))
+
+
+def unfolded(session: Session) -> list[int]:
+    """The rollouts with deltas not yet folded (by id), and deltas of deleted rollouts
+    dropped."""
+    gone = ~select(Rollout.id).where(Rollout.id == _DELTAS.c.rollout_id).exists()
+    session.execute(delete(_DELTAS).where(gone))
+    return [int(i) for i in session.scalars(select(_DELTAS.c.rollout_id).distinct())]
 
 
 @dataclass
@@ -319,32 +410,18 @@ class Tally:
 
 def tally(session: Session, rollout: Rollout) -> Tally:
     """A rollout's assignments per wave and state, per planned version and pending, from
-    one aggregate over them instead of three (each read all of them: 100,000 rows for a
-    rollout over the fleet; tests/rollouts/helpers.py keeps the three as the oracle)."""
-    target = Assignment.target_version_id  # null: the rollout's own version
-    moved = Assignment.desired_version_id.is_distinct_from(Assignment.previous_version_id)
-    rows = session.execute(
-        select(Assignment.wave_id, Assignment.state, target, moved, func.count())
-        .where(Assignment.rollout_id == rollout.id)
-        .group_by(Assignment.wave_id, Assignment.state, target, moved)
-    ).all()
+    its counts (``counted``; tests/rollouts/helpers.py keeps the aggregates over its
+    assignments as the oracle)."""
     states: dict[int | None, dict[str, int]] = {}
     by_target: dict[int, int] = {}
     pending = 0
-    reverted = rollout.phase in _REVERTED
-    for wave_id, state, chosen, is_moved, n in rows:
-        per_wave = states.setdefault(wave_id, {})
-        per_wave[state] = per_wave.get(state, 0) + n
-        version_id = rollout.model_version_id if chosen is None else chosen
-        by_target[version_id] = by_target.get(version_id, 0) + n
-        if rollout.phase == RolloutPhase.SUCCEEDED and state in PENDING_STATES:
-            pending += n
-        elif (
-            reverted
-            and state != AssignmentState.ROLLED_BACK
-            and (state != AssignmentState.FAILED or is_moved)
-        ):  # _not_back(): not RolledBack, and not Failed on its previous version
-            pending += n
+    for c in counted(session, [rollout.id]):
+        per_wave = states.setdefault(c.wave_id, {})
+        per_wave[c.state] = per_wave.get(c.state, 0) + c.n
+        version_id = c.target_version_id or rollout.model_version_id
+        by_target[version_id] = by_target.get(version_id, 0) + c.n
+        if _pending(rollout.phase, c.state, c.moved):
+            pending += c.n
     names = versions_by_id(session, set(by_target))
     versions: dict[str, int] = {}
     for version_id, n in by_target.items():
@@ -355,19 +432,12 @@ def tally(session: Session, rollout: Rollout) -> Tally:
 
 
 def state_totals(session: Session, rollout_ids: Sequence[int]) -> dict[int, dict[str, int]]:
-    """Assignment counts per state of each rollout (by id), in one query over
-    ``ix_assignments_rollout_id_state``: the fleet page's rows, one statement for all."""
+    """Assignment counts per state of each rollout (by id), from their counts: the fleet
+    page's rows, one statement for all."""
     out: dict[int, dict[str, int]] = {}
-    if not rollout_ids:
-        return out
-    rows = session.execute(
-        select(Assignment.rollout_id, Assignment.state, func.count())
-        .where(any_of(Assignment.rollout_id, rollout_ids))
-        .group_by(Assignment.rollout_id, Assignment.state)
-    )
-    for rollout_id, state, n in rows.all():
-        if rollout_id is not None:
-            out.setdefault(rollout_id, {})[state] = n
+    for c in counted(session, rollout_ids):
+        mine = out.setdefault(c.rollout_id, {})
+        mine[c.state] = mine.get(c.state, 0) + c.n
     return out
 
 

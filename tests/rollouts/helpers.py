@@ -11,24 +11,28 @@ from typing import Any
 import httpx
 import yaml
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from controller.agents.simulated import RunningWorkload, report_running
 from controller.db.models import (
     Assignment,
+    AssignmentState,
     Cluster,
     Event,
     Model,
     ModelVersion,
     Node,
     Rollout,
+    RolloutPhase,
     Wave,
 )
 from controller.db.session import session_scope
 from controller.manifests.builders import RESOURCES, document, rollout, site_labels
 from controller.registry import samples
 from controller.rollouts import reconciler
+from controller.rollouts import repository as repo
+from controller.rollouts.repository import Count
 from controller.settings import Settings
 from node_agent.contract import InferenceMetrics
 
@@ -244,6 +248,51 @@ def target_counts(session: Session, rollout: Rollout) -> dict[str, int]:
         .group_by(ModelVersion.version)
     )
     return dict(sorted((str(v), int(n)) for v, n in rows.all()))
+
+
+def counted_oracle(session: Session, rollout_ids: Iterable[int]) -> set[Count]:
+    """The rollouts' assignments aggregated by the counted key, from the assignments
+    themselves (an oracle of repository.counted, which reads the counts the triggers
+    keep)."""
+    key = (
+        Assignment.rollout_id,
+        func.coalesce(Assignment.wave_id, 0),
+        Assignment.state,
+        func.coalesce(Assignment.target_version_id, 0),
+        Assignment.desired_version_id.is_distinct_from(Assignment.previous_version_id),
+    )
+    rows = session.execute(
+        select(*key, func.count())
+        .where(Assignment.rollout_id.in_(list(rollout_ids)))
+        .group_by(*key)
+    )
+    return {Count(r[0] or 0, r[1] or None, r[2], r[3] or None, bool(r[4]), r[5]) for r in rows}
+
+
+def assert_counts_agree(session: Session, *rollout_ids: int) -> None:
+    """The rollouts' counts (folded or not) are what their assignments say."""
+    ids = list(rollout_ids) or list(session.scalars(select(Rollout.id)))
+    assert set(repo.counted(session, ids)) == counted_oracle(session, ids)
+
+
+def pending_oracle(session: Session, rollout: Rollout) -> int:
+    """A settled rollout's nodes not yet where it leaves it, counted over its assignments
+    (an oracle of repository.pending_counts)."""
+    where = Assignment.rollout_id == rollout.id
+    pending: ColumnElement[bool]
+    if rollout.phase == RolloutPhase.SUCCEEDED:
+        pending = Assignment.state.in_(repo.PENDING_STATES)
+    elif rollout.phase in (RolloutPhase.ROLLED_BACK, RolloutPhase.ABORTED):
+        pending = and_(
+            Assignment.state != AssignmentState.ROLLED_BACK,
+            or_(
+                Assignment.state != AssignmentState.FAILED,
+                Assignment.desired_version_id.is_distinct_from(Assignment.previous_version_id),
+            ),
+        )
+    else:
+        return 0
+    return int(session.scalar(select(func.count()).where(where, pending)) or 0)
 
 
 def stored_version(session: Session, model: str, version: str = "1.0.0") -> ModelVersion:

@@ -58,6 +58,7 @@ from node_agent.contract import Heartbeat, InferenceMetrics
 from tests.conftest import bearer
 from tests.live import free_port, repeating, stop_process_group
 from tests.rollouts.helpers import (
+    assert_counts_agree,
     cluster_doc,
     drive,
     next_seq,
@@ -342,6 +343,8 @@ def assert_consistent(settings: Settings, name: str, scenario: str, before_fault
         rollout = rollout_repo.get(s, name)
         assert rollout is not None
         waves = len(rollout.waves)
+        # The counts the triggers kept through the kill: what the assignments say.
+        assert_counts_agree(s)
     for wave in range(waves):
         for reason in ("WaveStarted", "GatePassed"):
             assert per_wave[(reason, wave)] <= 1, recorded

@@ -19,12 +19,20 @@ import httpx
 import redis
 from sqlalchemy.exc import OperationalError
 
+from controller.db.session import session_scope
 from controller.registry import samples
 from controller.settings import Settings
 from controller.tasks.celery_app import celery_app, configure
 from tests.conftest import REDIS_URL, bearer
 from tests.live import free_port, repeating
-from tests.rollouts.helpers import apply, cluster_doc, report, rollout_doc, rollout_events
+from tests.rollouts.helpers import (
+    apply,
+    assert_counts_agree,
+    cluster_doc,
+    report,
+    rollout_doc,
+    rollout_events,
+)
 from tests.tasks.test_restarts import process
 from tests.tasks.test_worker import wait_for
 
@@ -195,6 +203,8 @@ def test_two_apis_and_two_workers_drive_rollouts_together(
         for reason in ("Applying", "WorkloadReady"):
             moved = [n for r, d in got if r == reason for n in d["nodes"]]
             assert sorted(moved) == sorted(nodes), (name, reason, got)
+    with session_scope() as s:  # counted by four processes' transactions at once
+        assert_counts_agree(s)
     assert running(settings, "detector") == {
         f"{c}-n{i}": "1.0.0" for c, n in CLUSTERS for i in range(n)
     }

@@ -23,7 +23,7 @@ from controller.db.models import (
 )
 from controller.rollouts import repository as repo
 from tests.plans import captured
-from tests.rollouts.helpers import state_counts, stored_version, target_counts
+from tests.rollouts.helpers import pending_oracle, state_counts, stored_version, target_counts
 
 CLUSTERS = ("west", "east", "central")  # created in this order: ids and names differ
 PER_CLUSTER = 400
@@ -168,6 +168,7 @@ def test_the_tally_is_what_the_three_counts_say(
     assert tally.states == state_counts(session, r.id)
     assert tally.versions == target_counts(session, r)
     assert tally.versions == {"1.0.0": 800, "1.0.0-int8": 400}
+    assert tally.pending == pending_oracle(session, r)
     assert tally.pending == repo.pending_counts(session, [r.id]).get(r.id, 0)
     if phase != RolloutPhase.PROGRESSING:
         assert tally.pending > 0

@@ -11,9 +11,11 @@ from sqlalchemy import select, text
 from controller.db.models import Cluster
 from controller.db.session import session_scope
 from controller.rollouts import reconciler
+from controller.rollouts import repository as rollout_repo
 from controller.settings import Settings
 from tests.rollouts.helpers import (
     apply,
+    assert_counts_agree,
     cluster_doc,
     push_versions,
     report,
@@ -99,3 +101,6 @@ def test_a_rollout_over_more_nodes_than_bind_parameters(
     report()  # the canary's agent
     assert reconciler.reconcile(rid, settings) == "Progressing"
     assert wave_phases("wide")[0] in ("Baking", "Passed")
+    with session_scope() as s:  # 66,000 nodes' moves, folded by the steps
+        assert_counts_agree(s, rid)
+        assert rollout_repo.unfolded(s) == []
