@@ -120,14 +120,20 @@ _SQLITE = [
 ]
 
 
-def upgrade() -> None:
-    op.create_table(
-        "assignment_counts",
+def _key_columns() -> list[sa.Column[object]]:
+    return [
         sa.Column("rollout_id", BIG_ID, nullable=False),
         sa.Column("wave_id", BIG_ID, nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("target_version_id", BIG_ID, nullable=False),
         sa.Column("moved", sa.Boolean(), nullable=False),
+    ]
+
+
+def upgrade() -> None:
+    op.create_table(
+        "assignment_counts",
+        *_key_columns(),
         sa.Column("n", sa.BigInteger(), nullable=False),
         sa.ForeignKeyConstraint(
             ["rollout_id"],
@@ -139,11 +145,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "assignment_count_deltas",
-        sa.Column("rollout_id", BIG_ID, nullable=False),
-        sa.Column("wave_id", BIG_ID, nullable=False),
-        sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("target_version_id", BIG_ID, nullable=False),
-        sa.Column("moved", sa.Boolean(), nullable=False),
+        *_key_columns(),
         sa.Column("n", sa.Integer(), nullable=False),
     )
     op.create_index(

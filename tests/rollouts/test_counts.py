@@ -38,23 +38,30 @@ def _deltas(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(assignment_count_deltas)) or 0)
 
 
-def _every_kind_of_change(session: Session) -> None:
-    """Assignments of two rollouts changed every way the product (or an operator) can
-    change them, the counts checked against the oracle after each."""
+def _fleet(
+    session: Session, versions: tuple[str, ...] = ("1",), nodes: int = 1
+) -> tuple[Model, list[ModelVersion], list[Node]]:
+    """A cluster of ``nodes`` nodes and a model with ``versions``, as rows only."""
     cluster = Cluster(name="west", driver="simulated")
     model = Model(name="counted")
     session.add_all([cluster, model])
     session.flush()
-    v1, v2 = (
-        ModelVersion(model_id=model.id, version=v, format="onnx", sha256=v * 32, size_bytes=1)
-        for v in ("a1", "b2")
-    )
-    nodes = [Node(cluster_id=cluster.id, name=f"n{i}") for i in range(4)]
-    first = Rollout(name="first", spec={}, model_version_id=0, phase="Progressing")
-    second = Rollout(name="second", spec={}, model_version_id=0, phase="Pending")
-    session.add_all([v1, v2, *nodes])
+    stored = [
+        ModelVersion(model_id=model.id, version=v, format="onnx", sha256=v * 64, size_bytes=1)
+        for v in versions
+    ]
+    made = [Node(cluster_id=cluster.id, name=f"n{i}") for i in range(nodes)]
+    session.add_all([*stored, *made])
     session.flush()
-    first.model_version_id = second.model_version_id = v2.id
+    return model, stored, made
+
+
+def _every_kind_of_change(session: Session) -> None:
+    """Assignments of two rollouts changed every way the product (or an operator) can
+    change them, the counts checked against the oracle after each."""
+    model, (v1, v2), nodes = _fleet(session, ("a", "b"), nodes=4)
+    first = Rollout(name="first", spec={}, model_version_id=v2.id, phase="Progressing")
+    second = Rollout(name="second", spec={}, model_version_id=v2.id, phase="Pending")
     session.add_all([first, second])
     session.flush()
     w0, w1 = (Wave(rollout_id=first.id, index=i, node_count=2) for i in range(2))
@@ -135,16 +142,7 @@ def test_a_delta_committed_while_a_fold_runs_is_kept(
     transaction: a fold running before it commits neither sees nor deletes it, and the
     count stays exact once both committed."""
     with session_scope() as s:
-        cluster = Cluster(name="west", driver="simulated")
-        model = Model(name="counted")
-        s.add_all([cluster, model])
-        s.flush()
-        version = ModelVersion(
-            model_id=model.id, version="1", format="onnx", sha256="c" * 64, size_bytes=1
-        )
-        node = Node(cluster_id=cluster.id, name="n0")
-        s.add_all([version, node])
-        s.flush()
+        model, (version,), (node,) = _fleet(s)
         held = Rollout(name="held", spec={}, model_version_id=version.id, phase="Succeeded")
         taker = Rollout(name="taker", spec={}, model_version_id=version.id, phase="Pending")
         s.add_all([held, taker])
@@ -176,16 +174,7 @@ def test_tick_folds_the_counts_of_rollouts_without_a_step(
     from controller.rollouts import reconciler
 
     with session_scope() as s:
-        cluster = Cluster(name="west", driver="simulated")
-        model = Model(name="counted")
-        s.add_all([cluster, model])
-        s.flush()
-        version = ModelVersion(
-            model_id=model.id, version="1", format="onnx", sha256="d" * 64, size_bytes=1
-        )
-        node = Node(cluster_id=cluster.id, name="n0")
-        s.add_all([version, node])
-        s.flush()
+        model, (version,), (node,) = _fleet(s)
         done = Rollout(name="done", spec={}, model_version_id=version.id, phase="Succeeded")
         s.add(done)
         s.flush()
