@@ -90,9 +90,14 @@ def test_watch_follows_new_events_until_ctrl_c(api_url: str, fleet: TestClient) 
     watch = subprocess.Popen(
         [sys.executable, "-m", "controller.cli.main", *command],
         # A watch that ignores Ctrl-C is aborted below: the stacks faulthandler prints
-        # then say where it hung (seen once in CI under load, never reproduced).
+        # then say where it hung.
         env=os.environ
         | {"EDGEFLEET_API_URL": api_url, "COLUMNS": "200", "PYTHONFAULTHANDLER": "1"},
+        # As a terminal starts it: with Ctrl-C's default action. A process started in
+        # the background by a shell without job control (as CI may start the suite)
+        # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: the
+        # watch slept through Ctrl-C in its poll loop (events.py _follow, its sleep).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
