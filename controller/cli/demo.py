@@ -11,7 +11,8 @@ tasks, simulated clusters), with a scenario that plays out on the dashboard:
    and rollout ``detector-1-1-auto`` (``variants: auto``) ships, per class, the faster.
 
 The simulated agents report each node's latency from the version's *measured* benchmark
-(scaled for the node's architecture, with noise), so the gate decision is real.
+(its p50, scaled for the node's architecture, with noise and a tail), so the gate
+decision is real.
 
 The terminal tells the story and nothing else: a header per act, one line per decision
 with its numbers, a live table of the waves while a rollout runs (on a terminal; a log
@@ -134,12 +135,20 @@ def seed_models(settings: Settings) -> None:
                 )
 
 
-def _p95(version: str) -> float:
+# A node's p95 as the simulated agents report it: its p50 times this. The validation's
+# own p95 of a model that runs in 50 µs is the machine's scheduling jitter more than the
+# model (2 ms against a p50 of 0.05 ms on a loaded CI machine, while the heavy model's
+# was 6.6 ms): derived from it, the gate once passed the heavy model on every wave. The
+# p50s keep the two networks' 30-fold difference.
+TAIL = 1.5
+
+
+def _p50(version: str) -> float:
     with session_scope() as s:
         mv = repo.get_version(s, "detector", version)
         if mv is None or not mv.benchmark:
             raise RuntimeError(f"detector {version} has no benchmark (validation failed?)")
-        return float(mv.benchmark["p95_ms"])
+        return float(mv.benchmark["p50_ms"])
 
 
 class SimulatedAgents:
@@ -153,13 +162,8 @@ class SimulatedAgents:
     def _metrics(self, w: RunningWorkload) -> InferenceMetrics:
         bench = w.version.benchmark or {}
         scale = ARCH_SLOWDOWN.get(w.architecture or "amd64", 1.0) * self._rng.uniform(0.9, 1.2)
-        return InferenceMetrics(
-            window_s=10,
-            samples=50,
-            errors=0,
-            p50_ms=float(bench.get("p50_ms", 1.0)) * scale,
-            p95_ms=float(bench.get("p95_ms", 1.0)) * scale,
-        )
+        p50 = float(bench.get("p50_ms", 1.0)) * scale
+        return InferenceMetrics(window_s=10, samples=50, errors=0, p50_ms=p50, p95_ms=p50 * TAIL)
 
     def report_once(self) -> int:
         return report_running(self._metrics, self._seq)
@@ -325,7 +329,7 @@ class Scenario:
         self.stage = 0
         # A gate the light network passes on every architecture and the heavy one
         # misses by far: both numbers were measured when the versions were validated.
-        self.gate_ms = 4 * ARCH_SLOWDOWN["arm64"] * _p95("1.1.0")
+        self.gate_ms = 4 * ARCH_SLOWDOWN["arm64"] * TAIL * _p50("1.1.0")
 
     def apply(self, *docs: dict[str, Any]) -> None:
         with session_scope() as s:
