@@ -68,8 +68,10 @@ def require(session: Session, name: str) -> Rollout:
 
 
 def lock(session: Session, name: str) -> Rollout | None:
-    """Row lock, waiting: commands serialize with the reconciler."""
-    return session.scalar(select(Rollout).where(Rollout.name == name).with_for_update())
+    """Row lock, waiting: commands and applies serialize with the reconciler. The row is
+    read again under the lock, even if the session had loaded it before."""
+    stmt = select(Rollout).where(Rollout.name == name).with_for_update()
+    return session.scalar(stmt.execution_options(populate_existing=True))
 
 
 def try_lock(session: Session, rollout_id: int) -> Rollout | None:

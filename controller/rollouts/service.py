@@ -251,7 +251,10 @@ def apply_rollout(
     plan = plan_summary(waves, variants)
     if calendars is not None:
         scheduling.add_forecast(plan, calendars, waves, now or utcnow())
-    existing = repo.get(session, name)
+    # Applied for real, the rollout is locked as a step or a command locks it, and read
+    # under the lock: a step starting it meanwhile (Pending -> Progressing) is seen, and
+    # its spec is not replaced mid-flight behind its back; a dry run only reads.
+    existing = repo.get(session, name) if dry_run else repo.lock(session, name)
     changes: list[dict[str, Any]] = []
     if existing is not None:
         changes = diff({"spec": existing.spec}, {"spec": spec_doc})
@@ -337,6 +340,7 @@ def apply_rollout(
     session.flush()
     targets = variants.choice.by_node if variants is not None else {}
     _claim_nodes(session, rollout, model.id, waves, targets)
+    repo.fold_counts(session, rollout.id)  # under the lock, or a row no one else sees yet
     faults.point("rollout.apply.claimed")
     data: dict[str, Any] = {"changes": changes, "waves": [len(w.nodes) for w in waves]}
     if variants is not None:

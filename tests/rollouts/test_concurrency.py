@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
-from controller.db.models import Event
+from controller.db.models import Event, RolloutPhase
 from controller.db.session import lock_conflict, session_scope
 from controller.rollouts import repository as repo
 from controller.rollouts.reconciler import reconcile
+from controller.rollouts.state import transition
 from controller.settings import Settings
 from tests.rollouts.faulty import install
 from tests.rollouts.helpers import (
@@ -227,3 +228,61 @@ def test_heartbeats_never_deadlock_with_a_step_writing_assignments_out_of_order(
     assert deadlocks.total() == 0, f"{dict(deadlocks)} of {rounds} steps deadlocked"
     with session_scope() as s:
         assert {r.assignment.message for r in repo.rows_of(s, rid)} == {f"step {rounds - 1}"}
+
+
+def test_an_apply_waits_for_a_step_and_reads_the_rollout_as_the_step_left_it(
+    fleet: TestClient, settings: Settings
+) -> None:
+    """A re-apply while a step holds the rollout (it is starting it: Pending ->
+    Progressing) waits for the row lock and reads the rollout under it: the new spec is
+    refused as a change mid-flight, not written over a rollout that just started (read
+    without the lock, the apply saw Pending and replaced the plan once the step
+    committed)."""
+    assert apply(fleet, rollout_doc("d", "1.0.0")).status_code == 200
+    assert drive("d", settings)[-1] == "Succeeded"
+    with session_scope() as s:  # re-applied: Pending, its step not yet run
+        r = repo.lock(s, "d")
+        assert r is not None
+        transition(s, r, RolloutPhase.PENDING, reason="Reapplied", message="generation 2")
+    started, release = threading.Event(), threading.Event()
+
+    def step() -> None:
+        with session_scope() as s:
+            r = repo.lock(s, "d")
+            assert r is not None
+            transition(s, r, RolloutPhase.PROGRESSING, reason="Started", message="wave 0")
+            s.flush()
+            started.set()
+            assert release.wait(30)
+
+    answers: queue.Queue[Any] = queue.Queue()
+    changed = rollout_doc("d", "1.0.0", strategy={"steps": [{"percent": 100}]})
+    stepper = threading.Thread(target=step)
+    applier = threading.Thread(target=lambda: answers.put(apply(fleet, changed)))
+    stepper.start()
+    try:
+        assert started.wait(30)
+        applier.start()
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with session_scope() as s:
+                if s.scalar(waiting):
+                    break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the apply never waited for the step's lock")
+    finally:
+        release.set()
+        stepper.join(30)
+    applier.join(30)
+    resp = answers.get(timeout=1)
+    assert resp.status_code == 409, resp.text
+    assert "is Progressing: its spec cannot change mid-flight" in resp.text
+    with session_scope() as s:
+        r = repo.get(s, "d")
+        assert r is not None
+        assert (r.phase, r.generation) == ("Progressing", 1)
