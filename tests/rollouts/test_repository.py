@@ -149,9 +149,9 @@ def test_a_large_wave_is_walked_in_name_order_whatever_the_planner_estimates(
     walk = next(s for s in statements if "LATERAL" in s.sql)
     assert "uq_nodes_cluster_id_name" in walk.indexes(), walk.plan
     assert walk.rows_read("nodes") <= 400, walk.plan
-    assert sum(s.rows_read("assignments") for s in statements) <= 600, [
-        (s.sql[:300], s.rows_read("assignments"), s.indexes()) for s in statements
-    ]
+    # (The small waves' reads are the other tests' subject: under these inflated
+    # statistics their plans are the planner's choice, not the walk's.)
+    assert walk.rows_read("assignments") <= 400, walk.plan
 
 
 @pytest.mark.parametrize(
