@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -18,18 +19,21 @@ from controller.cli.client import ApiClient, ApiError
 from controller.cli.errors import client_error, fail
 from controller.cli.format import (
     PHASE_STYLE,
+    age,
     counts,
     duration,
     nodes_done,
     percent,
+    plain_table,
     styled,
     wave_label,
 )
+from controller.cli.get import LimitOpt, ListOutput, ListOutputOpt, _collect, _listing
 from controller.cli.options import ApiUrl, OutputOpt
 from controller.cli.output import Output, console, emit, err_console
 
 rollout_app = typer.Typer(
-    help="Watch and steer rollouts: status, schedule, pause, resume, abort, undo, retry.",
+    help="Watch and steer rollouts: status, nodes, schedule, pause, resume, abort, undo, retry.",
     no_args_is_help=True,
 )
 
@@ -295,6 +299,59 @@ def rollout_schedule(
         console.print(_schedule_view(detail))
     else:
         emit(detail, output)
+
+
+# ---------------------------------------------------------------- a rollout's nodes
+
+def _nodes_table(items: list[dict[str, Any]], wide: bool) -> Table:
+    now = datetime.now(UTC)
+    extra = ["P50-MS", "ERRORS", "SAMPLES"] if wide else []
+
+    def metric(n: dict[str, Any], key: str) -> str:
+        value = (n.get("metrics") or {}).get(key)
+        return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    return plain_table(
+        ["NODE", "WAVE", "STATE", "DESIRED", "OBSERVED", "P95-MS", *extra, "AGE", "MESSAGE"],
+        [
+            [
+                f"{n['cluster']}/{n['node']}",
+                "" if n.get("wave") is None else n["wave"],
+                n["state"],
+                n.get("desired") or "",
+                n.get("observed") or "",
+                metric(n, "p95_ms"),
+                *([metric(n, "p50_ms"), metric(n, "errors"), metric(n, "samples")] if wide else []),
+                age(n.get("updated_at"), now=now),
+                n.get("message") or "",
+            ]
+            for n in items
+        ],
+    )
+
+
+@rollout_app.command("nodes")
+def rollout_nodes(
+    name: Annotated[str, typer.Argument(help="Rollout name.")],
+    state: Annotated[
+        str | None,
+        typer.Option(
+            "--state", "-s", help="Only the nodes in this state (Failed, Deferred, Running...)."
+        ),
+    ] = None,
+    wave: Annotated[
+        int | None, typer.Option("--wave", "-w", min=0, help="Only this wave (its index).")
+    ] = None,
+    limit: LimitOpt = None,
+    output: ListOutputOpt = ListOutput.table,
+    api_url: ApiUrl = None,
+) -> None:
+    """A rollout's nodes, by wave, then cluster and node: state, versions, latest p95 and
+    why (`--state Failed`: the ones that failed, each with its reason)."""
+    path = f"/v1/rollouts/{name}/nodes"
+    _listing(
+        lambda c: _collect(c, path, limit, state=state, wave=wave), output, api_url, _nodes_table
+    )
 
 
 # ---------------------------------------------------------------- rollout commands

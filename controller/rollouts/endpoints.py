@@ -6,9 +6,18 @@ from fastapi import APIRouter, Query, status
 from pydantic import AwareDatetime
 
 from controller.auth.guard import OPERATOR, VIEWER
+from controller.db.models import AssignmentState
+from controller.errors import InvalidInput
 from controller.rollouts import commands, scheduling, service
 from controller.rollouts import repository as repo
-from controller.rollouts.schemas import EventOut, RolloutOut, RolloutSummary, WaveOut, summary
+from controller.rollouts.schemas import (
+    EventOut,
+    RolloutNodeOut,
+    RolloutOut,
+    RolloutSummary,
+    WaveOut,
+    summary,
+)
 from controller.schedules.schemas import ScheduleChange
 from controller.web.deleted import Deleted
 from controller.web.deps import API_V1, SessionDep
@@ -75,6 +84,47 @@ def rollout_events(
 ) -> list[EventOut]:
     r = repo.require(session, name)
     return [EventOut.of(e) for e in repo.events(session, r.id, limit=limit)]
+
+
+@router.get("/{name}/nodes", response_model=Page[RolloutNodeOut], dependencies=[VIEWER])
+def rollout_nodes(
+    name: str,
+    session: SessionDep,
+    page: PageDep,
+    state: Annotated[
+        AssignmentState | None, Query(description="Only the nodes in this state.")
+    ] = None,
+    wave: Annotated[int | None, Query(ge=0, le=10_000, description="Only this wave.")] = None,
+) -> Page[RolloutNodeOut]:
+    """The rollout's nodes, a page at a time, by wave, then cluster and node name: each
+    node's state, versions, the reason for its state, and its agent's latest metrics."""
+    r = repo.require(session, name)
+    wave_id = None
+    if wave is not None:
+        wave_id = next((w.id for w in r.waves if w.index == wave), None)
+        if wave_id is None:
+            raise InvalidInput(
+                f"rollout {name} has {len(r.waves)} wave(s): wave {wave} is not one of them",
+                loc=("query", "wave"),
+            )
+    rows, total = repo.rollout_nodes(
+        session, r, state=state, wave_id=wave_id, limit=page.limit, offset=page.offset
+    )
+    items = [
+        RolloutNodeOut(
+            cluster=row.cluster,
+            node=row.node,
+            wave=row.wave,
+            state=row.assignment.state,
+            desired=row.desired,
+            observed=row.observed,
+            message=row.assignment.message,
+            metrics=row.assignment.metrics or {},
+            updated_at=row.assignment.updated_at,
+        )
+        for row in rows
+    ]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 
 @router.get("/{name}/schedule", dependencies=[VIEWER])

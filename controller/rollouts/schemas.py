@@ -39,6 +39,20 @@ class WaveOut(BaseModel):
     finished_at: datetime | None
 
 
+class RolloutNodeOut(BaseModel):
+    """One node of a rollout: where it is in the rollout, and why."""
+
+    cluster: str
+    node: str
+    wave: int | None = Field(description="The wave's index; null: in no wave")
+    state: str
+    desired: str | None = Field(description="The version the node should run")
+    observed: str | None = Field(description="The version its agent last reported running")
+    message: str | None = Field(description="Why it is in this state (a failure's reason)")
+    metrics: dict[str, Any] = Field(description="Its agent's latest inference metrics window")
+    updated_at: datetime
+
+
 class RolloutStatus(BaseModel):
     # Nodes a Succeeded rollout has still to bring to its version: offline while it ran,
     # or back and converging (their health check not passed yet). Of a RolledBack or

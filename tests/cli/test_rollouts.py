@@ -409,6 +409,27 @@ def test_status_of_a_rolled_back_rollout(api_url: str, tmp_path: Path, settings:
     assert "Phase:        RolledBack" in result.stdout
     assert "RolledBack=" in result.stdout
 
+    result = cli(api_url, "rollout", "nodes", "slow")
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == [
+        "NODE",
+        "WAVE",
+        "STATE",
+        "DESIRED",
+        "OBSERVED",
+        "P95-MS",
+        "AGE",
+        "MESSAGE",
+    ]
+    assert len(rows) == 6
+    assert all(" RolledBack " in row for row in rows), rows
+    nodes = data(api_url, "rollout", "nodes", "slow", "--wave", "1", "--limit", "2")
+    assert [n["wave"] for n in nodes] == [1, 1]
+    result = cli(api_url, "rollout", "nodes", "slow", "--state", "Lost")
+    assert result.exit_code == 1
+    assert "query.state: Input should be 'Pending', 'Applying'" in result.output
+
     result = cli(api_url, "rollout", "retry", "slow")
     assert result.exit_code == 0, result.output
     assert result.stdout == "rollout slow Pending\n"

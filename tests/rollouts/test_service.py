@@ -521,3 +521,53 @@ def test_container_restarts_are_folded_into_state_and_events(
     restarted = [e for e in events if e["reason"] == "WorkloadRestarted"]
     assert len(restarted) == 1  # once, not on every step or heartbeat
     assert restarted[0]["data"]["restarts"] == {"lab/lab-n1": 2}
+
+
+def test_a_rollouts_nodes_are_listed_filtered_and_paged(
+    client: TestClient, sim_fleet: None, settings: Settings
+) -> None:
+    """``GET /v1/rollouts/{name}/nodes``: by wave, then cluster and node; the node that
+    failed found by its state, with its reason; a wave alone; pages that add up; bad
+    filters named by their field."""
+    failures = {"lab-n2": "ImagePullBackOff"}
+    assert apply(client, cluster_doc("lab", 6, failures=failures)).status_code == 200
+    assert apply(client, cluster_doc("annex", 6)).status_code == 200
+    push_versions(client, "1.0.0")
+    spec = {"strategy": {"steps": [{"nodes": 1}, {"percent": 100}], "maxUnavailable": "100%"}}
+    waves = planned_waves(apply(client, rollout_doc("p", "1.0.0", onFailure="pause", **spec)))
+    assert drive("p", settings)[-1] == "Paused"
+
+    listed = client.get("/v1/rollouts/p/nodes", params={"limit": 1000}).json()
+    assert listed["total"] == 12
+    keys = [f"{n['cluster']}/{n['node']}" for n in listed["items"]]
+    assert keys == [k for wave in waves for k in sorted(wave)]
+    assert [n["wave"] for n in listed["items"]] == [i for i, w in enumerate(waves) for _ in w]
+
+    failed = client.get("/v1/rollouts/p/nodes", params={"state": "Failed"}).json()
+    assert failed["total"] == 1
+    (node,) = failed["items"]
+    assert (node["cluster"], node["node"], node["desired"]) == ("lab", "lab-n2", "1.0.0")
+    assert node["wave"] == (0 if waves[0] == ["lab/lab-n2"] else 1)
+    assert "ImagePullBackOff" in node["message"], node
+
+    second = client.get("/v1/rollouts/p/nodes", params={"wave": 1}).json()
+    assert second["total"] == len(waves[1]) == 11
+    assert {n["wave"] for n in second["items"]} == {1}
+
+    pages = [
+        client.get("/v1/rollouts/p/nodes", params={"limit": 5, "offset": o}).json()["items"]
+        for o in (0, 5, 10)
+    ]
+    assert [len(p) for p in pages] == [5, 5, 2]
+    assert [f"{n['cluster']}/{n['node']}" for p in pages for n in p] == keys
+
+    bad = client.get("/v1/rollouts/p/nodes", params={"state": "Broken"})
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"] == ["query", "state"]
+    bad = client.get("/v1/rollouts/p/nodes", params={"wave": 2})
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"] == ["query", "wave"]
+    assert "2 wave(s): wave 2 is not one of them" in bad.json()["detail"][0]["msg"]
+    assert client.get("/v1/rollouts/nope/nodes").status_code == 404
+    anonymous = client.get("/v1/rollouts/p/nodes", headers={"Authorization": ""})
+    assert anonymous.status_code == 401
