@@ -303,6 +303,7 @@ def rollout_schedule(
 
 # ---------------------------------------------------------------- a rollout's nodes
 
+
 def _nodes_table(items: list[dict[str, Any]], wide: bool) -> Table:
     now = datetime.now(UTC)
     extra = ["P50-MS", "ERRORS", "SAMPLES"] if wide else []
