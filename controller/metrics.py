@@ -37,3 +37,13 @@ MODEL_VERSIONS = Gauge(
     ["status"],
     multiprocess_mode="mostrecent",
 )
+# When each of beat's periodic tasks last finished without an error, counted where it
+# ran (a Celery worker's pool process). A silent beat, or no worker taking its tasks,
+# shows as this falling behind the clock: alert on `time() - max by (task) (...)`.
+# "max" over the worker's processes: the latest run of any, kept after its process exits.
+PERIODIC_TASK_SUCCESS = Gauge(
+    "edgefleet_periodic_task_last_success_timestamp_seconds",
+    "When each periodic task (beat's schedule) last finished without an error, in Unix time.",
+    ["task"],
+    multiprocess_mode="max",
+)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.signals import task_success
 from sqlalchemy.orm import Session
 
 from controller.kit.transactions import after_commit
@@ -69,6 +70,32 @@ def _guard_closed_redis_channels() -> None:
 
 
 _guard_closed_redis_channels()
+
+
+def _periodic_task_succeeded(sender: Any = None, **_: Any) -> None:
+    """A periodic task of beat's schedule finished without an error: its time, for the
+    alert that beat (or every worker) stopped (controller.metrics)."""
+    name = getattr(sender, "name", None)
+    if name in PERIODIC_TASKS:
+        from controller import metrics  # the worker's multiprocess mode is set by then
+
+        metrics.PERIODIC_TASK_SUCCESS.labels(name).set_to_current_time()
+
+
+task_success.connect(_periodic_task_succeeded, weak=False)
+
+
+BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
+    "registry-requeue-stuck": {"task": "registry.requeue_stuck", "schedule": timedelta(seconds=60)},
+    # Gate evaluation and the safety net for lost follow-up steps.
+    "rollouts-tick": {"task": "rollouts.tick", "schedule": timedelta(seconds=10)},
+    "fleet-mark-silent": {"task": "fleet.mark_silent", "schedule": timedelta(seconds=15)},
+    "fleet-repair-drift": {"task": "fleet.repair_drift", "schedule": timedelta(seconds=60)},
+    "fleet-resync": {"task": "fleet.resync", "schedule": timedelta(seconds=300)},
+    # Retention of the audit log (event_retention_days), in bounded batches.
+    "events-purge": {"task": "events.purge", "schedule": timedelta(seconds=3600)},
+}
+PERIODIC_TASKS = frozenset(entry["task"] for entry in BEAT_SCHEDULE.values())
 
 
 def configure(settings: Settings) -> Celery:
@@ -124,19 +151,7 @@ def configure(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         timezone="UTC",
-        beat_schedule={
-            "registry-requeue-stuck": {
-                "task": "registry.requeue_stuck",
-                "schedule": timedelta(seconds=60),
-            },
-            # Gate evaluation and the safety net for lost follow-up steps.
-            "rollouts-tick": {"task": "rollouts.tick", "schedule": timedelta(seconds=10)},
-            "fleet-mark-silent": {"task": "fleet.mark_silent", "schedule": timedelta(seconds=15)},
-            "fleet-repair-drift": {"task": "fleet.repair_drift", "schedule": timedelta(seconds=60)},
-            "fleet-resync": {"task": "fleet.resync", "schedule": timedelta(seconds=300)},
-            # Retention of the audit log (event_retention_days), in bounded batches.
-            "events-purge": {"task": "events.purge", "schedule": timedelta(seconds=3600)},
-        },
+        beat_schedule=BEAT_SCHEDULE,
     )
     return celery_app
 

@@ -9,6 +9,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from sqlalchemy import Engine, func, select
 
 from controller.db.models import Event, ModelVersion, Rollout, VersionStatus, Wave
 from controller.settings import Settings
+from controller.tasks.celery_app import celery_app
 from controller.tasks.worker_metrics import DIR_NAME
 from tests.conftest import bearer
 from tests.live import free_port, repeating
@@ -107,6 +109,11 @@ def drive_a_rollout(queued: TestClient) -> None:
     wait_for(lambda: queued.get("/v1/rollouts/d").json()["phase"] == "Succeeded", 120, "Succeeded")
 
 
+def _last_tick(url: str) -> float:
+    times = by_label(scrape(url), "edgefleet_periodic_task_last_success_timestamp_seconds")
+    return times.get(("rollouts.tick",), 0.0)
+
+
 def check_counts_against_the_log(samples: Samples, engine: Engine) -> None:
     transitions = by_label(samples, "edgefleet_rollout_transitions_total")
     logged = transitions_in_the_log(engine)
@@ -139,6 +146,12 @@ def test_the_workers_exporter_sums_its_children_and_wants_a_token(
         drive_a_rollout(queued)
         samples = scrape(url)
         anonymous = httpx.get(url, headers=NO_TOKEN, timeout=10)
+        # Beat's tick, as beat sends it: the time of its last success is exported, the
+        # alert's input for a beat (or every worker) that stopped.
+        sent = time.time()
+        celery_app.send_task("rollouts.tick")
+        wait_for(lambda: _last_tick(url) >= sent, 30, "the tick's time exported")
+        assert _last_tick(url) <= time.time()
     check_counts_against_the_log(samples, engine)
     # Guarded as the API's /metrics is, with the same answer.
     api = queued.get("/metrics", headers=NO_TOKEN)
