@@ -28,6 +28,7 @@ bearer, the browser's session cookie from ``/login``):
 - ``describe rollout fleet``: the rollout, and its events (``--events 50``);
 - ``describe node`` and ``events node/...``, ``events rollout/fleet`` and a watch's
   next poll (``after``);
+- ``rollout nodes fleet``: the first page of 1,000, of wave 1, of the Running nodes;
 - the dashboard: the fleet overview, the rollout's page, a node's, a site's, a model's,
   and the first ``page`` event of each one's live stream (``/live/...``).
 
@@ -423,6 +424,19 @@ def paths(nodes: int, after: int, node_key: str) -> list[Path]:
             {"kind": "Rollout", "name": "fleet", "after": after, "limit": 1000},
         ),
         Path("get rollouts", "api", "/v1/rollouts", {"limit": 1000, "offset": 0}),
+        Path("rollout nodes: first page", "api", "/v1/rollouts/fleet/nodes", {"limit": 1000}),
+        Path(
+            "rollout nodes --wave 1",
+            "api",
+            "/v1/rollouts/fleet/nodes",
+            {"limit": 1000, "wave": 1},
+        ),
+        Path(
+            "rollout nodes --state Running",
+            "api",
+            "/v1/rollouts/fleet/nodes",
+            {"limit": 1000, "state": "Running"},
+        ),
         Path("page: fleet", "page", "/"),
         Path("page: rollout fleet", "page", "/rollouts/fleet"),
         Path("page: rollout (90 days old)", "page", "/rollouts/detector-0"),

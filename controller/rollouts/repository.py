@@ -512,70 +512,9 @@ def _workloads() -> Select[Assignment, str, str, str, str, int, str, str]:
 
 def rollout_workloads(session: Session, rollout: Rollout, *, limit: int) -> list[WorkloadRow]:
     """The first ``limit`` of a rollout's assignments by wave, then cluster and node name
-    (the rollout's page), read wave by wave, each read asking only for the rows still
-    wanted: a small wave by ``ix_assignments_wave_id`` (0013), all its rows sorted; a
-    large one by walking the clusters and their nodes in name order (``_walk``). One
-    query over the whole rollout joined and sorted all its assignments to keep 200: 270
-    ms at 100,000 nodes. The wave and the count are rendered into the statement, not
-    bound: a wave of one node and one of 50,000 need different plans, and a prepared
-    statement's generic plan would give both the one planned for an average wave."""
-    found: list[WorkloadRow] = []
-    planned = sum(w.node_count for w in rollout.waves)
-    walks = session.get_bind().dialect.name == "postgresql"
-    for wave_id, size in [*((w.id, w.node_count) for w in rollout.waves), (None, 0)]:
-        left = limit - len(found)
-        if left <= 0:
-            break
-        if wave_id is not None and walks and size * size > left * planned:
-            found += _walk(session, rollout, wave_id, left)
-            continue
-        in_wave = (
-            Assignment.wave_id.is_(None)
-            if wave_id is None
-            else Assignment.wave_id == literal(wave_id, literal_execute=True)
-        )
-        rows = session.execute(
-            _workloads()
-            .where(Assignment.rollout_id == rollout.id, in_wave)
-            .order_by(Cluster.name, Node.name)
-            .limit(literal(left, literal_execute=True))
-        )
-        found += [WorkloadRow(a, c, n, m, r, w, d, o) for a, c, n, m, r, w, d, o in rows]
-    return found
-
-
-# A large wave's first rows in cluster and node name order, as a walk Postgres cannot
-# plan otherwise: clusters by name, each cluster's nodes by ``(cluster_id, name)``, each
-# node's assignment looked up by ``(node_id, model_id)`` (the LIMIT 1 keeps the lookup a
-# nested loop: a join it could turn into a hash join over a scan of every node, as it
-# did for the plain query once heartbeats had left dead row versions in nodes, 71 ms for
-# 199 rows of a 10,000-node wave at 100,000 nodes; the walk, 5-25 ms). Each cluster
-# stops at ``left`` rows, the clusters once ``left`` are found. It reads about ``left``
-# times the nodes per node of the wave: chosen when that is fewer than the wave's rows
-# (``rollout_workloads``). Postgres only (LATERAL); the ids are integers from the rows.
-_WALK = """
-SELECT x.id FROM clusters c CROSS JOIN LATERAL (
-  SELECT n.name, a.id FROM nodes n CROSS JOIN LATERAL (
-    SELECT a.id FROM assignments a
-    WHERE a.node_id = n.id AND a.model_id = {model} AND a.rollout_id = {rollout}
-      AND a.wave_id = {wave}
-    LIMIT 1) AS a
-  WHERE n.cluster_id = c.id ORDER BY n.name LIMIT {left}) AS x
-ORDER BY c.name, x.name LIMIT {left}
-"""
-
-
-def _walk(session: Session, rollout: Rollout, wave_id: int, left: int) -> list[WorkloadRow]:
-    model_id = session.scalar(
-        select(ModelVersion.model_id).where(ModelVersion.id == rollout.model_version_id)
-    )
-    sql = _WALK.format(
-        model=int(model_id or 0), rollout=int(rollout.id), wave=int(wave_id), left=int(left)
-    )
-    ids = list(session.scalars(text(sql)))
-    rows = session.execute(_workloads().where(any_of(Assignment.id, ids)))
-    by_id = {a.id: WorkloadRow(a, c, n, m, r, w, d, o) for a, c, n, m, r, w, d, o in rows}
-    return [by_id[i] for i in ids if i in by_id]
+    (the rollout's page): ``rollout_nodes``' first page."""
+    rows, _ = rollout_nodes(session, rollout, state=None, wave_id=None, limit=limit, offset=0)
+    return rows
 
 
 def rollout_nodes(
@@ -587,30 +526,108 @@ def rollout_nodes(
     limit: int,
     offset: int,
 ) -> tuple[list[WorkloadRow], int]:
-    """A page of the rollout's nodes (``GET /v1/rollouts/{name}/nodes``), by wave, then
-    cluster and node name, optionally only those in ``state`` or in the wave ``wave_id``,
-    with how many there are in all (from the counts: nothing is counted twice). A state
-    is found by ``ix_assignments_rollout_id_state`` (the few Failed nodes of 100,000
-    without reading the others); a page of every node sorts them all, as ``get nodes``
-    without the clusters' placement would."""
-    where: list[ColumnElement[bool]] = [Assignment.rollout_id == rollout.id]
+    """A page of the rollout's nodes (the rollout's page, ``GET
+    /v1/rollouts/{name}/nodes``) by wave, then cluster and node name, optionally only
+    those in ``state`` or in the wave ``wave_id``, with how many there are in all.
+
+    Read wave by wave, each read asking only for the rows the page still wants: the
+    counts (``counted``) say how many each wave holds, so the waves before the page are
+    skipped unread; a small wave is read by ``ix_assignments_wave_id`` (0013), its rows
+    sorted; a large one by walking the clusters and their nodes in name order
+    (``_walk``), which reads about the rows wanted times the nodes per node of the wave.
+    One query over the whole rollout joined and sorted all its assignments for every
+    page: 270 ms at 100,000 nodes. Waves, counts and offsets are rendered into the
+    statements, not bound: a wave of one node and one of 50,000 need different plans,
+    and a prepared statement's generic plan would give both the one planned for an
+    average wave."""
+    per_wave: dict[int | None, int] = {}
+    for c in counted(session, [rollout.id]):
+        if (state is None or c.state == state) and (wave_id is None or c.wave_id == wave_id):
+            per_wave[c.wave_id] = per_wave.get(c.wave_id, 0) + c.n
+    total = sum(per_wave.values())
+    planned = sum(w.node_count for w in rollout.waves)
+    walks = session.get_bind().dialect.name == "postgresql"
+    found: list[WorkloadRow] = []
+    skip = offset
+    for wave in [*(w.id for w in rollout.waves), None]:
+        size, left = per_wave.get(wave, 0), limit - len(found)
+        if left <= 0:
+            break
+        if skip >= size:  # before the page, or none of its nodes wanted
+            skip -= size
+            continue
+        if wave is not None and walks and size * size > (skip + left) * planned:
+            found += _walk(session, rollout, wave, state, skip, left)
+        else:
+            found += _sorted(session, rollout, wave, state, skip, left)
+        skip = 0
+    return found, total
+
+
+def _sorted(
+    session: Session, rollout: Rollout, wave_id: int | None, state: str | None, skip: int, left: int
+) -> list[WorkloadRow]:
+    """``left`` rows of one wave (None: in no wave) from its ``skip``-th, all its rows
+    read and sorted."""
+    where = [
+        Assignment.rollout_id == rollout.id,
+        Assignment.wave_id.is_(None)
+        if wave_id is None
+        else Assignment.wave_id == literal(wave_id, literal_execute=True),
+    ]
     if state is not None:
         where.append(Assignment.state == state)
-    if wave_id is not None:
-        where.append(Assignment.wave_id == wave_id)
-    total = sum(
-        c.n
-        for c in counted(session, [rollout.id])
-        if (state is None or c.state == state) and (wave_id is None or c.wave_id == wave_id)
-    )
     rows = session.execute(
         _workloads()
         .where(*where)
-        .order_by(Wave.index.asc().nulls_last(), Cluster.name, Node.name)
-        .limit(limit)
-        .offset(offset)
+        .order_by(Cluster.name, Node.name)
+        .limit(literal(left, literal_execute=True))
+        .offset(literal(skip, literal_execute=True))
     )
-    return [WorkloadRow(a, c, n, m, r, w, d, o) for a, c, n, m, r, w, d, o in rows], total
+    return [WorkloadRow(a, c, n, m, r, w, d, o) for a, c, n, m, r, w, d, o in rows]
+
+
+# A large wave's rows in cluster and node name order, as a walk Postgres cannot plan
+# otherwise: clusters by name, each cluster's nodes by ``(cluster_id, name)``, each
+# node's assignment looked up by ``(node_id, model_id)`` (the LIMIT 1 keeps the lookup a
+# nested loop: a join it could turn into a hash join over a scan of every node, as it
+# did for the plain query once heartbeats had left dead row versions in nodes, 71 ms for
+# 199 rows of a 10,000-node wave at 100,000 nodes; the walk, 5-25 ms). Each cluster
+# stops at ``skip + left`` rows, the clusters once that many are found. It reads about
+# that many times the nodes per node of the wave: chosen when that is fewer than the
+# wave's rows (``rollout_nodes``). Postgres only (LATERAL); the numbers are integers
+# from the rows, the state a bound parameter.
+_WALK = """
+SELECT x.id FROM clusters c CROSS JOIN LATERAL (
+  SELECT n.name, a.id FROM nodes n CROSS JOIN LATERAL (
+    SELECT a.id FROM assignments a
+    WHERE a.node_id = n.id AND a.model_id = {model} AND a.rollout_id = {rollout}
+      AND a.wave_id = {wave}{state}
+    LIMIT 1) AS a
+  WHERE n.cluster_id = c.id ORDER BY n.name LIMIT {upto}) AS x
+ORDER BY c.name, x.name LIMIT {left} OFFSET {skip}
+"""
+
+
+def _walk(
+    session: Session, rollout: Rollout, wave_id: int, state: str | None, skip: int, left: int
+) -> list[WorkloadRow]:
+    model_id = session.scalar(
+        select(ModelVersion.model_id).where(ModelVersion.id == rollout.model_version_id)
+    )
+    sql = _WALK.format(
+        model=int(model_id or 0),
+        rollout=int(rollout.id),
+        wave=int(wave_id),
+        state="" if state is None else " AND a.state = :state",
+        upto=int(skip + left),
+        left=int(left),
+        skip=int(skip),
+    )
+    ids = list(session.scalars(text(sql), {"state": state} if state is not None else {}))
+    rows = session.execute(_workloads().where(any_of(Assignment.id, ids)))
+    by_id = {a.id: WorkloadRow(a, c, n, m, r, w, d, o) for a, c, n, m, r, w, d, o in rows}
+    return [by_id[i] for i in ids if i in by_id]
 
 
 def node_workloads(session: Session, node_id: int) -> list[WorkloadRow]:

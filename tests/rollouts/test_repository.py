@@ -7,6 +7,7 @@ Row counts from Postgres's plans (tests/plans.py), never times."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -123,8 +124,10 @@ def test_a_small_wave_is_found_by_its_index_and_a_page_reads_its_rows_only(
     rule them out (a few pages of a test table are cheaper to read whole)."""
     session.execute(text("SET LOCAL enable_seqscan = off"))
     session.refresh(fleet.rollout, ["waves"])
-    with captured(session) as statements:
+    with captured(session) as captured_statements:
         assert _listed(session, fleet.rollout, 120) == fleet.order[:120]
+    counts, *statements = captured_statements  # the waves' sizes first, from the counts
+    assert counts.rows_read("assignments") == 0, counts.plan
     read = [s.rows_read("assignments") for s in statements]
     assert len(statements) == 2, [s.sql for s in statements]  # waves 0 and 1, no more
     assert "ix_assignments_wave_id" in statements[0].indexes(), statements[0].plan
@@ -201,3 +204,40 @@ def test_the_tally_is_what_the_three_counts_say(
             for s in {s for w in tally.states.values() for s in w}
         }
     }
+
+
+def test_pages_of_the_rollouts_nodes_add_up_whichever_way_each_wave_is_read(
+    session: Session, fleet: Fleet
+) -> None:
+    """Pages at any offset, of every node, of one state, of one wave, are the slices of
+    the one order: waves before a page skipped by their counts, a large wave walked
+    (early pages of waves 2 and 3), the others read and sorted."""
+    session.refresh(fleet.rollout, ["waves"])
+    waves = [w.id for w in fleet.rollout.waves]
+
+    def page(limit: int, offset: int, **only: Any) -> list[tuple[int, str, str]]:
+        rows, total = repo.rollout_nodes(
+            session,
+            fleet.rollout,
+            limit=limit,
+            offset=offset,
+            **({"state": None, "wave_id": None} | only),
+        )
+        assert total == len(expected(**only))
+        return [(int(r.wave or 0), r.cluster, r.node) for r in rows]
+
+    def expected(**only: Any) -> list[tuple[int, str, str]]:
+        wave = only.get("wave_id")
+        state = {"Healthy": (0, 1), "Running": (2,), "Pending": (3,)}.get(only.get("state") or "")
+        return [
+            o
+            for o in fleet.order
+            if (wave is None or waves[o[0]] == wave) and (state is None or o[0] in state)
+        ]
+
+    for limit, offset in ((50, 0), (100, 100), (80, 150), (300, 600), (1000, 900), (10, 1195)):
+        assert page(limit, offset) == fleet.order[offset : offset + limit], (limit, offset)
+    for only in ({"state": "Running"}, {"state": "Pending"}, {"wave_id": waves[3]}):
+        for limit, offset in ((40, 0), (100, 60), (500, 300)):
+            want = expected(**only)[offset : offset + limit]
+            assert page(limit, offset, **only) == want, (only, limit, offset)
