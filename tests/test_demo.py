@@ -86,7 +86,14 @@ def test_demo_plays_the_scenario(tmp_path: Path) -> None:
     assert all(" ms <= gate " in line for line in passed)
     # The summary: each rollout's phase and decisive numbers, what the variant bought.
     start = lines.index(next(line for line in lines if line.startswith("Summary ")))
-    rows = {r.split()[0]: r.split() for r in lines[start + 2 : start + 5]}
+    # A row per rollout, found by its name: a cell too wide for the terminal (the
+    # variant rollout's versions when it ships both, "1.1.0 x10, 1.1.0-int8 x6") wraps
+    # onto a line of its own.
+    rows = {
+        r.split()[0]: r.split()
+        for r in lines[start + 2 :]
+        if r.split()[:1] in (["detector-1-1"], ["detector-1-2"], ["detector-1-1-auto"])
+    }
     assert rows["detector-1-1"][1:5] == ["Succeeded", "4", "of", "4"]
     # The heavier model fails a gate, on its canary or a later wave (its p95 is near it).
     assert rows["detector-1-2"][1] == "RolledBack"

@@ -399,8 +399,9 @@ class Scenario:
         """The decisive numbers of each rollout, and what the variant bought."""
         self.narrator.act("Summary")
         table = Table(box=None, pad_edge=False)
-        for col in ("rollout", "phase", "waves passed", "slowest p95 ms", "gate ms", "versions"):
-            table.add_column(col)
+        for col in ("rollout", "phase", "waves passed", "slowest p95 ms", "gate ms"):
+            table.add_column(col, no_wrap=True)
+        table.add_column("versions")  # on a narrow terminal, the one cell that wraps
         with session_scope() as s:
             for name in ROLLOUTS:
                 r = s.scalars(select(Rollout).where(Rollout.name == name)).one()
