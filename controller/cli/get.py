@@ -36,7 +36,7 @@ ListOutputOpt = Annotated[
 ]
 
 
-def _collect(client: ApiClient, path: str, limit: int | None, **params: Any) -> list[Any]:
+def collect_pages(client: ApiClient, path: str, limit: int | None, **params: Any) -> list[Any]:
     """Every item of a paged list (or the first ``limit``)."""
     query = {k: v for k, v in params.items() if v is not None}
     items: list[Any] = []
@@ -49,7 +49,7 @@ def _collect(client: ApiClient, path: str, limit: int | None, **params: Any) -> 
     return items
 
 
-def _listing(
+def show_listing(
     fetch: Callable[[ApiClient], list[Any]],
     output: ListOutput,
     api_url: str | None,
@@ -191,7 +191,9 @@ def get_rollouts(
     limit: LimitOpt = None, output: ListOutputOpt = ListOutput.table, api_url: ApiUrl = None
 ) -> None:
     """List rollouts: phase, model version, current wave of all waves."""
-    _listing(lambda c: _collect(c, "/v1/rollouts", limit), output, api_url, _rollouts_table)
+    show_listing(
+        lambda c: collect_pages(c, "/v1/rollouts", limit), output, api_url, _rollouts_table
+    )
 
 
 @get_app.command("nodes")
@@ -204,15 +206,18 @@ def get_nodes(
     api_url: ApiUrl = None,
 ) -> None:
     """List the fleet's nodes: health, architecture, allocatable resources, heartbeat."""
-    _listing(
-        lambda c: _collect(c, "/v1/nodes", limit, cluster=cluster), output, api_url, _nodes_table
+    show_listing(
+        lambda c: collect_pages(c, "/v1/nodes", limit, cluster=cluster),
+        output,
+        api_url,
+        _nodes_table,
     )
 
 
 @get_app.command("clusters")
 def get_clusters(output: ListOutputOpt = ListOutput.table, api_url: ApiUrl = None) -> None:
     """List clusters: driver, status, nodes by health."""
-    _listing(lambda c: list(c.get("/v1/clusters")), output, api_url, _clusters_table)
+    show_listing(lambda c: list(c.get("/v1/clusters")), output, api_url, _clusters_table)
 
 
 @get_app.command("models")
@@ -220,7 +225,7 @@ def get_models(
     limit: LimitOpt = None, output: ListOutputOpt = ListOutput.table, api_url: ApiUrl = None
 ) -> None:
     """List registered models."""
-    _listing(lambda c: _collect(c, "/v1/models", limit), output, api_url, _models_table)
+    show_listing(lambda c: collect_pages(c, "/v1/models", limit), output, api_url, _models_table)
 
 
 # Singular forms, as kubectl accepts them.

@@ -28,7 +28,7 @@ from controller.cli.format import (
     styled,
     wave_label,
 )
-from controller.cli.get import LimitOpt, ListOutput, ListOutputOpt, _collect, _listing
+from controller.cli.get import LimitOpt, ListOutput, ListOutputOpt, collect_pages, show_listing
 from controller.cli.options import ApiUrl, OutputOpt
 from controller.cli.output import Output, console, emit, err_console
 
@@ -350,8 +350,11 @@ def rollout_nodes(
     """A rollout's nodes, by wave, then cluster and node: state, versions, latest p95 and
     why (`--state Failed`: the ones that failed, each with its reason)."""
     path = f"/v1/rollouts/{name}/nodes"
-    _listing(
-        lambda c: _collect(c, path, limit, state=state, wave=wave), output, api_url, _nodes_table
+    show_listing(
+        lambda c: collect_pages(c, path, limit, state=state, wave=wave),
+        output,
+        api_url,
+        _nodes_table,
     )
 
 
